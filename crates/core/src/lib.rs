@@ -1,0 +1,11 @@
+//! cachectl's domain: what a task, an item and a node result are, how an item's status follows
+//! from its nodes, and the store interface. No I/O happens here; backends, drivers and dialects
+//! depend on this crate, never the other way round.
+
+pub mod model;
+pub mod policy;
+pub mod service;
+pub mod store;
+
+pub use model::*;
+pub use store::{Store, StoreError, StoreResult, WindowQuery};

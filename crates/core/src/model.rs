@@ -1,0 +1,283 @@
+//! The domain vocabulary: tasks, items, node results and their states.
+//! Plain data only; what a state means and how it changes lives in `policy`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Milliseconds since the Unix epoch, UTC. Every time in the store and the domain uses it.
+pub type Millis = i64;
+
+/// What a task does to its URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Evict the URL (or every URL under a directory) from the caches.
+    Refresh,
+    /// Fetch the URL through every cache so that each holds it.
+    Prefetch,
+}
+
+/// Whether an item names one URL or a directory prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemType {
+    /// Exactly one URL: method, host, path and query.
+    Url,
+    /// Everything of the host whose path starts with the URL's path (which ends with `/`).
+    Dir,
+}
+
+/// The life of an item, as every dialect reports it (each in its own words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemStatus {
+    /// Not yet sent to any node.
+    Waiting,
+    /// Sent; at least one node is still pending.
+    Processing,
+    /// Every node succeeded.
+    Completed,
+    /// At least one node failed definitively.
+    Failed,
+}
+
+impl ItemStatus {
+    /// Completed and failed items never change again.
+    #[must_use]
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed)
+    }
+}
+
+/// Where a node sits in the cache hierarchy. Parents are done before edges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// A parent (shield) cache that edges refill from.
+    Parent,
+    /// An edge cache that clients talk to.
+    #[default]
+    Edge,
+}
+
+/// The state of one item on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Not yet done: not tried, or tried and waiting for a retry.
+    Pending,
+    /// The node did what was asked.
+    Succeeded,
+    /// The node failed definitively, or the item's deadline passed.
+    Failed,
+}
+
+macro_rules! string_enum {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The lowercase name used in the store and in the native vocabulary.
+            #[must_use]
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    _ => Err(UnknownName(s.to_owned())),
+                }
+            }
+        }
+    };
+}
+
+/// A name that is not one of an enum's values.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown value {0:?}")]
+pub struct UnknownName(pub String);
+
+string_enum!(Kind { Refresh => "refresh", Prefetch => "prefetch" });
+string_enum!(ItemType { Url => "url", Dir => "dir" });
+string_enum!(ItemStatus { Waiting => "waiting", Processing => "processing", Completed => "completed", Failed => "failed" });
+string_enum!(Tier { Parent => "parent", Edge => "edge" });
+string_enum!(NodeState { Pending => "pending", Succeeded => "succeeded", Failed => "failed" });
+
+/// One URL of a submission, validated and normalized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewItem {
+    /// The normalized URL (fragment removed).
+    pub url: String,
+    /// The URL's host, lowercase, without port: what domains and edge nodes are matched against.
+    pub host: String,
+    /// URL or directory.
+    pub item_type: ItemType,
+}
+
+/// A submission about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// The owning account's name.
+    pub account: String,
+    /// Refresh or prefetch.
+    pub kind: Kind,
+    /// Who submitted it: a token's name or an access key id, never a secret.
+    pub operator: String,
+    /// The API the task came through (`baishan`, `geo`, `cdn`, `native`).
+    pub dialect: String,
+    /// Creation time.
+    pub created_at: Millis,
+    /// The items are not executed before this time (scheduled prefetch); usually `created_at`.
+    pub not_before: Millis,
+    /// The items, in submission order, without duplicates.
+    pub items: Vec<NewItem>,
+}
+
+/// A daily quota that a submission spends from, checked and charged atomically with the insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaCharge {
+    /// The quota bucket, such as `refresh_url`.
+    pub bucket: QuotaBucket,
+    /// The day the charge counts against, `YYYY-MM-DD` in the quota time zone.
+    pub day: String,
+    /// The account's daily limit for this bucket.
+    pub limit: u64,
+    /// How much this submission spends.
+    pub amount: u64,
+}
+
+/// The daily quotas an account has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuotaBucket {
+    /// Refreshed URLs per day.
+    RefreshUrl,
+    /// Refreshed directories per day.
+    RefreshDir,
+    /// Prefetched URLs per day.
+    PrefetchUrl,
+}
+
+string_enum!(QuotaBucket { RefreshUrl => "refresh_url", RefreshDir => "refresh_dir", PrefetchUrl => "prefetch_url" });
+
+impl QuotaBucket {
+    /// The bucket a submission of `kind` and `item_type` spends from.
+    #[must_use]
+    pub fn for_items(kind: Kind, item_type: ItemType) -> Self {
+        match (kind, item_type) {
+            (Kind::Refresh, ItemType::Dir) => Self::RefreshDir,
+            (Kind::Refresh, ItemType::Url) => Self::RefreshUrl,
+            (Kind::Prefetch, _) => Self::PrefetchUrl,
+        }
+    }
+}
+
+/// A stored item as queries see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Item {
+    /// The item's own id.
+    pub id: i64,
+    /// The task it belongs to.
+    pub task_id: i64,
+    /// The owning account.
+    pub account: String,
+    /// Refresh or prefetch.
+    pub kind: Kind,
+    /// The URL as accepted.
+    pub url: String,
+    /// The URL's host.
+    pub host: String,
+    /// URL or directory.
+    pub item_type: ItemType,
+    /// Derived from the node results, see `policy::derive`.
+    pub status: ItemStatus,
+    /// Nodes done ÷ nodes total × 100, rounded down.
+    pub progress: u8,
+    /// Who submitted it.
+    pub operator: String,
+    /// Submission time.
+    pub created_at: Millis,
+    /// When the item reached a final status.
+    pub finished_at: Option<Millis>,
+    /// Why it failed, naming the node and the last error.
+    pub reason: Option<String>,
+}
+
+/// What a node did with one item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeResult {
+    /// The edge node's configured name.
+    pub node: String,
+    /// Pending, succeeded or failed.
+    pub state: NodeState,
+    /// How many requests were sent.
+    pub attempts: u32,
+    /// The last HTTP status the node answered, if any.
+    pub status_code: Option<u16>,
+    /// The last error, if the last attempt did not succeed.
+    pub error: Option<String>,
+    /// When this result last changed.
+    pub updated_at: Millis,
+}
+
+/// An item handed to a worker, with what is already known of its nodes (after a restart).
+#[derive(Debug, Clone)]
+pub struct ClaimedItem {
+    /// The item.
+    pub item: Item,
+    /// When it was first sent to a node; its deadline counts from here.
+    pub started_at: Option<Millis>,
+    /// The node results stored so far.
+    pub nodes: Vec<NodeResult>,
+}
+
+/// A change a worker reports for one item; the store applies a batch of them in one transaction.
+#[derive(Debug, Clone)]
+pub struct ItemUpdate {
+    /// The item.
+    pub item_id: i64,
+    /// Its derived status after the change.
+    pub status: ItemStatus,
+    /// Its derived progress after the change.
+    pub progress: u8,
+    /// Set once, when the item is first sent.
+    pub started_at: Option<Millis>,
+    /// Set when the status becomes final.
+    pub finished_at: Option<Millis>,
+    /// Set when the item failed.
+    pub reason: Option<String>,
+    /// The node results that changed.
+    pub nodes: Vec<NodeResult>,
+}
+
+/// One page of a query, with the exact number of matching records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// How many records match, over all pages.
+    pub total: u64,
+    /// The records of the requested page.
+    pub records: Vec<T>,
+}
+
+/// Offset paging as the Baishan dialect does it: pages counted from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Page number, from 1.
+    pub number: u32,
+    /// Records per page.
+    pub size: u32,
+}
+
+impl PageRequest {
+    /// The number of records before this page.
+    #[must_use]
+    pub fn offset(self) -> u64 {
+        u64::from(self.number.saturating_sub(1)) * u64::from(self.size)
+    }
+}

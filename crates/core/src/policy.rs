@@ -1,0 +1,222 @@
+//! The rules of CONTRACT §2 as pure functions: item status and progress from node states,
+//! retry backoff, domain patterns and URL validation. Nothing here touches the clock or the network.
+
+use crate::model::{ItemStatus, ItemType, NewItem, NodeState};
+use rand::Rng;
+use std::time::Duration;
+
+/// Item status and progress derived from the states of its nodes (CONTRACT §2).
+///
+/// `started` says whether the item was ever sent to a node: until then it is `waiting`.
+#[must_use]
+pub fn derive(states: &[NodeState], started: bool) -> (ItemStatus, u8) {
+    let total = states.len();
+    let done = states.iter().filter(|s| **s != NodeState::Pending).count();
+    let progress = if total == 0 { 100 } else { u8::try_from(done * 100 / total).unwrap_or(100) };
+    let status = if states.contains(&NodeState::Failed) {
+        ItemStatus::Failed
+    } else if done == total && started {
+        ItemStatus::Completed
+    } else if started {
+        ItemStatus::Processing
+    } else {
+        ItemStatus::Waiting
+    };
+    (status, progress)
+}
+
+/// Exponential backoff with full jitter: attempt `n` (from 1) waits a random time in
+/// `[base·2ⁿ⁻¹ / 2, base·2ⁿ⁻¹]`, capped at `max`. Half the interval is kept so that a burst of
+/// failures still spreads out without ever retrying immediately.
+#[must_use]
+pub fn backoff(attempt: u32, base: Duration, max: Duration, rng: &mut impl Rng) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let ceiling = exp.min(max);
+    let floor = ceiling / 2;
+    let span = ceiling.saturating_sub(floor);
+    let jitter = if span.is_zero() { Duration::ZERO } else { span.mul_f64(rng.random::<f64>()) };
+    floor + jitter
+}
+
+/// A domain an account owns or an edge node serves: `www.example.com` exactly, or `*.example.com`
+/// for every name below `example.com` (not `example.com` itself, as in DNS and TLS wildcards).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainPattern {
+    /// One host name.
+    Exact(String),
+    /// Every host name that ends with `.suffix`.
+    Wildcard(String),
+}
+
+impl DomainPattern {
+    /// Parses `example.com` or `*.example.com`; host names are compared lowercase.
+    ///
+    /// # Errors
+    /// A description of what is wrong with the pattern.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        let (wild, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_owned()),
+            None => (false, lower),
+        };
+        if name.is_empty()
+            || name.starts_with('.')
+            || name.ends_with('.')
+            || name.contains("..")
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(format!("{text:?} is not a domain name or a *.domain wildcard"));
+        }
+        Ok(if wild { Self::Wildcard(name) } else { Self::Exact(name) })
+    }
+
+    /// Whether `host` (lowercase, no port) is covered by this pattern.
+    #[must_use]
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(name) => host == name,
+            Self::Wildcard(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix.as_str())
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+        }
+    }
+
+    /// Whether `host` is this domain or a name under it (used for the GEO dialect's `site`).
+    #[must_use]
+    pub fn covers_site(&self, site: &str) -> bool {
+        match self {
+            Self::Exact(name) => site == name,
+            Self::Wildcard(suffix) => self.matches(site) || site == suffix,
+        }
+    }
+}
+
+impl std::fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact(name) => f.write_str(name),
+            Self::Wildcard(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// Whether any of `patterns` covers `host`.
+#[must_use]
+pub fn any_matches(patterns: &[DomainPattern], host: &str) -> bool {
+    patterns.iter().any(|p| p.matches(host))
+}
+
+/// The longest URL accepted, in bytes.
+pub const MAX_URL_LEN: usize = 4096;
+
+/// Why a submitted URL was refused (it lands in the dialect's list of rejected URLs).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// Not an absolute http(s) URL with a host.
+    #[error("not an absolute http or https URL")]
+    Malformed,
+    /// Longer than `MAX_URL_LEN`.
+    #[error("longer than {MAX_URL_LEN} bytes")]
+    TooLong,
+    /// A directory that does not end with `/`.
+    #[error("a directory must end with '/'")]
+    DirWithoutSlash,
+    /// A directory with a query string.
+    #[error("a directory cannot have a query string")]
+    DirWithQuery,
+    /// The host is not one of the account's domains.
+    #[error("host is not one of the account's domains")]
+    ForeignDomain,
+}
+
+/// Validates and normalizes one submitted URL against the account's domains.
+///
+/// # Errors
+/// Why the URL is refused.
+pub fn parse_item(raw: &str, item_type: ItemType, domains: &[DomainPattern]) -> Result<NewItem, UrlError> {
+    let raw = raw.trim();
+    if raw.len() > MAX_URL_LEN {
+        return Err(UrlError::TooLong);
+    }
+    let mut url = url::Url::parse(raw).map_err(|_| UrlError::Malformed)?;
+    if !matches!(url.scheme(), "http" | "https") || !url.username().is_empty() || url.password().is_some() {
+        return Err(UrlError::Malformed);
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
+        _ => return Err(UrlError::Malformed),
+    };
+    url.set_fragment(None);
+    if item_type == ItemType::Dir {
+        if !url.path().ends_with('/') {
+            return Err(UrlError::DirWithoutSlash);
+        }
+        if url.query().is_some() {
+            return Err(UrlError::DirWithQuery);
+        }
+    }
+    if !any_matches(domains, &host) {
+        return Err(UrlError::ForeignDomain);
+    }
+    Ok(NewItem { url: url.to_string(), host, item_type })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn status_follows_contract() {
+        use NodeState::{Failed, Pending, Succeeded};
+        assert_eq!(derive(&[Pending, Pending], false), (ItemStatus::Waiting, 0));
+        assert_eq!(derive(&[Succeeded, Pending, Pending], true), (ItemStatus::Processing, 33));
+        assert_eq!(derive(&[Succeeded, Succeeded], true), (ItemStatus::Completed, 100));
+        assert_eq!(derive(&[Failed, Pending], true), (ItemStatus::Failed, 50));
+        assert_eq!(derive(&[], true), (ItemStatus::Completed, 100));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        for attempt in 1..30 {
+            let d = backoff(attempt, base, max, &mut rng);
+            let ceiling = (base * 2u32.pow((attempt - 1).min(20))).min(max);
+            assert!(d <= ceiling && d >= ceiling / 2, "attempt {attempt}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn domain_patterns() {
+        let exact = DomainPattern::parse("WWW.Example.com").unwrap();
+        assert!(exact.matches("www.example.com"));
+        assert!(!exact.matches("a.www.example.com"));
+        let wild = DomainPattern::parse("*.example.com").unwrap();
+        assert!(wild.matches("a.example.com"));
+        assert!(wild.matches("a.b.example.com"));
+        assert!(!wild.matches("example.com"));
+        assert!(!wild.matches("badexample.com"));
+        assert!(wild.covers_site("example.com"));
+        assert!(DomainPattern::parse("*.").is_err());
+        assert!(DomainPattern::parse("a b").is_err());
+    }
+
+    #[test]
+    fn urls_are_validated() {
+        let domains =
+            vec![DomainPattern::parse("example.com").unwrap(), DomainPattern::parse("*.example.com").unwrap()];
+        let item = parse_item("http://WWW.example.com/a?b=1#frag", ItemType::Url, &domains).unwrap();
+        assert_eq!(item.url, "http://www.example.com/a?b=1");
+        assert_eq!(item.host, "www.example.com");
+        assert_eq!(parse_item("ftp://example.com/", ItemType::Url, &domains), Err(UrlError::Malformed));
+        assert_eq!(parse_item("/relative", ItemType::Url, &domains), Err(UrlError::Malformed));
+        assert_eq!(parse_item("http://1.2.3.4/", ItemType::Url, &domains), Err(UrlError::Malformed));
+        assert_eq!(parse_item("http://evil.com/", ItemType::Url, &domains), Err(UrlError::ForeignDomain));
+        assert_eq!(parse_item("http://example.com/d", ItemType::Dir, &domains), Err(UrlError::DirWithoutSlash));
+        assert!(parse_item("http://example.com/d/", ItemType::Dir, &domains).is_ok());
+    }
+}

@@ -1,0 +1,241 @@
+//! The domain service every dialect calls: submit a task, read items, read quotas.
+//! Dialects parse their wire format into these calls and render the results; the rules
+//! (validation, duplicates, quotas, ownership) live here once.
+
+use crate::model::{Item, ItemType, Kind, Millis, NewItem, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge};
+use crate::policy::{DomainPattern, UrlError, parse_item};
+use crate::store::{Store, StoreError, WindowQuery};
+use chrono::{FixedOffset, TimeZone};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// A customer, as the domain sees it (secrets stay in the configuration layer).
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// Unique name.
+    pub name: String,
+    /// The domains whose URLs it may submit.
+    pub domains: Vec<DomainPattern>,
+    /// Daily quotas.
+    pub quotas: Quotas,
+    /// Requests per minute per credential per endpoint.
+    pub rate_limit_per_minute: u32,
+}
+
+/// Daily quotas of an account, reset at midnight of the quota time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Refreshed URLs per day.
+    pub refresh_urls: u64,
+    /// Refreshed directories per day.
+    pub refresh_dirs: u64,
+    /// Prefetched URLs per day.
+    pub prefetch_urls: u64,
+}
+
+impl Quotas {
+    /// The daily limit of a bucket.
+    #[must_use]
+    pub fn limit(&self, bucket: QuotaBucket) -> u64 {
+        match bucket {
+            QuotaBucket::RefreshUrl => self.refresh_urls,
+            QuotaBucket::RefreshDir => self.refresh_dirs,
+            QuotaBucket::PrefetchUrl => self.prefetch_urls,
+        }
+    }
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self { refresh_urls: 10_000, refresh_dirs: 100, prefetch_urls: 10_000 }
+    }
+}
+
+/// One submission as a dialect hands it over.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// Refresh or prefetch.
+    pub kind: Kind,
+    /// The URLs as sent, each with its type.
+    pub urls: Vec<(String, ItemType)>,
+    /// Who submitted: a token's name or an access key id.
+    pub operator: String,
+    /// The dialect's name.
+    pub dialect: &'static str,
+    /// Do not execute before this time (scheduled prefetch).
+    pub not_before: Option<Millis>,
+}
+
+/// A stored submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The new task's id.
+    pub task_id: i64,
+    /// How many distinct URLs were accepted.
+    pub accepted: usize,
+    /// The URLs refused, with why, in submission order.
+    pub rejected: Vec<(String, UrlError)>,
+}
+
+/// Why a submission was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Not one URL was acceptable.
+    #[error("no valid URL in the request")]
+    NothingAccepted {
+        /// Every URL, with why it was refused.
+        rejected: Vec<(String, UrlError)>,
+    },
+    /// A daily quota would be exceeded.
+    #[error("daily {bucket} quota exceeded: {remaining} of {limit} left today")]
+    Quota {
+        /// The quota.
+        bucket: QuotaBucket,
+        /// Its daily limit.
+        limit: u64,
+        /// What is left of it today.
+        remaining: u64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A quota's state for today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaState {
+    /// The daily limit.
+    pub limit: u64,
+    /// What is left today.
+    pub remaining: u64,
+}
+
+/// The domain service. Cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    store: Arc<dyn Store>,
+    quota_zone: FixedOffset,
+    on_submit: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Service {
+    /// A service over `store`; quotas reset at midnight in `quota_zone`; `on_submit` is called
+    /// after each stored submission (the worker's wake-up).
+    pub fn new(store: Arc<dyn Store>, quota_zone: FixedOffset, on_submit: Arc<dyn Fn() + Send + Sync>) -> Self {
+        Self { store, quota_zone, on_submit }
+    }
+
+    /// The store behind the service.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The quota day containing `now`, `YYYY-MM-DD` in the quota time zone.
+    #[must_use]
+    pub fn quota_day(&self, now: Millis) -> String {
+        self.quota_zone
+            .timestamp_millis_opt(now)
+            .single()
+            .map_or_else(String::new, |t| t.format("%Y-%m-%d").to_string())
+    }
+
+    /// Validates, deduplicates, charges the quotas and durably stores a submission.
+    ///
+    /// # Errors
+    /// No acceptable URL, a quota exceeded, or the store failing.
+    pub async fn submit(
+        &self,
+        account: &Account,
+        submission: Submission,
+        now: Millis,
+    ) -> Result<Submitted, SubmitError> {
+        let mut seen = HashSet::new();
+        let mut items: Vec<NewItem> = Vec::new();
+        let mut rejected = Vec::new();
+        for (raw, item_type) in submission.urls {
+            match parse_item(&raw, item_type, &account.domains) {
+                Ok(item) => {
+                    if seen.insert((item.url.clone(), item.item_type)) {
+                        items.push(item);
+                    }
+                }
+                Err(e) => rejected.push((raw, e)),
+            }
+        }
+        if items.is_empty() {
+            return Err(SubmitError::NothingAccepted { rejected });
+        }
+        let day = self.quota_day(now);
+        let mut charges: Vec<QuotaCharge> = Vec::new();
+        for item in &items {
+            let bucket = QuotaBucket::for_items(submission.kind, item.item_type);
+            match charges.iter_mut().find(|c| c.bucket == bucket) {
+                Some(c) => c.amount += 1,
+                None => charges.push(QuotaCharge {
+                    bucket,
+                    day: day.clone(),
+                    limit: account.quotas.limit(bucket),
+                    amount: 1,
+                }),
+            }
+        }
+        let accepted = items.len();
+        let task = NewTask {
+            account: account.name.clone(),
+            kind: submission.kind,
+            operator: submission.operator,
+            dialect: submission.dialect.to_owned(),
+            created_at: now,
+            not_before: submission.not_before.unwrap_or(now).max(now),
+            items,
+        };
+        let task_id = self.store.create_task(&task, &charges).await.map_err(|e| match e {
+            StoreError::QuotaExceeded { bucket, used, limit } => {
+                SubmitError::Quota { bucket, limit, remaining: limit.saturating_sub(used) }
+            }
+            other => SubmitError::Store(other),
+        })?;
+        (self.on_submit)();
+        Ok(Submitted { task_id, accepted, rejected })
+    }
+
+    /// Today's state of one of an account's quotas.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn quota(&self, account: &Account, bucket: QuotaBucket, now: Millis) -> Result<QuotaState, StoreError> {
+        let used = self.store.quota_used(&account.name, bucket, &self.quota_day(now)).await?;
+        let limit = account.quotas.limit(bucket);
+        Ok(QuotaState { limit, remaining: limit.saturating_sub(used) })
+    }
+
+    /// The items of one of the account's tasks; a task of another account reads as empty.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn task_items(
+        &self,
+        account: &Account,
+        kind: Kind,
+        task_id: i64,
+        page: PageRequest,
+    ) -> Result<Page<Item>, StoreError> {
+        self.store.task_items(&account.name, kind, task_id, page).await
+    }
+
+    /// The account's items of one kind created in `[from, to)`, newest first.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn window_items(
+        &self,
+        account: &Account,
+        kind: Kind,
+        (from, to): (Millis, Millis),
+        url: Option<&str>,
+        page: PageRequest,
+    ) -> Result<Page<Item>, StoreError> {
+        self.store.window_items(&WindowQuery { account: &account.name, kind, from, to, url, page }).await
+    }
+}

@@ -1,0 +1,89 @@
+//! The one interface every storage backend implements. Backends live in `cachectl-store`;
+//! nothing here knows SQL, and nothing in a backend knows a dialect.
+
+use crate::model::{ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge};
+use async_trait::async_trait;
+
+/// What can go wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A daily quota would be exceeded; nothing was stored.
+    #[error("daily quota {bucket} exceeded: {used} of {limit} used")]
+    QuotaExceeded {
+        /// The quota.
+        bucket: QuotaBucket,
+        /// How much of it is already spent today.
+        used: u64,
+        /// The daily limit.
+        limit: u64,
+    },
+    /// The database cannot be reached or answered with an error.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The stored schema is newer than this binary knows.
+    #[error("store schema: {0}")]
+    Schema(String),
+}
+
+/// The result type of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A time-window query of one account's items of one kind.
+#[derive(Debug, Clone)]
+pub struct WindowQuery<'a> {
+    /// The account.
+    pub account: &'a str,
+    /// Refresh or prefetch.
+    pub kind: Kind,
+    /// Items created at or after this time.
+    pub from: Millis,
+    /// Items created before this time.
+    pub to: Millis,
+    /// Only the records of this exact URL.
+    pub url: Option<&'a str>,
+    /// Which page, newest first.
+    pub page: PageRequest,
+}
+
+/// Persistent storage of tasks, items, node results and quota counters.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Checks that the store answers (for `/readyz`).
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Stores a task and its items, and charges the quotas, atomically: either all of it is
+    /// durable when this returns, or none of it. Returns the new task id.
+    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64>;
+
+    /// How much of a daily quota is spent.
+    async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64>;
+
+    /// The items of one task of one account and kind, newest first. Another account's task is empty.
+    async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>>;
+
+    /// The items of one account and kind created in a time window, newest first, with the exact total.
+    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>>;
+
+    /// Leases up to `limit` runnable items (waiting or processing, due, lease free or expired)
+    /// to `owner` until `lease_until`, with the node results stored so far.
+    async fn claim_items(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<ClaimedItem>>;
+
+    /// Extends every lease `owner` holds on an unfinished item. Returns how many.
+    async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64>;
+
+    /// Gives up every lease `owner` holds, so that another worker may claim the items at once.
+    async fn release_leases(&self, owner: &str) -> StoreResult<()>;
+
+    /// Applies worker updates in one transaction, in order.
+    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()>;
+
+    /// Deletes up to `batch` items created before `before` (with their node results and emptied
+    /// tasks). Returns how many items went; the caller repeats while it is `batch`.
+    async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64>;
+}

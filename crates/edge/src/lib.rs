@@ -1,0 +1,307 @@
+//! Edge cache drivers: for each kind of cache, the HTTP request that purges, bans or prefetches
+//! a URL, and what the cache's answer means. Drivers only ever connect to a configured node's
+//! address; the submitted URL gives the `Host` header and the path, never a destination.
+//! Nothing here knows the store or a dialect.
+
+use cachectl_core::policy::DomainPattern;
+use cachectl_core::{ItemType, Kind, Tier};
+use reqwest::Method;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// The kinds of cache cachectl drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    /// Varnish with `deploy/varnish/cachectl.vcl`: PURGE, BAN on a path prefix, GET.
+    Varnish,
+    /// nginx with Debian's cache-purge module and `deploy/nginx/cachectl.conf`: PURGE, GET.
+    Nginx,
+}
+
+/// One configured cache server.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Unique name, used in results and reasons.
+    pub name: String,
+    /// What kind of cache it is.
+    pub driver: Driver,
+    /// `host:port` of its HTTP listener.
+    pub address: String,
+    /// Parent or edge.
+    pub tier: Tier,
+    /// The domains it serves; empty means all.
+    pub domains: Vec<DomainPattern>,
+}
+
+impl Node {
+    /// Whether this node caches URLs of `host`.
+    #[must_use]
+    pub fn serves(&self, host: &str) -> bool {
+        self.domains.is_empty() || self.domains.iter().any(|d| d.matches(host))
+    }
+}
+
+/// The HTTP request a driver sends to a node for one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// PURGE, BAN or GET.
+    pub method: Method,
+    /// Path and query to request on the node.
+    pub path_and_query: String,
+    /// The `Host` header: the submitted URL's authority, as clients send it.
+    pub host: String,
+    /// Extra headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// Whether the body must be read to its end (prefetch).
+    pub read_body: bool,
+}
+
+/// What a node's answer means for the item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done on this node.
+    Success {
+        /// The HTTP status.
+        code: u16,
+    },
+    /// A transient failure: try again after a backoff, until the deadline.
+    Retry {
+        /// The HTTP status, if the node answered.
+        code: Option<u16>,
+        /// What went wrong.
+        error: String,
+    },
+    /// A definitive failure: trying again cannot help.
+    Fail {
+        /// The HTTP status, if the node answered.
+        code: Option<u16>,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// The request for `kind`/`item_type` on `url` with `driver`.
+///
+/// # Errors
+/// The driver cannot do this (a directory purge on nginx): a definitive failure's reason.
+pub fn plan(driver: Driver, kind: Kind, item_type: ItemType, url: &str) -> Result<Plan, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("unparsable URL: {e}"))?;
+    let host = match (parsed.host_str(), parsed.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        (None, _) => return Err("URL without a host".to_owned()),
+    };
+    let path_and_query = match parsed.query() {
+        Some(q) => format!("{}?{q}", parsed.path()),
+        None => parsed.path().to_owned(),
+    };
+    let simple = |method: Method, read_body: bool| Plan {
+        method,
+        path_and_query: path_and_query.clone(),
+        host: host.clone(),
+        headers: Vec::new(),
+        read_body,
+    };
+    match (driver, kind, item_type) {
+        (_, Kind::Prefetch, _) => Ok(simple(Method::GET, true)),
+        (_, Kind::Refresh, ItemType::Url) => Ok(simple(purge_method(), false)),
+        (Driver::Varnish, Kind::Refresh, ItemType::Dir) => Ok(Plan {
+            method: Method::from_bytes(b"BAN").unwrap_or(Method::DELETE),
+            path_and_query: "/".to_owned(),
+            host,
+            headers: vec![("x-cachectl-ban", regex_escape(parsed.path()))],
+            read_body: false,
+        }),
+        (Driver::Nginx, Kind::Refresh, ItemType::Dir) => {
+            Err("nginx cannot purge a directory: the cache-purge module 2.3 ignores wildcard keys; \
+             directory purges on nginx need the cache-host agent (not yet available)"
+                .to_owned())
+        }
+    }
+}
+
+fn purge_method() -> Method {
+    Method::from_bytes(b"PURGE").unwrap_or(Method::DELETE)
+}
+
+/// Escapes every regex metacharacter of `text` with a backslash, so that a path prefix matches
+/// literally in a Varnish ban (PCRE2). Varnish's `std.ban()` passes backslashes through as they are.
+#[must_use]
+pub fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if matches!(c, '\\' | '.' | '^' | '$' | '|' | '?' | '*' | '+' | '(' | ')' | '[' | ']' | '{' | '}' | '#') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What an HTTP status from a node means (CONTRACT §2).
+///
+/// Refresh: 2xx, 404 and 412 ("was not cached") succeed; other 4xx fail (the node refuses, which a
+/// retry cannot change); 5xx are retried. Prefetch: 2xx succeeds once the body is read; 502, 503 and
+/// 504 are the cache's own gateway errors and are retried; any other 4xx/5xx is the origin's answer
+/// and fails definitively.
+#[must_use]
+pub fn classify(kind: Kind, code: u16) -> Outcome {
+    let error = || format!("HTTP {code}");
+    match (kind, code) {
+        (_, 200..=299) => Outcome::Success { code },
+        (Kind::Refresh, 404 | 412) => Outcome::Success { code },
+        (Kind::Refresh, 500..=599) | (Kind::Prefetch, 502..=504) => Outcome::Retry { code: Some(code), error: error() },
+        (Kind::Prefetch, 400..=599) => {
+            Outcome::Fail { code: Some(code), error: format!("origin answered HTTP {code}") }
+        }
+        _ => Outcome::Fail { code: Some(code), error: error() },
+    }
+}
+
+/// Settings of the HTTP client that talks to the nodes.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSettings {
+    /// Whole-request timeout, body included.
+    pub request_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle keep-alive connections kept per node.
+    pub max_idle_per_node: usize,
+}
+
+/// Sends driver requests to nodes over kept-alive connections.
+#[derive(Debug, Clone)]
+pub struct EdgeClient {
+    http: reqwest::Client,
+}
+
+impl EdgeClient {
+    /// A client with a keep-alive pool per node.
+    ///
+    /// # Errors
+    /// The HTTP client cannot be built.
+    pub fn new(settings: ClientSettings) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.connect_timeout)
+            .pool_max_idle_per_host(settings.max_idle_per_node)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .http1_only()
+            .build()?;
+        Ok(Self { http })
+    }
+
+    /// Does `kind`/`item_type` of `url` on `node` once and says what came of it.
+    #[tracing::instrument(level = "debug", skip_all, fields(node = %node.name))]
+    pub async fn execute(&self, node: &Node, kind: Kind, item_type: ItemType, url: &str) -> Outcome {
+        let plan = match plan(node.driver, kind, item_type, url) {
+            Ok(plan) => plan,
+            Err(error) => return Outcome::Fail { code: None, error },
+        };
+        let target = format!("http://{}{}", node.address, plan.path_and_query);
+        let mut request = self.http.request(plan.method, &target).header(reqwest::header::HOST, &plan.host);
+        for (name, value) in &plan.headers {
+            request = request.header(*name, value);
+        }
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Retry { code: None, error: describe(&e) };
+            }
+        };
+        let code = response.status().as_u16();
+        let outcome = classify(kind, code);
+        if !plan.read_body || !matches!(outcome, Outcome::Success { .. }) {
+            // Reading (and discarding) the short answer keeps the connection reusable.
+            let _ = response.bytes().await;
+            return outcome;
+        }
+        loop {
+            match response.chunk().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return outcome,
+                Err(e) => {
+                    return Outcome::Retry { code: Some(code), error: format!("body cut short: {}", describe(&e)) };
+                }
+            }
+        }
+    }
+}
+
+/// A one-line description of a transport error, with its root cause.
+fn describe(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timeout"
+    } else if error.is_connect() {
+        "connect error"
+    } else {
+        "request error"
+    };
+    let mut root: &dyn std::error::Error = error;
+    while let Some(next) = root.source() {
+        root = next;
+    }
+    format!("{kind}: {root}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varnish_plans() {
+        let p = plan(Driver::Varnish, Kind::Refresh, ItemType::Url, "http://www.example.com/a/b?c=1").unwrap();
+        assert_eq!(p.method.as_str(), "PURGE");
+        assert_eq!(p.path_and_query, "/a/b?c=1");
+        assert_eq!(p.host, "www.example.com");
+        let p = plan(Driver::Varnish, Kind::Refresh, ItemType::Dir, "http://x.example.com:8080/a.b/").unwrap();
+        assert_eq!(p.method.as_str(), "BAN");
+        assert_eq!(p.host, "x.example.com:8080");
+        assert_eq!(p.headers, vec![("x-cachectl-ban", "/a\\.b/".to_owned())]);
+        let p = plan(Driver::Varnish, Kind::Prefetch, ItemType::Url, "https://www.example.com/x").unwrap();
+        assert_eq!((p.method, p.read_body), (Method::GET, true));
+    }
+
+    #[test]
+    fn nginx_cannot_purge_directories() {
+        let err = plan(Driver::Nginx, Kind::Refresh, ItemType::Dir, "http://www.example.com/d/").unwrap_err();
+        assert!(err.contains("nginx cannot purge a directory"), "{err}");
+        assert!(plan(Driver::Nginx, Kind::Refresh, ItemType::Url, "http://www.example.com/d").is_ok());
+    }
+
+    #[test]
+    fn escapes_every_metacharacter() {
+        assert_eq!(regex_escape("/a.b/(c)+[d]$^|?*{e}\\"), "/a\\.b/\\(c\\)\\+\\[d\\]\\$\\^\\|\\?\\*\\{e\\}\\\\");
+    }
+
+    #[test]
+    fn classifies_answers() {
+        assert_eq!(classify(Kind::Refresh, 200), Outcome::Success { code: 200 });
+        assert_eq!(classify(Kind::Refresh, 404), Outcome::Success { code: 404 });
+        assert_eq!(classify(Kind::Refresh, 412), Outcome::Success { code: 412 });
+        assert!(matches!(classify(Kind::Refresh, 403), Outcome::Fail { .. }));
+        assert!(matches!(classify(Kind::Refresh, 503), Outcome::Retry { .. }));
+        assert!(matches!(classify(Kind::Prefetch, 404), Outcome::Fail { .. }));
+        assert!(matches!(classify(Kind::Prefetch, 500), Outcome::Fail { .. }));
+        assert!(matches!(classify(Kind::Prefetch, 503), Outcome::Retry { .. }));
+    }
+
+    #[test]
+    fn nodes_serve_their_domains() {
+        let mut node = Node {
+            name: "n".into(),
+            driver: Driver::Varnish,
+            address: "127.0.0.1:1".into(),
+            tier: Tier::Edge,
+            domains: vec![],
+        };
+        assert!(node.serves("anything.com"));
+        node.domains = vec![DomainPattern::parse("*.example.com").unwrap()];
+        assert!(node.serves("a.example.com"));
+        assert!(!node.serves("example.org"));
+    }
+}

@@ -1,0 +1,88 @@
+//! The HTTP surface: one module per dialect, plus health and metrics. This module assembles the
+//! router and holds what every handler shares; dialect rules live in the dialect modules.
+
+pub mod baishan;
+pub mod ratelimit;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use cachectl_core::Millis;
+use cachectl_core::service::Service;
+use std::sync::Arc;
+
+/// The largest request body accepted (1,000 URLs of the longest accepted length fit).
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The domain service.
+    pub service: Service,
+    /// The validated configuration.
+    pub settings: Arc<Settings>,
+    /// Request limits.
+    pub limiter: Arc<ratelimit::RateLimiter>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The rate limit reported to unauthenticated requests.
+    pub default_rate_limit: u32,
+}
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v2/cache/refresh", any(baishan::refresh))
+        .route("/v2/cache/prefetch", any(baishan::prefetch))
+        .route("/v2/cache/prefetchQuota", any(baishan::prefetch_quota))
+        .fallback(baishan::not_found)
+        .with_state(state)
+}
+
+/// Milliseconds since the epoch, now.
+#[must_use]
+pub fn now_ms() -> Millis {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Reads a request body up to `MAX_BODY_BYTES`.
+///
+/// # Errors
+/// A sentence for the dialect's 400: too large, or cut short.
+pub async fn read_body(body: Body) -> Result<bytes::Bytes, String> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| format!("the request body is unreadable or larger than {} MiB", MAX_BODY_BYTES / 1024 / 1024))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.service.store().ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "Readiness check failed.");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut response = state.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}

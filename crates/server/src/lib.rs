@@ -1,0 +1,100 @@
+//! The cachectl service: configuration, the HTTP dialects, the worker that drives the edge
+//! caches, the retention sweep, and start-up. `Application::build` wires them together;
+//! `Application::run_until_stopped` runs them until the shutdown token fires.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod retention;
+pub mod worker;
+
+use anyhow::Context;
+use cachectl_core::service::Service;
+use config::Settings;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// A built, not yet running service: the listener is bound and the store is migrated.
+pub struct Application {
+    listener: TcpListener,
+    state: api::AppState,
+    worker: worker::Worker,
+    settings: Arc<Settings>,
+}
+
+impl Application {
+    /// Opens the store, binds the listener and prepares the worker.
+    ///
+    /// # Errors
+    /// The store cannot be opened or migrated, or the address cannot be bound.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        tracing::info!(store = %redact_url(&settings.store_url), "Opening the store.");
+        let store = cachectl_store::open(&settings.store_url).await.context("opening the store")?;
+        let wake = Arc::new(Notify::new());
+        let notify = wake.clone();
+        let service = Service::new(store.clone(), settings.timezone, Arc::new(move || notify.notify_one()));
+        let metrics = Arc::new(metrics::Metrics::default());
+        let owner = format!("{}-{}", hostname(), std::process::id());
+        let worker =
+            worker::Worker::new(store, settings.nodes.clone(), settings.worker.clone(), owner, wake, metrics.clone())?;
+        let default_rate_limit = settings.accounts.first().map_or(150, |a| a.rate_limit_per_minute);
+        let state =
+            api::AppState { service, settings: settings.clone(), limiter: Arc::default(), metrics, default_rate_limit };
+        let listener =
+            TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
+        tracing::info!(
+            address = %listener.local_addr()?,
+            accounts = settings.accounts.len(),
+            edges = settings.nodes.len(),
+            "Listening."
+        );
+        Ok(Self { listener, state, worker, settings })
+    }
+
+    /// The bound address (useful when the configuration asked for port 0).
+    ///
+    /// # Errors
+    /// The socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves HTTP, runs the worker and the retention sweep until `shutdown` fires, then drains.
+    ///
+    /// # Errors
+    /// The HTTP server fails.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self { listener, state, worker, settings } = self;
+        let store = state.service.store().clone();
+        let grace = settings.shutdown_grace;
+        let worker_task = tokio::spawn(worker.run(shutdown.clone(), grace));
+        let r = &settings.retention;
+        let sweeper = tokio::spawn(retention::run(store, r.days, r.sweep_batch, r.sweep_interval, shutdown.clone()));
+        let app = api::router(state);
+        let stop = shutdown.clone();
+        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+        tracing::info!("HTTP server drained.");
+        let _ = worker_task.await;
+        let _ = sweeper.await;
+        Ok(())
+    }
+}
+
+/// A store URL without its password, for the log.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "cachectl".to_owned(), |h| h.trim().to_owned())
+}

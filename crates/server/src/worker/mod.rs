@@ -1,0 +1,341 @@
+//! The worker: claims runnable items from the store under a lease, executes each on every edge
+//! node that serves its host (parents before edges), retries transient failures with backoff
+//! until the item's deadline, and reports every change to a single writer that batches them into
+//! store transactions. It never decides what a status means: `cachectl_core::policy` does.
+
+use crate::config::WorkerConfig;
+use crate::metrics::Metrics;
+use cachectl_core::policy::{backoff, derive};
+use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, NodeState, Store, Tier};
+use cachectl_edge::{ClientSettings, EdgeClient, Node, Outcome};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Updates handed to the writer in one store transaction at most.
+const WRITE_BATCH: usize = 2048;
+/// Items claimed per store round trip at most.
+const CLAIM_BATCH: usize = 1024;
+
+/// A node with its own concurrency limit.
+struct NodeSlot {
+    node: Node,
+    permits: Semaphore,
+}
+
+/// Everything an item's execution needs, shared by all of them.
+struct Shared {
+    client: EdgeClient,
+    nodes: Vec<NodeSlot>,
+    config: WorkerConfig,
+    updates: mpsc::UnboundedSender<ItemUpdate>,
+    metrics: Arc<Metrics>,
+}
+
+/// The worker of one instance.
+pub struct Worker {
+    store: Arc<dyn Store>,
+    owner: String,
+    wake: Arc<Notify>,
+    shared: Arc<Shared>,
+    updates: mpsc::UnboundedReceiver<ItemUpdate>,
+}
+
+impl Worker {
+    /// A worker identified as `owner` in leases, woken by `wake` when work is submitted.
+    ///
+    /// # Errors
+    /// The HTTP client cannot be built.
+    pub fn new(
+        store: Arc<dyn Store>,
+        nodes: Vec<Node>,
+        config: WorkerConfig,
+        owner: String,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let client = EdgeClient::new(ClientSettings {
+            request_timeout: config.request_timeout,
+            connect_timeout: config.connect_timeout,
+            max_idle_per_node: config.per_node_concurrency,
+        })?;
+        let nodes = nodes
+            .into_iter()
+            .map(|node| NodeSlot { node, permits: Semaphore::new(config.per_node_concurrency) })
+            .collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            store,
+            owner,
+            wake,
+            shared: Arc::new(Shared { client, nodes, config, updates: tx, metrics }),
+            updates: rx,
+        })
+    }
+
+    /// Runs until `shutdown`; then stops claiming, gives in-flight items `grace` to finish,
+    /// writes what it knows and releases its leases so that the items resume at once elsewhere.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+        let Self { store, owner, wake, shared, updates } = self;
+        let writer = tokio::spawn(write_updates(store.clone(), updates));
+        let renewer = tokio::spawn(renew_leases(store.clone(), owner.clone(), shared.config.lease, shutdown.clone()));
+        let capacity = Arc::new(Semaphore::new(shared.config.max_items_in_flight));
+        let mut running = JoinSet::new();
+        tracing::info!(owner = %owner, nodes = shared.nodes.len(), "Worker started.");
+        while !shutdown.is_cancelled() {
+            while running.try_join_next().is_some() {}
+            shared.metrics.set_in_flight(running.len());
+            let free = capacity.available_permits().min(CLAIM_BATCH);
+            let mut claimed_full_batch = false;
+            if free > 0 {
+                let now = crate::api::now_ms();
+                let lease_until = now + millis(shared.config.lease);
+                match store.claim_items(&owner, now, lease_until, u32::try_from(free).unwrap_or(u32::MAX)).await {
+                    Ok(items) => {
+                        claimed_full_batch = items.len() == free;
+                        for claimed in items {
+                            let Ok(permit) = capacity.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let shared = shared.clone();
+                            running.spawn(async move {
+                                execute_item(&shared, claimed).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Claiming items failed; retrying after the poll interval.")
+                    }
+                }
+            }
+            if claimed_full_batch {
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = wake.notified() => {}
+                () = tokio::time::sleep(shared.config.poll_interval) => {}
+                // Capacity came back after the worker was full.
+                Ok(p) = capacity.acquire(), if free == 0 => drop(p),
+            }
+        }
+        tracing::info!(in_flight = running.len(), "Worker stopping: no more claims.");
+        if tokio::time::timeout(grace, async { while running.join_next().await.is_some() {} }).await.is_err() {
+            tracing::warn!(
+                in_flight = running.len(),
+                "Items still running at the end of the grace period; aborting them."
+            );
+            running.shutdown().await;
+        }
+        renewer.abort();
+        drop(shared);
+        let _ = writer.await;
+        if let Err(e) = store.release_leases(&owner).await {
+            tracing::warn!(error = %e, "Releasing leases failed; they expire by themselves.");
+        }
+        tracing::info!("Worker stopped.");
+    }
+}
+
+fn millis(d: Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Writes updates in batches, in order. A failing store is retried; after that the batch is
+/// dropped: the items' leases lapse and another claim redoes them (purges are idempotent).
+async fn write_updates(store: Arc<dyn Store>, mut updates: mpsc::UnboundedReceiver<ItemUpdate>) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while updates.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        let mut attempt = 0;
+        while let Err(e) = store.apply_updates(&batch).await {
+            attempt += 1;
+            if attempt >= 20 {
+                tracing::error!(error = %e, updates = batch.len(), "Giving up on writing results; the items will be redone.");
+                break;
+            }
+            tracing::warn!(error = %e, attempt, "Writing results failed; retrying.");
+            tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+        }
+        batch.clear();
+    }
+}
+
+async fn renew_leases(store: Arc<dyn Store>, owner: String, lease: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = store.renew_leases(&owner, crate::api::now_ms() + millis(lease)).await {
+            tracing::warn!(error = %e, "Renewing leases failed.");
+        }
+    }
+}
+
+/// The node results of one item while it runs, and what follows from them.
+struct Progress {
+    item_id: i64,
+    results: Mutex<Vec<NodeResult>>,
+    started_at: Option<Millis>,
+}
+
+impl Progress {
+    /// Records `result` and sends the item's derived state to the writer.
+    fn report(&self, shared: &Shared, result: NodeResult, kind: cachectl_core::Kind) {
+        let mut results = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let states = |results: &[NodeResult]| results.iter().map(|r| r.state).collect::<Vec<_>>();
+        let (before, _) = derive(&states(&results), true);
+        if let Some(slot) = results.iter_mut().find(|r| r.node == result.node) {
+            *slot = result.clone();
+        }
+        let (status, progress) = derive(&states(&results), true);
+        let was_final = before.is_final();
+        let reason = results
+            .iter()
+            .find(|r| r.state == NodeState::Failed)
+            .map(|r| format!("node {}: {}", r.node, r.error.as_deref().unwrap_or("failed")));
+        let finished_now = status.is_final() && !was_final;
+        if finished_now {
+            shared.metrics.item_finished(kind, status);
+        }
+        let _ = shared.updates.send(ItemUpdate {
+            item_id: self.item_id,
+            status,
+            progress,
+            started_at: self.started_at,
+            finished_at: finished_now.then_some(result.updated_at),
+            reason: if status == ItemStatus::Failed { reason } else { None },
+            nodes: vec![result],
+        });
+    }
+}
+
+/// Executes one item on all its nodes, parents first.
+async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
+    let item = claimed.item;
+    let now = crate::api::now_ms();
+    let nodes: Vec<&NodeSlot> = shared.nodes.iter().filter(|slot| slot.node.serves(&item.host)).collect();
+    if nodes.is_empty() {
+        shared.metrics.item_finished(item.kind, ItemStatus::Failed);
+        let _ = shared.updates.send(ItemUpdate {
+            item_id: item.id,
+            status: ItemStatus::Failed,
+            progress: 0,
+            started_at: Some(now),
+            finished_at: Some(now),
+            reason: Some(format!("no edge node serves {}", item.host)),
+            nodes: Vec::new(),
+        });
+        return;
+    }
+    let started_at = claimed.started_at.unwrap_or(now);
+    let deadline = started_at + millis(shared.config.item_deadline);
+    let initial: Vec<NodeResult> = nodes
+        .iter()
+        .map(|slot| {
+            claimed.nodes.iter().find(|r| r.node == slot.node.name).cloned().unwrap_or(NodeResult {
+                node: slot.node.name.clone(),
+                state: NodeState::Pending,
+                attempts: 0,
+                status_code: None,
+                error: None,
+                updated_at: now,
+            })
+        })
+        .collect();
+    let progress = Progress { item_id: item.id, results: Mutex::new(initial.clone()), started_at: Some(started_at) };
+    if claimed.started_at.is_none() {
+        let states: Vec<NodeState> = initial.iter().map(|r| r.state).collect();
+        let (status, pct) = derive(&states, true);
+        let _ = shared.updates.send(ItemUpdate {
+            item_id: item.id,
+            status,
+            progress: pct,
+            started_at: Some(started_at),
+            finished_at: None,
+            reason: None,
+            nodes: Vec::new(),
+        });
+    }
+    for tier in [Tier::Parent, Tier::Edge] {
+        let pending: Vec<(&NodeSlot, NodeResult)> = nodes
+            .iter()
+            .zip(&initial)
+            .filter(|(slot, result)| slot.node.tier == tier && result.state == NodeState::Pending)
+            .map(|(slot, result)| (*slot, result.clone()))
+            .collect();
+        let runs = pending.into_iter().map(|(slot, result)| run_node(shared, &progress, slot, &item, result, deadline));
+        futures::future::join_all(runs).await;
+        let failed = progress
+            .results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|r| r.state == NodeState::Failed);
+        if failed {
+            // An edge must not refill from a parent that still holds the old copy.
+            break;
+        }
+    }
+}
+
+/// Drives one node until it succeeds, fails definitively, or the deadline passes.
+async fn run_node(
+    shared: &Shared,
+    progress: &Progress,
+    slot: &NodeSlot,
+    item: &cachectl_core::Item,
+    mut result: NodeResult,
+    deadline: Millis,
+) {
+    loop {
+        let outcome = {
+            let _permit = slot.permits.acquire().await;
+            shared.client.execute(&slot.node, item.kind, item.item_type, &item.url).await
+        };
+        result.attempts += 1;
+        result.updated_at = crate::api::now_ms();
+        match outcome {
+            Outcome::Success { code } => {
+                shared.metrics.node_request(&slot.node.name, "success");
+                result.state = NodeState::Succeeded;
+                result.status_code = Some(code);
+                result.error = None;
+                progress.report(shared, result, item.kind);
+                return;
+            }
+            Outcome::Fail { code, error } => {
+                shared.metrics.node_request(&slot.node.name, "fail");
+                result.state = NodeState::Failed;
+                result.status_code = code;
+                result.error = Some(error);
+                progress.report(shared, result, item.kind);
+                return;
+            }
+            Outcome::Retry { code, error } => {
+                shared.metrics.node_request(&slot.node.name, "retry");
+                let wait =
+                    backoff(result.attempts, shared.config.retry_initial, shared.config.retry_max, &mut rand::rng());
+                result.status_code = code;
+                if result.updated_at + millis(wait) >= deadline {
+                    result.state = NodeState::Failed;
+                    result.error = Some(format!(
+                        "gave up after {} attempts before the item's deadline; last error: {error}",
+                        result.attempts
+                    ));
+                    progress.report(shared, result, item.kind);
+                    return;
+                }
+                result.error = Some(error);
+                tracing::debug!(node = %slot.node.name, item = item.id, attempts = result.attempts, "Node attempt failed; retrying.");
+                progress.report(shared, result.clone(), item.kind);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The embedded SQLite backend: one file, WAL mode, one writer connection (SQLite admits one
+//! writer at a time; a single connection avoids busy errors inside the process) and a small pool
+//! of readers. Commits are `synchronous = FULL`: an acknowledged task survives a power cut too.
+
+use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
+use async_trait::async_trait;
+use cachectl_core::{
+    ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge, Store,
+    StoreError, StoreResult, WindowQuery,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use std::str::FromStr;
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Items inserted per statement: 9 bound values each stays far below SQLite's variable limit.
+const INSERT_CHUNK: usize = 500;
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` (`sqlite://path` or `sqlite::memory:`)
+    /// and applies the migrations. Refuses a schema newer than this binary knows.
+    ///
+    /// # Errors
+    /// The file cannot be opened or the migrations fail.
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(unavailable)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        if let Some(dir) = options.get_filename().parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let writer =
+            SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await.map_err(unavailable)?;
+        check_schema_version(&writer).await?;
+        MIGRATOR.run(&writer).await.map_err(|e| StoreError::Schema(e.to_string()))?;
+        // One SQLite file serves one process: leases left by an earlier process (killed before it
+        // could release them) are void, so its unfinished items resume at once.
+        sqlx::query("UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
+            .execute(&writer)
+            .await
+            .map_err(unavailable)?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(unavailable)?;
+        Ok(Self { writer, reader })
+    }
+}
+
+/// Refuses to run on a database migrated by a newer cachectl: its schema may mean something
+/// this binary would corrupt.
+async fn check_schema_version(pool: &SqlitePool) -> StoreResult<()> {
+    let exists: Option<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
+            .fetch_optional(pool)
+            .await
+            .map_err(unavailable)?;
+    if exists.is_none() {
+        return Ok(());
+    }
+    let newest: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations").fetch_one(pool).await.map_err(unavailable)?;
+    let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    match newest {
+        Some(v) if v > known => Err(StoreError::Schema(format!(
+            "the database has schema version {v}, newer than the {known} this cachectl knows; upgrade cachectl"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = %task.account, items = task.items.len()))]
+    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        for charge in charges {
+            let used: i64 =
+                sqlx::query_scalar("SELECT used FROM quota_usage WHERE account = ? AND bucket = ? AND day = ?")
+                    .bind(&task.account)
+                    .bind(charge.bucket.as_str())
+                    .bind(&charge.day)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unavailable)?
+                    .unwrap_or(0);
+            let used = u64::try_from(used).unwrap_or(0);
+            if used + charge.amount > charge.limit {
+                return Err(StoreError::QuotaExceeded { bucket: charge.bucket, used, limit: charge.limit });
+            }
+            sqlx::query(
+                "INSERT INTO quota_usage (account, bucket, day, used) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (account, bucket, day) DO UPDATE SET used = used + excluded.used",
+            )
+            .bind(&task.account)
+            .bind(charge.bucket.as_str())
+            .bind(&charge.day)
+            .bind(i64::try_from(charge.amount).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        let task_id: i64 = sqlx::query_scalar(
+            "INSERT INTO tasks (account, kind, operator, dialect, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&task.account)
+        .bind(task.kind.as_str())
+        .bind(&task.operator)
+        .bind(&task.dialect)
+        .bind(task.created_at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        for chunk in task.items.chunks(INSERT_CHUNK) {
+            let mut insert: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+                "INSERT INTO items (task_id, account, kind, url, host, item_type, operator, created_at, not_before) ",
+            );
+            insert.push_values(chunk, |mut row, item| {
+                row.push_bind(task_id)
+                    .push_bind(&task.account)
+                    .push_bind(task.kind.as_str())
+                    .push_bind(&item.url)
+                    .push_bind(&item.host)
+                    .push_bind(item.item_type.as_str())
+                    .push_bind(&task.operator)
+                    .push_bind(task.created_at)
+                    .push_bind(task.not_before);
+            });
+            insert.build().execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(task_id)
+    }
+
+    async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64> {
+        let used: Option<i64> =
+            sqlx::query_scalar("SELECT used FROM quota_usage WHERE account = ? AND bucket = ? AND day = ?")
+                .bind(account)
+                .bind(bucket.as_str())
+                .bind(day)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(unavailable)?;
+        Ok(used.map_or(0, |u| u64::try_from(u).unwrap_or(0)))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>> {
+        let total: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE task_id = ? AND account = ? AND kind = ?")
+                .bind(task_id)
+                .bind(account)
+                .bind(kind.as_str())
+                .fetch_one(&self.reader)
+                .await
+                .map_err(unavailable)?;
+        let rows = sqlx::query(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE task_id = ? AND account = ? AND kind = ?
+             ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        ))
+        .bind(task_id)
+        .bind(account)
+        .bind(kind.as_str())
+        .bind(i64::from(page.size))
+        .bind(i64::try_from(page.offset()).unwrap_or(i64::MAX))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
+    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
+        let filter = if query.url.is_some() {
+            "account = ? AND kind = ? AND url = ? AND created_at >= ? AND created_at < ?"
+        } else {
+            "account = ? AND kind = ? AND created_at >= ? AND created_at < ?"
+        };
+        let count_sql = format!("SELECT COUNT(*) FROM items WHERE {filter}");
+        let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(query.account).bind(query.kind.as_str());
+        if let Some(url) = query.url {
+            count = count.bind(url);
+        }
+        let total = count.bind(query.from).bind(query.to).fetch_one(&self.reader).await.map_err(unavailable)?;
+        let list_sql = format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        );
+        let mut list = sqlx::query(&list_sql).bind(query.account).bind(query.kind.as_str());
+        if let Some(url) = query.url {
+            list = list.bind(url);
+        }
+        let rows = list
+            .bind(query.from)
+            .bind(query.to)
+            .bind(i64::from(query.page.size))
+            .bind(i64::try_from(query.page.offset()).unwrap_or(i64::MAX))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(unavailable)?;
+        Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn claim_items(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<ClaimedItem>> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let rows = sqlx::query(&format!(
+            "UPDATE items SET lease_owner = ?, lease_until = ?
+             WHERE id IN (SELECT id FROM items
+                          WHERE status IN ('waiting', 'processing') AND not_before <= ?
+                            AND (lease_until IS NULL OR lease_until < ?)
+                          ORDER BY not_before, id LIMIT ?)
+             RETURNING {ITEM_COLUMNS}, started_at"
+        ))
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let mut claimed: Vec<ClaimedItem> = rows
+            .iter()
+            .map(|row| ClaimedItem { item: item_from_row(row), started_at: row.get("started_at"), nodes: Vec::new() })
+            .collect();
+        let resumed: Vec<i64> = claimed.iter().filter(|c| c.started_at.is_some()).map(|c| c.item.id).collect();
+        for chunk in resumed.chunks(INSERT_CHUNK) {
+            let mut select: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+                "SELECT item_id, node, state, attempts, status_code, error, updated_at FROM node_results WHERE item_id IN (",
+            );
+            let mut ids = select.separated(", ");
+            for id in chunk {
+                ids.push_bind(*id);
+            }
+            select.push(")");
+            for row in select.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
+                let item_id: i64 = row.get("item_id");
+                if let Some(c) = claimed.iter_mut().find(|c| c.item.id == item_id) {
+                    c.nodes.push(node_from_row(&row));
+                }
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        claimed.sort_by_key(|c| c.item.id);
+        Ok(claimed)
+    }
+
+    async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE items SET lease_until = ? WHERE lease_owner = ? AND status IN ('waiting', 'processing')",
+        )
+        .bind(lease_until)
+        .bind(owner)
+        .execute(&self.writer)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release_leases(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?")
+            .bind(owner)
+            .execute(&self.writer)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(updates = updates.len()))]
+    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        for update in updates {
+            let finished = update.status.is_final();
+            sqlx::query(
+                "UPDATE items SET status = ?, progress = ?, started_at = COALESCE(started_at, ?),
+                        finished_at = COALESCE(?, finished_at), reason = COALESCE(?, reason),
+                        lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END,
+                        lease_until = CASE WHEN ? THEN NULL ELSE lease_until END
+                 WHERE id = ?",
+            )
+            .bind(update.status.as_str())
+            .bind(i64::from(update.progress))
+            .bind(update.started_at)
+            .bind(update.finished_at)
+            .bind(update.reason.as_deref())
+            .bind(finished)
+            .bind(finished)
+            .bind(update.item_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            for node in &update.nodes {
+                sqlx::query(
+                    "INSERT INTO node_results (item_id, node, state, attempts, status_code, error, updated_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (item_id, node) DO UPDATE SET state = excluded.state, attempts = excluded.attempts,
+                        status_code = excluded.status_code, error = excluded.error, updated_at = excluded.updated_at",
+                )
+                .bind(update.item_id)
+                .bind(&node.node)
+                .bind(node.state.as_str())
+                .bind(i64::from(node.attempts))
+                .bind(node.status_code.map(i64::from))
+                .bind(node.error.as_deref())
+                .bind(node.updated_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM items WHERE created_at < ? ORDER BY created_at LIMIT ?")
+            .bind(before)
+            .bind(i64::from(batch))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            for table_and_key in ["node_results WHERE item_id", "items WHERE id"] {
+                let mut delete: QueryBuilder<'_, Sqlite> =
+                    QueryBuilder::new(format!("DELETE FROM {table_and_key} IN ("));
+                let mut list = delete.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                delete.push(")");
+                delete.build().execute(&mut *tx).await.map_err(unavailable)?;
+            }
+        }
+        sqlx::query(
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE created_at < ?
+               AND NOT EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id) LIMIT ?)",
+        )
+        .bind(before)
+        .bind(i64::from(batch))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("DELETE FROM quota_usage WHERE day < date(? / 1000, 'unixepoch', '-2 days')")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(ids.len() as u64)
+    }
+}
