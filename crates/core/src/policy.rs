@@ -12,7 +12,7 @@ use std::time::Duration;
 pub fn derive(states: &[NodeState], started: bool) -> (ItemStatus, u8) {
     let total = states.len();
     let done = states.iter().filter(|s| **s != NodeState::Pending).count();
-    let progress = if total == 0 { 100 } else { u8::try_from(done * 100 / total).unwrap_or(100) };
+    let progress = (done * 100).checked_div(total).map_or(100, |p| u8::try_from(p).unwrap_or(100));
     let status = if states.contains(&NodeState::Failed) {
         ItemStatus::Failed
     } else if done == total && started {

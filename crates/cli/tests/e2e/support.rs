@@ -1,0 +1,415 @@
+//! Test fixtures: an origin server, Varnish and nginx caches built from the project's shipped
+//! edge configuration, and the `cachectl` binary itself — all on 127.0.0.1 with free ports,
+//! all stopped when dropped.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the component to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The repository's root, where `deploy/` lives.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// A temporary directory the caches' unprivileged workers can enter (Varnish and nginx drop root).
+pub fn shared_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Waits until `port` accepts connections.
+pub async fn wait_port(port: u16, what: &str) {
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{what} did not start listening on {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A request the origin answered.
+#[derive(Debug, Clone)]
+pub struct OriginHit {
+    pub host: String,
+    pub path: String,
+}
+
+/// An HTTP origin: answers every GET with a cacheable body naming the host and path;
+/// `/status/NNN...` answers NNN; `/big...` answers 1 MiB.
+pub struct Origin {
+    pub port: u16,
+    pub hits: Arc<Mutex<Vec<OriginHit>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start() -> Self {
+        let hits: Arc<Mutex<Vec<OriginHit>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new().fallback(origin_handler).with_state(hits.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { port, hits, task }
+    }
+
+    /// How many requests for `host` + `path` reached the origin.
+    pub fn count(&self, host: &str, path: &str) -> usize {
+        self.hits.lock().unwrap().iter().filter(|h| h.host == host && h.path == path).count()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn origin_handler(State(hits): State<Arc<Mutex<Vec<OriginHit>>>>, headers: HeaderMap, uri: Uri) -> Response {
+    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+    let path = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned());
+    hits.lock().unwrap().push(OriginHit { host: host.clone(), path: path.clone() });
+    if let Some(code) = path.strip_prefix("/status/").and_then(|rest| rest.get(..3)).and_then(|c| c.parse::<u16>().ok()) {
+        return (StatusCode::from_u16(code).unwrap(), "status page").into_response();
+    }
+    let body = if path.starts_with("/big") { "x".repeat(1 << 20) } else { format!("content of {host}{path}\n") };
+    ([("cache-control", "public, max-age=3600")], body).into_response()
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Varnish 7.1 cache running the project's `deploy/varnish/cachectl.vcl`.
+pub struct Varnish {
+    pub port: u16,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Varnish {
+    pub async fn start(origin_port: u16) -> Self {
+        Self::start_on(free_port(), origin_port).await
+    }
+
+    pub async fn start_on(port: u16, origin_port: u16) -> Self {
+        let dir = shared_tempdir();
+        let vcl = std::fs::read_to_string(repo_root().join("deploy/varnish/cachectl.vcl")).unwrap();
+        let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
+        assert!(vcl.contains(&origin_port.to_string()), "the shipped VCL's backend port changed");
+        let vcl_path = dir.path().join("cachectl.vcl");
+        std::fs::write(&vcl_path, vcl).unwrap();
+        std::fs::write(dir.path().join("secret"), "test-secret\n").unwrap();
+        let admin = free_port();
+        let child = Command::new("varnishd")
+            .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-T", &format!("127.0.0.1:{admin}")])
+            .arg("-S")
+            .arg(dir.path().join("secret"))
+            .arg("-f")
+            .arg(&vcl_path)
+            .arg("-n")
+            .arg(dir.path().join("work"))
+            .args(["-s", "malloc,64m", "-p", "ban_lurker_sleep=0.01"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("varnishd must be installed (scripts/test.sh installs it)");
+        let proc = Proc { child };
+        wait_port(port, "varnishd").await;
+        Self { port, _proc: proc, _dir: dir }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// nginx 1.22 with the cache-purge module, running the project's `deploy/nginx/cachectl.conf`
+/// once per requested server (each its own listen port and cache zone), all logging to one
+/// access log so that the order of requests across servers can be read.
+pub struct Nginx {
+    pub ports: Vec<u16>,
+    dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Nginx {
+    pub async fn start(origin_port: u16, servers: usize) -> Self {
+        let dir = shared_tempdir();
+        let shipped = std::fs::read_to_string(repo_root().join("deploy/nginx/cachectl.conf")).unwrap();
+        std::fs::create_dir_all(dir.path().join("logs")).unwrap();
+        let mut sites = String::new();
+        let mut ports = Vec::new();
+        for i in 0..servers {
+            let port = free_port();
+            let site = shipped
+                .replace("/var/cache/nginx/cachectl", &format!("cache{i}"))
+                .replace("127.0.0.1:8080", &format!("127.0.0.1:{origin_port}"))
+                .replace("127.0.0.1:8081", &format!("127.0.0.1:{port}"))
+                .replace("cachectl", &format!("cachectl{i}"));
+            let file = format!("site{i}.conf");
+            std::fs::write(dir.path().join(&file), site).unwrap();
+            sites.push_str(&format!("    include {file};\n"));
+            ports.push(port);
+        }
+        let conf = format!(
+            "load_module /usr/lib/nginx/modules/ngx_http_cache_purge_module.so;\n\
+             pid logs/nginx.pid;\nworker_processes 1;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n    log_format timed '$msec $server_port $request_method $host $request_uri $status';\n\
+             access_log logs/access.log timed;\n{sites}}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let prefix = format!("{}/", dir.path().display());
+        let child = Command::new("nginx")
+            .args(["-p", &prefix, "-c", "nginx.conf", "-e", &format!("{prefix}logs/error.log"), "-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx must be installed (scripts/test.sh installs it)");
+        let proc = Proc { child };
+        for port in &ports {
+            wait_port(*port, "nginx").await;
+        }
+        Self { ports, dir, _proc: proc }
+    }
+
+    pub fn address(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    /// Access log lines: (msec, server port, method, host, uri, status), in the order written.
+    pub fn access_log(&self) -> Vec<(String, u16, String, String, String, u16)> {
+        let text = std::fs::read_to_string(self.dir.path().join("logs/access.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split(' ').collect();
+                (f.len() == 6).then(|| {
+                    (f[0].to_owned(), f[1].parse().unwrap_or(0), f[2].to_owned(), f[3].to_owned(), f[4].to_owned(), f[5].parse().unwrap_or(0))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Sends a GET for `path` with `Host: host` to a cache and returns its `X-Cache` verdict
+/// (`HIT`/`MISS` from the VCL, the upstream cache status from nginx).
+pub async fn cache_status(address: &str, host: &str, path: &str) -> String {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = client.get(format!("http://{address}{path}")).header("host", host).send().await.unwrap();
+    assert!(response.status().is_success(), "GET {host}{path} via {address}: {}", response.status());
+    let verdict = response.headers().get("x-cache").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let _ = response.bytes().await;
+    verdict
+}
+
+/// A running `cachectl serve`, with its configuration in a temporary directory.
+pub struct Cachectl {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    config_path: PathBuf,
+    proc: Option<Proc>,
+}
+
+/// The standard test account: `acme` owning `example.com` and `*.example.com`, token
+/// `acme-secret-token`; a second account `other` owning `other.test`, token `other-secret-token`.
+pub const ACCOUNTS: &str = r#"
+[[accounts]]
+name = "acme"
+domains = ["example.com", "*.example.com"]
+tokens = ["acme-secret-token"]
+access_keys = [{ ak = "AK_ACME", sk = "SK_ACME" }]
+
+[[accounts]]
+name = "other"
+domains = ["other.test"]
+tokens = [{ name = "ops", token = "other-secret-token" }]
+"#;
+
+pub const TOKEN: &str = "acme-secret-token";
+
+impl Cachectl {
+    /// Starts cachectl with `extra` TOML (accounts, edges, worker settings) on a fresh SQLite file.
+    pub async fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"sqlite://{}/cachectl.db\"\n\n{extra}\n",
+            dir.path().display()
+        );
+        let config_path = dir.path().join("cachectl.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let mut me = Self { port, dir, http, config_path, proc: None };
+        me.restart().await;
+        me
+    }
+
+    /// (Re)starts the process on the same configuration and database.
+    pub async fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("cachectl.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cachectl"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("CACHECTL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc { child });
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = self.http.get(self.url("/healthz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if let Some(status) = self.proc.as_mut().unwrap().child.try_wait().unwrap() {
+                panic!("cachectl exited with {status}:\n{}", self.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "cachectl did not start:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `kill -9`: no shutdown, no lease release, nothing flushed.
+    pub fn kill9(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            proc.child.kill().unwrap();
+            proc.child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then waits for the process to exit by itself.
+    pub async fn terminate(&mut self) {
+        let mut proc = self.proc.take().expect("running");
+        let pid = proc.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = proc.child.try_wait().unwrap() {
+                assert!(status.success(), "cachectl exited with {status} on SIGTERM:\n{}", self.log());
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "cachectl did not stop on SIGTERM:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cachectl.log")).unwrap_or_default()
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("cachectl.db")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// GET with the standard token in the query.
+    pub async fn get(&self, path_and_query: &str) -> (u16, HeaderMap, Value) {
+        let sep = if path_and_query.contains('?') { '&' } else { '?' };
+        self.raw(reqwest::Method::GET, &format!("{path_and_query}{sep}token={TOKEN}"), None).await
+    }
+
+    /// POST a JSON body with the standard token in the `Token` header.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, HeaderMap, Value) {
+        let response = self.http.post(self.url(path)).header("token", TOKEN).json(&body).send().await.unwrap();
+        split(response).await
+    }
+
+    /// Any request; `body` is sent as it is.
+    pub async fn raw(&self, method: reqwest::Method, path_and_query: &str, body: Option<(&str, &str)>) -> (u16, HeaderMap, Value) {
+        let mut request = self.http.request(method, self.url(path_and_query));
+        if let Some((content_type, body)) = body {
+            request = request.header("content-type", content_type).body(body.to_owned());
+        }
+        split(request.send().await.unwrap()).await
+    }
+
+    /// Submits a refresh (or prefetch) and returns the task id, asserting success.
+    pub async fn submit(&self, path: &str, body: Value) -> i64 {
+        let (status, _, json) = self.post(path, body).await;
+        assert_eq!(status, 200, "{json}");
+        json["data"]["task_id"].as_i64().unwrap()
+    }
+
+    /// Every item of a task (Baishan mode 1), following pages.
+    pub async fn task_items(&self, path: &str, task_id: i64) -> Vec<Value> {
+        let mut all = Vec::new();
+        for page in 1.. {
+            let (status, _, json) = self.get(&format!("{path}?task_id={task_id}&page_size=500&page_number={page}")).await;
+            assert_eq!(status, 200, "{json}");
+            let list = json["data"]["list"].as_array().unwrap().clone();
+            if list.is_empty() {
+                break;
+            }
+            all.extend(list);
+        }
+        all
+    }
+
+    /// Waits until every item of the task is completed or failed; returns them.
+    pub async fn wait_final(&self, path: &str, task_id: i64, timeout: Duration) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let items = self.task_items(path, task_id).await;
+            if !items.is_empty() && items.iter().all(|i| matches!(i["status"].as_str(), Some("completed" | "failed"))) {
+                return items;
+            }
+            assert!(start.elapsed() < timeout, "task {task_id} not final after {timeout:?}: {items:?}\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs a read-only SQL query against the service's database file.
+    pub async fn db(&self) -> sqlx::SqlitePool {
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(self.db_path()).read_only(true);
+        sqlx::SqlitePool::connect_with(options).await.unwrap()
+    }
+}
+
+async fn split(response: reqwest::Response) -> (u16, HeaderMap, Value) {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text:?}"));
+    (status, headers, json)
+}
+
+/// The TOML of one edge node.
+pub fn edge(name: &str, driver: &str, address: &str, tier: &str) -> String {
+    format!("[[edges]]\nname = \"{name}\"\ndriver = \"{driver}\"\naddress = \"{address}\"\ntier = \"{tier}\"\n\n")
+}
+
+/// Worker settings that keep tests short.
+pub fn fast_worker(deadline: &str) -> String {
+    format!(
+        "[worker]\nitem_deadline = \"{deadline}\"\nretry_initial = \"50ms\"\nretry_max = \"300ms\"\nrequest_timeout = \"3s\"\nconnect_timeout = \"500ms\"\npoll_interval = \"200ms\"\nlease = \"5s\"\n\n"
+    )
+}

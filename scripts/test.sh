@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh Debian 12 machine with the Rust toolchain:
+# installs the edge caches the tests start (Varnish, nginx with the cache-purge module) when
+# missing, checks formatting and lints, then runs every test with cargo-nextest.
+# Tests start their own caches, origin and cachectl on 127.0.0.1 with free ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v varnishd >/dev/null 2>&1 || need+=(varnish)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+[ -f /usr/lib/nginx/modules/ngx_http_cache_purge_module.so ] || need+=(libnginx-mod-http-cache-purge)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "==> Installing ${need[*]} from Debian's packages"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    # The packages' own services are not wanted (and there is no systemd to run them).
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# Debian's postinst scripts may start the packaged services where an init system exists;
+# the tests use their own instances on free ports, so the system ones are harmless either way.
+varnishd -V 2>&1 | head -1
+nginx -v 2>&1
+command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> tests"
+cargo nextest run --workspace --locked --profile ci "$@"
