@@ -494,6 +494,7 @@ impl Config {
             tokens,
             access_keys,
             nodes,
+            default_rate_limit: self.baishan.rate_limit_per_minute,
         })
     }
 }
@@ -530,6 +531,8 @@ pub struct Settings {
     pub access_keys: HashMap<String, (Credential, Secret)>,
     /// Every edge node.
     pub nodes: Vec<Node>,
+    /// The Baishan rate limit reported to requests without a valid token.
+    pub default_rate_limit: u32,
 }
 
 /// Parses `+08:00`, `-05:30`, `+0800` or `Z`/`UTC`.

@@ -41,9 +41,7 @@ impl Application {
         let owner = format!("{}-{}", hostname(), std::process::id());
         let worker =
             worker::Worker::new(store, settings.nodes.clone(), settings.worker.clone(), owner, wake, metrics.clone())?;
-        let default_rate_limit = settings.accounts.first().map_or(150, |a| a.rate_limit_per_minute);
-        let state =
-            api::AppState { service, settings: settings.clone(), limiter: Arc::default(), metrics, default_rate_limit };
+        let state = api::AppState { service, settings: settings.clone(), limiter: Arc::default(), metrics };
         let listener =
             TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
         tracing::info!(

@@ -29,7 +29,13 @@ async fn auth_is_required_and_checked() {
     assert_eq!(headers["api-id"], "70946227");
     let (status, _, json) = server.raw(Method::GET, &format!("{REFRESH}?task_id=1&token=wrong-token"), None).await;
     assert_error(status, &json, 401, "unknown token");
-    let r = server.http.get(server.url(&format!("{REFRESH}?task_id=1"))).header("token", "wrong-token").send().await.unwrap();
+    let r = server
+        .http
+        .get(server.url(&format!("{REFRESH}?task_id=1")))
+        .header("token", "wrong-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let r = server.http.get(server.url(&format!("{REFRESH}?task_id=1"))).header("Token", TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 200, "the Token header works as well as the query parameter");
@@ -37,7 +43,8 @@ async fn auth_is_required_and_checked() {
 
 #[tokio::test]
 async fn every_response_carries_the_rate_limit_headers_and_429_past_the_limit() {
-    let server = Cachectl::start(&ACCOUNTS.replace("name = \"acme\"", "name = \"acme\"\nrate_limit_per_minute = 5")).await;
+    let server =
+        Cachectl::start(&ACCOUNTS.replace("name = \"acme\"", "name = \"acme\"\nrate_limit_per_minute = 5")).await;
     let mut last = None;
     for i in 0..5u32 {
         let (status, headers, _) = server.get(&format!("{REFRESH}?task_id=1")).await;
@@ -65,7 +72,9 @@ async fn every_response_carries_the_rate_limit_headers_and_429_past_the_limit() 
 async fn submit_accepts_json_and_forms_and_reports_rejected_urls() {
     let nginx_origin = Origin::start().await;
     let nginx = Nginx::start(nginx_origin.port, 1).await;
-    let server = Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("5s"), edge("n1", "nginx", &nginx.address(0), "edge"))).await;
+    let server =
+        Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("5s"), edge("n1", "nginx", &nginx.address(0), "edge")))
+            .await;
 
     let (status, headers, json) = server
         .post(
@@ -90,13 +99,15 @@ async fn submit_accepts_json_and_forms_and_reports_rejected_urls() {
     assert!(log.iter().all(|l| l.3 != "evil.test"), "a foreign URL never reaches a node: {log:?}");
 
     let form = "urls=http%3A%2F%2Fwww.example.com%2Fd1%2F&urls[]=http://www.example.com/d2/&type=dir";
-    let (status, _, json) =
-        server.raw(Method::POST, &format!("{REFRESH}?token={TOKEN}"), Some(("application/x-www-form-urlencoded", form))).await;
+    let (status, _, json) = server
+        .raw(Method::POST, &format!("{REFRESH}?token={TOKEN}"), Some(("application/x-www-form-urlencoded", form)))
+        .await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(json["data"]["count"], 2);
     // JSON whatever the Content-Type says.
     let body = r#"{"urls": ["http://www.example.com/p1"]}"#;
-    let (status, headers, json) = server.raw(Method::POST, &format!("{PREFETCH}?token={TOKEN}"), Some(("text/plain", body))).await;
+    let (status, headers, json) =
+        server.raw(Method::POST, &format!("{PREFETCH}?token={TOKEN}"), Some(("text/plain", body))).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(headers["api-id"], "70945466");
     assert_eq!(headers["x-push-remaining"], "9999");
@@ -150,7 +161,8 @@ async fn daily_quotas_are_enforced_and_reported() {
     );
     let server = Cachectl::start(&accounts).await;
     server.submit(REFRESH, json!({"urls": ["http://www.example.com/1", "http://www.example.com/2"]})).await;
-    let (s, _, j) = server.post(REFRESH, json!({"urls": ["http://www.example.com/3", "http://www.example.com/4"]})).await;
+    let (s, _, j) =
+        server.post(REFRESH, json!({"urls": ["http://www.example.com/3", "http://www.example.com/4"]})).await;
     assert_error(s, &j, 400, "daily refresh URL quota exceeded: 1 of 3 left");
     server.submit(REFRESH, json!({"urls": ["http://www.example.com/3"]})).await;
     server.submit(REFRESH, json!({"urls": ["http://www.example.com/d/"], "type": "dir"})).await;
@@ -193,7 +205,8 @@ async fn bad_queries_get_400_with_a_message() {
     // Seven whole days is the longest span allowed.
     let (s, _, j) = server.get(&format!("{REFRESH}?start_time={}&end_time={}", day(-6), day(0))).await;
     assert_eq!(s, 200, "{j}");
-    let (s, _, j) = server.get(&format!("{REFRESH}?start_time={} 00:00:00&end_time={} 23:59:59", day(-6), day(0))).await;
+    let (s, _, j) =
+        server.get(&format!("{REFRESH}?start_time={} 00:00:00&end_time={} 23:59:59", day(-6), day(0))).await;
     assert_eq!(s, 200, "{j}");
 }
 
@@ -202,7 +215,8 @@ async fn unknown_paths_and_methods_answer_in_the_envelope() {
     let server = Cachectl::start(ACCOUNTS).await;
     let (s, _, j) = server.raw(Method::GET, "/v2/cache/nothing", None).await;
     assert_error(s, &j, 404, "no such API endpoint");
-    let (s, headers, j) = server.raw(Method::PUT, &format!("{REFRESH}?token={TOKEN}"), Some(("application/json", "{}"))).await;
+    let (s, headers, j) =
+        server.raw(Method::PUT, &format!("{REFRESH}?token={TOKEN}"), Some(("application/json", "{}"))).await;
     assert_error(s, &j, 405, "method not allowed");
     assert!(headers.contains_key("allow"));
     let (s, _, j) = server.raw(Method::DELETE, "/v2/cache/prefetchQuota", None).await;
@@ -212,7 +226,8 @@ async fn unknown_paths_and_methods_answer_in_the_envelope() {
 #[tokio::test]
 async fn queries_page_newest_first_and_hide_other_accounts() {
     let server = Cachectl::start(ACCOUNTS).await;
-    let first = server.submit(REFRESH, json!({"urls": ["http://www.example.com/q/1", "http://www.example.com/q/2"]})).await;
+    let first =
+        server.submit(REFRESH, json!({"urls": ["http://www.example.com/q/1", "http://www.example.com/q/2"]})).await;
     let second = server.submit(REFRESH, json!({"urls": ["http://www.example.com/q/3"]})).await;
     let prefetch = server.submit(PREFETCH, json!({"urls": ["http://www.example.com/q/1"]})).await;
 
@@ -223,17 +238,24 @@ async fn queries_page_newest_first_and_hide_other_accounts() {
     let list = j["data"]["list"].as_array().unwrap();
     assert_eq!(list.len(), 2);
     assert_eq!(list[0]["url"], "http://www.example.com/q/3");
-    let (_, _, j) = server.get(&format!("{REFRESH}?start_time={}&end_time={}&page_size=2&page_number=2", day(0), day(0))).await;
+    let (_, _, j) =
+        server.get(&format!("{REFRESH}?start_time={}&end_time={}&page_size=2&page_number=2", day(0), day(0))).await;
     assert_eq!(j["data"]["list"].as_array().unwrap().len(), 1);
     let (_, _, j) = server.get(&format!("{REFRESH}?start_time={}&end_time={}&page_number=100", day(0), day(0))).await;
-    assert_eq!((j["data"]["total"].clone(), j["data"]["list"].clone()), (json!(3), json!([])), "a page past the end is empty");
+    assert_eq!(
+        (j["data"]["total"].clone(), j["data"]["list"].clone()),
+        (json!(3), json!([])),
+        "a page past the end is empty"
+    );
 
     // Mode 2 with one URL, spelled `url` or `urls`.
     for name in ["url", "urls"] {
-        let (_, _, j) = server.get(&format!("{PREFETCH}?start_time={0}&end_time={0}&{name}=http://www.example.com/q/1", day(0))).await;
+        let (_, _, j) = server
+            .get(&format!("{PREFETCH}?start_time={0}&end_time={0}&{name}=http://www.example.com/q/1", day(0)))
+            .await;
         assert_eq!(j["data"]["total"], 1, "{j}");
         assert_eq!(j["data"]["page_number"], 1, "a number in prefetch responses");
-        assert_eq!(j["data"]["list"][0]["id"].as_str().unwrap().parse::<i64>().is_ok(), true);
+        assert!(j["data"]["list"][0]["id"].as_str().unwrap().parse::<i64>().is_ok());
     }
     // Mode 1.
     let items = server.task_items(REFRESH, first).await;
@@ -247,12 +269,14 @@ async fn queries_page_newest_first_and_hide_other_accounts() {
     assert_eq!((s, j["data"]["list"].clone()), (200, json!([])));
 
     // The other account sees none of it, even by task id.
-    let (_, _, j) = server.raw(Method::GET, &format!("{REFRESH}?task_id={second}&token=other-secret-token"), None).await;
+    let (_, _, j) =
+        server.raw(Method::GET, &format!("{REFRESH}?task_id={second}&token=other-secret-token"), None).await;
     assert_eq!(j["data"], json!({"total": 0, "page_number": "1", "list": []}));
     let (_, _, j) = server.raw(Method::GET, &format!("{REFRESH}?task_id=999999&token={TOKEN}"), None).await;
     assert_eq!(j["data"], json!({"total": 0, "page_number": "1", "list": []}), "an unknown task reads as empty");
-    let (_, _, j) =
-        server.raw(Method::GET, &format!("{REFRESH}?start_time={0}&end_time={0}&token=other-secret-token", day(0)), None).await;
+    let (_, _, j) = server
+        .raw(Method::GET, &format!("{REFRESH}?start_time={0}&end_time={0}&token=other-secret-token", day(0)), None)
+        .await;
     assert_eq!(j["data"]["total"], 0);
 }
 
@@ -288,8 +312,9 @@ async fn the_seed_examples_answer_in_the_documented_shape() {
     assert_eq!(j["data"]["total"], 1);
 
     // curl "…&start_time=2018-02-24&end_time=2018-02-24&page_number=100&url=http://abc.qingcdn.com/track/main.html"
-    let (_, _, j) =
-        server.get(&format!("{REFRESH}?start_time={0}&end_time={0}&url=http://abc.example.com/track/main.html", day(0))).await;
+    let (_, _, j) = server
+        .get(&format!("{REFRESH}?start_time={0}&end_time={0}&url=http://abc.example.com/track/main.html", day(0)))
+        .await;
     assert_eq!(j["data"]["list"][0]["url"], "http://abc.example.com/track/main.html");
 
     // The prefetch seed: task id, and `urls`.
@@ -297,8 +322,12 @@ async fn the_seed_examples_answer_in_the_documented_shape() {
     assert_eq!(headers["api-id"], "70945467");
     assert_eq!(j["data"]["page_number"], 1);
     assert_eq!(j["data"]["list"][0]["url"], "http://abc.example.com/domain/fun/info");
-    let (_, _, j) =
-        server.get(&format!("{PREFETCH}?start_time={0}&end_time={0}&page_number=1&urls=http://abc.example.com/domain/fun/info", day(0))).await;
+    let (_, _, j) = server
+        .get(&format!(
+            "{PREFETCH}?start_time={0}&end_time={0}&page_number=1&urls=http://abc.example.com/domain/fun/info",
+            day(0)
+        ))
+        .await;
     assert_eq!(j["data"]["total"], 1);
 }
 
@@ -318,7 +347,8 @@ async fn environment_overrides_the_file_and_bad_config_names_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server.listen") && err.contains("not-an-address"), "{err}");
 
-    std::fs::write(&path, format!("{ACCOUNTS}\n[[edges]]\nname = \"x\"\ndriver = \"varnish\"\naddress = \"nope\"\n")).unwrap();
+    std::fs::write(&path, format!("{ACCOUNTS}\n[[edges]]\nname = \"x\"\ndriver = \"varnish\"\naddress = \"nope\"\n"))
+        .unwrap();
     let out = std::process::Command::new(bin).args(["check-config", "--config"]).arg(&path).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("edges[0].address"), "{err}");
@@ -328,5 +358,9 @@ async fn environment_overrides_the_file_and_bad_config_names_the_key() {
         .arg(repo_root().join("cachectl.example.toml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "the shipped example configuration is valid: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the shipped example configuration is valid: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -40,10 +40,15 @@ async fn kill_9_with_items_in_flight_loses_nothing() {
     for task in tasks {
         let items = server.wait_final(REFRESH, task, Duration::from_secs(60)).await;
         assert_eq!(items.len(), 300, "task {task} kept all its items");
-        assert!(items.iter().all(|i| i["status"] == "completed"), "task {task}: {:?}", items.iter().find(|i| i["status"] != "completed"));
+        assert!(
+            items.iter().all(|i| i["status"] == "completed"),
+            "task {task}: {:?}",
+            items.iter().find(|i| i["status"] != "completed")
+        );
     }
     let db = server.db().await;
-    let succeeded: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM node_results WHERE state = 'succeeded'").fetch_one(&db).await.unwrap();
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM node_results WHERE state = 'succeeded'").fetch_one(&db).await.unwrap();
     assert_eq!(succeeded, 1800, "every item succeeded on both nodes");
 }
 
@@ -51,9 +56,14 @@ async fn kill_9_with_items_in_flight_loses_nothing() {
 async fn graceful_shutdown_then_restart_resumes() {
     let late_port = free_port();
     let origin = Origin::start().await;
-    let mut server =
-        Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("60s"), edge("v1", "varnish", &format!("127.0.0.1:{late_port}"), "edge"))).await;
-    let task = server.submit(REFRESH, json!({"urls": ["http://www.example.com/g1", "http://www.example.com/g2"]})).await;
+    let mut server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}",
+        fast_worker("60s"),
+        edge("v1", "varnish", &format!("127.0.0.1:{late_port}"), "edge")
+    ))
+    .await;
+    let task =
+        server.submit(REFRESH, json!({"urls": ["http://www.example.com/g1", "http://www.example.com/g2"]})).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     server.terminate().await;
@@ -100,7 +110,8 @@ async fn the_retention_sweep_deletes_old_records() {
     let db = server.db().await;
     let start = std::time::Instant::now();
     loop {
-        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE task_id = 9000").fetch_one(&db).await.unwrap();
+        let left: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE task_id = 9000").fetch_one(&db).await.unwrap();
         if left == 0 {
             break;
         }

@@ -13,7 +13,12 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn varnish_url_refresh_turns_a_hit_into_a_miss() {
     let origin = Origin::start().await;
     let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("10s"), edge("v1", "varnish", &varnish.address(), "edge"))).await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}",
+        fast_worker("10s"),
+        edge("v1", "varnish", &varnish.address(), "edge")
+    ))
+    .await;
     let host = "www.example.com";
     for path in ["/a.css", "/b.css?v=1"] {
         cache_status(&varnish.address(), host, path).await;
@@ -33,10 +38,15 @@ async fn varnish_url_refresh_turns_a_hit_into_a_miss() {
 async fn varnish_dir_refresh_evicts_the_directory_and_nothing_else() {
     let origin = Origin::start().await;
     let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("10s"), edge("v1", "varnish", &varnish.address(), "edge"))).await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}",
+        fast_worker("10s"),
+        edge("v1", "varnish", &varnish.address(), "edge")
+    ))
+    .await;
     let inside = [("www.example.com", "/static/a.js"), ("www.example.com", "/static/deep/b.png?x=1")];
     let outside = [
-        ("www.example.com", "/staticfile"),  // shares the prefix without the slash
+        ("www.example.com", "/staticfile"), // shares the prefix without the slash
         ("www.example.com", "/other/static/a.js"),
         ("img.example.com", "/static/a.js"), // same path, another host on the same node
         ("www.example.com", "/static.x/a"),  // '.' must not act as a regex wildcard
@@ -64,9 +74,16 @@ async fn varnish_dir_refresh_evicts_the_directory_and_nothing_else() {
 async fn varnish_prefetch_makes_the_next_get_a_hit() {
     let origin = Origin::start().await;
     let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("10s"), edge("v1", "varnish", &varnish.address(), "edge"))).await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}",
+        fast_worker("10s"),
+        edge("v1", "varnish", &varnish.address(), "edge")
+    ))
+    .await;
 
-    let task = server.submit(PREFETCH, json!({"urls": ["http://www.example.com/big.bin", "http://www.example.com/p.html"]})).await;
+    let task = server
+        .submit(PREFETCH, json!({"urls": ["http://www.example.com/big.bin", "http://www.example.com/p.html"]}))
+        .await;
     let items = server.wait_final(PREFETCH, task, WAIT).await;
 
     assert!(items.iter().all(|i| i["status"] == "completed"), "{items:?}");
@@ -80,7 +97,12 @@ async fn varnish_prefetch_makes_the_next_get_a_hit() {
 async fn prefetch_of_an_origin_error_fails_with_the_status() {
     let origin = Origin::start().await;
     let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("10s"), edge("v1", "varnish", &varnish.address(), "edge"))).await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}",
+        fast_worker("10s"),
+        edge("v1", "varnish", &varnish.address(), "edge")
+    ))
+    .await;
 
     let task = server.submit(PREFETCH, json!({"urls": ["http://www.example.com/status/404/x"]})).await;
     let items = server.wait_final(PREFETCH, task, WAIT).await;
@@ -94,13 +116,17 @@ async fn prefetch_of_an_origin_error_fails_with_the_status() {
 async fn nginx_url_refresh_and_prefetch() {
     let origin = Origin::start().await;
     let nginx = Nginx::start(origin.port, 1).await;
-    let server = Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("10s"), edge("n1", "nginx", &nginx.address(0), "edge"))).await;
+    let server =
+        Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("10s"), edge("n1", "nginx", &nginx.address(0), "edge")))
+            .await;
     let host = "www.example.com";
     cache_status(&nginx.address(0), host, "/n.css?v=2").await;
     assert_eq!(cache_status(&nginx.address(0), host, "/n.css?v=2").await, "HIT");
     cache_status(&nginx.address(0), host, "/keep.css").await;
 
-    let task = server.submit(REFRESH, json!({"urls": ["http://www.example.com/n.css?v=2", "http://www.example.com/never-cached"]})).await;
+    let task = server
+        .submit(REFRESH, json!({"urls": ["http://www.example.com/n.css?v=2", "http://www.example.com/never-cached"]}))
+        .await;
     let items = server.wait_final(REFRESH, task, WAIT).await;
     assert!(items.iter().all(|i| i["status"] == "completed"), "a 404 (not cached) is a success: {items:?}");
     assert_eq!(cache_status(&nginx.address(0), host, "/n.css?v=2").await, "MISS");
@@ -117,7 +143,9 @@ async fn nginx_url_refresh_and_prefetch() {
 async fn nginx_dir_refresh_fails_with_a_reason() {
     let origin = Origin::start().await;
     let nginx = Nginx::start(origin.port, 1).await;
-    let server = Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("10s"), edge("n1", "nginx", &nginx.address(0), "edge"))).await;
+    let server =
+        Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("10s"), edge("n1", "nginx", &nginx.address(0), "edge")))
+            .await;
 
     let task = server.submit(REFRESH, json!({"urls": ["http://www.example.com/dir/"], "type": "dir"})).await;
     let items = server.wait_final(REFRESH, task, WAIT).await;
@@ -134,7 +162,11 @@ async fn parents_are_purged_before_edges() {
     let nginx = Nginx::start(origin.port, 2).await;
     let (parent, edge_port) = (nginx.ports[0], nginx.ports[1]);
     // The edge is listed first: order in the configuration must not matter.
-    let edges = format!("{}{}", edge("edge-1", "nginx", &nginx.address(1), "edge"), edge("parent-1", "nginx", &nginx.address(0), "parent"));
+    let edges = format!(
+        "{}{}",
+        edge("edge-1", "nginx", &nginx.address(1), "edge"),
+        edge("parent-1", "nginx", &nginx.address(0), "parent")
+    );
     let server = Cachectl::start(&format!("{ACCOUNTS}{}{edges}", fast_worker("10s"))).await;
     let urls: Vec<String> = (0..20).map(|i| format!("http://www.example.com/tier/{i}")).collect();
 
@@ -157,7 +189,8 @@ async fn a_node_that_stays_down_fails_the_item_while_the_other_completes() {
     let origin = Origin::start().await;
     let varnish = Varnish::start(origin.port).await;
     let down = format!("127.0.0.1:{}", free_port());
-    let edges = format!("{}{}", edge("up-1", "varnish", &varnish.address(), "edge"), edge("down-1", "varnish", &down, "edge"));
+    let edges =
+        format!("{}{}", edge("up-1", "varnish", &varnish.address(), "edge"), edge("down-1", "varnish", &down, "edge"));
     let server = Cachectl::start(&format!("{ACCOUNTS}{}{edges}", fast_worker("2s"))).await;
     cache_status(&varnish.address(), "www.example.com", "/d.css").await;
 
@@ -181,8 +214,12 @@ async fn a_node_that_stays_down_fails_the_item_while_the_other_completes() {
 async fn a_node_that_comes_back_before_the_deadline_completes() {
     let origin = Origin::start().await;
     let late_port = free_port();
-    let server =
-        Cachectl::start(&format!("{ACCOUNTS}{}{}", fast_worker("30s"), edge("late-1", "varnish", &format!("127.0.0.1:{late_port}"), "edge"))).await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}",
+        fast_worker("30s"),
+        edge("late-1", "varnish", &format!("127.0.0.1:{late_port}"), "edge")
+    ))
+    .await;
 
     let task = server.submit(REFRESH, json!({"urls": ["http://www.example.com/late.css"]})).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -192,6 +229,7 @@ async fn a_node_that_comes_back_before_the_deadline_completes() {
     let items = server.wait_final(REFRESH, task, WAIT).await;
 
     assert_eq!(items[0]["status"], "completed", "{items:?}");
-    let attempts: i64 = sqlx::query_scalar("SELECT attempts FROM node_results").fetch_one(&server.db().await).await.unwrap();
+    let attempts: i64 =
+        sqlx::query_scalar("SELECT attempts FROM node_results").fetch_one(&server.db().await).await.unwrap();
     assert!(attempts > 1, "{attempts}");
 }

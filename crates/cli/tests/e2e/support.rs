@@ -82,7 +82,8 @@ async fn origin_handler(State(hits): State<Arc<Mutex<Vec<OriginHit>>>>, headers:
     let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     let path = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned());
     hits.lock().unwrap().push(OriginHit { host: host.clone(), path: path.clone() });
-    if let Some(code) = path.strip_prefix("/status/").and_then(|rest| rest.get(..3)).and_then(|c| c.parse::<u16>().ok()) {
+    if let Some(code) = path.strip_prefix("/status/").and_then(|rest| rest.get(..3)).and_then(|c| c.parse::<u16>().ok())
+    {
         return (StatusCode::from_u16(code).unwrap(), "status page").into_response();
     }
     let body = if path.starts_with("/big") { "x".repeat(1 << 20) } else { format!("content of {host}{path}\n") };
@@ -205,7 +206,14 @@ impl Nginx {
             .filter_map(|line| {
                 let f: Vec<&str> = line.split(' ').collect();
                 (f.len() == 6).then(|| {
-                    (f[0].to_owned(), f[1].parse().unwrap_or(0), f[2].to_owned(), f[3].to_owned(), f[4].to_owned(), f[5].parse().unwrap_or(0))
+                    (
+                        f[0].to_owned(),
+                        f[1].parse().unwrap_or(0),
+                        f[2].to_owned(),
+                        f[3].to_owned(),
+                        f[4].to_owned(),
+                        f[5].parse().unwrap_or(0),
+                    )
                 })
             })
             .collect()
@@ -268,7 +276,8 @@ impl Cachectl {
 
     /// (Re)starts the process on the same configuration and database.
     pub async fn restart(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("cachectl.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("cachectl.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cachectl"))
             .arg("serve")
             .arg("--config")
@@ -281,10 +290,10 @@ impl Cachectl {
         self.proc = Some(Proc { child });
         let start = Instant::now();
         loop {
-            if let Ok(r) = self.http.get(self.url("/healthz")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
+            if let Ok(r) = self.http.get(self.url("/healthz")).send().await
+                && r.status().is_success()
+            {
+                break;
             }
             if let Some(status) = self.proc.as_mut().unwrap().child.try_wait().unwrap() {
                 panic!("cachectl exited with {status}:\n{}", self.log());
@@ -344,7 +353,12 @@ impl Cachectl {
     }
 
     /// Any request; `body` is sent as it is.
-    pub async fn raw(&self, method: reqwest::Method, path_and_query: &str, body: Option<(&str, &str)>) -> (u16, HeaderMap, Value) {
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<(&str, &str)>,
+    ) -> (u16, HeaderMap, Value) {
         let mut request = self.http.request(method, self.url(path_and_query));
         if let Some((content_type, body)) = body {
             request = request.header("content-type", content_type).body(body.to_owned());
@@ -363,7 +377,8 @@ impl Cachectl {
     pub async fn task_items(&self, path: &str, task_id: i64) -> Vec<Value> {
         let mut all = Vec::new();
         for page in 1.. {
-            let (status, _, json) = self.get(&format!("{path}?task_id={task_id}&page_size=500&page_number={page}")).await;
+            let (status, _, json) =
+                self.get(&format!("{path}?task_id={task_id}&page_size=500&page_number={page}")).await;
             assert_eq!(status, 200, "{json}");
             let list = json["data"]["list"].as_array().unwrap().clone();
             if list.is_empty() {

@@ -161,7 +161,7 @@ async fn handle(
     let token = param(&pairs, &["token"])
         .map(str::to_owned)
         .or_else(|| headers.get("token").and_then(|v| v.to_str().ok()).map(str::to_owned));
-    let default_limit = state.default_rate_limit;
+    let default_limit = state.settings.default_rate_limit;
     let Some(token) = token else {
         let mut r = envelope(
             StatusCode::UNAUTHORIZED,

@@ -30,8 +30,6 @@ pub struct AppState {
     pub limiter: Arc<ratelimit::RateLimiter>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// The rate limit reported to unauthenticated requests.
-    pub default_rate_limit: u32,
 }
 
 /// The whole router.
