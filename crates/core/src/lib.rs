@@ -8,4 +8,4 @@ pub mod service;
 pub mod store;
 
 pub use model::*;
-pub use store::{Store, StoreError, StoreResult, WindowQuery};
+pub use store::{RecordQuery, Store, StoreError, StoreResult, WindowQuery};

@@ -119,6 +119,8 @@ pub struct NewItem {
     pub host: String,
     /// URL or directory.
     pub item_type: ItemType,
+    /// Not executed before this time (a scheduled prefetch); `None` means at once.
+    pub not_before: Option<Millis>,
 }
 
 /// A submission about to be stored.
@@ -134,8 +136,6 @@ pub struct NewTask {
     pub dialect: String,
     /// Creation time.
     pub created_at: Millis,
-    /// The items are not executed before this time (scheduled prefetch); usually `created_at`.
-    pub not_before: Millis,
     /// The items, in submission order, without duplicates.
     pub items: Vec<NewItem>,
 }
@@ -203,6 +203,8 @@ pub struct Item {
     pub operator: String,
     /// Submission time.
     pub created_at: Millis,
+    /// Not executed before this time (a scheduled prefetch); usually `created_at`.
+    pub not_before: Millis,
     /// When the item reached a final status.
     pub finished_at: Option<Millis>,
     /// Why it failed, naming the node and the last error.

@@ -160,7 +160,7 @@ pub fn parse_item(raw: &str, item_type: ItemType, domains: &[DomainPattern]) -> 
     if !any_matches(domains, &host) {
         return Err(UrlError::ForeignDomain);
     }
-    Ok(NewItem { url: url.to_string(), host, item_type })
+    Ok(NewItem { url: url.to_string(), host, item_type, not_before: None })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use crate::model::{Item, ItemType, Kind, Millis, NewItem, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge};
 use crate::policy::{DomainPattern, UrlError, parse_item};
-use crate::store::{Store, StoreError, WindowQuery};
+use crate::store::{RecordQuery, Store, StoreError, WindowQuery};
 use chrono::{FixedOffset, TimeZone};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -51,19 +51,36 @@ impl Default for Quotas {
     }
 }
 
+/// One URL of a submission as a dialect hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmittedUrl {
+    /// The URL as sent.
+    pub url: String,
+    /// URL or directory.
+    pub item_type: ItemType,
+    /// Do not execute before this time (a scheduled prefetch).
+    pub not_before: Option<Millis>,
+}
+
+impl SubmittedUrl {
+    /// A URL or directory to execute at once.
+    #[must_use]
+    pub fn now(url: impl Into<String>, item_type: ItemType) -> Self {
+        Self { url: url.into(), item_type, not_before: None }
+    }
+}
+
 /// One submission as a dialect hands it over.
 #[derive(Debug, Clone)]
 pub struct Submission {
     /// Refresh or prefetch.
     pub kind: Kind,
-    /// The URLs as sent, each with its type.
-    pub urls: Vec<(String, ItemType)>,
+    /// The URLs as sent.
+    pub urls: Vec<SubmittedUrl>,
     /// Who submitted: a token's name or an access key id.
     pub operator: String,
     /// The dialect's name.
     pub dialect: &'static str,
-    /// Do not execute before this time (scheduled prefetch).
-    pub not_before: Option<Millis>,
 }
 
 /// A stored submission.
@@ -153,9 +170,10 @@ impl Service {
         let mut seen = HashSet::new();
         let mut items: Vec<NewItem> = Vec::new();
         let mut rejected = Vec::new();
-        for (raw, item_type) in submission.urls {
+        for SubmittedUrl { url: raw, item_type, not_before } in submission.urls {
             match parse_item(&raw, item_type, &account.domains) {
-                Ok(item) => {
+                Ok(mut item) => {
+                    item.not_before = not_before.filter(|t| *t > now);
                     if seen.insert((item.url.clone(), item.item_type)) {
                         items.push(item);
                     }
@@ -187,7 +205,6 @@ impl Service {
             operator: submission.operator,
             dialect: submission.dialect.to_owned(),
             created_at: now,
-            not_before: submission.not_before.unwrap_or(now).max(now),
             items,
         };
         let task_id = self.store.create_task(&task, &charges).await.map_err(|e| match e {
@@ -222,6 +239,14 @@ impl Service {
         page: PageRequest,
     ) -> Result<Page<Item>, StoreError> {
         self.store.task_items(&account.name, kind, task_id, page).await
+    }
+
+    /// Keyset-paged records of the account (the Baidu dialects), ascending by creation.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn records(&self, account: &Account, query: RecordQuery<'_>) -> Result<Vec<Item>, StoreError> {
+        self.store.records(&RecordQuery { account: &account.name, ..query }).await
     }
 
     /// The account's items of one kind created in `[from, to)`, newest first.

@@ -1,7 +1,9 @@
 //! The one interface every storage backend implements. Backends live in `cachectl-store`;
 //! nothing here knows SQL, and nothing in a backend knows a dialect.
 
-use crate::model::{ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge};
+use crate::model::{
+    ClaimedItem, Item, ItemType, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge,
+};
 use async_trait::async_trait;
 
 /// What can go wrong in a store.
@@ -45,6 +47,31 @@ pub struct WindowQuery<'a> {
     pub page: PageRequest,
 }
 
+/// A keyset-paged query of one account's items, ascending by creation (the Baidu dialects).
+#[derive(Debug, Clone)]
+pub struct RecordQuery<'a> {
+    /// The account.
+    pub account: &'a str,
+    /// Refresh or prefetch.
+    pub kind: Kind,
+    /// Only this task's items; the time window is then ignored.
+    pub task_id: Option<i64>,
+    /// Items created at or after this time.
+    pub from: Millis,
+    /// Items created before this time.
+    pub to: Millis,
+    /// Only items whose host is this site or a name under it.
+    pub site: Option<&'a str>,
+    /// Only this exact URL.
+    pub url: Option<&'a str>,
+    /// Only URLs or only directories.
+    pub item_type: Option<ItemType>,
+    /// Only items after this `(created_at, id)` position: the previous page's last record.
+    pub after: Option<(Millis, i64)>,
+    /// At most this many records.
+    pub limit: u32,
+}
+
 /// Persistent storage of tasks, items, node results and quota counters.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -63,6 +90,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The items of one account and kind created in a time window, newest first, with the exact total.
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>>;
+
+    /// The items matching `query`, ascending by `(created_at, id)`, at most `query.limit`.
+    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>>;
 
     /// Leases up to `limit` runnable items (waiting or processing, due, lease free or expired)
     /// to `owner` until `lease_until`, with the node results stored so far.

@@ -6,8 +6,7 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
 /// The item columns every item query selects, in the order `item_from_row` reads them by name.
-pub(crate) const ITEM_COLUMNS: &str =
-    "id, task_id, account, kind, url, host, item_type, status, progress, operator, created_at, finished_at, reason";
+pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, created_at, not_before, finished_at, reason";
 
 pub(crate) fn item_from_row(row: &SqliteRow) -> Item {
     let kind: String = row.get("kind");
@@ -26,6 +25,7 @@ pub(crate) fn item_from_row(row: &SqliteRow) -> Item {
         progress: u8::try_from(progress.clamp(0, 100)).unwrap_or(0),
         operator: row.get("operator"),
         created_at: row.get("created_at"),
+        not_before: row.get("not_before"),
         finished_at: row.get("finished_at"),
         reason: row.get("reason"),
     }

@@ -5,8 +5,8 @@
 use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
 use async_trait::async_trait;
 use cachectl_core::{
-    ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge, Store,
-    StoreError, StoreResult, WindowQuery,
+    ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery,
+    Store, StoreError, StoreResult, WindowQuery,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
@@ -149,7 +149,7 @@ impl Store for SqliteStore {
                     .push_bind(item.item_type.as_str())
                     .push_bind(&task.operator)
                     .push_bind(task.created_at)
-                    .push_bind(task.not_before);
+                    .push_bind(item.not_before.unwrap_or(task.created_at));
             });
             insert.build().execute(&mut *tx).await.map_err(unavailable)?;
         }
@@ -223,6 +223,46 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
+    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
+        let mut select: QueryBuilder<'_, Sqlite> =
+            QueryBuilder::new(format!("SELECT {ITEM_COLUMNS} FROM items WHERE account = "));
+        select.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
+        if let Some(task_id) = query.task_id {
+            select.push(" AND task_id = ").push_bind(task_id);
+        } else {
+            select.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(query.to);
+        }
+        if let Some(site) = query.site {
+            // Sites are validated domain names: no LIKE wildcard can occur in them.
+            select
+                .push(" AND (host = ")
+                .push_bind(site)
+                .push(" OR host LIKE ")
+                .push_bind(format!("%.{site}"))
+                .push(")");
+        }
+        if let Some(url) = query.url {
+            select.push(" AND url = ").push_bind(url);
+        }
+        if let Some(item_type) = query.item_type {
+            select.push(" AND item_type = ").push_bind(item_type.as_str());
+        }
+        if let Some((created_at, id)) = query.after {
+            select
+                .push(" AND (created_at > ")
+                .push_bind(created_at)
+                .push(" OR (created_at = ")
+                .push_bind(created_at)
+                .push(" AND id > ")
+                .push_bind(id)
+                .push("))");
+        }
+        select.push(" ORDER BY created_at, id LIMIT ").push_bind(i64::from(query.limit));
+        let rows = select.build().fetch_all(&self.reader).await.map_err(unavailable)?;
+        Ok(rows.iter().map(item_from_row).collect())
     }
 
     #[tracing::instrument(level = "debug", skip(self))]

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use cachectl_core::service::{Submission, SubmitError};
+use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
 use cachectl_core::{Item, ItemType, Kind, Millis, Page, PageRequest, QuotaBucket, StoreError};
 use chrono::{FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
 use serde_json::{Value, json};
@@ -312,10 +312,9 @@ async fn submit(
     }
     let submission = Submission {
         kind,
-        urls: urls.into_iter().map(|u| (u, item_type)).collect(),
+        urls: urls.into_iter().map(|u| SubmittedUrl::now(u, item_type)).collect(),
         operator: credential.operator.clone(),
         dialect: "baishan",
-        not_before: None,
     };
     match state.service.submit(&credential.account, submission, now).await {
         Ok(done) => {

@@ -2,14 +2,15 @@
 //! router and holds what every handler shares; dialect rules live in the dialect modules.
 
 pub mod baishan;
+pub mod bce;
 pub mod ratelimit;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use cachectl_core::Millis;
@@ -39,9 +40,14 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v2/cache/refresh", any(baishan::refresh))
-        .route("/v2/cache/prefetch", any(baishan::prefetch))
+        .route("/v2/cache/prefetch", any(shared_prefetch))
         .route("/v2/cache/prefetchQuota", any(baishan::prefetch_quota))
-        .fallback(baishan::not_found)
+        .route("/v2/cache/purge", any(bce::cdn::purge))
+        .route("/v2/cache/quota", any(bce::cdn::quota))
+        .route("/v2/cache/records", any(bce::cdn::records))
+        .route("/v2/geo/cache/purge", any(bce::geo::purge))
+        .route("/v2/geo/cache/prefetch", any(bce::geo::prefetch))
+        .fallback(not_found)
         .with_state(state)
 }
 
@@ -60,6 +66,32 @@ pub async fn read_body(body: Body) -> Result<bytes::Bytes, String> {
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| format!("the request body is unreadable or larger than {} MiB", MAX_BODY_BYTES / 1024 / 1024))
+}
+
+/// `/v2/cache/prefetch` belongs to two dialects: a BCE signature makes it the Baidu CDN one,
+/// anything else the Baishan one.
+async fn shared_prefetch(
+    state: State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    query: RawQuery,
+    body: Body,
+) -> Response {
+    if bce::is_bce(&headers) {
+        bce::cdn::prefetch(state.0, method, uri, headers, body).await
+    } else {
+        baishan::prefetch(state, method, headers, query, body).await
+    }
+}
+
+/// Unknown paths answer in the format of the dialect the request looks like.
+async fn not_found(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    if uri.path().starts_with("/v2/geo/") || bce::is_bce(&headers) {
+        bce::not_found(&state)
+    } else {
+        baishan::not_found().await
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -1,0 +1,135 @@
+//! The Baidu AI Cloud GEO dialect (CONTRACT §4): `/v2/geo/cache/purge` and `/v2/geo/cache/prefetch`,
+//! submit with a `site`, list by site, task id, time window, type and marker.
+
+use super::{BceError, Params, TaskSpec, call, method_not_allowed, page, parse_tasks, submit, window};
+use crate::api::{AppState, now_ms};
+use crate::config::Credential;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use cachectl_core::{ItemType, Kind, RecordQuery};
+use serde_json::Value;
+
+/// `POST|GET /v2/geo/cache/purge`
+pub async fn purge(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    endpoint(state, Kind::Refresh, method, uri, headers, body).await
+}
+
+/// `POST|GET /v2/geo/cache/prefetch`
+pub async fn prefetch(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    endpoint(state, Kind::Prefetch, method, uri, headers, body).await
+}
+
+async fn endpoint(state: AppState, kind: Kind, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    match method {
+        Method::POST => {
+            call(&state, method, uri, headers, body, StatusCode::CREATED, |credential, _, body| {
+                submit_site(&state, credential, kind, body)
+            })
+            .await
+        }
+        Method::GET | Method::HEAD => {
+            call(&state, method, uri, headers, body, StatusCode::OK, |credential, params, _| {
+                list(&state, credential, kind, params)
+            })
+            .await
+        }
+        _ => method_not_allowed(&state),
+    }
+}
+
+/// Checks that `site` is one of the account's domains (or a name under a wildcard domain).
+fn check_site(credential: &Credential, site: &str) -> Result<String, BceError> {
+    let site = site.trim().to_ascii_lowercase();
+    if site.is_empty() {
+        return Err(BceError::invalid("site is required"));
+    }
+    if !credential.account.domains.iter().any(|d| d.covers_site(&site)) {
+        return Err(BceError::invalid(format!("site {site:?} is not one of your domains")));
+    }
+    Ok(site)
+}
+
+fn under_site(host: &str, site: &str) -> bool {
+    host == site
+        || (host.len() > site.len() && host.ends_with(site) && host.as_bytes()[host.len() - site.len() - 1] == b'.')
+}
+
+async fn submit_site(
+    state: &AppState,
+    credential: Credential,
+    kind: Kind,
+    body: bytes::Bytes,
+) -> Result<Value, BceError> {
+    let (map, specs) = parse_tasks(&body, kind)?;
+    let site = match map.get("site") {
+        Some(Value::String(s)) => check_site(&credential, s)?,
+        _ => return Err(BceError::invalid("site is required and must be a string")),
+    };
+    for TaskSpec { url, .. } in &specs {
+        let host = url::Url::parse(url.trim()).ok().and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        if !host.is_some_and(|h| under_site(&h, &site)) {
+            return Err(BceError::invalid(format!("{url}: the URL's host must be the site {site} or a name under it")));
+        }
+    }
+    submit(state, &credential, kind, specs, "geo").await
+}
+
+async fn list(state: &AppState, credential: Credential, kind: Kind, params: Params) -> Result<Value, BceError> {
+    let now = now_ms();
+    let site = check_site(&credential, params.get("site").unwrap_or(""))?;
+    let item_type = match (kind, params.get("type")) {
+        (_, None) => None,
+        (Kind::Refresh, Some("url")) => Some(ItemType::Url),
+        (Kind::Refresh, Some("directory")) => Some(ItemType::Dir),
+        (_, Some(other)) => {
+            return Err(BceError::invalid(format!("type must be \"url\" or \"directory\", not {other:?}")));
+        }
+    };
+    let base = RecordQuery {
+        account: &credential.account.name,
+        kind,
+        task_id: None,
+        from: 0,
+        to: 0,
+        site: Some(&site),
+        url: None,
+        item_type,
+        after: None,
+        limit: super::PAGE + 1,
+    };
+    if let Some(id) = params.get("id") {
+        let task_id = parse_id(id)?;
+        let items = state
+            .service
+            .records(&credential.account, RecordQuery { task_id: Some(task_id), limit: super::TASK_RECORDS, ..base })
+            .await?;
+        return Ok(page(items, super::TASK_RECORDS, now, false));
+    }
+    let (from, to) = window(&params, now)?;
+    let after = params.get("marker").map(super::decode_marker).transpose()?;
+    let items = state.service.records(&credential.account, RecordQuery { from, to, after, ..base }).await?;
+    Ok(page(items, super::PAGE, now, false))
+}
+
+/// A task id parameter: a positive integer.
+pub(super) fn parse_id(id: &str) -> Result<i64, BceError> {
+    id.trim()
+        .parse()
+        .ok()
+        .filter(|n: &i64| *n > 0)
+        .ok_or_else(|| BceError::invalid(format!("id must be a task id, not {id:?}")))
+}

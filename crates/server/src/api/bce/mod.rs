@@ -1,0 +1,480 @@
+//! The Baidu AI Cloud dialects (CONTRACT §4–6): GEO (`/v2/geo/...`) and classic CDN
+//! (`/v2/cache/purge`, ...). What both share lives here: BCE v1 authentication, the error table
+//! and body, request ids, the record shape, time parsing and the opaque keyset marker.
+//! Thin adapters over `Service`, like every dialect.
+
+pub mod auth;
+pub mod cdn;
+pub mod geo;
+
+use super::{AppState, now_ms, read_body};
+use crate::config::Credential;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
+use cachectl_core::{Item, ItemStatus, ItemType, Kind, Millis, QuotaBucket, StoreError};
+use serde_json::{Value, json};
+
+/// The error codes of the Baidu dialects, one table: code, HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    /// 400: a parameter or the body is wrong.
+    InvalidArgument,
+    /// 400: the body is not JSON.
+    MalformedJson,
+    /// 400: a daily quota would be exceeded.
+    QuotaExceeded,
+    /// 401 without credentials, 403 with an unknown access key.
+    AccessDenied,
+    /// 403: the signature is wrong.
+    SignatureDoesNotMatch,
+    /// 403: the signature's time window is over (or not begun).
+    RequestExpired,
+    /// 404: no such endpoint.
+    NotFound,
+    /// 405: the endpoint does not take this method.
+    MethodNotAllowed,
+    /// 503: the store is unreachable.
+    ServiceUnavailable,
+}
+
+impl Code {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "InvalidArgument",
+            Self::MalformedJson => "MalformedJSON",
+            Self::QuotaExceeded => "QuotaExceeded",
+            Self::AccessDenied => "AccessDenied",
+            Self::SignatureDoesNotMatch => "SignatureDoesNotMatch",
+            Self::RequestExpired => "RequestExpired",
+            Self::NotFound => "NotFound",
+            Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::ServiceUnavailable => "ServiceUnavailable",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Self::InvalidArgument | Self::MalformedJson | Self::QuotaExceeded => StatusCode::BAD_REQUEST,
+            Self::AccessDenied | Self::SignatureDoesNotMatch | Self::RequestExpired => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// An error of the Baidu dialects.
+#[derive(Debug)]
+pub struct BceError {
+    code: Code,
+    status: StatusCode,
+    message: String,
+}
+
+impl BceError {
+    /// An error with the code's own status.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self { code, status: code.status(), message: message.into() }
+    }
+
+    /// A 400 `InvalidArgument`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(Code::InvalidArgument, message)
+    }
+}
+
+impl From<StoreError> for BceError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "Store failed while answering a Baidu-dialect request.");
+        Self::new(Code::ServiceUnavailable, "the service is temporarily unavailable, retry later")
+    }
+}
+
+/// A request id: 32 random hex digits in the 8-4-4-4-12 form Baidu uses.
+fn request_id() -> String {
+    let hex = format!("{:032x}", rand::random::<u128>());
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+/// Renders a result: the JSON body on success, the error body otherwise; `x-bce-request-id` always.
+fn respond(state: &AppState, success: StatusCode, result: Result<Value, BceError>) -> Response {
+    let id = request_id();
+    let mut response = match result {
+        Ok(body) => (success, axum::Json(body)).into_response(),
+        Err(e) => (e.status, axum::Json(json!({"code": e.code.as_str(), "message": e.message, "requestId": id})))
+            .into_response(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-bce-request-id", value);
+    }
+    state.metrics.request("bce", response.status().as_u16());
+    response
+}
+
+/// Whether a request carries a BCE v1 signature (the `/v2/cache/prefetch` path is shared with
+/// the Baishan dialect; the auth scheme decides).
+#[must_use]
+pub fn is_bce(headers: &HeaderMap) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("bce-auth-v1/"))
+}
+
+/// Percent-decodes without treating `+` as a space (BCE clients encode spaces as `%20`).
+fn decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned()
+}
+
+/// The query string's pairs, decoded, in order; empty values kept (they are signed).
+fn raw_query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Checks the BCE v1 signature and returns the access key's credential.
+fn authenticate(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Credential, BceError> {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(|| BceError {
+        code: Code::AccessDenied,
+        status: StatusCode::UNAUTHORIZED,
+        message: "the Authorization header is missing".into(),
+    })?;
+    let parsed = auth::parse(header).map_err(|e| BceError {
+        code: Code::AccessDenied,
+        status: StatusCode::UNAUTHORIZED,
+        message: e.to_string(),
+    })?;
+    let Some((credential, sk)) = state.settings.access_keys.get(&parsed.ak) else {
+        return Err(BceError::new(Code::AccessDenied, format!("the access key id {:?} does not exist", parsed.ak)));
+    };
+    let query = raw_query_pairs(uri);
+    let header_pairs: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_owned(), v.to_owned())))
+        .collect();
+    let path = decode(uri.path());
+    let request = auth::SignedRequest { method: method.as_str(), path: &path, query: &query, headers: &header_pairs };
+    auth::verify(&parsed, sk.expose(), &request, now_ms() / 1000).map_err(|e| match e {
+        auth::AuthError::Expired(m) => BceError::new(Code::RequestExpired, m),
+        auth::AuthError::Mismatch => BceError::new(Code::SignatureDoesNotMatch, e.to_string()),
+        auth::AuthError::Missing(m) | auth::AuthError::Malformed(m) => {
+            BceError { code: Code::AccessDenied, status: StatusCode::UNAUTHORIZED, message: m }
+        }
+    })?;
+    Ok(credential.clone())
+}
+
+/// Query parameters where an empty value means absent (the SDK sends `id=&marker=&type=`).
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn new(uri: &Uri) -> Self {
+        Self(raw_query_pairs(uri).into_iter().filter(|(_, v)| !v.is_empty()).collect())
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// RFC 3339 UTC, as the Baidu dialects print times.
+fn format_time(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default()
+}
+
+/// Parses an RFC 3339 time parameter.
+fn parse_time(name: &str, text: &str) -> Result<Millis, BceError> {
+    chrono::DateTime::parse_from_rfc3339(text.trim()).map(|t| t.timestamp_millis()).map_err(|_| {
+        BceError::invalid(format!("{name} must be an RFC 3339 time such as 2025-11-10T02:00:00Z, not {text:?}"))
+    })
+}
+
+/// The longest window a query may span.
+const MAX_SPAN_MS: Millis = 30 * 86_400_000;
+/// Records per page at most.
+const PAGE: u32 = 100;
+/// Every record of one task is returned at once; a task holds at most this many.
+const TASK_RECORDS: u32 = 10_000;
+
+/// `startTime`/`endTime` with their defaults (end now, start 24 h before end) and limits.
+fn window(params: &Params, now: Millis) -> Result<(Millis, Millis), BceError> {
+    let end = params.get("endTime").map(|t| parse_time("endTime", t)).transpose()?.unwrap_or(now);
+    let start = params.get("startTime").map(|t| parse_time("startTime", t)).transpose()?.unwrap_or(end - 86_400_000);
+    if start > end {
+        return Err(BceError::invalid("startTime is after endTime"));
+    }
+    if end - start > MAX_SPAN_MS {
+        return Err(BceError::invalid("the time range between startTime and endTime spans more than 30 days"));
+    }
+    // endTime is inclusive to the second.
+    Ok((start, end + 1000))
+}
+
+/// The opaque marker: the last record's `(created_at, id)`, hex-encoded.
+fn encode_marker(item: &Item) -> String {
+    hex::encode(format!("v1:{}:{}", item.created_at, item.id))
+}
+
+fn decode_marker(marker: &str) -> Result<(Millis, i64), BceError> {
+    let bad = || BceError::invalid("marker is malformed: pass the nextMarker of the previous page as it is");
+    let text = String::from_utf8(hex::decode(marker.trim()).map_err(|_| bad())?).map_err(|_| bad())?;
+    let mut parts = text.split(':');
+    match (parts.next(), parts.next().map(str::parse), parts.next().map(str::parse), parts.next()) {
+        (Some("v1"), Some(Ok(created)), Some(Ok(id)), None) => Ok((created, id)),
+        _ => Err(bad()),
+    }
+}
+
+/// The status word of a record: `waiting` only for a prefetch scheduled in the future.
+fn status_word(item: &Item, now: Millis) -> &'static str {
+    match item.status {
+        ItemStatus::Waiting if item.not_before > now => "waiting",
+        ItemStatus::Waiting | ItemStatus::Processing => "in-progress",
+        ItemStatus::Completed => "completed",
+        ItemStatus::Failed => "failed",
+    }
+}
+
+/// One record: `{task: {url, type}, createdAt, finishedAt?, progress, status, operator}` (+ `reason`).
+fn record(item: &Item, now: Millis, with_reason: bool) -> Value {
+    let mut task = json!({"url": item.url});
+    if item.kind == Kind::Refresh {
+        task["type"] = json!(if item.item_type == ItemType::Dir { "directory" } else { "file" });
+    }
+    let mut r = json!({
+        "task": task,
+        "createdAt": format_time(item.created_at),
+        "progress": item.progress,
+        "status": status_word(item, now),
+        "operator": item.operator,
+    });
+    if let Some(finished) = item.finished_at {
+        r["finishedAt"] = json!(format_time(finished));
+    }
+    if with_reason {
+        if let Some(reason) = &item.reason {
+            r["reason"] = json!(reason);
+        }
+    }
+    r
+}
+
+/// A page of records: `{details, isTruncated, nextMarker?}`; `items` holds up to one record more
+/// than a page, which only says that there is a next page.
+fn page(mut items: Vec<Item>, limit: u32, now: Millis, with_reason: bool) -> Value {
+    let truncated = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let details: Vec<Value> = items.iter().map(|i| record(i, now, with_reason)).collect();
+    let mut body = json!({"details": details, "isTruncated": truncated});
+    if truncated {
+        if let Some(last) = items.last() {
+            body["nextMarker"] = json!(encode_marker(last));
+        }
+    }
+    body
+}
+
+/// One task of a submit body: `{url, type?, startTime?, speed?}`.
+struct TaskSpec {
+    url: String,
+    item_type: ItemType,
+    start_time: Option<Millis>,
+}
+
+/// Parses `{"tasks": [...]}` (and returns the object for other fields such as `site`).
+fn parse_tasks(body: &[u8], kind: Kind) -> Result<(serde_json::Map<String, Value>, Vec<TaskSpec>), BceError> {
+    if body.trim_ascii().is_empty() {
+        return Err(BceError::new(Code::MalformedJson, "the request body is empty; send {\"tasks\": [...]}"));
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| BceError::new(Code::MalformedJson, format!("the request body is not valid JSON: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(BceError::new(Code::MalformedJson, "the request body must be a JSON object"));
+    };
+    let Some(Value::Array(tasks)) = map.get("tasks") else {
+        return Err(BceError::invalid("tasks is required: a list of {\"url\": ...} objects"));
+    };
+    if tasks.is_empty() {
+        return Err(BceError::invalid("tasks must not be empty"));
+    }
+    let mut specs = Vec::with_capacity(tasks.len());
+    for (i, task) in tasks.iter().enumerate() {
+        let Some(url) = task.get("url").and_then(Value::as_str) else {
+            return Err(BceError::invalid(format!("tasks[{i}].url is required and must be a string")));
+        };
+        let item_type = match (kind, task.get("type")) {
+            (_, None | Some(Value::Null)) => ItemType::Url,
+            (Kind::Refresh, Some(Value::String(t))) if t == "file" || t == "url" => ItemType::Url,
+            (Kind::Refresh, Some(Value::String(t))) if t == "directory" => ItemType::Dir,
+            (Kind::Refresh, Some(other)) => {
+                return Err(BceError::invalid(format!(
+                    "tasks[{i}].type must be \"file\" or \"directory\", not {other}"
+                )));
+            }
+            (Kind::Prefetch, Some(_)) => ItemType::Url,
+        };
+        let start_time = match task.get("startTime") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) if kind == Kind::Prefetch => Some(parse_time(&format!("tasks[{i}].startTime"), t)?),
+            Some(other) => return Err(BceError::invalid(format!("tasks[{i}].startTime is not valid here: {other}"))),
+        };
+        specs.push(TaskSpec { url: url.to_owned(), item_type, start_time });
+    }
+    let dirs = specs.iter().filter(|s| s.item_type == ItemType::Dir).count();
+    if specs.len() - dirs > 1000 {
+        return Err(BceError::invalid(format!("too many URLs: {} in one request, at most 1000", specs.len() - dirs)));
+    }
+    if dirs > 100 {
+        return Err(BceError::invalid(format!("too many directories: {dirs} in one request, at most 100")));
+    }
+    Ok((map, specs))
+}
+
+/// Validates every URL (all or nothing: these APIs have no list of rejected URLs), stores the
+/// task, and answers 201 `{"id": "..."}`.
+async fn submit(
+    state: &AppState,
+    credential: &Credential,
+    kind: Kind,
+    specs: Vec<TaskSpec>,
+    dialect: &'static str,
+) -> Result<Value, BceError> {
+    let now = now_ms();
+    let account = &credential.account;
+    for spec in &specs {
+        if let Err(e) = cachectl_core::policy::parse_item(&spec.url, spec.item_type, &account.domains) {
+            return Err(BceError::invalid(format!("{}: {e}", spec.url)));
+        }
+        if let Some(start) = spec.start_time {
+            if start > now + 86_400_000 {
+                return Err(BceError::invalid(format!("{}: startTime may be at most 24 hours ahead", spec.url)));
+            }
+        }
+    }
+    let submission = Submission {
+        kind,
+        urls: specs
+            .into_iter()
+            .map(|s| SubmittedUrl { url: s.url, item_type: s.item_type, not_before: s.start_time })
+            .collect(),
+        operator: credential.operator.clone(),
+        dialect,
+    };
+    match state.service.submit(account, submission, now).await {
+        Ok(done) => {
+            state.metrics.submitted(dialect, kind, done.accepted);
+            Ok(json!({"id": done.task_id.to_string()}))
+        }
+        Err(SubmitError::NothingAccepted { rejected }) => {
+            let first = rejected.first().map(|(u, e)| format!("{u}: {e}")).unwrap_or_default();
+            Err(BceError::invalid(first))
+        }
+        Err(SubmitError::Quota { bucket, limit, remaining }) => Err(BceError::new(
+            Code::QuotaExceeded,
+            format!("daily {} quota exceeded: {remaining} of {limit} left today", quota_name(bucket)),
+        )),
+        Err(SubmitError::Store(e)) => Err(e.into()),
+    }
+}
+
+fn quota_name(bucket: QuotaBucket) -> &'static str {
+    match bucket {
+        QuotaBucket::RefreshUrl => "purge URL",
+        QuotaBucket::RefreshDir => "purge directory",
+        QuotaBucket::PrefetchUrl => "prefetch URL",
+    }
+}
+
+/// Reads the body, authenticates, and renders whatever `handler` answers.
+async fn call<F, Fut>(
+    state: &AppState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+    success: StatusCode,
+    handler: F,
+) -> Response
+where
+    F: FnOnce(Credential, Params, bytes::Bytes) -> Fut,
+    Fut: std::future::Future<Output = Result<Value, BceError>>,
+{
+    let result = async {
+        let credential = authenticate(state, &method, &uri, &headers)?;
+        let body = read_body(body).await.map_err(BceError::invalid)?;
+        handler(credential, Params::new(&uri), body).await
+    }
+    .await;
+    respond(state, success, result)
+}
+
+/// 404 in the Baidu error format.
+pub fn not_found(state: &AppState) -> Response {
+    respond(state, StatusCode::OK, Err(BceError::new(Code::NotFound, "no such API endpoint")))
+}
+
+/// 405 in the Baidu error format.
+fn method_not_allowed(state: &AppState) -> Response {
+    respond(
+        state,
+        StatusCode::OK,
+        Err(BceError::new(Code::MethodNotAllowed, "this endpoint does not take this method")),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_and_reject_garbage() {
+        let item = Item {
+            id: 42,
+            task_id: 1,
+            account: "a".into(),
+            kind: Kind::Refresh,
+            url: "http://x/".into(),
+            host: "x".into(),
+            item_type: ItemType::Url,
+            status: ItemStatus::Waiting,
+            progress: 0,
+            operator: "o".into(),
+            created_at: 1_700_000_000_123,
+            not_before: 0,
+            finished_at: None,
+            reason: None,
+        };
+        assert_eq!(decode_marker(&encode_marker(&item)).unwrap(), (1_700_000_000_123, 42));
+        for bad in ["", "zz", "00", &hex::encode("v2:1:2"), &hex::encode("v1:x:2"), &hex::encode("v1:1:2:3")] {
+            assert!(decode_marker(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn windows_default_and_limit() {
+        let now = 1_700_000_000_000;
+        let empty = Params(vec![]);
+        assert_eq!(window(&empty, now).unwrap(), (now - 86_400_000, now + 1000));
+        let p = Params(vec![
+            ("startTime".into(), "2025-11-10T02:00:00Z".into()),
+            ("endTime".into(), "2025-11-09T02:00:00Z".into()),
+        ]);
+        assert!(window(&p, now).is_err());
+        let p = Params(vec![
+            ("startTime".into(), "2025-10-01T00:00:00Z".into()),
+            ("endTime".into(), "2025-11-09T02:00:00Z".into()),
+        ]);
+        assert!(window(&p, now).is_err());
+        let p = Params(vec![("startTime".into(), "yesterday".into())]);
+        assert!(window(&p, now).is_err());
+    }
+}
