@@ -10,6 +10,8 @@ need=()
 command -v varnishd >/dev/null 2>&1 || need+=(varnish)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_cache_purge_module.so ] || need+=(libnginx-mod-http-cache-purge)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> Installing ${need[*]} from Debian's packages"
     SUDO=""
@@ -23,6 +25,15 @@ fi
 varnishd -V 2>&1 | head -1
 nginx -v 2>&1
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+
+# Baidu's official Python SDK, which the Baidu-dialect tests drive the server with.
+VENV="$PWD/.venv-tests"
+if ! "$VENV/bin/python" -c 'import baidubce' >/dev/null 2>&1; then
+    echo "==> Installing bce-python-sdk into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q "bce-python-sdk==0.9.79"
+fi
+export CACHECTL_TEST_PYTHON="$VENV/bin/python"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

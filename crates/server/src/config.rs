@@ -341,8 +341,9 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        // CACHECTL_CONFIG names the file itself (a process flag), not a key.
-        figment = figment.merge(Env::prefixed("CACHECTL_").ignore(&["config", "log"]).split("__"));
+        // Only CACHECTL_<SECTION>__<KEY> variables are configuration; others with the prefix
+        // (CACHECTL_CONFIG, CACHECTL_LOG, a tool's own) are not keys.
+        figment = figment.merge(Env::prefixed("CACHECTL_").filter(|k| k.as_str().contains("__")).split("__"));
         figment.extract().map_err(|e| ConfigError(e.to_string()))
     }
 

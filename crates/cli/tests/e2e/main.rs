@@ -2,6 +2,7 @@
 //! Varnish and nginx caches and an origin, all started here on 127.0.0.1 with free ports.
 
 mod baishan;
+mod bce;
 mod durability;
 mod edges;
 mod support;

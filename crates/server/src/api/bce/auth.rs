@@ -83,7 +83,9 @@ pub fn parse(header: &str) -> Result<AuthString, AuthError> {
     })
 }
 
-fn hmac_hex(key: &[u8], message: &str) -> String {
+/// `hex(HMAC-SHA256(key, message))`, lowercase.
+#[must_use]
+pub fn hmac_sha256_hex(key: &[u8], message: &str) -> String {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(message.as_bytes());
     hex::encode(mac.finalize().into_bytes())
@@ -92,7 +94,7 @@ fn hmac_hex(key: &[u8], message: &str) -> String {
 /// `hex(HMAC-SHA256(sk, "bce-auth-v1/{ak}/{timestamp}/{expiry}"))`.
 #[must_use]
 pub fn signing_key(sk: &str, ak: &str, timestamp: &str, expiry: i64) -> String {
-    hmac_hex(sk.as_bytes(), &format!("bce-auth-v1/{ak}/{timestamp}/{expiry}"))
+    hmac_sha256_hex(sk.as_bytes(), &format!("bce-auth-v1/{ak}/{timestamp}/{expiry}"))
 }
 
 /// Percent-encodes every byte but `A-Za-z0-9-_.~`, uppercase hex; with `keep_slash`, `/` too.
@@ -191,7 +193,7 @@ pub fn verify(auth: &AuthString, sk: &str, request: &SignedRequest<'_>, now: i64
     let key = signing_key(sk, &auth.ak, &auth.timestamp, auth.expiry);
     let mut matched = 0u8;
     for names in candidate_header_sets(auth, request.headers) {
-        let expected = hmac_hex(key.as_bytes(), &canonical_request(request, &names));
+        let expected = hmac_sha256_hex(key.as_bytes(), &canonical_request(request, &names));
         matched |= expected.as_bytes().ct_eq(auth.signature.as_bytes()).unwrap_u8();
     }
     if matched == 1 { Ok(()) } else { Err(AuthError::Mismatch) }
@@ -205,7 +207,7 @@ mod tests {
         let (ak, ts, expiry) = auth_prefix;
         let key = signing_key(sk, ak, ts, expiry);
         let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
-        hmac_hex(key.as_bytes(), &canonical_request(request, &names))
+        hmac_sha256_hex(key.as_bytes(), &canonical_request(request, &names))
     }
 
     #[test]
@@ -253,7 +255,9 @@ mod tests {
 
     const BAIDU_EXAMPLE_SIGNATURE: &str = "1816c10fce34ba9c9825eddc05fd6058bf82e05fefeddee8da6f869486ea68c0";
 
-    fn request_parts() -> (Vec<(String, String)>, Vec<(String, String)>) {
+    type Pairs = Vec<(String, String)>;
+
+    fn request_parts() -> (Pairs, Pairs) {
         let headers = vec![
             ("host".to_owned(), "127.0.0.1:8080".to_owned()),
             ("content-length".to_owned(), "17".to_owned()),

@@ -260,10 +260,8 @@ fn record(item: &Item, now: Millis, with_reason: bool) -> Value {
     if let Some(finished) = item.finished_at {
         r["finishedAt"] = json!(format_time(finished));
     }
-    if with_reason {
-        if let Some(reason) = &item.reason {
-            r["reason"] = json!(reason);
-        }
+    if with_reason && let Some(reason) = &item.reason {
+        r["reason"] = json!(reason);
     }
     r
 }
@@ -275,10 +273,8 @@ fn page(mut items: Vec<Item>, limit: u32, now: Millis, with_reason: bool) -> Val
     items.truncate(limit as usize);
     let details: Vec<Value> = items.iter().map(|i| record(i, now, with_reason)).collect();
     let mut body = json!({"details": details, "isTruncated": truncated});
-    if truncated {
-        if let Some(last) = items.last() {
-            body["nextMarker"] = json!(encode_marker(last));
-        }
+    if truncated && let Some(last) = items.last() {
+        body["nextMarker"] = json!(encode_marker(last));
     }
     body
 }
@@ -354,10 +350,10 @@ async fn submit(
         if let Err(e) = cachectl_core::policy::parse_item(&spec.url, spec.item_type, &account.domains) {
             return Err(BceError::invalid(format!("{}: {e}", spec.url)));
         }
-        if let Some(start) = spec.start_time {
-            if start > now + 86_400_000 {
-                return Err(BceError::invalid(format!("{}: startTime may be at most 24 hours ahead", spec.url)));
-            }
+        if let Some(start) = spec.start_time
+            && start > now + 86_400_000
+        {
+            return Err(BceError::invalid(format!("{}: startTime may be at most 24 hours ahead", spec.url)));
         }
     }
     let submission = Submission {
