@@ -104,7 +104,15 @@ async fn submit_accepts_json_and_forms_and_reports_rejected_urls() {
         .await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(json["data"]["count"], 2);
-    // JSON whatever the Content-Type says.
+    // JSON whatever the Content-Type says, even the form type `curl -d` sends by default.
+    let (status, _, json) = server
+        .raw(
+            Method::POST,
+            &format!("{REFRESH}?token={TOKEN}"),
+            Some(("application/x-www-form-urlencoded", r#"{"urls": ["http://www.example.com/q?a=1"]}"#)),
+        )
+        .await;
+    assert_eq!((status, json["data"]["count"].clone()), (200, json!(1)), "{json}");
     let body = r#"{"urls": ["http://www.example.com/p1"]}"#;
     let (status, headers, json) =
         server.raw(Method::POST, &format!("{PREFETCH}?token={TOKEN}"), Some(("text/plain", body))).await;

@@ -182,7 +182,7 @@ async fn handle(
     let mut response = if decision.allowed {
         let result = match endpoint {
             Endpoint::SubmitRefresh | Endpoint::SubmitPrefetch => {
-                submit(&state, &credential, endpoint, &headers, body, now).await
+                submit(&state, &credential, endpoint, body, now).await
             }
             Endpoint::QueryRefresh => query(&state, &credential, Kind::Refresh, &pairs, now).await,
             Endpoint::QueryPrefetch => query(&state, &credential, Kind::Prefetch, &pairs, now).await,
@@ -229,16 +229,11 @@ fn add_limit_headers(response: &mut Response, endpoint: Endpoint, limit: u32, re
     h.insert("x-retry-after", HeaderValue::from(reset.0));
 }
 
-/// The submit body: JSON whatever the Content-Type says, or a urlencoded form.
-fn parse_submit_body(headers: &HeaderMap, body: &[u8]) -> Result<(Vec<String>, Option<String>), BaishanError> {
-    let is_form = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
+/// The submit body: JSON whatever the Content-Type says (curl's `-d` labels JSON as a form),
+/// or a urlencoded form when the body is not a JSON object or array.
+fn parse_submit_body(body: &[u8]) -> Result<(Vec<String>, Option<String>), BaishanError> {
     let trimmed = body.trim_ascii_start();
-    if is_form
-        || (!trimmed.is_empty() && !trimmed.starts_with(b"{") && !trimmed.starts_with(b"[") && body.contains(&b'='))
-    {
+    if !trimmed.is_empty() && !trimmed.starts_with(b"{") && !trimmed.starts_with(b"[") && body.contains(&b'=') {
         let mut urls = Vec::new();
         let mut kind = None;
         for (k, v) in url::form_urlencoded::parse(body) {
@@ -279,12 +274,11 @@ async fn submit(
     state: &AppState,
     credential: &Credential,
     endpoint: Endpoint,
-    headers: &HeaderMap,
     body: Body,
     now: Millis,
 ) -> Result<Value, BaishanError> {
     let body = read_body(body).await.map_err(BaishanError::bad)?;
-    let (urls, kind_text) = parse_submit_body(headers, &body)?;
+    let (urls, kind_text) = parse_submit_body(&body)?;
     let kind = if endpoint == Endpoint::SubmitPrefetch { Kind::Prefetch } else { Kind::Refresh };
     let item_type = match (kind, kind_text.as_deref().map(str::trim)) {
         (_, None | Some("" | "url")) => ItemType::Url,
@@ -497,17 +491,18 @@ mod tests {
 
     #[test]
     fn form_and_json_bodies() {
-        let mut headers = HeaderMap::new();
-        let (urls, kind) = parse_submit_body(&headers, br#"{"urls": ["http://a/"], "type": "dir"}"#).unwrap();
+        let (urls, kind) = parse_submit_body(br#"{"urls": ["http://a/"], "type": "dir"}"#).unwrap();
         assert_eq!((urls, kind.as_deref()), (vec!["http://a/".to_owned()], Some("dir")));
-        let (urls, kind) = parse_submit_body(&headers, b"urls=http%3A%2F%2Fa%2F&urls[]=http://b/&type=dir").unwrap();
+        let (urls, kind) = parse_submit_body(b"urls=http%3A%2F%2Fa%2F&urls[]=http://b/&type=dir").unwrap();
         assert_eq!((urls.len(), kind.as_deref()), (2, Some("dir")));
-        headers.insert("content-type", HeaderValue::from_static("application/x-www-form-urlencoded"));
-        let (urls, _) = parse_submit_body(&headers, b"urls=http://a/x").unwrap();
+        let (urls, _) = parse_submit_body(b"urls=http://a/x").unwrap();
         assert_eq!(urls, vec!["http://a/x".to_owned()]);
-        let headers = HeaderMap::new();
-        assert!(parse_submit_body(&headers, b"{not json").is_err());
-        assert!(parse_submit_body(&headers, br#"{"urls": [1]}"#).is_err());
-        assert!(parse_submit_body(&headers, b"").is_err());
+        // JSON with a URL holding '=' is still JSON.
+        let (urls, _) = parse_submit_body(br#" {"urls": ["http://a/?x=1"]}"#).unwrap();
+        assert_eq!(urls, vec!["http://a/?x=1".to_owned()]);
+        assert!(parse_submit_body(b"{not json").is_err());
+        assert!(parse_submit_body(br#"{"urls": [1]}"#).is_err());
+        assert!(parse_submit_body(b"").is_err());
+        assert!(parse_submit_body(b"plain words").is_err());
     }
 }
