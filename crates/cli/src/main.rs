@@ -22,6 +22,12 @@ enum Command {
         #[arg(long, short, env = "CACHECTL_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Apply the store's migrations (SQLite or PostgreSQL) and exit.
+    Migrate {
+        /// The configuration file (TOML); only `[store]` is used.
+        #[arg(long, short, env = "CACHECTL_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Check a configuration file and exit.
     CheckConfig {
         /// The configuration file (TOML).
@@ -42,6 +48,13 @@ async fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             let settings = cachectl_server::config::Config::load(config.as_deref())?.validate()?;
             println!("configuration ok: {} accounts, {} edge nodes", settings.accounts.len(), settings.nodes.len());
+            Ok(())
+        }
+        Command::Migrate { config } => {
+            init_telemetry();
+            let settings = cachectl_server::config::Config::load(config.as_deref())?.validate()?;
+            cachectl_server::migrate(&settings.store_url).await?;
+            println!("store migrated: {}", cachectl_server::redact_url(&settings.store_url));
             Ok(())
         }
         Command::Serve { config } => {

@@ -226,6 +226,8 @@ pub struct NodeResult {
     pub error: Option<String>,
     /// When this result last changed.
     pub updated_at: Millis,
+    /// The instance (worker lease owner) that produced this result.
+    pub instance: String,
 }
 
 /// An item handed to a worker, with what is already known of its nodes (after a restart).

@@ -113,6 +113,14 @@ pub trait Store: Send + Sync + 'static {
     /// Applies worker updates in one transaction, in order.
     async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()>;
 
+    /// Counts one request of a rate-limited credential on an endpoint in an epoch minute, for
+    /// backends shared by several instances; returns the count including this request. `None`
+    /// (the default) means the backend serves one process, which counts in memory instead.
+    async fn count_request(&self, credential: &str, api_id: u32, minute: i64) -> StoreResult<Option<u64>> {
+        let _ = (credential, api_id, minute);
+        Ok(None)
+    }
+
     /// Deletes up to `batch` items created before `before` (with their node results and emptied
     /// tasks). Returns how many items went; the caller repeats while it is `batch`.
     async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64>;

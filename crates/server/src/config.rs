@@ -98,15 +98,23 @@ fn default_grace() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite://path/to/file.db` (the default, `sqlite://data/cachectl.db`).
+    /// `sqlite://path/to/file.db` (the default, `sqlite://data/cachectl.db`) or
+    /// `postgres://user:password@host:port/database`.
     #[serde(default = "default_store_url")]
     pub url: String,
+    /// Apply migrations at start (default). With `false`, run `cachectl migrate` first.
+    #[serde(default = "default_true")]
+    pub migrate_on_start: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: default_store_url() }
+        Self { url: default_store_url(), migrate_on_start: true }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_store_url() -> String {
@@ -364,8 +372,8 @@ impl Config {
         let listen: SocketAddr = self.server.listen.parse().map_err(|e| {
             err("server.listen".into(), format!("{:?} is not an address:port ({e})", self.server.listen))
         })?;
-        if !self.store.url.starts_with("sqlite:") {
-            return Err(err("store.url".into(), format!("{:?}: supported scheme is sqlite://", self.store.url)));
+        if !cachectl_store::supported(&self.store.url) {
+            return Err(err("store.url".into(), "supported schemes are sqlite:// and postgres://".into()));
         }
         let timezone = parse_offset(&self.baishan.timezone).ok_or_else(|| {
             err("baishan.timezone".into(), format!("{:?} is not an offset like +08:00", self.baishan.timezone))
@@ -487,6 +495,7 @@ impl Config {
         Ok(Settings {
             listen,
             store_url: self.store.url.clone(),
+            migrate_on_start: self.store.migrate_on_start,
             shutdown_grace: self.server.shutdown_grace,
             worker: self.worker.clone(),
             retention: self.retention.clone(),
@@ -516,6 +525,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Store URL.
     pub store_url: String,
+    /// Whether to migrate at start.
+    pub migrate_on_start: bool,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
     /// Worker settings.

@@ -33,7 +33,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         tracing::info!(store = %redact_url(&settings.store_url), "Opening the store.");
-        let store = cachectl_store::open(&settings.store_url).await.context("opening the store")?;
+        let store = cachectl_store::open(&settings.store_url, settings.migrate_on_start).await.context("opening the store")?;
         let wake = Arc::new(Notify::new());
         let notify = wake.clone();
         let service = Service::new(store.clone(), settings.timezone, Arc::new(move || notify.notify_one()));
@@ -82,8 +82,17 @@ impl Application {
     }
 }
 
+/// Applies the store's migrations and returns.
+///
+/// # Errors
+/// The store cannot be reached or migrated, or its schema is newer than this binary.
+pub async fn migrate(store_url: &str) -> anyhow::Result<()> {
+    cachectl_store::open(store_url, true).await.context("migrating the store")?;
+    Ok(())
+}
+
 /// A store URL without its password, for the log.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));

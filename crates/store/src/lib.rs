@@ -1,21 +1,70 @@
 //! Storage backends behind `cachectl_core::Store`. The backend is chosen by the scheme of
 //! `store.url`; each backend owns its SQL and its migrations, and knows nothing of dialects.
 
+pub mod postgres;
 mod rows;
 pub mod sqlite;
 
 use cachectl_core::{Store, StoreError};
 use std::sync::Arc;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-/// Opens the store named by `url`: `sqlite://path/to/file.db` (or `sqlite::memory:`).
+/// The bucket of the `item_counts` table: one hour.
+pub(crate) const HOUR_MS: i64 = 3_600_000;
+
+/// Splits the window `[from, to)` into the whole hours it covers, `[first, end)` as hour numbers,
+/// and the partial stretches at its edges (in milliseconds), which are counted row by row.
+pub(crate) fn split_window(from: i64, to: i64) -> (Option<(i64, i64)>, Vec<(i64, i64)>) {
+    let first = from.div_euclid(HOUR_MS) + i64::from(from.rem_euclid(HOUR_MS) != 0);
+    let end = to.div_euclid(HOUR_MS);
+    if first >= end {
+        return (None, if from < to { vec![(from, to)] } else { Vec::new() });
+    }
+    let mut edges = Vec::new();
+    if from < first * HOUR_MS {
+        edges.push((from, first * HOUR_MS));
+    }
+    if end * HOUR_MS < to {
+        edges.push((end * HOUR_MS, to));
+    }
+    (Some((first, end)), edges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_split_into_hours_and_edges() {
+        let h = HOUR_MS;
+        assert_eq!(split_window(0, 24 * h), (Some((0, 24)), vec![]));
+        assert_eq!(split_window(10, 3 * h + 5), (Some((1, 3)), vec![(10, h), (3 * h, 3 * h + 5)]));
+        assert_eq!(split_window(10, 20), (None, vec![(10, 20)]));
+        assert_eq!(split_window(h - 1, h + 1), (None, vec![(h - 1, h + 1)]));
+        assert_eq!(split_window(5, 5), (None, vec![]));
+    }
+}
+
+/// Opens the store named by `url`: `sqlite://path/to/file.db` (or `sqlite::memory:`), or
+/// `postgres://user@host:port/db`. With `migrate`, brings the schema up to date first; either
+/// way a schema newer than this binary is refused.
 ///
 /// # Errors
 /// An unsupported scheme, or the backend failing to open or migrate.
-pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open(url: &str, migrate: bool) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
-        return Ok(Arc::new(SqliteStore::open(url).await?));
+        return Ok(Arc::new(SqliteStore::open(url, migrate).await?));
     }
-    Err(StoreError::Unavailable(format!("store.url {url:?}: unsupported scheme (this build supports sqlite://)")))
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        return Ok(Arc::new(PgStore::open(url, migrate).await?));
+    }
+    Err(StoreError::Unavailable("store.url: unsupported scheme; use sqlite:// or postgres://".into()))
+}
+
+/// Whether `url` names a backend this build supports.
+#[must_use]
+pub fn supported(url: &str) -> bool {
+    ["sqlite:", "postgres:", "postgresql:"].iter().any(|scheme| url.starts_with(scheme))
 }

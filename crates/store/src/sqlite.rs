@@ -2,7 +2,9 @@
 //! writer at a time; a single connection avoids busy errors inside the process) and a small pool
 //! of readers. Commits are `synchronous = FULL`: an acknowledged task survives a power cut too.
 
-use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
+use crate::rows::ITEM_COLUMNS;
+use crate::rows::sqlite::{item_from_row, node_from_row};
+use crate::{HOUR_MS, split_window};
 use async_trait::async_trait;
 use cachectl_core::{
     ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery,
@@ -31,11 +33,11 @@ fn unavailable(e: sqlx::Error) -> StoreError {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url` (`sqlite://path` or `sqlite::memory:`)
-    /// and applies the migrations. Refuses a schema newer than this binary knows.
+    /// and, with `migrate`, applies the migrations. Refuses a schema newer than this binary knows.
     ///
     /// # Errors
     /// The file cannot be opened or the migrations fail.
-    pub async fn open(url: &str) -> StoreResult<Self> {
+    pub async fn open(url: &str, migrate: bool) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(unavailable)?
             .create_if_missing(true)
@@ -51,7 +53,9 @@ impl SqliteStore {
         let writer =
             SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await.map_err(unavailable)?;
         check_schema_version(&writer).await?;
-        MIGRATOR.run(&writer).await.map_err(|e| StoreError::Schema(e.to_string()))?;
+        if migrate {
+            MIGRATOR.run(&writer).await.map_err(|e| StoreError::Schema(e.to_string()))?;
+        }
         // One SQLite file serves one process: leases left by an earlier process (killed before it
         // could release them) are void, so its unfinished items resume at once.
         sqlx::query("UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
@@ -136,6 +140,17 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
+        sqlx::query(
+            "INSERT INTO item_counts (account, kind, hour, n) VALUES (?, ?, ?, ?)
+             ON CONFLICT (account, kind, hour) DO UPDATE SET n = n + excluded.n",
+        )
+        .bind(&task.account)
+        .bind(task.kind.as_str())
+        .bind(task.created_at.div_euclid(HOUR_MS))
+        .bind(i64::try_from(task.items.len()).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
         for chunk in task.items.chunks(INSERT_CHUNK) {
             let mut insert: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
                 "INSERT INTO items (task_id, account, kind, url, host, item_type, operator, created_at, not_before) ",
@@ -202,11 +217,37 @@ impl Store for SqliteStore {
             "account = ? AND kind = ? AND created_at >= ? AND created_at < ?"
         };
         let count_sql = format!("SELECT COUNT(*) FROM items WHERE {filter}");
-        let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(query.account).bind(query.kind.as_str());
-        if let Some(url) = query.url {
-            count = count.bind(url);
-        }
-        let total = count.bind(query.from).bind(query.to).fetch_one(&self.reader).await.map_err(unavailable)?;
+        let count_range = |from: Millis, to: Millis| {
+            let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(query.account).bind(query.kind.as_str());
+            if let Some(url) = query.url {
+                count = count.bind(url);
+            }
+            count.bind(from).bind(to).fetch_one(&self.reader)
+        };
+        let total = if query.url.is_some() {
+            count_range(query.from, query.to).await.map_err(unavailable)?
+        } else {
+            // Whole hours from the counters, the partial hours at the edges row by row.
+            let (hours, edges) = split_window(query.from, query.to);
+            let mut total = 0;
+            if let Some((first, end)) = hours {
+                let sum: Option<i64> = sqlx::query_scalar(
+                    "SELECT SUM(n) FROM item_counts WHERE account = ? AND kind = ? AND hour >= ? AND hour < ?",
+                )
+                .bind(query.account)
+                .bind(query.kind.as_str())
+                .bind(first)
+                .bind(end)
+                .fetch_one(&self.reader)
+                .await
+                .map_err(unavailable)?;
+                total += sum.unwrap_or(0);
+            }
+            for (from, to) in edges {
+                total += count_range(from, to).await.map_err(unavailable)?;
+            }
+            total
+        };
         let list_sql = format!(
             "SELECT {ITEM_COLUMNS} FROM items WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
         );
@@ -297,7 +338,7 @@ impl Store for SqliteStore {
         let resumed: Vec<i64> = claimed.iter().filter(|c| c.started_at.is_some()).map(|c| c.item.id).collect();
         for chunk in resumed.chunks(INSERT_CHUNK) {
             let mut select: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-                "SELECT item_id, node, state, attempts, status_code, error, updated_at FROM node_results WHERE item_id IN (",
+                "SELECT item_id, node, state, attempts, status_code, error, updated_at, instance FROM node_results WHERE item_id IN (",
             );
             let mut ids = select.separated(", ");
             for id in chunk {
@@ -362,10 +403,11 @@ impl Store for SqliteStore {
             .map_err(unavailable)?;
             for node in &update.nodes {
                 sqlx::query(
-                    "INSERT INTO node_results (item_id, node, state, attempts, status_code, error, updated_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?)
+                    "INSERT INTO node_results (item_id, node, state, attempts, status_code, error, updated_at, instance)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                      ON CONFLICT (item_id, node) DO UPDATE SET state = excluded.state, attempts = excluded.attempts,
-                        status_code = excluded.status_code, error = excluded.error, updated_at = excluded.updated_at",
+                        status_code = excluded.status_code, error = excluded.error, updated_at = excluded.updated_at,
+                        instance = excluded.instance",
                 )
                 .bind(update.item_id)
                 .bind(&node.node)
@@ -374,6 +416,7 @@ impl Store for SqliteStore {
                 .bind(node.status_code.map(i64::from))
                 .bind(node.error.as_deref())
                 .bind(node.updated_at)
+                .bind(&node.instance)
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
@@ -393,6 +436,24 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?;
         for chunk in ids.chunks(INSERT_CHUNK) {
+            let mut counts: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
+                "SELECT account, kind, created_at / {HOUR_MS} AS hour, COUNT(*) AS n FROM items WHERE id IN ("
+            ));
+            let mut list = counts.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            counts.push(") GROUP BY account, kind, hour");
+            for row in counts.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
+                sqlx::query("UPDATE item_counts SET n = n - ? WHERE account = ? AND kind = ? AND hour = ?")
+                    .bind(row.get::<i64, _>("n"))
+                    .bind(row.get::<String, _>("account"))
+                    .bind(row.get::<String, _>("kind"))
+                    .bind(row.get::<i64, _>("hour"))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            }
             for table_and_key in ["node_results WHERE item_id", "items WHERE id"] {
                 let mut delete: QueryBuilder<'_, Sqlite> =
                     QueryBuilder::new(format!("DELETE FROM {table_and_key} IN ("));
@@ -413,6 +474,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        sqlx::query("DELETE FROM item_counts WHERE n <= 0").execute(&mut *tx).await.map_err(unavailable)?;
         sqlx::query("DELETE FROM quota_usage WHERE day < date(? / 1000, 'unixepoch', '-2 days')")
             .bind(before)
             .execute(&mut *tx)

@@ -1,7 +1,10 @@
 //! Per-credential, per-endpoint request limits in fixed one-minute windows aligned to the wall
-//! clock, as the Baishan headers describe them (`X-Ratelimit-Grad: minute`). In memory, per process.
+//! clock, as the Baishan headers describe them (`X-Ratelimit-Grad: minute`). Counted in the store
+//! when it is shared by several instances (PostgreSQL), so that a limit holds across them;
+//! in memory otherwise (SQLite serves one process).
 
-use cachectl_core::Millis;
+use cachectl_core::{Millis, Store};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -34,7 +37,30 @@ impl RateLimiter {
         u64::try_from((left + 999) / 1000).unwrap_or(60).max(1)
     }
 
-    /// Counts one request of `credential` on endpoint `api_id` against `limit` per minute.
+    /// Counts one request of `credential` on endpoint `api_id` against `limit` per minute, in
+    /// the store if it counts requests, else in memory. A store that fails to count lets the
+    /// request through on the local count: an outage must not turn into a wall of 429s.
+    pub async fn check_shared(&self, store: &dyn Store, credential: &str, api_id: u32, limit: u32, now: Millis) -> Decision {
+        let digest = hex::encode(Sha256::digest(credential.as_bytes()));
+        match store.count_request(&digest, api_id, now.div_euclid(WINDOW_MS)).await {
+            Ok(Some(count)) => {
+                let count = u32::try_from(count).unwrap_or(u32::MAX);
+                Decision {
+                    allowed: count <= limit,
+                    limit,
+                    remaining: limit.saturating_sub(count),
+                    reset_secs: Self::reset_secs(now),
+                }
+            }
+            Ok(None) => self.check(credential, api_id, limit, now),
+            Err(e) => {
+                tracing::warn!(error = %e, "Counting a request in the store failed; using the local count.");
+                self.check(credential, api_id, limit, now)
+            }
+        }
+    }
+
+    /// Counts one request of `credential` on endpoint `api_id` against `limit` per minute, in memory.
     pub fn check(&self, credential: &str, api_id: u32, limit: u32, now: Millis) -> Decision {
         let window = now.div_euclid(WINDOW_MS);
         let reset_secs = Self::reset_secs(now);

@@ -32,6 +32,7 @@ struct Shared {
     config: WorkerConfig,
     updates: mpsc::UnboundedSender<ItemUpdate>,
     metrics: Arc<Metrics>,
+    owner: String,
 }
 
 /// The worker of one instance.
@@ -68,9 +69,9 @@ impl Worker {
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Self {
             store,
-            owner,
+            owner: owner.clone(),
             wake,
-            shared: Arc::new(Shared { client, nodes, config, updates: tx, metrics }),
+            shared: Arc::new(Shared { client, nodes, config, updates: tx, metrics, owner }),
             updates: rx,
         })
     }
@@ -245,6 +246,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
                 status_code: None,
                 error: None,
                 updated_at: now,
+                instance: String::new(),
             })
         })
         .collect();
@@ -300,6 +302,7 @@ async fn run_node(
         };
         result.attempts += 1;
         result.updated_at = crate::api::now_ms();
+        result.instance.clone_from(&shared.owner);
         match outcome {
             Outcome::Success { code } => {
                 shared.metrics.node_request(&slot.node.name, "success");

@@ -48,6 +48,7 @@ CREATE INDEX items_created ON items (created_at);
 CREATE TABLE node_results (
     item_id     INTEGER NOT NULL,
     node        TEXT    NOT NULL,
+    instance    TEXT    NOT NULL DEFAULT '',        -- the worker that wrote this result
     state       TEXT    NOT NULL,                   -- 'pending' | 'succeeded' | 'failed'
     attempts    INTEGER NOT NULL,
     status_code INTEGER,
@@ -64,3 +65,15 @@ CREATE TABLE quota_usage (
     used    INTEGER NOT NULL,
     PRIMARY KEY (account, bucket, day)
 ) WITHOUT ROWID;
+
+-- Items per account, kind and hour (created_at / 3,600,000): a window's exact total is the sum
+-- of its whole hours plus a count of the two partial hours at its edges, so `total` never
+-- needs to scan the window. Kept in step by create_task and the retention sweep.
+CREATE TABLE item_counts (
+    account TEXT    NOT NULL,
+    kind    TEXT    NOT NULL,
+    hour    INTEGER NOT NULL,
+    n       INTEGER NOT NULL,
+    PRIMARY KEY (account, kind, hour)
+) WITHOUT ROWID;
+

@@ -1,0 +1,480 @@
+//! The PostgreSQL backend, for several `cachectl serve` instances sharing one database: the work
+//! queue is claimed with `FOR UPDATE SKIP LOCKED` under leases, quota charges are conditional
+//! upserts, and the Baishan rate-limit counters live here so that limits hold across instances.
+
+use crate::rows::ITEM_COLUMNS;
+use crate::rows::postgres::{item_from_row, node_from_row};
+use crate::{HOUR_MS, split_window};
+use async_trait::async_trait;
+use cachectl_core::{
+    ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, Store,
+    StoreError, StoreResult, WindowQuery,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+use std::str::FromStr;
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Items inserted per statement (9 values each; PostgreSQL allows 65,535 per statement).
+const INSERT_CHUNK: usize = 1000;
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/db`). With `migrate`, applies the migrations
+    /// first (under PostgreSQL's advisory lock, so instances starting together are safe).
+    /// Refuses a schema newer than this binary knows either way.
+    ///
+    /// # Errors
+    /// The database cannot be reached, or the schema is newer or cannot be migrated.
+    pub async fn open(url: &str, migrate: bool) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(unavailable)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            // A request waits at most this long for a connection while the database is down,
+            // then fails with 503 instead of hanging.
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        check_schema_version(&pool).await?;
+        if migrate {
+            MIGRATOR.run(&pool).await.map_err(|e| StoreError::Schema(e.to_string()))?;
+        } else {
+            let applied: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+                .fetch_one(&pool)
+                .await
+                .map_err(|_| StoreError::Schema("the database has no cachectl schema; run `cachectl migrate`".into()))?;
+            let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+            if applied.unwrap_or(0) < known {
+                return Err(StoreError::Schema(format!(
+                    "the database schema is at version {}, this cachectl needs {known}; run `cachectl migrate`",
+                    applied.unwrap_or(0)
+                )));
+            }
+        }
+        Ok(Self { pool })
+    }
+}
+
+async fn check_schema_version(pool: &PgPool) -> StoreResult<()> {
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await
+        .map_err(unavailable)?;
+    if exists.is_none() {
+        return Ok(());
+    }
+    let newest: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations").fetch_one(pool).await.map_err(unavailable)?;
+    let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    match newest {
+        Some(v) if v > known => Err(StoreError::Schema(format!(
+            "the database has schema version {v}, newer than the {known} this cachectl knows; upgrade cachectl"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn push_ids(builder: &mut QueryBuilder<'_, Postgres>, ids: &[i64]) {
+    let mut list = builder.separated(", ");
+    for id in ids {
+        list.push_bind(*id);
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = %task.account, items = task.items.len()))]
+    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for charge in charges {
+            let amount = i64::try_from(charge.amount).unwrap_or(i64::MAX);
+            let limit = i64::try_from(charge.limit).unwrap_or(i64::MAX);
+            // The conditional upsert locks the counter row, so concurrent submissions from several
+            // instances serialize on it and can never spend more than the limit together.
+            let charged: Option<i64> = if amount > limit {
+                None
+            } else {
+                sqlx::query_scalar(
+                    "INSERT INTO quota_usage (account, bucket, day, used) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (account, bucket, day) DO UPDATE SET used = quota_usage.used + EXCLUDED.used
+                     WHERE quota_usage.used + EXCLUDED.used <= $5
+                     RETURNING used",
+                )
+                .bind(&task.account)
+                .bind(charge.bucket.as_str())
+                .bind(&charge.day)
+                .bind(amount)
+                .bind(limit)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?
+            };
+            if charged.is_none() {
+                let used: Option<i64> =
+                    sqlx::query_scalar("SELECT used FROM quota_usage WHERE account = $1 AND bucket = $2 AND day = $3")
+                        .bind(&task.account)
+                        .bind(charge.bucket.as_str())
+                        .bind(&charge.day)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(unavailable)?;
+                let used = u64::try_from(used.unwrap_or(0)).unwrap_or(0);
+                return Err(StoreError::QuotaExceeded { bucket: charge.bucket, used, limit: charge.limit });
+            }
+        }
+        let task_id: i64 = sqlx::query_scalar(
+            "INSERT INTO tasks (account, kind, operator, dialect, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(&task.account)
+        .bind(task.kind.as_str())
+        .bind(&task.operator)
+        .bind(&task.dialect)
+        .bind(task.created_at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query(
+            "INSERT INTO item_counts (account, kind, hour, n) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (account, kind, hour) DO UPDATE SET n = item_counts.n + EXCLUDED.n",
+        )
+        .bind(&task.account)
+        .bind(task.kind.as_str())
+        .bind(task.created_at.div_euclid(HOUR_MS))
+        .bind(i64::try_from(task.items.len()).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        for chunk in task.items.chunks(INSERT_CHUNK) {
+            let mut insert: QueryBuilder<'_, Postgres> = QueryBuilder::new(
+                "INSERT INTO items (task_id, account, kind, url, host, item_type, operator, created_at, not_before) ",
+            );
+            insert.push_values(chunk, |mut row, item| {
+                row.push_bind(task_id)
+                    .push_bind(&task.account)
+                    .push_bind(task.kind.as_str())
+                    .push_bind(&item.url)
+                    .push_bind(&item.host)
+                    .push_bind(item.item_type.as_str())
+                    .push_bind(&task.operator)
+                    .push_bind(task.created_at)
+                    .push_bind(item.not_before.unwrap_or(task.created_at));
+            });
+            insert.build().execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(task_id)
+    }
+
+    async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64> {
+        let used: Option<i64> =
+            sqlx::query_scalar("SELECT used FROM quota_usage WHERE account = $1 AND bucket = $2 AND day = $3")
+                .bind(account)
+                .bind(bucket.as_str())
+                .bind(day)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(used.map_or(0, |u| u64::try_from(u).unwrap_or(0)))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>> {
+        let total: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE task_id = $1 AND account = $2 AND kind = $3")
+                .bind(task_id)
+                .bind(account)
+                .bind(kind.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        let rows = sqlx::query(&format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE task_id = $1 AND account = $2 AND kind = $3
+             ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5"
+        ))
+        .bind(task_id)
+        .bind(account)
+        .bind(kind.as_str())
+        .bind(i64::from(page.size))
+        .bind(i64::try_from(page.offset()).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
+    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
+        let (filter, next) = if query.url.is_some() {
+            ("account = $1 AND kind = $2 AND url = $3 AND created_at >= $4 AND created_at < $5", 6)
+        } else {
+            ("account = $1 AND kind = $2 AND created_at >= $3 AND created_at < $4", 5)
+        };
+        let count_sql = format!("SELECT COUNT(*) FROM items WHERE {filter}");
+        let count_range = |from: Millis, to: Millis| {
+            let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(query.account).bind(query.kind.as_str());
+            if let Some(url) = query.url {
+                count = count.bind(url);
+            }
+            count.bind(from).bind(to).fetch_one(&self.pool)
+        };
+        let total = if query.url.is_some() {
+            count_range(query.from, query.to).await.map_err(unavailable)?
+        } else {
+            let (hours, edges) = split_window(query.from, query.to);
+            let mut total = 0;
+            if let Some((first, end)) = hours {
+                let sum: Option<i64> = sqlx::query_scalar(
+                    "SELECT SUM(n)::BIGINT FROM item_counts WHERE account = $1 AND kind = $2 AND hour >= $3 AND hour < $4",
+                )
+                .bind(query.account)
+                .bind(query.kind.as_str())
+                .bind(first)
+                .bind(end)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(unavailable)?;
+                total += sum.unwrap_or(0);
+            }
+            for (from, to) in edges {
+                total += count_range(from, to).await.map_err(unavailable)?;
+            }
+            total
+        };
+        let list_sql = format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT ${next} OFFSET ${}",
+            next + 1
+        );
+        let mut list = sqlx::query(&list_sql).bind(query.account).bind(query.kind.as_str());
+        if let Some(url) = query.url {
+            list = list.bind(url);
+        }
+        let rows = list
+            .bind(query.from)
+            .bind(query.to)
+            .bind(i64::from(query.page.size))
+            .bind(i64::try_from(query.page.offset()).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
+    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
+        let mut select: QueryBuilder<'_, Postgres> =
+            QueryBuilder::new(format!("SELECT {ITEM_COLUMNS} FROM items WHERE account = "));
+        select.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
+        if let Some(task_id) = query.task_id {
+            select.push(" AND task_id = ").push_bind(task_id);
+        } else {
+            select.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(query.to);
+        }
+        if let Some(site) = query.site {
+            // Sites are validated domain names: no LIKE wildcard can occur in them.
+            select.push(" AND (host = ").push_bind(site).push(" OR host LIKE ").push_bind(format!("%.{site}")).push(")");
+        }
+        if let Some(url) = query.url {
+            select.push(" AND url = ").push_bind(url);
+        }
+        if let Some(item_type) = query.item_type {
+            select.push(" AND item_type = ").push_bind(item_type.as_str());
+        }
+        if let Some((created_at, id)) = query.after {
+            select.push(" AND (created_at, id) > (").push_bind(created_at).push(", ").push_bind(id).push(")");
+        }
+        select.push(" ORDER BY created_at, id LIMIT ").push_bind(i64::from(query.limit));
+        let rows = select.build().fetch_all(&self.pool).await.map_err(unavailable)?;
+        Ok(rows.iter().map(item_from_row).collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn claim_items(&self, owner: &str, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<ClaimedItem>> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // SKIP LOCKED: instances claiming at the same moment take disjoint items instead of
+        // waiting on each other's row locks.
+        let rows = sqlx::query(&format!(
+            "UPDATE items SET lease_owner = $1, lease_until = $2
+             WHERE id IN (SELECT id FROM items
+                          WHERE status IN ('waiting', 'processing') AND not_before <= $3
+                            AND (lease_until IS NULL OR lease_until < $3)
+                          ORDER BY not_before, id LIMIT $4
+                          FOR UPDATE SKIP LOCKED)
+             RETURNING {ITEM_COLUMNS}, started_at"
+        ))
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let mut claimed: Vec<ClaimedItem> = rows
+            .iter()
+            .map(|row| ClaimedItem { item: item_from_row(row), started_at: row.get("started_at"), nodes: Vec::new() })
+            .collect();
+        let resumed: Vec<i64> = claimed.iter().filter(|c| c.started_at.is_some()).map(|c| c.item.id).collect();
+        for chunk in resumed.chunks(INSERT_CHUNK) {
+            let mut select: QueryBuilder<'_, Postgres> = QueryBuilder::new(
+                "SELECT item_id, node, state, attempts, status_code, error, updated_at, instance FROM node_results \
+                 WHERE item_id IN (",
+            );
+            push_ids(&mut select, chunk);
+            select.push(")");
+            for row in select.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
+                let item_id: i64 = row.get("item_id");
+                if let Some(c) = claimed.iter_mut().find(|c| c.item.id == item_id) {
+                    c.nodes.push(node_from_row(&row));
+                }
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        claimed.sort_by_key(|c| c.item.id);
+        Ok(claimed)
+    }
+
+    async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE items SET lease_until = $1 WHERE lease_owner = $2 AND status IN ('waiting', 'processing')",
+        )
+        .bind(lease_until)
+        .bind(owner)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release_leases(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(updates = updates.len()))]
+    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for update in updates {
+            let finished = update.status.is_final();
+            sqlx::query(
+                "UPDATE items SET status = $1, progress = $2, started_at = COALESCE(started_at, $3),
+                        finished_at = COALESCE($4, finished_at), reason = COALESCE($5, reason),
+                        lease_owner = CASE WHEN $6 THEN NULL ELSE lease_owner END,
+                        lease_until = CASE WHEN $6 THEN NULL ELSE lease_until END
+                 WHERE id = $7",
+            )
+            .bind(update.status.as_str())
+            .bind(i64::from(update.progress))
+            .bind(update.started_at)
+            .bind(update.finished_at)
+            .bind(update.reason.as_deref())
+            .bind(finished)
+            .bind(update.item_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            for node in &update.nodes {
+                sqlx::query(
+                    "INSERT INTO node_results (item_id, node, state, attempts, status_code, error, updated_at, instance)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (item_id, node) DO UPDATE SET state = EXCLUDED.state, attempts = EXCLUDED.attempts,
+                        status_code = EXCLUDED.status_code, error = EXCLUDED.error, updated_at = EXCLUDED.updated_at,
+                        instance = EXCLUDED.instance",
+                )
+                .bind(update.item_id)
+                .bind(&node.node)
+                .bind(node.state.as_str())
+                .bind(i64::from(node.attempts))
+                .bind(node.status_code.map(i64::from))
+                .bind(node.error.as_deref())
+                .bind(node.updated_at)
+                .bind(&node.instance)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM items WHERE created_at < $1 ORDER BY created_at LIMIT $2")
+            .bind(before)
+            .bind(i64::from(batch))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if !ids.is_empty() {
+            sqlx::query(&format!(
+                "UPDATE item_counts c SET n = c.n - d.n
+                 FROM (SELECT account, kind, created_at / {HOUR_MS} AS hour, COUNT(*) AS n
+                       FROM items WHERE id = ANY($1) GROUP BY 1, 2, 3) d
+                 WHERE c.account = d.account AND c.kind = d.kind AND c.hour = d.hour"
+            ))
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            sqlx::query("DELETE FROM node_results WHERE item_id = ANY($1)").bind(&ids).execute(&mut *tx).await.map_err(unavailable)?;
+            sqlx::query("DELETE FROM items WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        sqlx::query(
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE created_at < $1
+               AND NOT EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id) LIMIT $2)",
+        )
+        .bind(before)
+        .bind(i64::from(batch))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("DELETE FROM item_counts WHERE n <= 0").execute(&mut *tx).await.map_err(unavailable)?;
+        sqlx::query("DELETE FROM quota_usage WHERE day < to_char(to_timestamp($1 / 1000.0) - interval '2 days', 'YYYY-MM-DD')")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("DELETE FROM rate_windows WHERE minute < (extract(epoch FROM now()) / 60)::BIGINT - 10")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(ids.len() as u64)
+    }
+
+    async fn count_request(&self, credential: &str, api_id: u32, minute: i64) -> StoreResult<Option<u64>> {
+        let count: i64 = sqlx::query_scalar(
+            "INSERT INTO rate_windows (credential, api_id, minute, count) VALUES ($1, $2, $3, 1)
+             ON CONFLICT (credential, api_id, minute) DO UPDATE SET count = rate_windows.count + 1
+             RETURNING count",
+        )
+        .bind(credential)
+        .bind(i64::from(api_id))
+        .bind(minute)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Some(u64::try_from(count).unwrap_or(0)))
+    }
+}
