@@ -33,7 +33,8 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         tracing::info!(store = %redact_url(&settings.store_url), "Opening the store.");
-        let store = cachectl_store::open(&settings.store_url, settings.migrate_on_start).await.context("opening the store")?;
+        let store =
+            cachectl_store::open(&settings.store_url, settings.migrate_on_start).await.context("opening the store")?;
         let wake = Arc::new(Notify::new());
         let notify = wake.clone();
         let service = Service::new(store.clone(), settings.timezone, Arc::new(move || notify.notify_one()));

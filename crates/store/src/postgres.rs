@@ -7,8 +7,8 @@ use crate::rows::postgres::{item_from_row, node_from_row};
 use crate::{HOUR_MS, split_window};
 use async_trait::async_trait;
 use cachectl_core::{
-    ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, Store,
-    StoreError, StoreResult, WindowQuery,
+    ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery,
+    Store, StoreError, StoreResult, WindowQuery,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
@@ -51,10 +51,10 @@ impl PgStore {
         if migrate {
             MIGRATOR.run(&pool).await.map_err(|e| StoreError::Schema(e.to_string()))?;
         } else {
-            let applied: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
-                .fetch_one(&pool)
-                .await
-                .map_err(|_| StoreError::Schema("the database has no cachectl schema; run `cachectl migrate`".into()))?;
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations").fetch_one(&pool).await.map_err(
+                    |_| StoreError::Schema("the database has no cachectl schema; run `cachectl migrate`".into()),
+                )?;
             let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
             if applied.unwrap_or(0) < known {
                 return Err(StoreError::Schema(format!(
@@ -288,7 +288,12 @@ impl Store for PgStore {
         }
         if let Some(site) = query.site {
             // Sites are validated domain names: no LIKE wildcard can occur in them.
-            select.push(" AND (host = ").push_bind(site).push(" OR host LIKE ").push_bind(format!("%.{site}")).push(")");
+            select
+                .push(" AND (host = ")
+                .push_bind(site)
+                .push(" OR host LIKE ")
+                .push_bind(format!("%.{site}"))
+                .push(")");
         }
         if let Some(url) = query.url {
             select.push(" AND url = ").push_bind(url);
@@ -305,7 +310,13 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
-    async fn claim_items(&self, owner: &str, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<ClaimedItem>> {
+    async fn claim_items(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<ClaimedItem>> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         // SKIP LOCKED: instances claiming at the same moment take disjoint items instead of
         // waiting on each other's row locks.
@@ -420,12 +431,13 @@ impl Store for PgStore {
     #[tracing::instrument(level = "debug", skip(self))]
     async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM items WHERE created_at < $1 ORDER BY created_at LIMIT $2")
-            .bind(before)
-            .bind(i64::from(batch))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let ids: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM items WHERE created_at < $1 ORDER BY created_at LIMIT $2")
+                .bind(before)
+                .bind(i64::from(batch))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?;
         if !ids.is_empty() {
             sqlx::query(&format!(
                 "UPDATE item_counts c SET n = c.n - d.n
@@ -437,8 +449,16 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-            sqlx::query("DELETE FROM node_results WHERE item_id = ANY($1)").bind(&ids).execute(&mut *tx).await.map_err(unavailable)?;
-            sqlx::query("DELETE FROM items WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await.map_err(unavailable)?;
+            sqlx::query("DELETE FROM node_results WHERE item_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            sqlx::query("DELETE FROM items WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
         }
         sqlx::query(
             "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE created_at < $1
@@ -450,11 +470,13 @@ impl Store for PgStore {
         .await
         .map_err(unavailable)?;
         sqlx::query("DELETE FROM item_counts WHERE n <= 0").execute(&mut *tx).await.map_err(unavailable)?;
-        sqlx::query("DELETE FROM quota_usage WHERE day < to_char(to_timestamp($1 / 1000.0) - interval '2 days', 'YYYY-MM-DD')")
-            .bind(before)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query(
+            "DELETE FROM quota_usage WHERE day < to_char(to_timestamp($1 / 1000.0) - interval '2 days', 'YYYY-MM-DD')",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
         sqlx::query("DELETE FROM rate_windows WHERE minute < (extract(epoch FROM now()) / 60)::BIGINT - 10")
             .execute(&mut *tx)
             .await

@@ -13,43 +13,43 @@ macro_rules! mappers {
         pub(crate) mod $module {
             use super::*;
 
-        pub(crate) fn item_from_row(row: &$row) -> Item {
-            let kind: String = row.get("kind");
-            let item_type: String = row.get("item_type");
-            let status: String = row.get("status");
-            let progress: i64 = row.get("progress");
-            Item {
-                id: row.get("id"),
-                task_id: row.get("task_id"),
-                account: row.get("account"),
-                kind: kind.parse().unwrap_or(Kind::Refresh),
-                url: row.get("url"),
-                host: row.get("host"),
-                item_type: item_type.parse().unwrap_or(ItemType::Url),
-                status: status.parse().unwrap_or(ItemStatus::Processing),
-                progress: u8::try_from(progress.clamp(0, 100)).unwrap_or(0),
-                operator: row.get("operator"),
-                created_at: row.get("created_at"),
-                not_before: row.get("not_before"),
-                finished_at: row.get("finished_at"),
-                reason: row.get("reason"),
+            pub(crate) fn item_from_row(row: &$row) -> Item {
+                let kind: String = row.get("kind");
+                let item_type: String = row.get("item_type");
+                let status: String = row.get("status");
+                let progress: i64 = row.get("progress");
+                Item {
+                    id: row.get("id"),
+                    task_id: row.get("task_id"),
+                    account: row.get("account"),
+                    kind: kind.parse().unwrap_or(Kind::Refresh),
+                    url: row.get("url"),
+                    host: row.get("host"),
+                    item_type: item_type.parse().unwrap_or(ItemType::Url),
+                    status: status.parse().unwrap_or(ItemStatus::Processing),
+                    progress: u8::try_from(progress.clamp(0, 100)).unwrap_or(0),
+                    operator: row.get("operator"),
+                    created_at: row.get("created_at"),
+                    not_before: row.get("not_before"),
+                    finished_at: row.get("finished_at"),
+                    reason: row.get("reason"),
+                }
             }
-        }
 
-        pub(crate) fn node_from_row(row: &$row) -> NodeResult {
-            let state: String = row.get("state");
-            let attempts: i64 = row.get("attempts");
-            let code: Option<i64> = row.get("status_code");
-            NodeResult {
-                node: row.get("node"),
-                state: state.parse().unwrap_or(NodeState::Pending),
-                attempts: u32::try_from(attempts).unwrap_or(0),
-                status_code: code.and_then(|c| u16::try_from(c).ok()),
-                error: row.get("error"),
-                updated_at: row.get("updated_at"),
-                instance: row.get("instance"),
+            pub(crate) fn node_from_row(row: &$row) -> NodeResult {
+                let state: String = row.get("state");
+                let attempts: i64 = row.get("attempts");
+                let code: Option<i64> = row.get("status_code");
+                NodeResult {
+                    node: row.get("node"),
+                    state: state.parse().unwrap_or(NodeState::Pending),
+                    attempts: u32::try_from(attempts).unwrap_or(0),
+                    status_code: code.and_then(|c| u16::try_from(c).ok()),
+                    error: row.get("error"),
+                    updated_at: row.get("updated_at"),
+                    instance: row.get("instance"),
+                }
             }
-        }
         }
     };
 }

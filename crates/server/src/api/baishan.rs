@@ -177,7 +177,8 @@ async fn handle(
         return r;
     };
     let limit = credential.account.rate_limit_per_minute;
-    let decision = state.limiter.check_shared(state.service.store().as_ref(), &token, endpoint.api_id(), limit, now).await;
+    let decision =
+        state.limiter.check_shared(state.service.store().as_ref(), &token, endpoint.api_id(), limit, now).await;
     let reset = RateLimitReset(decision.reset_secs);
     let mut response = if decision.allowed {
         let result = match endpoint {

@@ -40,7 +40,14 @@ impl RateLimiter {
     /// Counts one request of `credential` on endpoint `api_id` against `limit` per minute, in
     /// the store if it counts requests, else in memory. A store that fails to count lets the
     /// request through on the local count: an outage must not turn into a wall of 429s.
-    pub async fn check_shared(&self, store: &dyn Store, credential: &str, api_id: u32, limit: u32, now: Millis) -> Decision {
+    pub async fn check_shared(
+        &self,
+        store: &dyn Store,
+        credential: &str,
+        api_id: u32,
+        limit: u32,
+        now: Millis,
+    ) -> Decision {
         let digest = hex::encode(Sha256::digest(credential.as_bytes()));
         match store.count_request(&digest, api_id, now.div_euclid(WINDOW_MS)).await {
             Ok(Some(count)) => {

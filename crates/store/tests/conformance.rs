@@ -1,0 +1,464 @@
+//! One conformance suite for every store backend: each test runs the same operations and
+//! assertions against SQLite and against a private PostgreSQL cluster.
+
+use cachectl_core::{
+    ItemStatus, ItemType, ItemUpdate, Kind, NewItem, NewTask, NodeResult, NodeState, PageRequest, QuotaBucket,
+    QuotaCharge, RecordQuery, Store, StoreError, WindowQuery,
+};
+use cachectl_testkit::PgCluster;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+const H: i64 = 3_600_000;
+/// A fixed base time, a whole hour (2024-01-01T00:00:00Z).
+const T0: i64 = 1_704_067_200_000;
+
+/// The backends under test: a fresh SQLite file and a fresh PostgreSQL database.
+struct Backends {
+    stores: Vec<(&'static str, Arc<dyn Store>)>,
+    _dir: tempfile::TempDir,
+    _pg: PgCluster,
+}
+
+async fn backends() -> Backends {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = cachectl_store::open(&format!("sqlite://{}/c.db", dir.path().display()), true).await.unwrap();
+    let pg = PgCluster::start();
+    let url = pg.database("conformance").await;
+    let postgres = cachectl_store::open(&url, true).await.unwrap();
+    Backends { stores: vec![("sqlite", sqlite), ("postgres", postgres)], _dir: dir, _pg: pg }
+}
+
+fn task(account: &str, kind: Kind, created_at: i64, urls: &[&str]) -> NewTask {
+    NewTask {
+        account: account.into(),
+        kind,
+        operator: "op".into(),
+        dialect: "test".into(),
+        created_at,
+        items: urls
+            .iter()
+            .map(|u| NewItem {
+                url: (*u).into(),
+                host: url_host(u),
+                item_type: if u.ends_with('/') { ItemType::Dir } else { ItemType::Url },
+                not_before: None,
+            })
+            .collect(),
+    }
+}
+
+fn url_host(u: &str) -> String {
+    u.split('/').nth(2).unwrap_or("").to_owned()
+}
+
+fn page(number: u32, size: u32) -> PageRequest {
+    PageRequest { number, size }
+}
+
+#[tokio::test]
+async fn tasks_are_stored_and_read_back_by_id() {
+    for (name, store) in backends().await.stores {
+        let id = store
+            .create_task(
+                &task(
+                    "acme",
+                    Kind::Refresh,
+                    T0,
+                    &["http://a.example.com/1", "http://a.example.com/2", "http://a.example.com/d/"],
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let other =
+            store.create_task(&task("acme", Kind::Refresh, T0 + 5, &["http://a.example.com/x"]), &[]).await.unwrap();
+        assert!(other > id, "{name}: ids increase");
+
+        let p = store.task_items("acme", Kind::Refresh, id, page(1, 2)).await.unwrap();
+        assert_eq!(p.total, 3, "{name}");
+        assert_eq!(p.records.len(), 2, "{name}");
+        assert_eq!(p.records[0].url, "http://a.example.com/d/", "{name}: newest (highest id) first");
+        assert_eq!(p.records[0].item_type, ItemType::Dir);
+        assert_eq!(p.records[0].status, ItemStatus::Waiting);
+        assert_eq!(p.records[0].not_before, T0);
+        let p2 = store.task_items("acme", Kind::Refresh, id, page(2, 2)).await.unwrap();
+        assert_eq!(p2.records.len(), 1, "{name}");
+        assert!(store.task_items("acme", Kind::Refresh, id, page(3, 2)).await.unwrap().records.is_empty());
+        assert_eq!(
+            store.task_items("other", Kind::Refresh, id, page(1, 50)).await.unwrap().total,
+            0,
+            "{name}: ownership"
+        );
+        assert_eq!(store.task_items("acme", Kind::Prefetch, id, page(1, 50)).await.unwrap().total, 0, "{name}: kind");
+    }
+}
+
+#[tokio::test]
+async fn quotas_are_charged_atomically_with_the_task() {
+    for (name, store) in backends().await.stores {
+        let charge =
+            |amount| QuotaCharge { bucket: QuotaBucket::RefreshUrl, day: "2024-01-01".into(), limit: 3, amount };
+        store.create_task(&task("acme", Kind::Refresh, T0, &["http://a/1", "http://a/2"]), &[charge(2)]).await.unwrap();
+        let err = store
+            .create_task(&task("acme", Kind::Refresh, T0, &["http://a/3", "http://a/4"]), &[charge(2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::QuotaExceeded { used: 2, limit: 3, .. }), "{name}: {err:?}");
+        let too_big = store
+            .create_task(&task("acme", Kind::Refresh, T0, &["http://a/5"]), &[QuotaCharge { amount: 9, ..charge(1) }])
+            .await;
+        assert!(too_big.is_err(), "{name}");
+        assert_eq!(store.quota_used("acme", QuotaBucket::RefreshUrl, "2024-01-01").await.unwrap(), 2, "{name}");
+        let window = WindowQuery {
+            account: "acme",
+            kind: Kind::Refresh,
+            from: T0 - H,
+            to: T0 + H,
+            url: None,
+            page: page(1, 50),
+        };
+        assert_eq!(store.window_items(&window).await.unwrap().total, 2, "{name}: a refused task stored nothing");
+        store.create_task(&task("acme", Kind::Refresh, T0, &["http://a/6"]), &[charge(1)]).await.unwrap();
+        assert_eq!(store.quota_used("acme", QuotaBucket::RefreshUrl, "2024-01-01").await.unwrap(), 3, "{name}");
+        assert_eq!(
+            store.quota_used("acme", QuotaBucket::RefreshUrl, "2024-01-02").await.unwrap(),
+            0,
+            "{name}: per day"
+        );
+    }
+}
+
+#[tokio::test]
+async fn window_totals_are_exact_across_hours_and_edges() {
+    for (name, store) in backends().await.stores {
+        // 3 items per hour over 10 hours, at minute 0, 20 and 40 of each.
+        for hour in 0..10 {
+            for minute in [0, 20, 40] {
+                let at = T0 + hour * H + minute * 60_000;
+                store
+                    .create_task(
+                        &task("acme", Kind::Refresh, at, &[&format!("http://a.example.com/{hour}/{minute}")]),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        store.create_task(&task("other", Kind::Refresh, T0 + H, &["http://o/1"]), &[]).await.unwrap();
+        store.create_task(&task("acme", Kind::Prefetch, T0 + H, &["http://a.example.com/p"]), &[]).await.unwrap();
+        let total = |from: i64, to: i64| {
+            let store = store.clone();
+            async move {
+                store
+                    .window_items(&WindowQuery {
+                        account: "acme",
+                        kind: Kind::Refresh,
+                        from,
+                        to,
+                        url: None,
+                        page: page(1, 500),
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        let cases = [
+            (T0, T0 + 10 * H, 30),                   // whole hours only
+            (T0 + 10 * 60_000, T0 + 10 * H, 29),     // a partial first hour
+            (T0, T0 + 9 * H + 30 * 60_000, 29),      // a partial last hour
+            (T0 + 30 * 60_000, T0 + 50 * 60_000, 1), // inside one hour
+            (T0 - 5 * H, T0, 0),
+        ];
+        for (from, to, expected) in cases {
+            let p = total(from, to).await;
+            assert_eq!(p.total, expected, "{name}: [{from}, {to})");
+            assert_eq!(p.records.len() as u64, expected, "{name}: the list agrees with the total");
+        }
+        let p = total(T0, T0 + 10 * H).await;
+        assert_eq!(p.records[0].url, "http://a.example.com/9/40", "{name}: newest first");
+        let paged = store
+            .window_items(&WindowQuery {
+                account: "acme",
+                kind: Kind::Refresh,
+                from: T0,
+                to: T0 + 10 * H,
+                url: None,
+                page: page(3, 7),
+            })
+            .await
+            .unwrap();
+        assert_eq!(paged.records.len(), 7, "{name}");
+        assert_eq!(paged.records[0].url, p.records[14].url, "{name}: offset paging");
+        let one = store
+            .window_items(&WindowQuery {
+                account: "acme",
+                kind: Kind::Refresh,
+                from: T0,
+                to: T0 + 10 * H,
+                url: Some("http://a.example.com/4/20"),
+                page: page(1, 50),
+            })
+            .await
+            .unwrap();
+        assert_eq!((one.total, one.records.len()), (1, 1), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn records_walk_by_keyset_with_filters() {
+    for (name, store) in backends().await.stores {
+        let mut ids = Vec::new();
+        for batch in 0..5 {
+            let urls: Vec<String> = (0..50).map(|i| format!("http://www.example.com/{batch}/{i}")).collect();
+            let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+            ids.push(store.create_task(&task("acme", Kind::Refresh, T0 + batch, &refs), &[]).await.unwrap());
+        }
+        store
+            .create_task(
+                &task("acme", Kind::Refresh, T0 + 2, &["http://img.example.org/x", "http://www.example.com/dir/"]),
+                &[],
+            )
+            .await
+            .unwrap();
+        let base = RecordQuery {
+            account: "acme",
+            kind: Kind::Refresh,
+            task_id: None,
+            from: T0,
+            to: T0 + H,
+            site: Some("example.com"),
+            url: None,
+            item_type: None,
+            after: None,
+            limit: 100,
+        };
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.records(&RecordQuery { after, ..base.clone() }).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            let last = page.last().unwrap();
+            after = Some((last.created_at, last.id));
+            seen.extend(page);
+        }
+        assert_eq!(seen.len(), 251, "{name}: the site filter drops example.org");
+        let unique: HashSet<i64> = seen.iter().map(|i| i.id).collect();
+        assert_eq!(unique.len(), 251, "{name}: no record twice");
+        assert!(seen.windows(2).all(|w| (w[0].created_at, w[0].id) < (w[1].created_at, w[1].id)), "{name}: ascending");
+        let dirs = store.records(&RecordQuery { item_type: Some(ItemType::Dir), ..base.clone() }).await.unwrap();
+        assert_eq!(dirs.len(), 1, "{name}");
+        let by_task = store
+            .records(&RecordQuery { task_id: Some(ids[3]), from: 0, to: 0, limit: 1000, ..base.clone() })
+            .await
+            .unwrap();
+        assert_eq!(by_task.len(), 50, "{name}: a task ignores the window");
+        let sub = store.records(&RecordQuery { site: Some("www.example.com"), ..base.clone() }).await.unwrap();
+        assert_eq!(sub.len(), 100, "{name}: the exact host is the site");
+        let none = store.records(&RecordQuery { site: Some("ample.com"), ..base }).await.unwrap();
+        assert!(none.is_empty(), "{name}: a suffix that is not a label boundary does not match");
+    }
+}
+
+fn node(name: &str, state: NodeState, at: i64) -> NodeResult {
+    NodeResult {
+        node: name.into(),
+        state,
+        attempts: 1,
+        status_code: Some(200),
+        error: None,
+        updated_at: at,
+        instance: "w1".into(),
+    }
+}
+
+#[tokio::test]
+async fn the_queue_hands_out_items_under_leases() {
+    for (name, store) in backends().await.stores {
+        store
+            .create_task(&task("acme", Kind::Refresh, T0, &["http://a/1", "http://a/2", "http://a/3"]), &[])
+            .await
+            .unwrap();
+        let mut later = task("acme", Kind::Prefetch, T0, &["http://a/later"]);
+        later.items[0].not_before = Some(T0 + H);
+        store.create_task(&later, &[]).await.unwrap();
+
+        let now = T0 + 1000;
+        let a = store.claim_items("A", now, now + 30_000, 2).await.unwrap();
+        assert_eq!(a.len(), 2, "{name}");
+        let b = store.claim_items("B", now, now + 30_000, 10).await.unwrap();
+        assert_eq!(b.len(), 1, "{name}: leased items and future items are not handed out");
+        assert!(a.iter().all(|c| b.iter().all(|d| d.item.id != c.item.id)), "{name}");
+        assert!(store.claim_items("C", now, now + 30_000, 10).await.unwrap().is_empty(), "{name}");
+
+        // A renews; B does not. After B's lease ran out, C takes B's item, not A's.
+        assert_eq!(store.renew_leases("A", now + 60_000).await.unwrap(), 2, "{name}");
+        let c = store.claim_items("C", now + 40_000, now + 70_000, 10).await.unwrap();
+        assert_eq!(c.iter().map(|x| x.item.id).collect::<Vec<_>>(), vec![b[0].item.id], "{name}");
+
+        // Progress is stored and comes back with a later claim.
+        let id = a[0].item.id;
+        store
+            .apply_updates(&[ItemUpdate {
+                item_id: id,
+                status: ItemStatus::Processing,
+                progress: 50,
+                started_at: Some(now),
+                finished_at: None,
+                reason: None,
+                nodes: vec![node("n1", NodeState::Succeeded, now)],
+            }])
+            .await
+            .unwrap();
+        store.release_leases("A").await.unwrap();
+        let again = store.claim_items("D", now + 41_000, now + 80_000, 10).await.unwrap();
+        let resumed = again.iter().find(|x| x.item.id == id).expect("released items are claimable at once");
+        assert_eq!(resumed.started_at, Some(now), "{name}");
+        assert_eq!(resumed.nodes, vec![node("n1", NodeState::Succeeded, now)], "{name}");
+        assert_eq!(resumed.item.status, ItemStatus::Processing);
+        assert_eq!(resumed.item.progress, 50);
+
+        // A final item leaves the queue and keeps its result.
+        store
+            .apply_updates(&[ItemUpdate {
+                item_id: id,
+                status: ItemStatus::Failed,
+                progress: 100,
+                started_at: Some(now),
+                finished_at: Some(now + 5),
+                reason: Some("node n2: HTTP 403".into()),
+                nodes: vec![node("n2", NodeState::Failed, now + 5)],
+            }])
+            .await
+            .unwrap();
+        assert!(
+            store.claim_items("E", now + 200_000, now + 300_000, 10).await.unwrap().iter().all(|x| x.item.id != id),
+            "{name}"
+        );
+        let items = store.task_items("acme", Kind::Refresh, resumed.item.task_id, page(1, 50)).await.unwrap();
+        let done = items.records.iter().find(|i| i.id == id).unwrap();
+        assert_eq!(
+            (done.status, done.finished_at, done.reason.as_deref()),
+            (ItemStatus::Failed, Some(now + 5), Some("node n2: HTTP 403")),
+            "{name}"
+        );
+
+        // The future item becomes claimable at its time.
+        let due = store.claim_items("F", T0 + H, T0 + 2 * H, 10).await.unwrap();
+        assert!(due.iter().any(|x| x.item.url == "http://a/later"), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_overlap() {
+    for (name, store) in backends().await.stores {
+        let urls: Vec<String> = (0..600).map(|i| format!("http://a/{i}")).collect();
+        let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+        store.create_task(&task("acme", Kind::Refresh, T0, &refs), &[]).await.unwrap();
+        let claims = (0..6).map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let got = store.claim_items(&format!("w{w}"), T0, T0 + 60_000, 25).await.unwrap();
+                    if got.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(got.into_iter().map(|c| c.item.id));
+                }
+            })
+        });
+        let mut all = Vec::new();
+        for claim in claims {
+            all.extend(claim.await.unwrap());
+        }
+        let unique: HashSet<i64> = all.iter().copied().collect();
+        assert_eq!((all.len(), unique.len()), (600, 600), "{name}: every item claimed exactly once");
+    }
+}
+
+#[tokio::test]
+async fn the_sweep_deletes_old_records_and_keeps_totals_exact() {
+    for (name, store) in backends().await.stores {
+        let old = store
+            .create_task(&task("acme", Kind::Refresh, T0, &["http://a/old1", "http://a/old2"]), &[])
+            .await
+            .unwrap();
+        store.create_task(&task("acme", Kind::Refresh, T0 + 2 * H, &["http://a/new"]), &[]).await.unwrap();
+        store
+            .apply_updates(&[ItemUpdate {
+                item_id: store.task_items("acme", Kind::Refresh, old, page(1, 5)).await.unwrap().records[0].id,
+                status: ItemStatus::Completed,
+                progress: 100,
+                started_at: Some(T0),
+                finished_at: Some(T0),
+                reason: None,
+                nodes: vec![node("n1", NodeState::Succeeded, T0)],
+            }])
+            .await
+            .unwrap();
+        assert_eq!(store.sweep(T0 + H, 1).await.unwrap(), 1, "{name}: batches");
+        assert_eq!(store.sweep(T0 + H, 10).await.unwrap(), 1, "{name}");
+        assert_eq!(store.sweep(T0 + H, 10).await.unwrap(), 0, "{name}");
+        assert_eq!(store.task_items("acme", Kind::Refresh, old, page(1, 5)).await.unwrap().total, 0, "{name}");
+        let window = WindowQuery {
+            account: "acme",
+            kind: Kind::Refresh,
+            from: T0,
+            to: T0 + 3 * H,
+            url: None,
+            page: page(1, 50),
+        };
+        let p = store.window_items(&window).await.unwrap();
+        assert_eq!((p.total, p.records.len()), (1, 1), "{name}: the hourly counters followed the sweep");
+    }
+}
+
+#[tokio::test]
+async fn request_counters_are_shared_only_where_instances_share_the_store() {
+    for (name, store) in backends().await.stores {
+        let first = store.count_request("digest", 7, 100).await.unwrap();
+        let second = store.count_request("digest", 7, 100).await.unwrap();
+        match name {
+            "sqlite" => assert_eq!((first, second), (None, None)),
+            _ => {
+                assert_eq!((first, second), (Some(1), Some(2)), "{name}");
+                assert_eq!(store.count_request("digest", 7, 101).await.unwrap(), Some(1), "{name}: a new minute");
+                assert_eq!(store.count_request("digest", 8, 100).await.unwrap(), Some(1), "{name}: another endpoint");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_url = format!("sqlite://{}/c.db", dir.path().display());
+    drop(cachectl_store::open(&sqlite_url, true).await.unwrap());
+    let pool = sqlx::SqlitePool::connect(&sqlite_url).await.unwrap();
+    sqlx::query("INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time) VALUES (9999, 'future', CURRENT_TIMESTAMP, 1, x'00', 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let err = cachectl_store::open(&sqlite_url, true).await.err().expect("refused");
+    assert!(err.to_string().contains("newer"), "{err}");
+
+    let pg = PgCluster::start();
+    let pg_url = pg.database("future").await;
+    drop(cachectl_store::open(&pg_url, true).await.unwrap());
+    let pool = sqlx::PgPool::connect(&pg_url).await.unwrap();
+    sqlx::query("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', true, '\\x00', 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let err = cachectl_store::open(&pg_url, true).await.err().expect("refused");
+    assert!(err.to_string().contains("newer"), "{err}");
+    // Without migrating, a database that was never migrated is refused with a hint.
+    let empty = pg.database("empty").await;
+    let err = cachectl_store::open(&empty, false).await.err().expect("refused");
+    assert!(err.to_string().contains("cachectl migrate"), "{err}");
+}

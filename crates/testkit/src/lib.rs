@@ -1,0 +1,134 @@
+//! Test fixtures shared by the test suites: a private PostgreSQL cluster (Debian's postgresql
+//! package, `initdb` into a temporary directory, listening on 127.0.0.1 with a free port),
+//! stopped when dropped. Never a system service, never a fixed port.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Where Debian keeps PostgreSQL's server binaries (`initdb`, `pg_ctl`), newest version first.
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| {
+            dir.filter_map(Result::ok).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions.pop().expect("PostgreSQL server binaries in /usr/lib/postgresql/*/bin (scripts/test.sh installs them)")
+}
+
+fn running_as_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// Runs a PostgreSQL tool as the `postgres` user when we are root (PostgreSQL refuses root).
+fn pg_command(bin: &Path, tool: &str) -> Command {
+    if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+        c
+    } else {
+        Command::new(bin.join(tool))
+    }
+}
+
+/// A private PostgreSQL cluster.
+pub struct PgCluster {
+    /// The port it listens on, on 127.0.0.1.
+    pub port: u16,
+    bin: PathBuf,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PgCluster {
+    /// Initializes and starts a cluster (about a second).
+    ///
+    /// # Panics
+    /// PostgreSQL is not installed or does not start: the test cannot run.
+    #[must_use]
+    pub fn start() -> Self {
+        let bin = pg_bin();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("the data directory");
+        if running_as_root() {
+            let status =
+                Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().expect("chown");
+            assert!(status.success(), "chown of the cluster directory failed");
+        }
+        let out = pg_command(&bin, "initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .output()
+            .expect("initdb runs");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let cluster = Self { port, bin, data, _dir: dir };
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    fn pg_ctl_start(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200",
+            self.port,
+            self.data.display()
+        );
+        let out = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-o", &options, "-l"])
+            .arg(self.data.join("server.log"))
+            .args(["-w", "-t", "30", "start"])
+            .output()
+            .expect("pg_ctl runs");
+        assert!(out.status.success(), "pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Stops the cluster (`-m fast`: open connections are cut, as in a real restart).
+    pub fn stop(&self) {
+        let _ = pg_command(&self.bin, "pg_ctl").arg("-D").arg(&self.data).args(["-m", "fast", "-w", "stop"]).output();
+    }
+
+    /// Starts a stopped cluster again on the same port.
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+    }
+
+    /// A fresh, empty database in this cluster; returns its URL.
+    ///
+    /// # Panics
+    /// The database cannot be created.
+    pub async fn database(&self, name: &str) -> String {
+        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+        let start = Instant::now();
+        let pool = loop {
+            match sqlx::PgPool::connect(&admin).await {
+                Ok(pool) => break pool,
+                Err(e) => {
+                    assert!(start.elapsed() < Duration::from_secs(20), "cannot connect to the test cluster: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&pool).await.expect("CREATE DATABASE");
+        pool.close().await;
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ =
+            pg_command(&self.bin, "pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]).output();
+    }
+}
