@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian 12 machine with the Rust toolchain:
-# installs the edge caches the tests start (Varnish, nginx with the cache-purge module) when
-# missing, checks formatting and lints, then runs every test with cargo-nextest.
-# Tests start their own caches, origin and cachectl on 127.0.0.1 with free ports.
+# installs what the tests start when missing (Varnish, nginx with the cache-purge module,
+# PostgreSQL, Baidu's bce-python-sdk in a virtual environment), checks formatting and lints,
+# then runs every test with cargo-nextest. Tests start their own caches, origin, PostgreSQL
+# clusters and cachectl instances on 127.0.0.1 with free ports; no system service is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ need=()
 command -v varnishd >/dev/null 2>&1 || need+=(varnish)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_cache_purge_module.so ] || need+=(libnginx-mod-http-cache-purge)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -105,12 +105,20 @@ pub struct StoreConfig {
     /// Apply migrations at start (default). With `false`, run `cachectl migrate` first.
     #[serde(default = "default_true")]
     pub migrate_on_start: bool,
+    /// How long an operation waits for a database connection before it fails (and the API
+    /// answers 503) while PostgreSQL is unreachable.
+    #[serde(default = "default_acquire", with = "humantime_serde")]
+    pub acquire_timeout: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: default_store_url(), migrate_on_start: true }
+        Self { url: default_store_url(), migrate_on_start: true, acquire_timeout: default_acquire() }
     }
+}
+
+fn default_acquire() -> Duration {
+    cachectl_store::DEFAULT_ACQUIRE_TIMEOUT
 }
 
 fn default_true() -> bool {
@@ -496,6 +504,7 @@ impl Config {
             listen,
             store_url: self.store.url.clone(),
             migrate_on_start: self.store.migrate_on_start,
+            store_acquire_timeout: self.store.acquire_timeout,
             shutdown_grace: self.server.shutdown_grace,
             worker: self.worker.clone(),
             retention: self.retention.clone(),
@@ -527,6 +536,8 @@ pub struct Settings {
     pub store_url: String,
     /// Whether to migrate at start.
     pub migrate_on_start: bool,
+    /// How long a store operation waits for a connection.
+    pub store_acquire_timeout: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
     /// Worker settings.

@@ -34,7 +34,9 @@ impl Application {
         let settings = Arc::new(settings);
         tracing::info!(store = %redact_url(&settings.store_url), "Opening the store.");
         let store =
-            cachectl_store::open(&settings.store_url, settings.migrate_on_start).await.context("opening the store")?;
+            cachectl_store::open_with(&settings.store_url, settings.migrate_on_start, settings.store_acquire_timeout)
+                .await
+                .context("opening the store")?;
         let wake = Arc::new(Notify::new());
         let notify = wake.clone();
         let service = Service::new(store.clone(), settings.timezone, Arc::new(move || notify.notify_one()));

@@ -7,6 +7,7 @@ pub mod sqlite;
 
 use cachectl_core::{Store, StoreError};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -14,9 +15,12 @@ pub use sqlite::SqliteStore;
 /// The bucket of the `item_counts` table: one hour.
 pub(crate) const HOUR_MS: i64 = 3_600_000;
 
+/// A half-open range `[start, end)`.
+pub(crate) type Span = (i64, i64);
+
 /// Splits the window `[from, to)` into the whole hours it covers, `[first, end)` as hour numbers,
 /// and the partial stretches at its edges (in milliseconds), which are counted row by row.
-pub(crate) fn split_window(from: i64, to: i64) -> (Option<(i64, i64)>, Vec<(i64, i64)>) {
+pub(crate) fn split_window(from: i64, to: i64) -> (Option<Span>, Vec<Span>) {
     let first = from.div_euclid(HOUR_MS) + i64::from(from.rem_euclid(HOUR_MS) != 0);
     let end = to.div_euclid(HOUR_MS);
     if first >= end {
@@ -32,6 +36,40 @@ pub(crate) fn split_window(from: i64, to: i64) -> (Option<(i64, i64)>, Vec<(i64,
     (Some((first, end)), edges)
 }
 
+/// Opens the store named by `url`: `sqlite://path/to/file.db` (or `sqlite::memory:`), or
+/// `postgres://user@host:port/db`. With `migrate`, brings the schema up to date first; either
+/// way a schema newer than this binary is refused.
+///
+/// # Errors
+/// An unsupported scheme, or the backend failing to open or migrate.
+pub async fn open(url: &str, migrate: bool) -> Result<Arc<dyn Store>, StoreError> {
+    open_with(url, migrate, DEFAULT_ACQUIRE_TIMEOUT).await
+}
+
+/// How long an operation waits for a database connection by default.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `open`, with how long an operation may wait for a connection (for PostgreSQL: while the
+/// database is down, operations fail after this instead of hanging).
+///
+/// # Errors
+/// As `open`.
+pub async fn open_with(url: &str, migrate: bool, acquire_timeout: Duration) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        return Ok(Arc::new(SqliteStore::open(url, migrate).await?));
+    }
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        return Ok(Arc::new(PgStore::open(url, migrate, acquire_timeout).await?));
+    }
+    Err(StoreError::Unavailable("store.url: unsupported scheme; use sqlite:// or postgres://".into()))
+}
+
+/// Whether `url` names a backend this build supports.
+#[must_use]
+pub fn supported(url: &str) -> bool {
+    ["sqlite:", "postgres:", "postgresql:"].iter().any(|scheme| url.starts_with(scheme))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,26 +83,4 @@ mod tests {
         assert_eq!(split_window(h - 1, h + 1), (None, vec![(h - 1, h + 1)]));
         assert_eq!(split_window(5, 5), (None, vec![]));
     }
-}
-
-/// Opens the store named by `url`: `sqlite://path/to/file.db` (or `sqlite::memory:`), or
-/// `postgres://user@host:port/db`. With `migrate`, brings the schema up to date first; either
-/// way a schema newer than this binary is refused.
-///
-/// # Errors
-/// An unsupported scheme, or the backend failing to open or migrate.
-pub async fn open(url: &str, migrate: bool) -> Result<Arc<dyn Store>, StoreError> {
-    if url.starts_with("sqlite:") {
-        return Ok(Arc::new(SqliteStore::open(url, migrate).await?));
-    }
-    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        return Ok(Arc::new(PgStore::open(url, migrate).await?));
-    }
-    Err(StoreError::Unavailable("store.url: unsupported scheme; use sqlite:// or postgres://".into()))
-}
-
-/// Whether `url` names a backend this build supports.
-#[must_use]
-pub fn supported(url: &str) -> bool {
-    ["sqlite:", "postgres:", "postgresql:"].iter().any(|scheme| url.starts_with(scheme))
 }

@@ -37,13 +37,13 @@ impl PgStore {
     ///
     /// # Errors
     /// The database cannot be reached, or the schema is newer or cannot be migrated.
-    pub async fn open(url: &str, migrate: bool) -> StoreResult<Self> {
+    pub async fn open(url: &str, migrate: bool, acquire_timeout: Duration) -> StoreResult<Self> {
         let options = PgConnectOptions::from_str(url).map_err(unavailable)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             // A request waits at most this long for a connection while the database is down,
             // then fails with 503 instead of hanging.
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(acquire_timeout)
             .connect_with(options)
             .await
             .map_err(unavailable)?;

@@ -95,8 +95,17 @@ impl PgCluster {
     }
 
     /// Stops the cluster (`-m fast`: open connections are cut, as in a real restart).
+    ///
+    /// # Panics
+    /// `pg_ctl stop` fails.
     pub fn stop(&self) {
-        let _ = pg_command(&self.bin, "pg_ctl").arg("-D").arg(&self.data).args(["-m", "fast", "-w", "stop"]).output();
+        let out = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"])
+            .output()
+            .expect("pg_ctl runs");
+        assert!(out.status.success(), "pg_ctl stop failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Starts a stopped cluster again on the same port.

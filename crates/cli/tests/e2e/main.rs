@@ -3,6 +3,7 @@
 
 mod baishan;
 mod bce;
+mod cluster;
 mod durability;
 mod edges;
 mod support;

@@ -260,11 +260,16 @@ pub const TOKEN: &str = "acme-secret-token";
 impl Cachectl {
     /// Starts cachectl with `extra` TOML (accounts, edges, worker settings) on a fresh SQLite file.
     pub async fn start(extra: &str) -> Self {
+        Self::start_on_store(None, extra).await
+    }
+
+    /// Starts cachectl on `store_url` (a fresh SQLite file when `None`).
+    pub async fn start_on_store(store_url: Option<&str>, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let store = store_url.map_or_else(|| format!("sqlite://{}/cachectl.db", dir.path().display()), str::to_owned);
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"sqlite://{}/cachectl.db\"\n\n{extra}\n",
-            dir.path().display()
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"{store}\"\nacquire_timeout = \"1s\"\n\n{extra}\n"
         );
         let config_path = dir.path().join("cachectl.toml");
         std::fs::write(&config_path, config).unwrap();
