@@ -64,6 +64,34 @@ pub async fn open_with(url: &str, migrate: bool, acquire_timeout: Duration) -> R
     Err(StoreError::Unavailable("store.url: unsupported scheme; use sqlite:// or postgres://".into()))
 }
 
+/// The record queries whose plans `explain` checks: every filter the Baidu dialects use.
+pub(crate) fn sample_record_queries(
+    account: &str,
+    (from, to): (i64, i64),
+) -> Vec<(&'static str, cachectl_core::RecordQuery<'_>)> {
+    let base = cachectl_core::RecordQuery {
+        account,
+        kind: cachectl_core::Kind::Refresh,
+        task_id: None,
+        from,
+        to,
+        site: None,
+        url: None,
+        item_type: None,
+        after: None,
+        limit: 101,
+    };
+    vec![
+        ("records: window and marker", cachectl_core::RecordQuery { after: Some((0, 0)), ..base.clone() }),
+        ("records: site", cachectl_core::RecordQuery { site: Some("example.com"), ..base.clone() }),
+        (
+            "records: task id",
+            cachectl_core::RecordQuery { task_id: Some(1), site: Some("example.com"), ..base.clone() },
+        ),
+        ("records: one URL", cachectl_core::RecordQuery { url: Some("http://x/"), after: Some((0, 0)), ..base }),
+    ]
+}
+
 /// Whether `url` names a backend this build supports.
 #[must_use]
 pub fn supported(url: &str) -> bool {

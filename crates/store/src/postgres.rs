@@ -67,6 +67,82 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// The query plans (`EXPLAIN`, with sequential scans disabled so that the planner shows
+    /// whether an index can serve each statement at all) of every read path and queue
+    /// statement, by name, for the test that forbids sequential scans of the items table.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn explain(&self, account: &str, (from, to): (Millis, Millis)) -> StoreResult<Vec<(String, String)>> {
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        sqlx::query("ANALYZE items").execute(&mut *conn).await.map_err(unavailable)?;
+        sqlx::query("SET enable_seqscan = off").execute(&mut *conn).await.map_err(unavailable)?;
+        let mut plans = Vec::new();
+        let text = |rows: Vec<sqlx::postgres::PgRow>| {
+            rows.iter().map(|r| r.get::<String, _>(0)).collect::<Vec<_>>().join("\n")
+        };
+        let (a, k) = (account, "refresh");
+        let explain = |sql: &str| format!("EXPLAIN {sql}");
+        let rows =
+            sqlx::query(&explain(statements::TASK_COUNT)).bind(1_i64).bind(a).bind(k).fetch_all(&mut *conn).await;
+        plans.push(("task id: count".to_owned(), text(rows.map_err(unavailable)?)));
+        let rows = sqlx::query(&explain(&statements::task_page()))
+            .bind(1_i64)
+            .bind(a)
+            .bind(k)
+            .bind(50_i64)
+            .bind(0_i64)
+            .fetch_all(&mut *conn)
+            .await;
+        plans.push(("task id: page".to_owned(), text(rows.map_err(unavailable)?)));
+        let rows = sqlx::query(&explain(statements::COUNTS_SUM))
+            .bind(a)
+            .bind(k)
+            .bind(from / 3_600_000)
+            .bind(to / 3_600_000)
+            .fetch_all(&mut *conn)
+            .await;
+        plans.push(("window: hourly counters".to_owned(), text(rows.map_err(unavailable)?)));
+        for url in [false, true] {
+            let what = if url { "one URL" } else { "window" };
+            let (count_sql, page_sql) =
+                (explain(&statements::window_count(url)), explain(&statements::window_page(url)));
+            let mut count = sqlx::query(&count_sql).bind(a).bind(k);
+            let mut page = sqlx::query(&page_sql).bind(a).bind(k);
+            if url {
+                count = count.bind("http://x/");
+                page = page.bind("http://x/");
+            }
+            let rows = count.bind(from).bind(to).fetch_all(&mut *conn).await;
+            plans.push((format!("{what}: count"), text(rows.map_err(unavailable)?)));
+            let rows = page.bind(from).bind(to).bind(50_i64).bind(4950_i64).fetch_all(&mut *conn).await;
+            plans.push((format!("{what}: page"), text(rows.map_err(unavailable)?)));
+        }
+        let rows = sqlx::query(&explain(&statements::claim()))
+            .bind("owner")
+            .bind(1_i64)
+            .bind(0_i64)
+            .bind(100_i64)
+            .fetch_all(&mut *conn)
+            .await;
+        plans.push(("queue: claim".to_owned(), text(rows.map_err(unavailable)?)));
+        let rows = sqlx::query(&explain(statements::RENEW)).bind(1_i64).bind("owner").fetch_all(&mut *conn).await;
+        plans.push(("queue: renew".to_owned(), text(rows.map_err(unavailable)?)));
+        let rows = sqlx::query(&explain(statements::RELEASE)).bind("owner").fetch_all(&mut *conn).await;
+        plans.push(("queue: release".to_owned(), text(rows.map_err(unavailable)?)));
+        let rows =
+            sqlx::query(&explain(statements::SWEEP_SELECT)).bind(from).bind(2000_i64).fetch_all(&mut *conn).await;
+        plans.push(("retention sweep".to_owned(), text(rows.map_err(unavailable)?)));
+        for (name, query) in crate::sample_record_queries(account, (from, to)) {
+            let rows = records_query("EXPLAIN ", &query).build().fetch_all(&mut *conn).await;
+            plans.push((name.to_owned(), text(rows.map_err(unavailable)?)));
+        }
+        sqlx::query("RESET enable_seqscan").execute(&mut *conn).await.map_err(unavailable)?;
+        Ok(plans)
+    }
+}
+
 async fn check_schema_version(pool: &PgPool) -> StoreResult<()> {
     let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
         .fetch_one(pool)
@@ -91,6 +167,91 @@ fn push_ids(builder: &mut QueryBuilder<'_, Postgres>, ids: &[i64]) {
     for id in ids {
         list.push_bind(*id);
     }
+}
+
+/// The statements of every read path and of the queue, shared by the operations and by
+/// `explain`, so that the plans checked are those of the statements that run.
+mod statements {
+    use crate::rows::ITEM_COLUMNS;
+
+    pub(super) const TASK_COUNT: &str = "SELECT COUNT(*) FROM items WHERE task_id = $1 AND account = $2 AND kind = $3";
+    pub(super) const COUNTS_SUM: &str =
+        "SELECT SUM(n)::BIGINT FROM item_counts WHERE account = $1 AND kind = $2 AND hour >= $3 AND hour < $4";
+    pub(super) const RENEW: &str =
+        "UPDATE items SET lease_until = $1 WHERE lease_owner = $2 AND status IN ('waiting', 'processing')";
+    pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1";
+    pub(super) const SWEEP_SELECT: &str = "SELECT id FROM items WHERE created_at < $1 ORDER BY created_at LIMIT $2";
+
+    pub(super) fn task_page() -> String {
+        format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE task_id = $1 AND account = $2 AND kind = $3
+             ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5"
+        )
+    }
+
+    /// The window filter and the number of its last placeholder.
+    fn window_filter(url: bool) -> (&'static str, usize) {
+        if url {
+            ("account = $1 AND kind = $2 AND url = $3 AND created_at >= $4 AND created_at < $5", 5)
+        } else {
+            ("account = $1 AND kind = $2 AND created_at >= $3 AND created_at < $4", 4)
+        }
+    }
+
+    pub(super) fn window_count(url: bool) -> String {
+        format!("SELECT COUNT(*) FROM items WHERE {}", window_filter(url).0)
+    }
+
+    pub(super) fn window_page(url: bool) -> String {
+        let (filter, last) = window_filter(url);
+        format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT ${} OFFSET ${}",
+            last + 1,
+            last + 2
+        )
+    }
+
+    /// SKIP LOCKED: instances claiming at the same moment take disjoint items instead of waiting
+    /// on each other's row locks.
+    pub(super) fn claim() -> String {
+        format!(
+            "UPDATE items SET lease_owner = $1, lease_until = $2
+             WHERE id IN (SELECT id FROM items
+                          WHERE status IN ('waiting', 'processing') AND not_before <= $3
+                            AND (lease_until IS NULL OR lease_until < $3)
+                          ORDER BY not_before, id LIMIT $4
+                          FOR UPDATE SKIP LOCKED)
+             RETURNING {ITEM_COLUMNS}, started_at"
+        )
+    }
+}
+
+/// The Baidu dialects' record query, ascending by `(created_at, id)`; `prefix` is `""` to run
+/// it, or `EXPLAIN ` to check its plan.
+fn records_query<'a>(prefix: &str, query: &'a RecordQuery<'a>) -> QueryBuilder<'a, Postgres> {
+    let mut select: QueryBuilder<'a, Postgres> =
+        QueryBuilder::new(format!("{prefix}SELECT {ITEM_COLUMNS} FROM items WHERE account = "));
+    select.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
+    if let Some(task_id) = query.task_id {
+        select.push(" AND task_id = ").push_bind(task_id);
+    } else {
+        select.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(query.to);
+    }
+    if let Some(site) = query.site {
+        // Sites are validated domain names: no LIKE wildcard can occur in them.
+        select.push(" AND (host = ").push_bind(site).push(" OR host LIKE ").push_bind(format!("%.{site}")).push(")");
+    }
+    if let Some(url) = query.url {
+        select.push(" AND url = ").push_bind(url);
+    }
+    if let Some(item_type) = query.item_type {
+        select.push(" AND item_type = ").push_bind(item_type.as_str());
+    }
+    if let Some((created_at, id)) = query.after {
+        select.push(" AND (created_at, id) > (").push_bind(created_at).push(", ").push_bind(id).push(")");
+    }
+    select.push(" ORDER BY created_at, id LIMIT ").push_bind(i64::from(query.limit));
+    select
 }
 
 #[async_trait]
@@ -196,37 +357,28 @@ impl Store for PgStore {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>> {
-        let total: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE task_id = $1 AND account = $2 AND kind = $3")
-                .bind(task_id)
-                .bind(account)
-                .bind(kind.as_str())
-                .fetch_one(&self.pool)
-                .await
-                .map_err(unavailable)?;
-        let rows = sqlx::query(&format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE task_id = $1 AND account = $2 AND kind = $3
-             ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5"
-        ))
-        .bind(task_id)
-        .bind(account)
-        .bind(kind.as_str())
-        .bind(i64::from(page.size))
-        .bind(i64::try_from(page.offset()).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let total: i64 = sqlx::query_scalar(statements::TASK_COUNT)
+            .bind(task_id)
+            .bind(account)
+            .bind(kind.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let rows = sqlx::query(&statements::task_page())
+            .bind(task_id)
+            .bind(account)
+            .bind(kind.as_str())
+            .bind(i64::from(page.size))
+            .bind(i64::try_from(page.offset()).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
         Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
-        let (filter, next) = if query.url.is_some() {
-            ("account = $1 AND kind = $2 AND url = $3 AND created_at >= $4 AND created_at < $5", 6)
-        } else {
-            ("account = $1 AND kind = $2 AND created_at >= $3 AND created_at < $4", 5)
-        };
-        let count_sql = format!("SELECT COUNT(*) FROM items WHERE {filter}");
+        let count_sql = statements::window_count(query.url.is_some());
         let count_range = |from: Millis, to: Millis| {
             let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(query.account).bind(query.kind.as_str());
             if let Some(url) = query.url {
@@ -240,16 +392,14 @@ impl Store for PgStore {
             let (hours, edges) = split_window(query.from, query.to);
             let mut total = 0;
             if let Some((first, end)) = hours {
-                let sum: Option<i64> = sqlx::query_scalar(
-                    "SELECT SUM(n)::BIGINT FROM item_counts WHERE account = $1 AND kind = $2 AND hour >= $3 AND hour < $4",
-                )
-                .bind(query.account)
-                .bind(query.kind.as_str())
-                .bind(first)
-                .bind(end)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(unavailable)?;
+                let sum: Option<i64> = sqlx::query_scalar(statements::COUNTS_SUM)
+                    .bind(query.account)
+                    .bind(query.kind.as_str())
+                    .bind(first)
+                    .bind(end)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(unavailable)?;
                 total += sum.unwrap_or(0);
             }
             for (from, to) in edges {
@@ -257,10 +407,7 @@ impl Store for PgStore {
             }
             total
         };
-        let list_sql = format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT ${next} OFFSET ${}",
-            next + 1
-        );
+        let list_sql = statements::window_page(query.url.is_some());
         let mut list = sqlx::query(&list_sql).bind(query.account).bind(query.kind.as_str());
         if let Some(url) = query.url {
             list = list.bind(url);
@@ -278,33 +425,7 @@ impl Store for PgStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
-        let mut select: QueryBuilder<'_, Postgres> =
-            QueryBuilder::new(format!("SELECT {ITEM_COLUMNS} FROM items WHERE account = "));
-        select.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
-        if let Some(task_id) = query.task_id {
-            select.push(" AND task_id = ").push_bind(task_id);
-        } else {
-            select.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(query.to);
-        }
-        if let Some(site) = query.site {
-            // Sites are validated domain names: no LIKE wildcard can occur in them.
-            select
-                .push(" AND (host = ")
-                .push_bind(site)
-                .push(" OR host LIKE ")
-                .push_bind(format!("%.{site}"))
-                .push(")");
-        }
-        if let Some(url) = query.url {
-            select.push(" AND url = ").push_bind(url);
-        }
-        if let Some(item_type) = query.item_type {
-            select.push(" AND item_type = ").push_bind(item_type.as_str());
-        }
-        if let Some((created_at, id)) = query.after {
-            select.push(" AND (created_at, id) > (").push_bind(created_at).push(", ").push_bind(id).push(")");
-        }
-        select.push(" ORDER BY created_at, id LIMIT ").push_bind(i64::from(query.limit));
+        let mut select = records_query("", query);
         let rows = select.build().fetch_all(&self.pool).await.map_err(unavailable)?;
         Ok(rows.iter().map(item_from_row).collect())
     }
@@ -318,24 +439,14 @@ impl Store for PgStore {
         limit: u32,
     ) -> StoreResult<Vec<ClaimedItem>> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        // SKIP LOCKED: instances claiming at the same moment take disjoint items instead of
-        // waiting on each other's row locks.
-        let rows = sqlx::query(&format!(
-            "UPDATE items SET lease_owner = $1, lease_until = $2
-             WHERE id IN (SELECT id FROM items
-                          WHERE status IN ('waiting', 'processing') AND not_before <= $3
-                            AND (lease_until IS NULL OR lease_until < $3)
-                          ORDER BY not_before, id LIMIT $4
-                          FOR UPDATE SKIP LOCKED)
-             RETURNING {ITEM_COLUMNS}, started_at"
-        ))
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let rows = sqlx::query(&statements::claim())
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         let mut claimed: Vec<ClaimedItem> = rows
             .iter()
             .map(|row| ClaimedItem { item: item_from_row(row), started_at: row.get("started_at"), nodes: Vec::new() })
@@ -361,23 +472,17 @@ impl Store for PgStore {
     }
 
     async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "UPDATE items SET lease_until = $1 WHERE lease_owner = $2 AND status IN ('waiting', 'processing')",
-        )
-        .bind(lease_until)
-        .bind(owner)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(done.rows_affected())
-    }
-
-    async fn release_leases(&self, owner: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1")
+        let done = sqlx::query(statements::RENEW)
+            .bind(lease_until)
             .bind(owner)
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release_leases(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query(statements::RELEASE).bind(owner).execute(&self.pool).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -431,13 +536,12 @@ impl Store for PgStore {
     #[tracing::instrument(level = "debug", skip(self))]
     async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let ids: Vec<i64> =
-            sqlx::query_scalar("SELECT id FROM items WHERE created_at < $1 ORDER BY created_at LIMIT $2")
-                .bind(before)
-                .bind(i64::from(batch))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+        let ids: Vec<i64> = sqlx::query_scalar(statements::SWEEP_SELECT)
+            .bind(before)
+            .bind(i64::from(batch))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         if !ids.is_empty() {
             sqlx::query(&format!(
                 "UPDATE item_counts c SET n = c.n - d.n

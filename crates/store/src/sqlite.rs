@@ -71,6 +71,41 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// The query plans (`EXPLAIN QUERY PLAN`) of every read path and queue statement, by name,
+    /// for the test that forbids full scans of the items table.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn explain(&self, account: &str, window: (Millis, Millis)) -> StoreResult<Vec<(String, String)>> {
+        let mut statements: Vec<(String, String)> = vec![
+            ("task id: count".into(), statements::TASK_COUNT.into()),
+            ("task id: page".into(), statements::task_page()),
+            ("window: hourly counters".into(), statements::COUNTS_SUM.into()),
+            ("window: edge count".into(), statements::window_count(false)),
+            ("window: page".into(), statements::window_page(false)),
+            ("one URL: count".into(), statements::window_count(true)),
+            ("one URL: page".into(), statements::window_page(true)),
+            ("queue: claim".into(), statements::claim()),
+            ("queue: renew".into(), statements::RENEW.into()),
+            ("queue: release".into(), statements::RELEASE.into()),
+            ("retention sweep".into(), statements::SWEEP_SELECT.into()),
+        ];
+        for (name, query) in crate::sample_record_queries(account, window) {
+            statements.push((name.into(), records_query("", &query).sql().to_owned()));
+        }
+        sqlx::query("ANALYZE").execute(&self.writer).await.map_err(unavailable)?;
+        let mut plans = Vec::new();
+        for (name, sql) in statements {
+            let rows =
+                sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}")).fetch_all(&self.writer).await.map_err(unavailable)?;
+            let plan: Vec<String> = rows.iter().map(|r| r.get::<String, _>("detail")).collect();
+            plans.push((name, plan.join("\n")));
+        }
+        Ok(plans)
+    }
+}
+
 /// Refuses to run on a database migrated by a newer cachectl: its schema may mean something
 /// this binary would corrupt.
 async fn check_schema_version(pool: &SqlitePool) -> StoreResult<()> {
@@ -91,6 +126,96 @@ async fn check_schema_version(pool: &SqlitePool) -> StoreResult<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// The statements of every read path and of the queue, shared by the operations and by
+/// `explain`, so that the plans checked are those of the statements that run.
+mod statements {
+    use crate::rows::ITEM_COLUMNS;
+
+    // INDEXED BY: a task has at most a thousand items while its account may have millions, a
+    // difference SQLite's planner cannot always see from its statistics.
+    pub(super) const TASK_COUNT: &str =
+        "SELECT COUNT(*) FROM items INDEXED BY items_task WHERE task_id = ? AND account = ? AND kind = ?";
+    pub(super) const COUNTS_SUM: &str =
+        "SELECT SUM(n) FROM item_counts WHERE account = ? AND kind = ? AND hour >= ? AND hour < ?";
+    pub(super) const RENEW: &str =
+        "UPDATE items SET lease_until = ? WHERE lease_owner = ? AND status IN ('waiting', 'processing')";
+    pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?";
+    pub(super) const SWEEP_SELECT: &str = "SELECT id FROM items WHERE created_at < ? ORDER BY created_at LIMIT ?";
+
+    pub(super) fn task_page() -> String {
+        format!(
+            "SELECT {ITEM_COLUMNS} FROM items INDEXED BY items_task WHERE task_id = ? AND account = ? AND kind = ?
+             ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+        )
+    }
+
+    fn window_filter(url: bool) -> &'static str {
+        if url {
+            "account = ? AND kind = ? AND url = ? AND created_at >= ? AND created_at < ?"
+        } else {
+            "account = ? AND kind = ? AND created_at >= ? AND created_at < ?"
+        }
+    }
+
+    pub(super) fn window_count(url: bool) -> String {
+        format!("SELECT COUNT(*) FROM items WHERE {}", window_filter(url))
+    }
+
+    pub(super) fn window_page(url: bool) -> String {
+        format!(
+            "SELECT {ITEM_COLUMNS} FROM items WHERE {} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+            window_filter(url)
+        )
+    }
+
+    pub(super) fn claim() -> String {
+        format!(
+            "UPDATE items SET lease_owner = ?, lease_until = ?
+             WHERE id IN (SELECT id FROM items
+                          WHERE status IN ('waiting', 'processing') AND not_before <= ?
+                            AND (lease_until IS NULL OR lease_until < ?)
+                          ORDER BY not_before, id LIMIT ?)
+             RETURNING {ITEM_COLUMNS}, started_at"
+        )
+    }
+}
+
+/// The Baidu dialects' record query, ascending by `(created_at, id)`; `prefix` is `""` to run
+/// it, or `EXPLAIN QUERY PLAN ` to check its plan.
+fn records_query<'a>(prefix: &str, query: &'a RecordQuery<'a>) -> QueryBuilder<'a, Sqlite> {
+    let index = if query.task_id.is_some() { " INDEXED BY items_task" } else { "" };
+    let mut select: QueryBuilder<'a, Sqlite> =
+        QueryBuilder::new(format!("{prefix}SELECT {ITEM_COLUMNS} FROM items{index} WHERE account = "));
+    select.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
+    if let Some(task_id) = query.task_id {
+        select.push(" AND task_id = ").push_bind(task_id);
+    } else {
+        select.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(query.to);
+    }
+    if let Some(site) = query.site {
+        // Sites are validated domain names: no LIKE wildcard can occur in them.
+        select.push(" AND (host = ").push_bind(site).push(" OR host LIKE ").push_bind(format!("%.{site}")).push(")");
+    }
+    if let Some(url) = query.url {
+        select.push(" AND url = ").push_bind(url);
+    }
+    if let Some(item_type) = query.item_type {
+        select.push(" AND item_type = ").push_bind(item_type.as_str());
+    }
+    if let Some((created_at, id)) = query.after {
+        select
+            .push(" AND (created_at > ")
+            .push_bind(created_at)
+            .push(" OR (created_at = ")
+            .push_bind(created_at)
+            .push(" AND id > ")
+            .push_bind(id)
+            .push("))");
+    }
+    select.push(" ORDER BY created_at, id LIMIT ").push_bind(i64::from(query.limit));
+    select
 }
 
 #[async_trait]
@@ -186,37 +311,28 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>> {
-        let total: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE task_id = ? AND account = ? AND kind = ?")
-                .bind(task_id)
-                .bind(account)
-                .bind(kind.as_str())
-                .fetch_one(&self.reader)
-                .await
-                .map_err(unavailable)?;
-        let rows = sqlx::query(&format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE task_id = ? AND account = ? AND kind = ?
-             ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
-        ))
-        .bind(task_id)
-        .bind(account)
-        .bind(kind.as_str())
-        .bind(i64::from(page.size))
-        .bind(i64::try_from(page.offset()).unwrap_or(i64::MAX))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
+        let total: i64 = sqlx::query_scalar(statements::TASK_COUNT)
+            .bind(task_id)
+            .bind(account)
+            .bind(kind.as_str())
+            .fetch_one(&self.reader)
+            .await
+            .map_err(unavailable)?;
+        let rows = sqlx::query(&statements::task_page())
+            .bind(task_id)
+            .bind(account)
+            .bind(kind.as_str())
+            .bind(i64::from(page.size))
+            .bind(i64::try_from(page.offset()).unwrap_or(i64::MAX))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(unavailable)?;
         Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
-        let filter = if query.url.is_some() {
-            "account = ? AND kind = ? AND url = ? AND created_at >= ? AND created_at < ?"
-        } else {
-            "account = ? AND kind = ? AND created_at >= ? AND created_at < ?"
-        };
-        let count_sql = format!("SELECT COUNT(*) FROM items WHERE {filter}");
+        let count_sql = statements::window_count(query.url.is_some());
         let count_range = |from: Millis, to: Millis| {
             let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(query.account).bind(query.kind.as_str());
             if let Some(url) = query.url {
@@ -231,16 +347,14 @@ impl Store for SqliteStore {
             let (hours, edges) = split_window(query.from, query.to);
             let mut total = 0;
             if let Some((first, end)) = hours {
-                let sum: Option<i64> = sqlx::query_scalar(
-                    "SELECT SUM(n) FROM item_counts WHERE account = ? AND kind = ? AND hour >= ? AND hour < ?",
-                )
-                .bind(query.account)
-                .bind(query.kind.as_str())
-                .bind(first)
-                .bind(end)
-                .fetch_one(&self.reader)
-                .await
-                .map_err(unavailable)?;
+                let sum: Option<i64> = sqlx::query_scalar(statements::COUNTS_SUM)
+                    .bind(query.account)
+                    .bind(query.kind.as_str())
+                    .bind(first)
+                    .bind(end)
+                    .fetch_one(&self.reader)
+                    .await
+                    .map_err(unavailable)?;
                 total += sum.unwrap_or(0);
             }
             for (from, to) in edges {
@@ -248,9 +362,7 @@ impl Store for SqliteStore {
             }
             total
         };
-        let list_sql = format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
-        );
+        let list_sql = statements::window_page(query.url.is_some());
         let mut list = sqlx::query(&list_sql).bind(query.account).bind(query.kind.as_str());
         if let Some(url) = query.url {
             list = list.bind(url);
@@ -268,40 +380,7 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
-        let mut select: QueryBuilder<'_, Sqlite> =
-            QueryBuilder::new(format!("SELECT {ITEM_COLUMNS} FROM items WHERE account = "));
-        select.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
-        if let Some(task_id) = query.task_id {
-            select.push(" AND task_id = ").push_bind(task_id);
-        } else {
-            select.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(query.to);
-        }
-        if let Some(site) = query.site {
-            // Sites are validated domain names: no LIKE wildcard can occur in them.
-            select
-                .push(" AND (host = ")
-                .push_bind(site)
-                .push(" OR host LIKE ")
-                .push_bind(format!("%.{site}"))
-                .push(")");
-        }
-        if let Some(url) = query.url {
-            select.push(" AND url = ").push_bind(url);
-        }
-        if let Some(item_type) = query.item_type {
-            select.push(" AND item_type = ").push_bind(item_type.as_str());
-        }
-        if let Some((created_at, id)) = query.after {
-            select
-                .push(" AND (created_at > ")
-                .push_bind(created_at)
-                .push(" OR (created_at = ")
-                .push_bind(created_at)
-                .push(" AND id > ")
-                .push_bind(id)
-                .push("))");
-        }
-        select.push(" ORDER BY created_at, id LIMIT ").push_bind(i64::from(query.limit));
+        let mut select = records_query("", query);
         let rows = select.build().fetch_all(&self.reader).await.map_err(unavailable)?;
         Ok(rows.iter().map(item_from_row).collect())
     }
@@ -315,22 +394,15 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<ClaimedItem>> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
-        let rows = sqlx::query(&format!(
-            "UPDATE items SET lease_owner = ?, lease_until = ?
-             WHERE id IN (SELECT id FROM items
-                          WHERE status IN ('waiting', 'processing') AND not_before <= ?
-                            AND (lease_until IS NULL OR lease_until < ?)
-                          ORDER BY not_before, id LIMIT ?)
-             RETURNING {ITEM_COLUMNS}, started_at"
-        ))
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now)
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let rows = sqlx::query(&statements::claim())
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         let mut claimed: Vec<ClaimedItem> = rows
             .iter()
             .map(|row| ClaimedItem { item: item_from_row(row), started_at: row.get("started_at"), nodes: Vec::new() })
@@ -358,23 +430,17 @@ impl Store for SqliteStore {
     }
 
     async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "UPDATE items SET lease_until = ? WHERE lease_owner = ? AND status IN ('waiting', 'processing')",
-        )
-        .bind(lease_until)
-        .bind(owner)
-        .execute(&self.writer)
-        .await
-        .map_err(unavailable)?;
-        Ok(done.rows_affected())
-    }
-
-    async fn release_leases(&self, owner: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?")
+        let done = sqlx::query(statements::RENEW)
+            .bind(lease_until)
             .bind(owner)
             .execute(&self.writer)
             .await
             .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release_leases(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query(statements::RELEASE).bind(owner).execute(&self.writer).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -429,7 +495,7 @@ impl Store for SqliteStore {
     #[tracing::instrument(level = "debug", skip(self))]
     async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
-        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM items WHERE created_at < ? ORDER BY created_at LIMIT ?")
+        let ids: Vec<i64> = sqlx::query_scalar(statements::SWEEP_SELECT)
             .bind(before)
             .bind(i64::from(batch))
             .fetch_all(&mut *tx)

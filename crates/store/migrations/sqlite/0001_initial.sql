@@ -41,6 +41,8 @@ CREATE INDEX items_window ON items (account, kind, created_at);
 CREATE INDEX items_url ON items (account, kind, url, created_at);
 -- The worker's queue: only unfinished items are in this partial index, so it stays small.
 CREATE INDEX items_runnable ON items (not_before) WHERE status IN ('waiting', 'processing');
+-- The leases one worker holds (renewal, release).
+CREATE INDEX items_lease ON items (lease_owner) WHERE lease_owner IS NOT NULL;
 -- The retention sweep.
 CREATE INDEX items_created ON items (created_at);
 
