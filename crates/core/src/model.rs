@@ -18,6 +18,19 @@ pub enum Kind {
     Prefetch,
 }
 
+/// What a task as a whole does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Refresh items only.
+    Refresh,
+    /// Prefetch items only.
+    Prefetch,
+    /// For each URL a refresh item, and a prefetch item that starts once the refresh completed
+    /// on every node.
+    RefreshThenPrefetch,
+}
+
 /// Whether an item names one URL or a directory prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -105,6 +118,16 @@ macro_rules! string_enum {
 pub struct UnknownName(pub String);
 
 string_enum!(Kind { Refresh => "refresh", Prefetch => "prefetch" });
+string_enum!(TaskKind { Refresh => "refresh", Prefetch => "prefetch", RefreshThenPrefetch => "refresh_then_prefetch" });
+
+impl From<Kind> for TaskKind {
+    fn from(kind: Kind) -> Self {
+        match kind {
+            Kind::Refresh => Self::Refresh,
+            Kind::Prefetch => Self::Prefetch,
+        }
+    }
+}
 string_enum!(ItemType { Url => "url", Dir => "dir" });
 string_enum!(ItemStatus { Waiting => "waiting", Processing => "processing", Completed => "completed", Failed => "failed" });
 string_enum!(Tier { Parent => "parent", Edge => "edge" });
@@ -113,6 +136,8 @@ string_enum!(NodeState { Pending => "pending", Succeeded => "succeeded", Failed 
 /// One URL of a submission, validated and normalized.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewItem {
+    /// Refresh or prefetch.
+    pub kind: Kind,
     /// The normalized URL (fragment removed).
     pub url: String,
     /// The URL's host, lowercase, without port: what domains and edge nodes are matched against.
@@ -121,6 +146,17 @@ pub struct NewItem {
     pub item_type: ItemType,
     /// Not executed before this time (a scheduled prefetch); `None` means at once.
     pub not_before: Option<Millis>,
+    /// The position, in the same task, of the item that must complete first (refresh-then-prefetch).
+    pub depends_on: Option<usize>,
+}
+
+/// The `Idempotency-Key` of a native submit and a hash of its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The client's key.
+    pub key: String,
+    /// A hash of the request body.
+    pub request_hash: String,
 }
 
 /// A submission about to be stored.
@@ -128,8 +164,8 @@ pub struct NewItem {
 pub struct NewTask {
     /// The owning account's name.
     pub account: String,
-    /// Refresh or prefetch.
-    pub kind: Kind,
+    /// What the task does.
+    pub kind: TaskKind,
     /// Who submitted it: a token's name or an access key id, never a secret.
     pub operator: String,
     /// The API the task came through (`baishan`, `geo`, `cdn`, `native`).
@@ -138,6 +174,8 @@ pub struct NewTask {
     pub created_at: Millis,
     /// The items, in submission order, without duplicates.
     pub items: Vec<NewItem>,
+    /// Set for idempotent native submits.
+    pub idempotency: Option<Idempotency>,
 }
 
 /// A daily quota that a submission spends from, checked and charged atomically with the insert.
@@ -209,6 +247,173 @@ pub struct Item {
     pub finished_at: Option<Millis>,
     /// Why it failed, naming the node and the last error.
     pub reason: Option<String>,
+    /// The waiting item this one was coalesced with: it mirrors that item's state.
+    pub follows: Option<i64>,
+    /// The refresh item that must complete before this prefetch starts.
+    pub depends_on: Option<i64>,
+}
+
+/// How many of a task's items are in each status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatusCounts {
+    /// Not yet sent.
+    pub waiting: u64,
+    /// Being executed.
+    pub processing: u64,
+    /// Done on every node.
+    pub completed: u64,
+    /// Failed on a node, or cancelled.
+    pub failed: u64,
+}
+
+impl StatusCounts {
+    /// Counts one more item of `status`.
+    pub fn add(&mut self, status: ItemStatus, n: u64) {
+        match status {
+            ItemStatus::Waiting => self.waiting += n,
+            ItemStatus::Processing => self.processing += n,
+            ItemStatus::Completed => self.completed += n,
+            ItemStatus::Failed => self.failed += n,
+        }
+    }
+
+    /// Every item.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.waiting + self.processing + self.completed + self.failed
+    }
+}
+
+/// A task as the native API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskSummary {
+    /// The task id.
+    pub id: i64,
+    /// The owning account.
+    pub account: String,
+    /// What it does.
+    pub kind: TaskKind,
+    /// Who submitted it.
+    pub operator: String,
+    /// The API it came through.
+    pub dialect: String,
+    /// Submission time.
+    pub created_at: Millis,
+    /// When its last item became final.
+    pub finished_at: Option<Millis>,
+    /// Its items by status.
+    pub counts: StatusCounts,
+}
+
+/// Filters of the native task list.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter<'a> {
+    /// Only this kind.
+    pub kind: Option<TaskKind>,
+    /// `running`, `completed` or `failed`.
+    pub state: Option<TaskState>,
+    /// Only tasks with an item of this host (or a name under it).
+    pub domain: Option<&'a str>,
+    /// Only tasks with an item of this exact URL.
+    pub url: Option<&'a str>,
+    /// Created at or after.
+    pub since: Option<Millis>,
+    /// Created before.
+    pub until: Option<Millis>,
+    /// Only tasks with an id below this (the cursor: the last id of the previous page).
+    pub before_id: Option<i64>,
+}
+
+/// The state of a task as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Some item is not final.
+    Running,
+    /// Every item completed.
+    Completed,
+    /// Every item is final and at least one failed.
+    Failed,
+}
+
+string_enum!(TaskState { Running => "running", Completed => "completed", Failed => "failed" });
+
+impl TaskSummary {
+    /// The task's state, from its counts.
+    #[must_use]
+    pub fn state(&self) -> TaskState {
+        if self.counts.waiting + self.counts.processing > 0 {
+            TaskState::Running
+        } else if self.counts.failed > 0 {
+            TaskState::Failed
+        } else {
+            TaskState::Completed
+        }
+    }
+}
+
+/// Filters of the native item list.
+#[derive(Debug, Clone, Default)]
+pub struct ItemFilter<'a> {
+    /// Only items of this task.
+    pub task_id: Option<i64>,
+    /// Only this kind.
+    pub kind: Option<Kind>,
+    /// Only this status.
+    pub status: Option<ItemStatus>,
+    /// Only this host or names under it.
+    pub domain: Option<&'a str>,
+    /// Only this exact URL.
+    pub url: Option<&'a str>,
+    /// Created at or after.
+    pub since: Option<Millis>,
+    /// Created before.
+    pub until: Option<Millis>,
+    /// Only items with an id below this (the cursor).
+    pub before_id: Option<i64>,
+}
+
+/// A webhook notification to deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookJob {
+    /// Job id.
+    pub id: i64,
+    /// The finished task.
+    pub task_id: i64,
+    /// Its account.
+    pub account: String,
+    /// Where to POST.
+    pub url: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+/// One attempt to deliver a webhook, for the delivery log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    /// The task notified.
+    pub task_id: i64,
+    /// The receiver.
+    pub url: String,
+    /// Which attempt (from 1).
+    pub attempt: u32,
+    /// The receiver's HTTP status, if it answered.
+    pub status_code: Option<u16>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// When.
+    pub at: Millis,
+}
+
+/// What came of a delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Try again at this time.
+    RetryAt(Millis),
+    /// No more attempts.
+    GaveUp,
 }
 
 /// What a node did with one item.

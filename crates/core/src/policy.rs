@@ -1,7 +1,7 @@
 //! The rules of CONTRACT §2 as pure functions: item status and progress from node states,
 //! retry backoff, domain patterns and URL validation. Nothing here touches the clock or the network.
 
-use crate::model::{ItemStatus, ItemType, NewItem, NodeState};
+use crate::model::{ItemStatus, ItemType, Kind, NewItem, NodeState};
 use rand::Rng;
 use std::time::Duration;
 
@@ -129,6 +129,9 @@ pub enum UrlError {
     /// The host is not one of the account's domains.
     #[error("host is not one of the account's domains")]
     ForeignDomain,
+    /// A directory cannot be prefetched.
+    #[error("a directory cannot be prefetched")]
+    DirNotPrefetchable,
 }
 
 /// Validates and normalizes one submitted URL against the account's domains.
@@ -136,6 +139,19 @@ pub enum UrlError {
 /// # Errors
 /// Why the URL is refused.
 pub fn parse_item(raw: &str, item_type: ItemType, domains: &[DomainPattern]) -> Result<NewItem, UrlError> {
+    parse_item_of(Kind::Refresh, raw, item_type, domains)
+}
+
+/// `parse_item` for an item of `kind`.
+///
+/// # Errors
+/// Why the URL is refused.
+pub fn parse_item_of(
+    kind: Kind,
+    raw: &str,
+    item_type: ItemType,
+    domains: &[DomainPattern],
+) -> Result<NewItem, UrlError> {
     let raw = raw.trim();
     if raw.len() > MAX_URL_LEN {
         return Err(UrlError::TooLong);
@@ -160,7 +176,7 @@ pub fn parse_item(raw: &str, item_type: ItemType, domains: &[DomainPattern]) -> 
     if !any_matches(domains, &host) {
         return Err(UrlError::ForeignDomain);
     }
-    Ok(NewItem { url: url.to_string(), host, item_type, not_before: None })
+    Ok(NewItem { kind, url: url.to_string(), host, item_type, not_before: None, depends_on: None })
 }
 
 #[cfg(test)]

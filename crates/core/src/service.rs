@@ -2,8 +2,11 @@
 //! Dialects parse their wire format into these calls and render the results; the rules
 //! (validation, duplicates, quotas, ownership) live here once.
 
-use crate::model::{Item, ItemType, Kind, Millis, NewItem, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge};
-use crate::policy::{DomainPattern, UrlError, parse_item};
+use crate::model::{
+    Delivery, Idempotency, Item, ItemFilter, ItemType, Kind, Millis, NewItem, NewTask, NodeResult, Page, PageRequest,
+    QuotaBucket, QuotaCharge, TaskFilter, TaskKind, TaskSummary,
+};
+use crate::policy::{DomainPattern, UrlError, parse_item_of};
 use crate::store::{RecordQuery, Store, StoreError, WindowQuery};
 use chrono::{FixedOffset, TimeZone};
 use std::collections::HashSet;
@@ -73,14 +76,16 @@ impl SubmittedUrl {
 /// One submission as a dialect hands it over.
 #[derive(Debug, Clone)]
 pub struct Submission {
-    /// Refresh or prefetch.
-    pub kind: Kind,
+    /// Refresh, prefetch, or both in order.
+    pub kind: TaskKind,
     /// The URLs as sent.
     pub urls: Vec<SubmittedUrl>,
     /// Who submitted: a token's name or an access key id.
     pub operator: String,
     /// The dialect's name.
     pub dialect: &'static str,
+    /// The native API's `Idempotency-Key`, with a hash of the body.
+    pub idempotency: Option<Idempotency>,
 }
 
 /// A stored submission.
@@ -113,6 +118,9 @@ pub enum SubmitError {
         /// What is left of it today.
         remaining: u64,
     },
+    /// The same `Idempotency-Key` was used with another request body.
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyConflict,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -170,8 +178,13 @@ impl Service {
         let mut seen = HashSet::new();
         let mut items: Vec<NewItem> = Vec::new();
         let mut rejected = Vec::new();
+        let first_kind = if submission.kind == TaskKind::Prefetch { Kind::Prefetch } else { Kind::Refresh };
         for SubmittedUrl { url: raw, item_type, not_before } in submission.urls {
-            match parse_item(&raw, item_type, &account.domains) {
+            if submission.kind == TaskKind::RefreshThenPrefetch && item_type == ItemType::Dir {
+                rejected.push((raw, UrlError::DirNotPrefetchable));
+                continue;
+            }
+            match parse_item_of(first_kind, &raw, item_type, &account.domains) {
                 Ok(mut item) => {
                     item.not_before = not_before.filter(|t| *t > now);
                     if seen.insert((item.url.clone(), item.item_type)) {
@@ -184,10 +197,20 @@ impl Service {
         if items.is_empty() {
             return Err(SubmitError::NothingAccepted { rejected });
         }
+        let accepted = items.len();
+        if submission.kind == TaskKind::RefreshThenPrefetch {
+            // Each URL's prefetch waits for its refresh, which sits at the same position.
+            let prefetches: Vec<NewItem> = items
+                .iter()
+                .enumerate()
+                .map(|(i, refresh)| NewItem { kind: Kind::Prefetch, depends_on: Some(i), ..refresh.clone() })
+                .collect();
+            items.extend(prefetches);
+        }
         let day = self.quota_day(now);
         let mut charges: Vec<QuotaCharge> = Vec::new();
         for item in &items {
-            let bucket = QuotaBucket::for_items(submission.kind, item.item_type);
+            let bucket = QuotaBucket::for_items(item.kind, item.item_type);
             match charges.iter_mut().find(|c| c.bucket == bucket) {
                 Some(c) => c.amount += 1,
                 None => charges.push(QuotaCharge {
@@ -198,7 +221,6 @@ impl Service {
                 }),
             }
         }
-        let accepted = items.len();
         let task = NewTask {
             account: account.name.clone(),
             kind: submission.kind,
@@ -206,11 +228,13 @@ impl Service {
             dialect: submission.dialect.to_owned(),
             created_at: now,
             items,
+            idempotency: submission.idempotency,
         };
         let task_id = self.store.create_task(&task, &charges).await.map_err(|e| match e {
             StoreError::QuotaExceeded { bucket, used, limit } => {
                 SubmitError::Quota { bucket, limit, remaining: limit.saturating_sub(used) }
             }
+            StoreError::IdempotencyConflict => SubmitError::IdempotencyConflict,
             other => SubmitError::Store(other),
         })?;
         (self.on_submit)();
@@ -239,6 +263,80 @@ impl Service {
         page: PageRequest,
     ) -> Result<Page<Item>, StoreError> {
         self.store.task_items(&account.name, kind, task_id, page).await
+    }
+
+    /// One of the account's tasks, with its counts; `None` for another account's or an unknown one.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn task(&self, account: &Account, task_id: i64) -> Result<Option<TaskSummary>, StoreError> {
+        self.store.task(&account.name, task_id).await
+    }
+
+    /// The account's tasks, newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn list_tasks(
+        &self,
+        account: &Account,
+        filter: &TaskFilter<'_>,
+        limit: u32,
+    ) -> Result<Vec<TaskSummary>, StoreError> {
+        self.store.list_tasks(&account.name, filter, limit).await
+    }
+
+    /// The account's items, newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn list_items(
+        &self,
+        account: &Account,
+        filter: &ItemFilter<'_>,
+        limit: u32,
+    ) -> Result<Vec<Item>, StoreError> {
+        self.store.list_items(&account.name, filter, limit).await
+    }
+
+    /// The node results of the given items of the account.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn node_results(
+        &self,
+        account: &Account,
+        item_ids: &[i64],
+    ) -> Result<Vec<(i64, NodeResult)>, StoreError> {
+        self.store.node_results(&account.name, item_ids).await
+    }
+
+    /// Cancels the task's items that were not sent anywhere yet. Returns how many.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn cancel(&self, account: &Account, task_id: i64, now: Millis) -> Result<u64, StoreError> {
+        self.store.cancel_waiting(&account.name, task_id, now).await
+    }
+
+    /// Queues the task's failed items again (on every node). Returns how many.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn retry(&self, account: &Account, task_id: i64) -> Result<u64, StoreError> {
+        let n = self.store.retry_failed(&account.name, task_id).await?;
+        if n > 0 {
+            (self.on_submit)();
+        }
+        Ok(n)
+    }
+
+    /// The webhook delivery attempts for the account's task.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn deliveries(&self, account: &Account, task_id: i64) -> Result<Vec<Delivery>, StoreError> {
+        self.store.deliveries(&account.name, task_id).await
     }
 
     /// Keyset-paged records of the account (the Baidu dialects), ascending by creation.

@@ -2,7 +2,8 @@
 //! nothing here knows SQL, and nothing in a backend knows a dialect.
 
 use crate::model::{
-    ClaimedItem, Item, ItemType, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge,
+    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemType, ItemUpdate, Kind, Millis, NewTask, NodeResult,
+    Page, PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskSummary, WebhookJob,
 };
 use async_trait::async_trait;
 
@@ -22,6 +23,9 @@ pub enum StoreError {
     /// The database cannot be reached or answered with an error.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// An `Idempotency-Key` was reused with another request; nothing was stored.
+    #[error("idempotency key reused with a different request")]
+    IdempotencyConflict,
     /// The stored schema is newer than this binary knows.
     #[error("store schema: {0}")]
     Schema(String),
@@ -112,6 +116,44 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies worker updates in one transaction, in order.
     async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()>;
+
+    /// One task of the account with its status counts.
+    async fn task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>>;
+
+    /// The account's tasks matching `filter`, newest first, at most `limit`.
+    async fn list_tasks(&self, account: &str, filter: &TaskFilter<'_>, limit: u32) -> StoreResult<Vec<TaskSummary>>;
+
+    /// The account's items matching `filter`, newest first, at most `limit`.
+    async fn list_items(&self, account: &str, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>>;
+
+    /// The node results of these items, if they are the account's.
+    async fn node_results(&self, account: &str, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>>;
+
+    /// Fails the task's items that are waiting and unclaimed, with the reason "cancelled";
+    /// items that followed them run on their own. Returns how many were cancelled.
+    async fn cancel_waiting(&self, account: &str, task_id: i64, now: Millis) -> StoreResult<u64>;
+
+    /// Puts the task's failed items back in the queue with their node results cleared.
+    /// Returns how many.
+    async fn retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64>;
+
+    /// Queues a webhook job per URL for every finished task not yet dispatched (`urls` maps an
+    /// account to its webhook URLs), and marks those tasks dispatched. Returns how many tasks.
+    async fn dispatch_finished(
+        &self,
+        urls: &std::collections::HashMap<String, Vec<String>>,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<u64>;
+
+    /// Leases due webhook jobs.
+    async fn claim_webhook_jobs(&self, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<WebhookJob>>;
+
+    /// Logs a delivery attempt and moves the job on.
+    async fn record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()>;
+
+    /// The delivery log of one of the account's tasks, oldest first.
+    async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>>;
 
     /// Counts one request of a rate-limited credential on an endpoint in an epoch minute, for
     /// backends shared by several instances; returns the count including this request. `None`

@@ -3,6 +3,7 @@
 
 pub mod postgres;
 mod rows;
+mod shared;
 pub mod sqlite;
 
 use cachectl_core::{Store, StoreError};

@@ -5,7 +5,7 @@ use cachectl_core::{Item, ItemStatus, ItemType, Kind, NodeResult, NodeState};
 use sqlx::Row;
 
 /// The item columns every item query selects, in the order `item_from_row` reads them by name.
-pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, created_at, not_before, finished_at, reason";
+pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, created_at, not_before, finished_at, reason, follows, depends_on";
 
 /// The row mappers for one backend's row type (the column types are the same on both).
 macro_rules! mappers {
@@ -33,6 +33,8 @@ macro_rules! mappers {
                     not_before: row.get("not_before"),
                     finished_at: row.get("finished_at"),
                     reason: row.get("reason"),
+                    follows: row.get("follows"),
+                    depends_on: row.get("depends_on"),
                 }
             }
 

@@ -4,11 +4,13 @@
 
 use crate::rows::ITEM_COLUMNS;
 use crate::rows::sqlite::{item_from_row, node_from_row};
+use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
 use crate::{HOUR_MS, split_window};
 use async_trait::async_trait;
 use cachectl_core::{
-    ClaimedItem, Item, ItemUpdate, Kind, Millis, NewTask, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery,
-    Store, StoreError, StoreResult, WindowQuery,
+    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemUpdate, Kind, Millis, NewItem, NewTask,
+    NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError, StoreResult,
+    TaskFilter, TaskKind, TaskState, TaskSummary, WebhookJob, WindowQuery,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
@@ -26,6 +28,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
 }
+
+shared_operations!(SqliteStore, Sqlite, reader, writer, crate::rows::sqlite);
 
 fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -175,6 +179,8 @@ mod statements {
             "UPDATE items SET lease_owner = ?, lease_until = ?
              WHERE id IN (SELECT id FROM items
                           WHERE status IN ('waiting', 'processing') AND not_before <= ?
+                            AND follows IS NULL
+                            AND (depends_on IS NULL OR EXISTS (SELECT 1 FROM items d WHERE d.id = items.depends_on AND d.status = 'completed'))
                             AND (lease_until IS NULL OR lease_until < ?)
                           ORDER BY not_before, id LIMIT ?)
              RETURNING {ITEM_COLUMNS}, started_at"
@@ -227,74 +233,72 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = %task.account, items = task.items.len()))]
     async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64> {
-        let mut tx = self.writer.begin().await.map_err(unavailable)?;
-        for charge in charges {
-            let used: i64 =
-                sqlx::query_scalar("SELECT used FROM quota_usage WHERE account = ? AND bucket = ? AND day = ?")
-                    .bind(&task.account)
-                    .bind(charge.bucket.as_str())
-                    .bind(&charge.day)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(unavailable)?
-                    .unwrap_or(0);
-            let used = u64::try_from(used).unwrap_or(0);
-            if used + charge.amount > charge.limit {
-                return Err(StoreError::QuotaExceeded { bucket: charge.bucket, used, limit: charge.limit });
-            }
-            sqlx::query(
-                "INSERT INTO quota_usage (account, bucket, day, used) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (account, bucket, day) DO UPDATE SET used = used + excluded.used",
-            )
-            .bind(&task.account)
-            .bind(charge.bucket.as_str())
-            .bind(&charge.day)
-            .bind(i64::try_from(charge.amount).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        }
-        let task_id: i64 = sqlx::query_scalar(
-            "INSERT INTO tasks (account, kind, operator, dialect, created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(&task.account)
-        .bind(task.kind.as_str())
-        .bind(&task.operator)
-        .bind(&task.dialect)
-        .bind(task.created_at)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        sqlx::query(
-            "INSERT INTO item_counts (account, kind, hour, n) VALUES (?, ?, ?, ?)
-             ON CONFLICT (account, kind, hour) DO UPDATE SET n = n + excluded.n",
-        )
-        .bind(&task.account)
-        .bind(task.kind.as_str())
-        .bind(task.created_at.div_euclid(HOUR_MS))
-        .bind(i64::try_from(task.items.len()).unwrap_or(i64::MAX))
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        for chunk in task.items.chunks(INSERT_CHUNK) {
-            let mut insert: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
-                "INSERT INTO items (task_id, account, kind, url, host, item_type, operator, created_at, not_before) ",
-            );
-            insert.push_values(chunk, |mut row, item| {
-                row.push_bind(task_id)
-                    .push_bind(&task.account)
-                    .push_bind(task.kind.as_str())
-                    .push_bind(&item.url)
-                    .push_bind(&item.host)
-                    .push_bind(item.item_type.as_str())
-                    .push_bind(&task.operator)
-                    .push_bind(task.created_at)
-                    .push_bind(item.not_before.unwrap_or(task.created_at));
-            });
-            insert.build().execute(&mut *tx).await.map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(task_id)
+        self.shared_create_task(task, charges).await
+    }
+
+    async fn task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>> {
+        self.shared_task(account, task_id).await
+    }
+
+    async fn list_tasks(&self, account: &str, filter: &TaskFilter<'_>, limit: u32) -> StoreResult<Vec<TaskSummary>> {
+        self.shared_list_tasks(account, filter, limit).await
+    }
+
+    async fn list_items(&self, account: &str, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>> {
+        self.shared_list_items(account, filter, limit).await
+    }
+
+    async fn node_results(&self, account: &str, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>> {
+        self.shared_node_results(account, item_ids).await
+    }
+
+    async fn cancel_waiting(&self, account: &str, task_id: i64, now: Millis) -> StoreResult<u64> {
+        self.shared_cancel_waiting(account, task_id, now).await
+    }
+
+    async fn retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64> {
+        self.shared_retry_failed(account, task_id).await
+    }
+
+    async fn dispatch_finished(
+        &self,
+        urls: &std::collections::HashMap<String, Vec<String>>,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        self.shared_dispatch_finished(urls, now, limit).await
+    }
+
+    async fn claim_webhook_jobs(&self, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<WebhookJob>> {
+        let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new("UPDATE webhook_jobs SET lease_until = ");
+        q.push_bind(lease_until)
+            .push(" WHERE id IN (SELECT id FROM webhook_jobs WHERE state = 'pending' AND next_at <= ")
+            .push_bind(now)
+            .push(" AND (lease_until IS NULL OR lease_until < ")
+            .push_bind(now)
+            .push(") ORDER BY next_at LIMIT ")
+            .push_bind(i64::from(limit))
+            .push("")
+            .push(") RETURNING id, task_id, account, url, attempts");
+        let rows = q.build().fetch_all(&self.writer).await.map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| WebhookJob {
+                id: r.get("id"),
+                task_id: r.get("task_id"),
+                account: r.get("account"),
+                url: r.get("url"),
+                attempts: u32::try_from(r.get::<i64, _>("attempts")).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()> {
+        self.shared_record_delivery(job, attempt, outcome).await
+    }
+
+    async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>> {
+        self.shared_deliveries(account, task_id).await
     }
 
     async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64> {
@@ -446,50 +450,7 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(updates = updates.len()))]
     async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await.map_err(unavailable)?;
-        for update in updates {
-            let finished = update.status.is_final();
-            sqlx::query(
-                "UPDATE items SET status = ?, progress = ?, started_at = COALESCE(started_at, ?),
-                        finished_at = COALESCE(?, finished_at), reason = COALESCE(?, reason),
-                        lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END,
-                        lease_until = CASE WHEN ? THEN NULL ELSE lease_until END
-                 WHERE id = ?",
-            )
-            .bind(update.status.as_str())
-            .bind(i64::from(update.progress))
-            .bind(update.started_at)
-            .bind(update.finished_at)
-            .bind(update.reason.as_deref())
-            .bind(finished)
-            .bind(finished)
-            .bind(update.item_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            for node in &update.nodes {
-                sqlx::query(
-                    "INSERT INTO node_results (item_id, node, state, attempts, status_code, error, updated_at, instance)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                     ON CONFLICT (item_id, node) DO UPDATE SET state = excluded.state, attempts = excluded.attempts,
-                        status_code = excluded.status_code, error = excluded.error, updated_at = excluded.updated_at,
-                        instance = excluded.instance",
-                )
-                .bind(update.item_id)
-                .bind(&node.node)
-                .bind(node.state.as_str())
-                .bind(i64::from(node.attempts))
-                .bind(node.status_code.map(i64::from))
-                .bind(node.error.as_deref())
-                .bind(node.updated_at)
-                .bind(&node.instance)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-            }
-        }
-        tx.commit().await.map_err(unavailable)?;
-        Ok(())
+        self.shared_apply_updates(updates).await
     }
 
     #[tracing::instrument(level = "debug", skip(self))]

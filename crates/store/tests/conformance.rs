@@ -32,13 +32,16 @@ async fn backends() -> Backends {
 fn task(account: &str, kind: Kind, created_at: i64, urls: &[&str]) -> NewTask {
     NewTask {
         account: account.into(),
-        kind,
+        kind: kind.into(),
         operator: "op".into(),
         dialect: "test".into(),
         created_at,
+        idempotency: None,
         items: urls
             .iter()
             .map(|u| NewItem {
+                kind,
+                depends_on: None,
                 url: (*u).into(),
                 host: url_host(u),
                 item_type: if u.ends_with('/') { ItemType::Dir } else { ItemType::Url },

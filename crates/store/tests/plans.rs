@@ -1,7 +1,7 @@
 //! Every query of the dialects, the work queue and the retention sweep is served by an index:
 //! the plans of the statements that run must never scan the items table from end to end.
 
-use cachectl_core::{ItemType, Kind, NewItem, NewTask, Store};
+use cachectl_core::{ItemType, Kind, NewItem, NewTask, Store, TaskKind};
 use cachectl_store::{PgStore, SqliteStore};
 use cachectl_testkit::PgCluster;
 use std::time::Duration;
@@ -35,6 +35,8 @@ async fn fill(store: &dyn Store) {
         for t in 0..40_i64 {
             let items = (0..25)
                 .map(|i| NewItem {
+                    kind: if t % 3 == 2 { Kind::Prefetch } else { Kind::Refresh },
+                    depends_on: None,
                     url: format!("http://h{account}.example.com/{t}/{i}"),
                     host: format!("h{account}.example.com"),
                     item_type: ItemType::Url,
@@ -43,7 +45,8 @@ async fn fill(store: &dyn Store) {
                 .collect();
             let task = NewTask {
                 account: format!("account-{account}"),
-                kind: if t % 3 == 2 { Kind::Prefetch } else { Kind::Refresh },
+                kind: if t % 3 == 2 { TaskKind::Prefetch } else { TaskKind::Refresh },
+                idempotency: None,
                 operator: "op".into(),
                 dialect: "test".into(),
                 created_at: T0 + t * 600_000 + account,

@@ -306,10 +306,11 @@ async fn submit(
         )));
     }
     let submission = Submission {
-        kind,
+        kind: kind.into(),
         urls: urls.into_iter().map(|u| SubmittedUrl::now(u, item_type)).collect(),
         operator: credential.operator.clone(),
         dialect: "baishan",
+        idempotency: None,
     };
     match state.service.submit(&credential.account, submission, now).await {
         Ok(done) => {
@@ -331,6 +332,7 @@ async fn submit(
             quota_name(bucket)
         ))),
         Err(SubmitError::Store(e)) => Err(e.into()),
+        Err(SubmitError::IdempotencyConflict) => Err(BaishanError::bad("idempotency conflict")),
     }
 }
 

@@ -357,7 +357,8 @@ async fn submit(
         }
     }
     let submission = Submission {
-        kind,
+        kind: kind.into(),
+        idempotency: None,
         urls: specs
             .into_iter()
             .map(|s| SubmittedUrl { url: s.url, item_type: s.item_type, not_before: s.start_time })
@@ -379,6 +380,7 @@ async fn submit(
             format!("daily {} quota exceeded: {remaining} of {limit} left today", quota_name(bucket)),
         )),
         Err(SubmitError::Store(e)) => Err(e.into()),
+        Err(SubmitError::IdempotencyConflict) => Err(BceError::invalid("idempotency conflict")),
     }
 }
 
@@ -448,6 +450,8 @@ mod tests {
             not_before: 0,
             finished_at: None,
             reason: None,
+            follows: None,
+            depends_on: None,
         };
         assert_eq!(decode_marker(&encode_marker(&item)).unwrap(), (1_700_000_000_123, 42));
         for bad in ["", "zz", "00", &hex::encode("v2:1:2"), &hex::encode("v1:x:2"), &hex::encode("v1:1:2:3")] {

@@ -1,0 +1,579 @@
+//! The store operations whose SQL is the same on SQLite and PostgreSQL, written once: a macro
+//! expands them into inherent methods of each backend, which its `Store` impl forwards to.
+//! Every statement goes through `QueryBuilder`, which writes each backend's own placeholders.
+//! What differs between the backends (claims, window queries, plans) stays in their modules.
+
+/// Expands the shared operations for a backend: `$store` the store type, `$db` the sqlx
+/// database, `$read`/`$write` its read and write pools, `$rows` its row-mapper module.
+macro_rules! shared_operations {
+    ($store:ty, $db:ty, $read:ident, $write:ident, $rows:path) => {
+        use $rows as row_mappers;
+
+        impl $store {
+            /// Stores a task (see `Store::create_task`): idempotency check, quota charges,
+            /// coalescing with waiting items, refresh-then-prefetch links, counters.
+            pub(crate) async fn shared_create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64> {
+                let mut tx = self.$write.begin().await.map_err(unavailable)?;
+                if let Some(idem) = &task.idempotency {
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("SELECT id, request_hash FROM tasks WHERE account = ");
+                    q.push_bind(&task.account).push(" AND idempotency_key = ").push_bind(&idem.key);
+                    if let Some(row) = q.build().fetch_optional(&mut *tx).await.map_err(unavailable)? {
+                        let hash: Option<String> = row.get("request_hash");
+                        return if hash.as_deref() == Some(idem.request_hash.as_str()) {
+                            Ok(row.get("id"))
+                        } else {
+                            Err(StoreError::IdempotencyConflict)
+                        };
+                    }
+                }
+                for charge in charges {
+                    let amount = i64::try_from(charge.amount).unwrap_or(i64::MAX);
+                    let limit = i64::try_from(charge.limit).unwrap_or(i64::MAX);
+                    // A conditional upsert: the counter row's lock serializes concurrent
+                    // submissions (several instances on PostgreSQL), which together can never
+                    // spend more than the limit.
+                    let charged: Option<i64> = if amount > limit {
+                        None
+                    } else {
+                        let mut q: QueryBuilder<'_, $db> =
+                            QueryBuilder::new("INSERT INTO quota_usage (account, bucket, day, used) VALUES (");
+                        q.push_bind(&task.account)
+                            .push(", ")
+                            .push_bind(charge.bucket.as_str())
+                            .push(", ")
+                            .push_bind(&charge.day)
+                            .push(", ")
+                            .push_bind(amount)
+                            .push(
+                                ") ON CONFLICT (account, bucket, day) DO UPDATE SET used = quota_usage.used + excluded.used \
+                                 WHERE quota_usage.used + excluded.used <= ",
+                            )
+                            .push_bind(limit)
+                            .push(" RETURNING used");
+                        q.build_query_scalar().fetch_optional(&mut *tx).await.map_err(unavailable)?
+                    };
+                    if charged.is_none() {
+                        let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("SELECT used FROM quota_usage WHERE account = ");
+                        q.push_bind(&task.account)
+                            .push(" AND bucket = ")
+                            .push_bind(charge.bucket.as_str())
+                            .push(" AND day = ")
+                            .push_bind(&charge.day);
+                        let used: Option<i64> = q.build_query_scalar().fetch_optional(&mut *tx).await.map_err(unavailable)?;
+                        let used = u64::try_from(used.unwrap_or(0)).unwrap_or(0);
+                        return Err(StoreError::QuotaExceeded { bucket: charge.bucket, used, limit: charge.limit });
+                    }
+                }
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                    "INSERT INTO tasks (account, kind, operator, dialect, created_at, pending, notified, idempotency_key, request_hash) VALUES (",
+                );
+                q.push_bind(&task.account)
+                    .push(", ")
+                    .push_bind(task.kind.as_str())
+                    .push(", ")
+                    .push_bind(&task.operator)
+                    .push(", ")
+                    .push_bind(&task.dialect)
+                    .push(", ")
+                    .push_bind(task.created_at)
+                    .push(", ")
+                    .push_bind(i64::try_from(task.items.len()).unwrap_or(i64::MAX))
+                    .push(", 0, ")
+                    .push_bind(task.idempotency.as_ref().map(|i| i.key.clone()))
+                    .push(", ")
+                    .push_bind(task.idempotency.as_ref().map(|i| i.request_hash.clone()))
+                    .push(") RETURNING id");
+                let task_id: i64 = q.build_query_scalar().fetch_one(&mut *tx).await.map_err(unavailable)?;
+                for kind in [Kind::Refresh, Kind::Prefetch] {
+                    let n = task.items.iter().filter(|i| i.kind == kind).count();
+                    if n == 0 {
+                        continue;
+                    }
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("INSERT INTO item_counts (account, kind, hour, n) VALUES (");
+                    q.push_bind(&task.account)
+                        .push(", ")
+                        .push_bind(kind.as_str())
+                        .push(", ")
+                        .push_bind(task.created_at.div_euclid(crate::HOUR_MS))
+                        .push(", ")
+                        .push_bind(i64::try_from(n).unwrap_or(i64::MAX))
+                        .push(") ON CONFLICT (account, kind, hour) DO UPDATE SET n = item_counts.n + excluded.n");
+                    q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                }
+                // Items without a dependency first; the ids of the refreshes that prefetches wait
+                // for are read back by URL, then the dependent items go in.
+                let (independent, dependent): (Vec<&NewItem>, Vec<&NewItem>) =
+                    task.items.iter().partition(|i| i.depends_on.is_none());
+                let mut leaders: Vec<Option<i64>> = Vec::with_capacity(independent.len());
+                for item in &independent {
+                    // Coalescing: an identical item of this account that is still waiting,
+                    // unclaimed and due no later than this one is executed once for both.
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("SELECT id FROM items WHERE account = ");
+                    q.push_bind(&task.account)
+                        .push(" AND kind = ")
+                        .push_bind(item.kind.as_str())
+                        .push(" AND url = ")
+                        .push_bind(&item.url)
+                        .push(" AND created_at >= ")
+                        .push_bind(task.created_at - COALESCE_WINDOW_MS)
+                        .push(" AND item_type = ")
+                        .push_bind(item.item_type.as_str())
+                        .push(" AND status = 'waiting' AND lease_owner IS NULL AND follows IS NULL AND depends_on IS NULL AND not_before <= ")
+                        .push_bind(item.not_before.unwrap_or(task.created_at))
+                        .push(" LIMIT 1");
+                    leaders.push(q.build_query_scalar().fetch_optional(&mut *tx).await.map_err(unavailable)?);
+                }
+                insert_items(&mut tx, task, task_id, &independent, |i| leaders[i], |_| None).await?;
+                if !dependent.is_empty() {
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("SELECT id, url FROM items WHERE task_id = ");
+                    q.push_bind(task_id).push(" AND depends_on IS NULL AND kind = 'refresh'");
+                    let rows = q.build().fetch_all(&mut *tx).await.map_err(unavailable)?;
+                    let ids: std::collections::HashMap<String, i64> =
+                        rows.iter().map(|r| (r.get::<String, _>("url"), r.get::<i64, _>("id"))).collect();
+                    let depends = |i: usize| {
+                        dependent[i].depends_on.and_then(|d| task.items.get(d)).and_then(|r| ids.get(&r.url).copied())
+                    };
+                    insert_items(&mut tx, task, task_id, &dependent, |_| None, depends).await?;
+                }
+                tx.commit().await.map_err(unavailable)?;
+                Ok(task_id)
+            }
+
+            /// Applies worker updates (see `Store::apply_updates`).
+            pub(crate) async fn shared_apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
+                let mut tx = self.$write.begin().await.map_err(unavailable)?;
+                for update in updates {
+                    let transition = update.status.is_final() && update.finished_at.is_some();
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE items SET progress = ");
+                    q.push_bind(i64::from(update.progress));
+                    if !update.status.is_final() || transition {
+                        q.push(", status = ").push_bind(update.status.as_str());
+                    }
+                    q.push(", started_at = COALESCE(started_at, ")
+                        .push_bind(update.started_at)
+                        .push("), finished_at = COALESCE(")
+                        .push_bind(update.finished_at)
+                        .push(", finished_at), reason = COALESCE(")
+                        .push_bind(update.reason.clone())
+                        .push(", reason)");
+                    if transition {
+                        q.push(", lease_owner = NULL, lease_until = NULL");
+                    }
+                    q.push(" WHERE id = ").push_bind(update.item_id);
+                    // A late report never moves a final item back.
+                    if !update.status.is_final() || transition {
+                        q.push(" AND status NOT IN ('completed', 'failed')");
+                    }
+                    q.push(" RETURNING task_id");
+                    let moved: Option<i64> = q.build_query_scalar().fetch_optional(&mut *tx).await.map_err(unavailable)?;
+                    for node in &update.nodes {
+                        let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                            "INSERT INTO node_results (item_id, node, state, attempts, status_code, error, updated_at, instance) VALUES (",
+                        );
+                        q.push_bind(update.item_id)
+                            .push(", ")
+                            .push_bind(&node.node)
+                            .push(", ")
+                            .push_bind(node.state.as_str())
+                            .push(", ")
+                            .push_bind(i64::from(node.attempts))
+                            .push(", ")
+                            .push_bind(node.status_code.map(i64::from))
+                            .push(", ")
+                            .push_bind(node.error.clone())
+                            .push(", ")
+                            .push_bind(node.updated_at)
+                            .push(", ")
+                            .push_bind(&node.instance)
+                            .push(
+                                ") ON CONFLICT (item_id, node) DO UPDATE SET state = excluded.state, attempts = excluded.attempts, \
+                                 status_code = excluded.status_code, error = excluded.error, updated_at = excluded.updated_at, \
+                                 instance = excluded.instance",
+                            );
+                        q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                    }
+                    let Some(task_id) = moved else { continue };
+                    // Items coalesced with this one mirror it.
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE items SET status = ");
+                    q.push_bind(update.status.as_str())
+                        .push(", progress = ")
+                        .push_bind(i64::from(update.progress))
+                        .push(", started_at = COALESCE(started_at, ")
+                        .push_bind(update.started_at)
+                        .push("), finished_at = ")
+                        .push_bind(update.finished_at)
+                        .push(", reason = ")
+                        .push_bind(update.reason.clone())
+                        .push(" WHERE follows = ")
+                        .push_bind(update.item_id)
+                        .push(" AND status NOT IN ('completed', 'failed') RETURNING task_id");
+                    let followers: Vec<i64> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(unavailable)?;
+                    if !transition {
+                        continue;
+                    }
+                    let mut finished = vec![task_id];
+                    finished.extend(followers);
+                    if update.status == ItemStatus::Failed {
+                        // A prefetch never runs after its refresh failed.
+                        let mut q: QueryBuilder<'_, $db> =
+                            QueryBuilder::new("UPDATE items SET status = 'failed', reason = 'its refresh failed', finished_at = ");
+                        q.push_bind(update.finished_at)
+                            .push(" WHERE depends_on = ")
+                            .push_bind(update.item_id)
+                            .push(" AND status = 'waiting' RETURNING task_id");
+                        finished.extend(q.build_query_scalar::<i64>().fetch_all(&mut *tx).await.map_err(unavailable)?);
+                    }
+                    for task in finished {
+                        settle_task(&mut tx, task, 1, update.finished_at.unwrap_or_default()).await?;
+                    }
+                }
+                tx.commit().await.map_err(unavailable)?;
+                Ok(())
+            }
+
+            pub(crate) async fn shared_task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>> {
+                let filter = TaskFilter::default();
+                let mut tasks = self.tasks_where(account, &filter, Some(task_id), 1).await?;
+                Ok(tasks.pop())
+            }
+
+            pub(crate) async fn shared_list_tasks(&self, account: &str, filter: &TaskFilter<'_>, limit: u32) -> StoreResult<Vec<TaskSummary>> {
+                self.tasks_where(account, filter, None, limit).await
+            }
+
+            async fn tasks_where(&self, account: &str, filter: &TaskFilter<'_>, id: Option<i64>, limit: u32) -> StoreResult<Vec<TaskSummary>> {
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                    "SELECT id, account, kind, operator, dialect, created_at, finished_at, pending FROM tasks WHERE account = ",
+                );
+                q.push_bind(account);
+                if let Some(id) = id {
+                    q.push(" AND id = ").push_bind(id);
+                }
+                if let Some(kind) = filter.kind {
+                    q.push(" AND kind = ").push_bind(kind.as_str());
+                }
+                if let Some(before) = filter.before_id {
+                    q.push(" AND id < ").push_bind(before);
+                }
+                if let Some(since) = filter.since {
+                    q.push(" AND created_at >= ").push_bind(since);
+                }
+                if let Some(until) = filter.until {
+                    q.push(" AND created_at < ").push_bind(until);
+                }
+                match filter.state {
+                    Some(TaskState::Running) => {
+                        q.push(" AND pending > 0");
+                    }
+                    Some(TaskState::Completed) => {
+                        q.push(" AND pending = 0 AND NOT EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND items.status = 'failed')");
+                    }
+                    Some(TaskState::Failed) => {
+                        q.push(" AND pending = 0 AND EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND items.status = 'failed')");
+                    }
+                    None => {}
+                }
+                if let Some(url) = filter.url {
+                    q.push(" AND EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND items.url = ").push_bind(url).push(")");
+                }
+                if let Some(domain) = filter.domain {
+                    q.push(" AND EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND (items.host = ")
+                        .push_bind(domain)
+                        .push(" OR items.host LIKE ")
+                        .push_bind(format!("%.{domain}"))
+                        .push("))");
+                }
+                q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
+                let rows = q.build().fetch_all(&self.$read).await.map_err(unavailable)?;
+                let mut tasks: Vec<TaskSummary> = rows
+                    .iter()
+                    .map(|r| TaskSummary {
+                        id: r.get("id"),
+                        account: r.get("account"),
+                        kind: r.get::<String, _>("kind").parse().unwrap_or(TaskKind::Refresh),
+                        operator: r.get("operator"),
+                        dialect: r.get("dialect"),
+                        created_at: r.get("created_at"),
+                        finished_at: r.get("finished_at"),
+                        counts: StatusCounts::default(),
+                    })
+                    .collect();
+                if tasks.is_empty() {
+                    return Ok(tasks);
+                }
+                let mut q: QueryBuilder<'_, $db> =
+                    QueryBuilder::new("SELECT task_id, status, COUNT(*) AS n FROM items WHERE task_id IN (");
+                let mut list = q.separated(", ");
+                for t in &tasks {
+                    list.push_bind(t.id);
+                }
+                q.push(") GROUP BY task_id, status");
+                for row in q.build().fetch_all(&self.$read).await.map_err(unavailable)? {
+                    let task_id: i64 = row.get("task_id");
+                    let status: ItemStatus = row.get::<String, _>("status").parse().unwrap_or(ItemStatus::Processing);
+                    let n: i64 = row.get("n");
+                    if let Some(t) = tasks.iter_mut().find(|t| t.id == task_id) {
+                        t.counts.add(status, u64::try_from(n).unwrap_or(0));
+                    }
+                }
+                Ok(tasks)
+            }
+
+            pub(crate) async fn shared_list_items(&self, account: &str, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>> {
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(format!("SELECT {} FROM items WHERE account = ", crate::rows::ITEM_COLUMNS));
+                q.push_bind(account);
+                if let Some(task_id) = filter.task_id {
+                    q.push(" AND task_id = ").push_bind(task_id);
+                }
+                if let Some(kind) = filter.kind {
+                    q.push(" AND kind = ").push_bind(kind.as_str());
+                }
+                if let Some(status) = filter.status {
+                    q.push(" AND status = ").push_bind(status.as_str());
+                }
+                if let Some(url) = filter.url {
+                    q.push(" AND url = ").push_bind(url);
+                }
+                if let Some(domain) = filter.domain {
+                    q.push(" AND (host = ").push_bind(domain).push(" OR host LIKE ").push_bind(format!("%.{domain}")).push(")");
+                }
+                if let Some(since) = filter.since {
+                    q.push(" AND created_at >= ").push_bind(since);
+                }
+                if let Some(until) = filter.until {
+                    q.push(" AND created_at < ").push_bind(until);
+                }
+                if let Some(before) = filter.before_id {
+                    q.push(" AND id < ").push_bind(before);
+                }
+                q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
+                let rows = q.build().fetch_all(&self.$read).await.map_err(unavailable)?;
+                Ok(rows.iter().map(row_mappers::item_from_row).collect())
+            }
+
+            pub(crate) async fn shared_node_results(&self, account: &str, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>> {
+                let mut out = Vec::new();
+                for chunk in item_ids.chunks(500) {
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                        "SELECT r.item_id, r.node, r.state, r.attempts, r.status_code, r.error, r.updated_at, r.instance \
+                         FROM node_results r JOIN items i ON i.id = r.item_id WHERE i.account = ",
+                    );
+                    q.push_bind(account).push(" AND r.item_id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    q.push(") ORDER BY r.item_id, r.node");
+                    for row in q.build().fetch_all(&self.$read).await.map_err(unavailable)? {
+                        out.push((row.get("item_id"), row_mappers::node_from_row(&row)));
+                    }
+                }
+                Ok(out)
+            }
+
+            pub(crate) async fn shared_cancel_waiting(&self, account: &str, task_id: i64, now: Millis) -> StoreResult<u64> {
+                let mut tx = self.$write.begin().await.map_err(unavailable)?;
+                let mut q: QueryBuilder<'_, $db> =
+                    QueryBuilder::new("UPDATE items SET status = 'failed', reason = 'cancelled', finished_at = ");
+                q.push_bind(now)
+                    .push(" WHERE task_id = ")
+                    .push_bind(task_id)
+                    .push(" AND account = ")
+                    .push_bind(account)
+                    .push(" AND status = 'waiting' AND lease_owner IS NULL RETURNING id");
+                let cancelled: Vec<i64> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(unavailable)?;
+                for chunk in cancelled.chunks(500) {
+                    // Items of other tasks that followed a cancelled one now run on their own;
+                    // prefetches that waited for a cancelled refresh are cancelled with it.
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE items SET follows = NULL WHERE follows IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                    q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                }
+                if !cancelled.is_empty() {
+                    settle_task(&mut tx, task_id, i64::try_from(cancelled.len()).unwrap_or(0), now).await?;
+                }
+                tx.commit().await.map_err(unavailable)?;
+                Ok(cancelled.len() as u64)
+            }
+
+            pub(crate) async fn shared_retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64> {
+                let mut tx = self.$write.begin().await.map_err(unavailable)?;
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                    "UPDATE items SET status = 'waiting', progress = 0, started_at = NULL, finished_at = NULL, reason = NULL, \
+                     lease_owner = NULL, lease_until = NULL, follows = NULL WHERE task_id = ",
+                );
+                q.push_bind(task_id).push(" AND account = ").push_bind(account).push(" AND status = 'failed' RETURNING id");
+                let retried: Vec<i64> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(unavailable)?;
+                for chunk in retried.chunks(500) {
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("DELETE FROM node_results WHERE item_id IN (");
+                    let mut list = q.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                    q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                }
+                if !retried.is_empty() {
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE tasks SET pending = pending + ");
+                    q.push_bind(i64::try_from(retried.len()).unwrap_or(0))
+                        .push(", finished_at = NULL, notified = 0 WHERE id = ")
+                        .push_bind(task_id);
+                    q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                }
+                tx.commit().await.map_err(unavailable)?;
+                Ok(retried.len() as u64)
+            }
+
+            pub(crate) async fn shared_dispatch_finished(
+                &self,
+                urls: &std::collections::HashMap<String, Vec<String>>,
+                now: Millis,
+                limit: u32,
+            ) -> StoreResult<u64> {
+                let mut tx = self.$write.begin().await.map_err(unavailable)?;
+                let mut q: QueryBuilder<'_, $db> =
+                    QueryBuilder::new("SELECT id, account FROM tasks WHERE finished_at IS NOT NULL AND notified = 0 ORDER BY id LIMIT ");
+                q.push_bind(i64::from(limit));
+                let rows = q.build().fetch_all(&mut *tx).await.map_err(unavailable)?;
+                for row in &rows {
+                    let task_id: i64 = row.get("id");
+                    let account: String = row.get("account");
+                    for url in urls.get(&account).into_iter().flatten() {
+                        let mut q: QueryBuilder<'_, $db> =
+                            QueryBuilder::new("INSERT INTO webhook_jobs (task_id, account, url, next_at) VALUES (");
+                        q.push_bind(task_id)
+                            .push(", ")
+                            .push_bind(&account)
+                            .push(", ")
+                            .push_bind(url)
+                            .push(", ")
+                            .push_bind(now)
+                            .push(") ON CONFLICT (task_id, url) DO UPDATE SET state = 'pending', attempts = 0, next_at = excluded.next_at");
+                        q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                    }
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE tasks SET notified = 1 WHERE id = ");
+                    q.push_bind(task_id);
+                    q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                }
+                tx.commit().await.map_err(unavailable)?;
+                Ok(rows.len() as u64)
+            }
+
+            pub(crate) async fn shared_record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()> {
+                let mut tx = self.$write.begin().await.map_err(unavailable)?;
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                    "INSERT INTO webhook_deliveries (job_id, task_id, account, url, attempt, status_code, error, at) VALUES (",
+                );
+                q.push_bind(job.id)
+                    .push(", ")
+                    .push_bind(job.task_id)
+                    .push(", ")
+                    .push_bind(&job.account)
+                    .push(", ")
+                    .push_bind(&job.url)
+                    .push(", ")
+                    .push_bind(i64::from(attempt.attempt))
+                    .push(", ")
+                    .push_bind(attempt.status_code.map(i64::from))
+                    .push(", ")
+                    .push_bind(attempt.error.clone())
+                    .push(", ")
+                    .push_bind(attempt.at)
+                    .push(")");
+                q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                let (state, next_at) = match outcome {
+                    DeliveryOutcome::Delivered => ("delivered", attempt.at),
+                    DeliveryOutcome::RetryAt(at) => ("pending", at),
+                    DeliveryOutcome::GaveUp => ("failed", attempt.at),
+                };
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE webhook_jobs SET state = ");
+                q.push_bind(state)
+                    .push(", attempts = ")
+                    .push_bind(i64::from(attempt.attempt))
+                    .push(", next_at = ")
+                    .push_bind(next_at)
+                    .push(", lease_until = NULL WHERE id = ")
+                    .push_bind(job.id);
+                q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                tx.commit().await.map_err(unavailable)?;
+                Ok(())
+            }
+
+            pub(crate) async fn shared_deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>> {
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                    "SELECT task_id, url, attempt, status_code, error, at FROM webhook_deliveries WHERE account = ",
+                );
+                q.push_bind(account).push(" AND task_id = ").push_bind(task_id).push(" ORDER BY id");
+                let rows = q.build().fetch_all(&self.$read).await.map_err(unavailable)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| Delivery {
+                        task_id: r.get("task_id"),
+                        url: r.get("url"),
+                        attempt: u32::try_from(r.get::<i64, _>("attempt")).unwrap_or(0),
+                        status_code: r.get::<Option<i64>, _>("status_code").and_then(|c| u16::try_from(c).ok()),
+                        error: r.get("error"),
+                        at: r.get("at"),
+                    })
+                    .collect())
+            }
+        }
+
+        /// Inserts items in chunks; `follows(i)` and `depends(i)` give the links of the `i`-th.
+        async fn insert_items(
+            tx: &mut sqlx::Transaction<'_, $db>,
+            task: &NewTask,
+            task_id: i64,
+            items: &[&NewItem],
+            follows: impl Fn(usize) -> Option<i64>,
+            depends: impl Fn(usize) -> Option<i64>,
+        ) -> StoreResult<()> {
+            for (chunk_no, chunk) in items.chunks(INSERT_CHUNK).enumerate() {
+                let mut insert: QueryBuilder<'_, $db> = QueryBuilder::new(
+                    "INSERT INTO items (task_id, account, kind, url, host, item_type, operator, created_at, not_before, follows, depends_on) ",
+                );
+                insert.push_values(chunk.iter().enumerate(), |mut row, (i, item)| {
+                    let index = chunk_no * INSERT_CHUNK + i;
+                    row.push_bind(task_id)
+                        .push_bind(&task.account)
+                        .push_bind(item.kind.as_str())
+                        .push_bind(&item.url)
+                        .push_bind(&item.host)
+                        .push_bind(item.item_type.as_str())
+                        .push_bind(&task.operator)
+                        .push_bind(task.created_at)
+                        .push_bind(item.not_before.unwrap_or(task.created_at))
+                        .push_bind(follows(index))
+                        .push_bind(depends(index));
+                });
+                insert.build().execute(&mut **tx).await.map_err(unavailable)?;
+            }
+            Ok(())
+        }
+
+        /// `n` more of the task's items became final: count them down, and record when the
+        /// last one did.
+        async fn settle_task(tx: &mut sqlx::Transaction<'_, $db>, task_id: i64, n: i64, now: Millis) -> StoreResult<()> {
+            let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE tasks SET pending = pending - ");
+            q.push_bind(n)
+                .push(", finished_at = CASE WHEN pending - ")
+                .push_bind(n)
+                .push(" <= 0 THEN ")
+                .push_bind(now)
+                .push(" ELSE finished_at END WHERE id = ")
+                .push_bind(task_id);
+            q.build().execute(&mut **tx).await.map_err(unavailable)?;
+            Ok(())
+        }
+    };
+}
+
+pub(crate) use shared_operations;
+
+/// How far back an identical waiting item is looked for when coalescing: a waiting item older
+/// than this is stuck behind something (a down node, a schedule) and is not joined.
+pub(crate) const COALESCE_WINDOW_MS: i64 = 10 * 60 * 1000;
