@@ -319,6 +319,19 @@ pub struct AccountConfig {
     /// Daily quotas.
     #[serde(default)]
     pub quotas: QuotaConfig,
+    /// Receivers notified when a task of this account finishes.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// `[[accounts.webhooks]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http(s)://...` to POST the task summary to.
+    pub url: String,
+    /// The HMAC-SHA256 key of the `X-Cachectl-Signature` header.
+    pub secret: Secret,
 }
 
 /// `[[edges]]`
@@ -410,6 +423,7 @@ impl Config {
         let mut accounts = Vec::new();
         let mut tokens = HashMap::new();
         let mut access_keys = HashMap::new();
+        let mut webhooks = HashMap::new();
         let mut names = HashSet::new();
         for (i, a) in self.accounts.iter().enumerate() {
             let key = |field: &str| format!("accounts[{i}].{field}");
@@ -469,6 +483,25 @@ impl Config {
                     ));
                 }
             }
+            let mut targets = Vec::new();
+            for (j, w) in a.webhooks.iter().enumerate() {
+                if !matches!(url::Url::parse(&w.url).map(|u| u.scheme().to_owned()).as_deref(), Ok("http" | "https")) {
+                    return Err(err(
+                        format!("accounts[{i}].webhooks[{j}].url"),
+                        format!("{:?} is not an http(s) URL", w.url),
+                    ));
+                }
+                if w.secret.expose().len() < 16 {
+                    return Err(err(
+                        format!("accounts[{i}].webhooks[{j}].secret"),
+                        "needs at least 16 characters".into(),
+                    ));
+                }
+                targets.push(crate::webhooks::Target { url: w.url.clone(), secret: w.secret.clone() });
+            }
+            if !targets.is_empty() {
+                webhooks.insert(a.name.clone(), targets);
+            }
             accounts.push(account);
         }
 
@@ -514,6 +547,7 @@ impl Config {
             access_keys,
             nodes,
             default_rate_limit: self.baishan.rate_limit_per_minute,
+            webhooks,
         })
     }
 }
@@ -556,6 +590,8 @@ pub struct Settings {
     pub nodes: Vec<Node>,
     /// The Baishan rate limit reported to requests without a valid token.
     pub default_rate_limit: u32,
+    /// Account name → webhook receivers.
+    pub webhooks: HashMap<String, Vec<crate::webhooks::Target>>,
 }
 
 /// Parses `+08:00`, `-05:30`, `+0800` or `Z`/`UTC`.

@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod retention;
+pub mod webhooks;
 pub mod worker;
 
 use anyhow::Context;
@@ -74,13 +75,16 @@ impl Application {
         let grace = settings.shutdown_grace;
         let worker_task = tokio::spawn(worker.run(shutdown.clone(), grace));
         let r = &settings.retention;
-        let sweeper = tokio::spawn(retention::run(store, r.days, r.sweep_batch, r.sweep_interval, shutdown.clone()));
+        let sweeper =
+            tokio::spawn(retention::run(store.clone(), r.days, r.sweep_batch, r.sweep_interval, shutdown.clone()));
+        let notifier = tokio::spawn(webhooks::run(store, settings.webhooks.clone(), shutdown.clone()));
         let app = api::router(state);
         let stop = shutdown.clone();
         axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
         tracing::info!("HTTP server drained.");
         let _ = worker_task.await;
         let _ = sweeper.await;
+        let _ = notifier.await;
         Ok(())
     }
 }

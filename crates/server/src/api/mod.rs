@@ -3,6 +3,7 @@
 
 pub mod baishan;
 pub mod bce;
+pub mod native;
 pub mod ratelimit;
 
 use crate::config::Settings;
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/cache/records", any(bce::cdn::records))
         .route("/v2/geo/cache/purge", any(bce::geo::purge))
         .route("/v2/geo/cache/prefetch", any(bce::geo::prefetch))
+        .merge(native::routes())
         .fallback(not_found)
         .with_state(state)
 }
@@ -87,7 +89,9 @@ async fn shared_prefetch(
 
 /// Unknown paths answer in the format of the dialect the request looks like.
 async fn not_found(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    if uri.path().starts_with("/v2/geo/") || bce::is_bce(&headers) {
+    if uri.path().starts_with("/api/") {
+        native::not_found().await
+    } else if uri.path().starts_with("/v2/geo/") || bce::is_bce(&headers) {
         bce::not_found(&state)
     } else {
         baishan::not_found().await

@@ -80,7 +80,7 @@ impl Worker {
     /// writes what it knows and releases its leases so that the items resume at once elsewhere.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let Self { store, owner, wake, shared, updates } = self;
-        let writer = tokio::spawn(write_updates(store.clone(), updates));
+        let writer = tokio::spawn(write_updates(store.clone(), updates, wake.clone()));
         let renewer = tokio::spawn(renew_leases(store.clone(), owner.clone(), shared.config.lease, shutdown.clone()));
         let capacity = Arc::new(Semaphore::new(shared.config.max_items_in_flight));
         let mut running = JoinSet::new();
@@ -147,9 +147,11 @@ fn millis(d: Duration) -> Millis {
 
 /// Writes updates in batches, in order. A failing store is retried; after that the batch is
 /// dropped: the items' leases lapse and another claim redoes them (purges are idempotent).
-async fn write_updates(store: Arc<dyn Store>, mut updates: mpsc::UnboundedReceiver<ItemUpdate>) {
+async fn write_updates(store: Arc<dyn Store>, mut updates: mpsc::UnboundedReceiver<ItemUpdate>, wake: Arc<Notify>) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while updates.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        // A completed refresh may release the prefetch that waits for it: claim again at once.
+        let completed = batch.iter().any(|u| u.status == ItemStatus::Completed && u.finished_at.is_some());
         let mut attempt = 0;
         while let Err(e) = store.apply_updates(&batch).await {
             attempt += 1;
@@ -161,6 +163,9 @@ async fn write_updates(store: Arc<dyn Store>, mut updates: mpsc::UnboundedReceiv
             tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
         }
         batch.clear();
+        if completed {
+            wake.notify_one();
+        }
     }
 }
 
