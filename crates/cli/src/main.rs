@@ -1,10 +1,15 @@
-//! The `cachectl` binary: parses process flags, loads the configuration, starts telemetry and
-//! hands off to the library. Everything else lives in `cachectl-server`.
+//! The `cachectl` binary: `serve` runs the control plane; `refresh`, `prefetch`, `status`,
+//! `tasks` and `watch` are clients of its native API. This file parses flags and dispatches;
+//! the service lives in `cachectl-server`, the client in `client.rs`.
+
+mod client;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use client::{Client, Connection, Failure, exit};
 use std::path::PathBuf;
-use tokio_util_shutdown::shutdown_token;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
 
 /// cachectl: a control plane for CDN cache refresh and prefetch.
 #[derive(Debug, Parser)]
@@ -12,6 +17,24 @@ use tokio_util_shutdown::shutdown_token;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How a client command reaches the server.
+#[derive(Debug, Args)]
+struct Remote {
+    /// Base URL of the cachectl server.
+    #[arg(long, env = "CACHECTL_SERVER", global = true)]
+    server: Option<String>,
+    /// A token of your account (Bearer).
+    #[arg(long, env = "CACHECTL_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Client configuration file with `server = "..."` and `token = "..."`
+    /// (default: ~/.config/cachectl/client.toml).
+    #[arg(long, env = "CACHECTL_CLIENT_CONFIG", global = true)]
+    client_config: Option<PathBuf>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,6 +57,76 @@ enum Command {
         #[arg(long, short, env = "CACHECTL_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Refresh (purge) URLs, or directories with --dir.
+    Refresh {
+        /// The URLs.
+        #[arg(required = true)]
+        urls: Vec<String>,
+        /// The URLs are directories (ending with /): evict everything under them.
+        #[arg(long)]
+        dir: bool,
+        /// Prefetch each URL once its refresh completed on every node.
+        #[arg(long, conflicts_with = "dir")]
+        then_prefetch: bool,
+        /// Wait until every item is final, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Idempotency-Key: resubmitting with the same key returns the same task.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Prefetch (warm) URLs.
+    Prefetch {
+        /// The URLs.
+        urls: Vec<String>,
+        /// Read URLs from a file, one per line.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Wait until every item is final, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Idempotency-Key: resubmitting with the same key returns the same task.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show a task, its items and every node's result.
+    Status {
+        /// The task id.
+        task: i64,
+        /// Wait until every item is final, showing progress.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List your tasks, newest first.
+    Tasks {
+        /// Created since: an RFC 3339 time or a duration ago (2h, 30m).
+        #[arg(long)]
+        since: Option<String>,
+        /// running, completed or failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many (1-500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// The next page's cursor from a previous listing.
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Follow a task live until it is final.
+    Watch {
+        /// The task id.
+        task: i64,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 fn init_telemetry() {
@@ -42,58 +135,169 @@ fn init_telemetry() {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig { config } => {
-            let settings = cachectl_server::config::Config::load(config.as_deref())?.validate()?;
-            println!("configuration ok: {} accounts, {} edge nodes", settings.accounts.len(), settings.nodes.len());
-            Ok(())
-        }
-        Command::Migrate { config } => {
-            init_telemetry();
-            let settings = cachectl_server::config::Config::load(config.as_deref())?.validate()?;
-            cachectl_server::migrate(&settings.store_url).await?;
-            println!("store migrated: {}", cachectl_server::redact_url(&settings.store_url));
-            Ok(())
-        }
-        Command::Serve { config } => {
-            init_telemetry();
-            let settings = cachectl_server::config::Config::load(config.as_deref())?.validate()?;
-            let app = cachectl_server::Application::build(settings).await.context("starting cachectl")?;
-            let shutdown = shutdown_token();
-            app.run_until_stopped(shutdown).await
+    match run(cli.command).await {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.code)
         }
     }
 }
 
-mod tokio_util_shutdown {
-    //! SIGINT/SIGTERM to one cancellation token.
-    use tokio_util::sync::CancellationToken;
+fn connect(remote: &Remote) -> Result<Client, Failure> {
+    let conn = Connection::resolve(remote.server.clone(), remote.token.clone(), remote.client_config.as_deref())?;
+    Client::new(conn).map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })
+}
 
-    pub fn shutdown_token() -> CancellationToken {
-        let token = CancellationToken::new();
-        let trigger = token.clone();
-        tokio::spawn(async move {
-            let ctrl_c = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            #[cfg(not(unix))]
-            let term = std::future::pending::<()>();
-            tokio::select! {
-                _ = ctrl_c => {}
-                () = term => {}
-            }
-            tracing::info!("Shutdown signal received; draining.");
-            trigger.cancel();
-        });
-        token
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+/// Submits, optionally waits, prints, and returns the exit code.
+async fn submit(
+    remote: &Remote,
+    kind: &str,
+    urls: &[String],
+    dir: bool,
+    wait: bool,
+    key: Option<&str>,
+) -> Result<u8, Failure> {
+    let client = connect(remote)?;
+    let submitted = client.submit(kind, urls, dir, key).await?;
+    let id = submitted["task"]["id"].as_i64().unwrap_or_default();
+    for r in submitted["rejected"].as_array().into_iter().flatten() {
+        eprintln!("rejected {}: {}", r["url"].as_str().unwrap_or(""), r["reason"].as_str().unwrap_or(""));
     }
+    if !wait {
+        if remote.json {
+            print_json(&submitted);
+        } else {
+            println!("task {id} submitted: {} items", submitted["task"]["counts"]["total"]);
+        }
+        return Ok(exit::OK);
+    }
+    let detail = client.wait(id, remote.json).await?;
+    if remote.json {
+        print_json(&detail);
+    } else {
+        print!("{}", client::render_task(&detail));
+    }
+    Ok(client::outcome(&detail))
+}
+
+async fn run(command: Command) -> Result<u8, Failure> {
+    let invalid = |e: anyhow::Error| Failure { code: exit::INVALID, message: format!("{e:#}") };
+    match command {
+        Command::CheckConfig { config } => {
+            let settings = cachectl_server::config::Config::load(config.as_deref())
+                .and_then(|c| c.validate())
+                .map_err(|e| invalid(e.into()))?;
+            println!("configuration ok: {} accounts, {} edge nodes", settings.accounts.len(), settings.nodes.len());
+            Ok(exit::OK)
+        }
+        Command::Migrate { config } => {
+            init_telemetry();
+            let settings = cachectl_server::config::Config::load(config.as_deref())
+                .and_then(|c| c.validate())
+                .map_err(|e| invalid(e.into()))?;
+            cachectl_server::migrate(&settings.store_url)
+                .await
+                .map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })?;
+            println!("store migrated: {}", cachectl_server::redact_url(&settings.store_url));
+            Ok(exit::OK)
+        }
+        Command::Serve { config } => {
+            init_telemetry();
+            let settings = cachectl_server::config::Config::load(config.as_deref())
+                .and_then(|c| c.validate())
+                .map_err(|e| invalid(e.into()))?;
+            let app = cachectl_server::Application::build(settings)
+                .await
+                .context("starting cachectl")
+                .map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })?;
+            app.run_until_stopped(shutdown_token())
+                .await
+                .map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })?;
+            Ok(exit::OK)
+        }
+        Command::Refresh { urls, dir, then_prefetch, wait, idempotency_key, remote } => {
+            let kind = if then_prefetch { "refresh_then_prefetch" } else { "refresh" };
+            submit(&remote, kind, &urls, dir, wait, idempotency_key.as_deref()).await
+        }
+        Command::Prefetch { mut urls, file, wait, idempotency_key, remote } => {
+            if let Some(file) = file {
+                urls.extend(client::read_url_file(&file)?);
+            }
+            if urls.is_empty() {
+                return Err(Failure { code: exit::INVALID, message: "no URL given: pass URLs or --file".into() });
+            }
+            submit(&remote, "prefetch", &urls, false, wait, idempotency_key.as_deref()).await
+        }
+        Command::Status { task, wait, remote } => {
+            let client = connect(&remote)?;
+            let detail = if wait { client.wait(task, remote.json).await? } else { client.task(task).await? };
+            if remote.json {
+                print_json(&detail);
+            } else {
+                print!("{}", client::render_task(&detail));
+            }
+            Ok(if detail["task"]["state"] == "running" { exit::OK } else { client::outcome(&detail) })
+        }
+        Command::Watch { task, remote } => {
+            let client = connect(&remote)?;
+            let detail = client.wait(task, remote.json).await?;
+            if remote.json {
+                print_json(&detail);
+            } else {
+                print!("{}", client::render_task(&detail));
+            }
+            Ok(client::outcome(&detail))
+        }
+        Command::Tasks { since, status, limit, cursor, remote } => {
+            let client = connect(&remote)?;
+            let mut query = vec![("limit", limit.to_string())];
+            if let Some(since) = since {
+                query.push(("since", client::parse_since(&since)?));
+            }
+            if let Some(status) = status {
+                query.push(("status", status));
+            }
+            if let Some(cursor) = cursor {
+                query.push(("cursor", cursor));
+            }
+            let page = client.tasks(&query).await?;
+            if remote.json {
+                print_json(&page);
+            } else {
+                print!("{}", client::render_tasks(&page));
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// SIGINT/SIGTERM to one cancellation token.
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            () = term => {}
+        }
+        tracing::info!("Shutdown signal received; draining.");
+        trigger.cancel();
+    });
+    token
 }
