@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian 12 machine with the Rust toolchain:
 # installs what the tests start when missing (Varnish, nginx with the cache-purge module,
-# PostgreSQL, Baidu's bce-python-sdk in a virtual environment), checks formatting and lints,
+# PostgreSQL, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
+# formatting and lints,
 # then runs every test with cargo-nextest. Tests start their own caches, origin, PostgreSQL
 # clusters and cachectl instances on 127.0.0.1 with free ports; no system service is used.
 set -euo pipefail
@@ -28,12 +29,13 @@ varnishd -V 2>&1 | head -1
 nginx -v 2>&1
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
-# Baidu's official Python SDK, which the Baidu-dialect tests drive the server with.
+# Baidu's official Python SDK, which the Baidu-dialect tests drive the server with, and
+# schemathesis, which fuzzes the native API against its OpenAPI document.
 VENV="$PWD/.venv-tests"
-if ! "$VENV/bin/python" -c 'import baidubce' >/dev/null 2>&1; then
-    echo "==> Installing bce-python-sdk into $VENV"
+if ! "$VENV/bin/python" -c 'import baidubce' >/dev/null 2>&1 || [ ! -x "$VENV/bin/schemathesis" ]; then
+    echo "==> Installing bce-python-sdk and schemathesis into $VENV"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q "bce-python-sdk==0.9.79"
+    "$VENV/bin/pip" install -q "bce-python-sdk==0.9.79" "schemathesis==4.32.5"
 fi
 export CACHECTL_TEST_PYTHON="$VENV/bin/python"
 

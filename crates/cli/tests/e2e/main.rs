@@ -6,6 +6,7 @@ mod bce;
 mod cluster;
 mod durability;
 mod edges;
+mod native;
 mod support;
 
 /// Milliseconds since the epoch.

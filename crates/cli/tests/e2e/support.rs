@@ -157,13 +157,17 @@ pub struct Nginx {
 
 impl Nginx {
     pub async fn start(origin_port: u16, servers: usize) -> Self {
+        let ports: Vec<u16> = (0..servers).map(|_| free_port()).collect();
+        Self::start_on_ports(origin_port, &ports).await
+    }
+
+    /// nginx with one server per given port.
+    pub async fn start_on_ports(origin_port: u16, ports: &[u16]) -> Self {
         let dir = shared_tempdir();
         let shipped = std::fs::read_to_string(repo_root().join("deploy/nginx/cachectl.conf")).unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
         let mut sites = String::new();
-        let mut ports = Vec::new();
-        for i in 0..servers {
-            let port = free_port();
+        for (i, port) in ports.iter().copied().enumerate() {
             let site = shipped
                 .replace("/var/cache/nginx/cachectl", &format!("cache{i}"))
                 .replace("127.0.0.1:8080", &format!("127.0.0.1:{origin_port}"))
@@ -172,8 +176,8 @@ impl Nginx {
             let file = format!("site{i}.conf");
             std::fs::write(dir.path().join(&file), site).unwrap();
             sites.push_str(&format!("    include {file};\n"));
-            ports.push(port);
         }
+        let ports = ports.to_vec();
         let conf = format!(
             "load_module /usr/lib/nginx/modules/ngx_http_cache_purge_module.so;\n\
              pid logs/nginx.pid;\nworker_processes 1;\nevents {{ worker_connections 1024; }}\n\

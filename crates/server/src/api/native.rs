@@ -511,6 +511,8 @@ fn check_domain(domain: Option<&str>) -> Result<(), ApiError> {
     request_body = SubmitBody,
     params(("Idempotency-Key" = Option<String>, Header, description = "Same key and body return the original task; same key, another body: 409")),
     responses(
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
         (status = 201, description = "Stored; the items will be executed", body = Submitted),
         (status = 400, description = "Invalid request, no URL accepted, or a quota exceeded", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
@@ -593,7 +595,9 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bod
     get,
     path = "/api/v1/tasks",
     params(TaskQuery),
-    responses((status = 200, body = TaskPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),(status = 200, body = TaskPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn list_tasks(
@@ -634,7 +638,9 @@ pub async fn list_tasks(
     get,
     path = "/api/v1/items",
     params(ItemQuery),
-    responses((status = 200, body = ItemPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),(status = 200, body = ItemPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn list_items(
@@ -710,7 +716,10 @@ async fn detail(state: &AppState, credential: &Credential, task_id: i64) -> Resu
     get,
     path = "/api/v1/tasks/{id}",
     params(("id" = i64, Path, description = "Task id")),
-    responses((status = 200, body = TaskDetail), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+        (status = 400, description = "Invalid parameter", body = ErrorBody),(status = 200, body = TaskDetail), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn get_task(
@@ -732,7 +741,10 @@ fn task_id(text: &str) -> Result<i64, ApiError> {
     post,
     path = "/api/v1/tasks/{id}/cancel",
     params(("id" = i64, Path, description = "Task id")),
-    responses((status = 200, body = Changed), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+        (status = 400, description = "Invalid parameter", body = ErrorBody),(status = 200, body = Changed), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn cancel(
@@ -753,7 +765,10 @@ pub async fn cancel(
     post,
     path = "/api/v1/tasks/{id}/retry",
     params(("id" = i64, Path, description = "Task id")),
-    responses((status = 200, body = Changed), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+        (status = 400, description = "Invalid parameter", body = ErrorBody),(status = 200, body = Changed), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn retry(
@@ -774,7 +789,10 @@ pub async fn retry(
     get,
     path = "/api/v1/tasks/{id}/webhooks",
     params(("id" = i64, Path, description = "Task id")),
-    responses((status = 200, body = DeliveryLog), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses(
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+        (status = 400, description = "Invalid parameter", body = ErrorBody),(status = 200, body = DeliveryLog), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn deliveries(
@@ -796,6 +814,9 @@ pub async fn deliveries(
     path = "/api/v1/tasks/{id}/events",
     params(("id" = i64, Path, description = "Task id")),
     responses(
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+        (status = 400, description = "Invalid parameter", body = ErrorBody),
         (status = 200, description = "text/event-stream of `progress` events and a last `done` event, each carrying a TaskView", content_type = "text/event-stream", body = TaskView),
         (status = 404, body = ErrorBody),
         (status = 401, body = ErrorBody)
