@@ -526,6 +526,17 @@ impl Store for PgStore {
         .await
         .map_err(unavailable)?;
         sqlx::query("DELETE FROM item_counts WHERE n <= 0").execute(&mut *tx).await.map_err(unavailable)?;
+        // The webhook log and finished jobs go with the records they are about.
+        sqlx::query("DELETE FROM webhook_deliveries WHERE at < $1")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("DELETE FROM webhook_jobs WHERE state <> 'pending' AND next_at < $1")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         sqlx::query(
             "DELETE FROM quota_usage WHERE day < to_char(to_timestamp($1 / 1000.0) - interval '2 days', 'YYYY-MM-DD')",
         )

@@ -502,6 +502,17 @@ impl Store for SqliteStore {
         .await
         .map_err(unavailable)?;
         sqlx::query("DELETE FROM item_counts WHERE n <= 0").execute(&mut *tx).await.map_err(unavailable)?;
+        // The webhook log and finished jobs go with the records they are about.
+        sqlx::query("DELETE FROM webhook_deliveries WHERE at < ?")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("DELETE FROM webhook_jobs WHERE state <> 'pending' AND next_at < ?")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         sqlx::query("DELETE FROM quota_usage WHERE day < date(? / 1000, 'unixepoch', '-2 days')")
             .bind(before)
             .execute(&mut *tx)
