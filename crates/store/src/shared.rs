@@ -141,8 +141,34 @@ macro_rules! shared_operations {
 
             /// Applies worker updates (see `Store::apply_updates`).
             pub(crate) async fn shared_apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
+                // One row per item and one per (item, node): a batch often holds several reports
+                // of the same item, and only its latest state needs writing.
+                let updates = crate::shared::merge_updates(updates);
                 let mut tx = self.$write.begin().await.map_err(unavailable)?;
-                for update in updates {
+                let nodes: Vec<(i64, &NodeResult)> =
+                    updates.iter().flat_map(|u| u.nodes.iter().map(move |n| (u.item_id, n))).collect();
+                for chunk in nodes.chunks(crate::shared::NODE_CHUNK) {
+                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
+                        "INSERT INTO node_results (item_id, node, state, attempts, status_code, error, updated_at, instance) ",
+                    );
+                    q.push_values(chunk, |mut row, (item_id, node)| {
+                        row.push_bind(*item_id)
+                            .push_bind(&node.node)
+                            .push_bind(node.state.as_str())
+                            .push_bind(i64::from(node.attempts))
+                            .push_bind(node.status_code.map(i64::from))
+                            .push_bind(node.error.clone())
+                            .push_bind(node.updated_at)
+                            .push_bind(&node.instance);
+                    });
+                    q.push(
+                        " ON CONFLICT (item_id, node) DO UPDATE SET state = excluded.state, attempts = excluded.attempts, \
+                         status_code = excluded.status_code, error = excluded.error, updated_at = excluded.updated_at, \
+                         instance = excluded.instance",
+                    );
+                    q.build().execute(&mut *tx).await.map_err(unavailable)?;
+                }
+                for update in &updates {
                     let transition = update.status.is_final() && update.finished_at.is_some();
                     let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE items SET progress = ");
                     q.push_bind(i64::from(update.progress));
@@ -166,34 +192,11 @@ macro_rules! shared_operations {
                     }
                     q.push(" RETURNING task_id");
                     let moved: Option<i64> = q.build_query_scalar().fetch_optional(&mut *tx).await.map_err(unavailable)?;
-                    for node in &update.nodes {
-                        let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
-                            "INSERT INTO node_results (item_id, node, state, attempts, status_code, error, updated_at, instance) VALUES (",
-                        );
-                        q.push_bind(update.item_id)
-                            .push(", ")
-                            .push_bind(&node.node)
-                            .push(", ")
-                            .push_bind(node.state.as_str())
-                            .push(", ")
-                            .push_bind(i64::from(node.attempts))
-                            .push(", ")
-                            .push_bind(node.status_code.map(i64::from))
-                            .push(", ")
-                            .push_bind(node.error.clone())
-                            .push(", ")
-                            .push_bind(node.updated_at)
-                            .push(", ")
-                            .push_bind(&node.instance)
-                            .push(
-                                ") ON CONFLICT (item_id, node) DO UPDATE SET state = excluded.state, attempts = excluded.attempts, \
-                                 status_code = excluded.status_code, error = excluded.error, updated_at = excluded.updated_at, \
-                                 instance = excluded.instance",
-                            );
-                        q.build().execute(&mut *tx).await.map_err(unavailable)?;
-                    }
                     let Some(task_id) = moved else { continue };
-                    // Items coalesced with this one mirror it.
+                    // Items coalesced with this one mirror it: when it starts and when it ends.
+                    if !transition && !update.nodes.is_empty() {
+                        continue;
+                    }
                     let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE items SET status = ");
                     q.push_bind(update.status.as_str())
                         .push(", progress = ")
@@ -574,6 +577,80 @@ macro_rules! shared_operations {
 
 pub(crate) use shared_operations;
 
+/// Node results upserted per statement (8 values each).
+pub(crate) const NODE_CHUNK: usize = 500;
+
+/// Folds a batch of worker reports into one per item, in first-seen order: the latest status
+/// and progress, the first start and finish times, the latest reason, and the latest result per
+/// node.
+pub(crate) fn merge_updates(updates: &[cachectl_core::ItemUpdate]) -> Vec<cachectl_core::ItemUpdate> {
+    let mut merged: Vec<cachectl_core::ItemUpdate> = Vec::with_capacity(updates.len());
+    let mut index: std::collections::HashMap<i64, usize> = std::collections::HashMap::with_capacity(updates.len());
+    for u in updates {
+        match index.get(&u.item_id) {
+            None => {
+                index.insert(u.item_id, merged.len());
+                merged.push(u.clone());
+            }
+            Some(&i) => {
+                let m = &mut merged[i];
+                m.status = u.status;
+                m.progress = u.progress;
+                m.started_at = m.started_at.or(u.started_at);
+                m.finished_at = m.finished_at.or(u.finished_at);
+                if u.reason.is_some() {
+                    m.reason.clone_from(&u.reason);
+                }
+                for node in &u.nodes {
+                    match m.nodes.iter_mut().find(|n| n.node == node.node) {
+                        Some(existing) => *existing = node.clone(),
+                        None => m.nodes.push(node.clone()),
+                    }
+                }
+            }
+        }
+    }
+    merged
+}
+
 /// How far back an identical waiting item is looked for when coalescing: a waiting item older
 /// than this is stuck behind something (a down node, a schedule) and is not joined.
 pub(crate) const COALESCE_WINDOW_MS: i64 = 10 * 60 * 1000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cachectl_core::{ItemStatus, ItemUpdate, NodeResult, NodeState};
+
+    fn node(name: &str, state: NodeState) -> NodeResult {
+        NodeResult {
+            node: name.into(),
+            state,
+            attempts: 1,
+            status_code: None,
+            error: None,
+            updated_at: 0,
+            instance: String::new(),
+        }
+    }
+
+    fn update(id: i64, status: ItemStatus, finished: Option<i64>, nodes: Vec<NodeResult>) -> ItemUpdate {
+        ItemUpdate { item_id: id, status, progress: 0, started_at: Some(1), finished_at: finished, reason: None, nodes }
+    }
+
+    #[test]
+    fn a_batch_folds_into_one_report_per_item() {
+        let merged = merge_updates(&[
+            update(1, ItemStatus::Processing, None, vec![]),
+            update(2, ItemStatus::Processing, None, vec![node("a", NodeState::Pending)]),
+            update(1, ItemStatus::Processing, None, vec![node("a", NodeState::Succeeded)]),
+            update(1, ItemStatus::Failed, Some(9), vec![node("b", NodeState::Failed)]),
+            update(1, ItemStatus::Failed, None, vec![node("a", NodeState::Succeeded)]),
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].item_id, 1, "first-seen order");
+        assert_eq!((merged[0].status, merged[0].finished_at), (ItemStatus::Failed, Some(9)), "the transition is kept");
+        assert_eq!(merged[0].nodes.len(), 2, "one result per node");
+        assert_eq!(merged[1].nodes, vec![node("a", NodeState::Pending)]);
+    }
+}
