@@ -104,25 +104,51 @@ macro_rules! shared_operations {
                 // for are read back by URL, then the dependent items go in.
                 let (independent, dependent): (Vec<&NewItem>, Vec<&NewItem>) =
                     task.items.iter().partition(|i| i.depends_on.is_none());
-                let mut leaders: Vec<Option<i64>> = Vec::with_capacity(independent.len());
-                for item in &independent {
-                    // Coalescing: an identical item of this account that is still waiting,
-                    // unclaimed and due no later than this one is executed once for both.
-                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("SELECT id FROM items WHERE account = ");
-                    q.push_bind(&task.account)
-                        .push(" AND kind = ")
-                        .push_bind(item.kind.as_str())
-                        .push(" AND url = ")
-                        .push_bind(&item.url)
-                        .push(" AND created_at >= ")
-                        .push_bind(task.created_at - COALESCE_WINDOW_MS)
-                        .push(" AND item_type = ")
-                        .push_bind(item.item_type.as_str())
-                        .push(" AND status = 'waiting' AND lease_owner IS NULL AND follows IS NULL AND depends_on IS NULL AND not_before <= ")
-                        .push_bind(item.not_before.unwrap_or(task.created_at))
-                        .push(" LIMIT 1");
-                    leaders.push(q.build_query_scalar().fetch_optional(&mut *tx).await.map_err(unavailable)?);
+                // Coalescing: an identical item of this account that is still waiting, unclaimed
+                // and due no later than the new one is executed once for both. Looked up a few
+                // hundred URLs per statement, through the (account, kind, url, created_at) index.
+                let mut waiting: std::collections::HashMap<(Kind, ItemType, String), (i64, Millis)> =
+                    std::collections::HashMap::new();
+                for kind in [Kind::Refresh, Kind::Prefetch] {
+                    for item_type in [ItemType::Url, ItemType::Dir] {
+                        let urls: Vec<&str> = independent
+                            .iter()
+                            .filter(|i| i.kind == kind && i.item_type == item_type)
+                            .map(|i| i.url.as_str())
+                            .collect();
+                        for chunk in urls.chunks(400) {
+                            let mut q: QueryBuilder<'_, $db> =
+                                QueryBuilder::new("SELECT id, url, not_before FROM items WHERE account = ");
+                            q.push_bind(&task.account).push(" AND kind = ").push_bind(kind.as_str()).push(" AND url IN (");
+                            let mut list = q.separated(", ");
+                            for url in chunk {
+                                list.push_bind(*url);
+                            }
+                            q.push(") AND created_at >= ")
+                                .push_bind(task.created_at - COALESCE_WINDOW_MS)
+                                .push(" AND item_type = ")
+                                .push_bind(item_type.as_str())
+                                .push(" AND status = 'waiting' AND lease_owner IS NULL AND follows IS NULL AND depends_on IS NULL");
+                            for row in q.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
+                                let key = (kind, item_type, row.get::<String, _>("url"));
+                                let found: (i64, Millis) = (row.get("id"), row.get("not_before"));
+                                let entry = waiting.entry(key).or_insert(found);
+                                if found.0 < entry.0 {
+                                    *entry = found;
+                                }
+                            }
+                        }
+                    }
                 }
+                let leaders: Vec<Option<i64>> = independent
+                    .iter()
+                    .map(|item| {
+                        waiting
+                            .get(&(item.kind, item.item_type, item.url.clone()))
+                            .filter(|(_, due)| *due <= item.not_before.unwrap_or(task.created_at))
+                            .map(|(id, _)| *id)
+                    })
+                    .collect();
                 insert_items(&mut tx, task, task_id, &independent, |i| leaders[i], |_| None).await?;
                 if !dependent.is_empty() {
                     let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("SELECT id, url FROM items WHERE task_id = ");

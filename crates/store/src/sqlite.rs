@@ -8,9 +8,9 @@ use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
 use crate::{HOUR_MS, split_window};
 use async_trait::async_trait;
 use cachectl_core::{
-    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemUpdate, Kind, Millis, NewItem, NewTask,
-    NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError, StoreResult,
-    TaskFilter, TaskKind, TaskState, TaskSummary, WebhookJob, WindowQuery,
+    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemType, ItemUpdate, Kind, Millis, NewItem,
+    NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError,
+    StoreResult, TaskFilter, TaskKind, TaskState, TaskSummary, WebhookJob, WindowQuery,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};

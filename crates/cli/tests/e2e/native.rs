@@ -369,9 +369,18 @@ async fn webhooks_are_signed_retried_and_logged() {
     assert_eq!(payload["task"]["state"], "completed");
     assert_eq!(good_seen.lock().unwrap().len(), 1, "a delivered webhook is not sent again");
 
-    let (status, log) = server.api(reqwest::Method::GET, &format!("/api/v1/tasks/{task}/webhooks"), None, None).await;
-    assert_eq!(status, 200);
+    // The receiver answers before the attempt is logged: read the log until it has caught up.
     let flaky_url = format!("http://127.0.0.1:{flaky}/hook");
+    let log = loop {
+        let (status, log) =
+            server.api(reqwest::Method::GET, &format!("/api/v1/tasks/{task}/webhooks"), None, None).await;
+        assert_eq!(status, 200);
+        let logged = log["deliveries"].as_array().unwrap().iter().filter(|d| d["url"] == flaky_url).count();
+        if logged >= 3 || start.elapsed() > Duration::from_secs(20) {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let attempts: Vec<&Value> =
         log["deliveries"].as_array().unwrap().iter().filter(|d| d["url"] == flaky_url).collect();
     assert_eq!(attempts.len(), 3, "two failures, then success: {log}");
