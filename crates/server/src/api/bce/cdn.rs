@@ -2,7 +2,7 @@
 //! (shared with the Baishan dialect; the auth scheme decides), `/v2/cache/quota` and
 //! `/v2/cache/records`. Like GEO without `site`: the URL's host picks the account's domain.
 
-use super::{BceError, Params, call, method_not_allowed, page, parse_tasks, submit, window};
+use super::{BceError, Params, call, list_records, method_not_allowed, parse_tasks, submit};
 use crate::api::{AppState, now_ms};
 use crate::config::Credential;
 use axum::body::Body;
@@ -107,7 +107,6 @@ async fn list(
     params: Params,
     with_reason: bool,
 ) -> Result<Value, BceError> {
-    let now = now_ms();
     let url = params.get("url").map(|u| {
         url::Url::parse(u.trim()).map_or_else(
             |_| u.to_owned(),
@@ -117,8 +116,8 @@ async fn list(
             },
         )
     });
-    let base = RecordQuery {
-        account: &credential.account.name,
+    let filters = RecordQuery {
+        account: "",
         kind,
         task_id: None,
         from: 0,
@@ -127,18 +126,7 @@ async fn list(
         url: url.as_deref(),
         item_type: None,
         after: None,
-        limit: super::PAGE + 1,
+        limit: 0,
     };
-    if let Some(id) = params.get("id") {
-        let task_id = super::geo::parse_id(id)?;
-        let items = state
-            .service
-            .records(&credential.account, RecordQuery { task_id: Some(task_id), limit: super::TASK_RECORDS, ..base })
-            .await?;
-        return Ok(page(items, super::TASK_RECORDS, now, with_reason));
-    }
-    let (from, to) = window(&params, now)?;
-    let after = params.get("marker").map(super::decode_marker).transpose()?;
-    let items = state.service.records(&credential.account, RecordQuery { from, to, after, ..base }).await?;
-    Ok(page(items, super::PAGE, now, with_reason))
+    list_records(state, &credential, filters, &params, with_reason).await
 }

@@ -1,8 +1,8 @@
 //! The Baidu AI Cloud GEO dialect (CONTRACT §4): `/v2/geo/cache/purge` and `/v2/geo/cache/prefetch`,
 //! submit with a `site`, list by site, task id, time window, type and marker.
 
-use super::{BceError, Params, TaskSpec, call, method_not_allowed, page, parse_tasks, submit, window};
-use crate::api::{AppState, now_ms};
+use super::{BceError, Params, TaskSpec, call, list_records, method_not_allowed, parse_tasks, submit};
+use crate::api::AppState;
 use crate::config::Credential;
 use axum::body::Body;
 use axum::extract::State;
@@ -89,7 +89,6 @@ async fn submit_site(
 }
 
 async fn list(state: &AppState, credential: Credential, kind: Kind, params: Params) -> Result<Value, BceError> {
-    let now = now_ms();
     let site = check_site(&credential, params.get("site").unwrap_or(""))?;
     let item_type = match (kind, params.get("type")) {
         (_, None) => None,
@@ -99,8 +98,8 @@ async fn list(state: &AppState, credential: Credential, kind: Kind, params: Para
             return Err(BceError::invalid(format!("type must be \"url\" or \"directory\", not {other:?}")));
         }
     };
-    let base = RecordQuery {
-        account: &credential.account.name,
+    let filters = RecordQuery {
+        account: "",
         kind,
         task_id: None,
         from: 0,
@@ -109,27 +108,7 @@ async fn list(state: &AppState, credential: Credential, kind: Kind, params: Para
         url: None,
         item_type,
         after: None,
-        limit: super::PAGE + 1,
+        limit: 0,
     };
-    if let Some(id) = params.get("id") {
-        let task_id = parse_id(id)?;
-        let items = state
-            .service
-            .records(&credential.account, RecordQuery { task_id: Some(task_id), limit: super::TASK_RECORDS, ..base })
-            .await?;
-        return Ok(page(items, super::TASK_RECORDS, now, false));
-    }
-    let (from, to) = window(&params, now)?;
-    let after = params.get("marker").map(super::decode_marker).transpose()?;
-    let items = state.service.records(&credential.account, RecordQuery { from, to, after, ..base }).await?;
-    Ok(page(items, super::PAGE, now, false))
-}
-
-/// A task id parameter: a positive integer.
-pub(super) fn parse_id(id: &str) -> Result<i64, BceError> {
-    id.trim()
-        .parse()
-        .ok()
-        .filter(|n: &i64| *n > 0)
-        .ok_or_else(|| BceError::invalid(format!("id must be a task id, not {id:?}")))
+    list_records(state, &credential, filters, &params, false).await
 }

@@ -279,6 +279,40 @@ fn page(mut items: Vec<Item>, limit: u32, now: Millis, with_reason: bool) -> Val
     body
 }
 
+/// Lists records for both Baidu dialects: with `id`, every record of that task at once;
+/// otherwise one page of the time window after `marker`. `filters` carries the dialect's own
+/// filters (site, url, type); its account, window, cursor and limit are set here.
+async fn list_records(
+    state: &AppState,
+    credential: &Credential,
+    filters: cachectl_core::RecordQuery<'_>,
+    params: &Params,
+    with_reason: bool,
+) -> Result<Value, BceError> {
+    let now = now_ms();
+    let base = cachectl_core::RecordQuery { account: &credential.account.name, limit: PAGE + 1, ..filters };
+    if let Some(id) = params.get("id") {
+        let task_id = parse_id(id)?;
+        let query = cachectl_core::RecordQuery { task_id: Some(task_id), limit: TASK_RECORDS, ..base };
+        let items = state.service.records(&credential.account, query).await?;
+        return Ok(page(items, TASK_RECORDS, now, with_reason));
+    }
+    let (from, to) = window(params, now)?;
+    let after = params.get("marker").map(decode_marker).transpose()?;
+    let items =
+        state.service.records(&credential.account, cachectl_core::RecordQuery { from, to, after, ..base }).await?;
+    Ok(page(items, PAGE, now, with_reason))
+}
+
+/// A task id parameter: a positive integer.
+fn parse_id(id: &str) -> Result<i64, BceError> {
+    id.trim()
+        .parse()
+        .ok()
+        .filter(|n: &i64| *n > 0)
+        .ok_or_else(|| BceError::invalid(format!("id must be a task id, not {id:?}")))
+}
+
 /// One task of a submit body: `{url, type?, startTime?, speed?}`.
 struct TaskSpec {
     url: String,
