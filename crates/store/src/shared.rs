@@ -492,6 +492,30 @@ macro_rules! shared_operations {
                 Ok(rows.len() as u64)
             }
 
+            pub(crate) async fn shared_claim_webhook_jobs(&self, now: Millis, lease_until: Millis, limit: u32, lock: &str) -> StoreResult<Vec<WebhookJob>> {
+                let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE webhook_jobs SET lease_until = ");
+                q.push_bind(lease_until)
+                    .push(" WHERE id IN (SELECT id FROM webhook_jobs WHERE state = 'pending' AND next_at <= ")
+                    .push_bind(now)
+                    .push(" AND (lease_until IS NULL OR lease_until < ")
+                    .push_bind(now)
+                    .push(") ORDER BY next_at LIMIT ")
+                    .push_bind(i64::from(limit))
+                    .push(lock)
+                    .push(") RETURNING id, task_id, account, url, attempts");
+                let rows = q.build().fetch_all(&self.$write).await.map_err(unavailable)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| WebhookJob {
+                        id: r.get("id"),
+                        task_id: r.get("task_id"),
+                        account: r.get("account"),
+                        url: r.get("url"),
+                        attempts: u32::try_from(r.get::<i64, _>("attempts")).unwrap_or(0),
+                    })
+                    .collect())
+            }
+
             pub(crate) async fn shared_record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()> {
                 let mut tx = self.$write.begin().await.map_err(unavailable)?;
                 let mut q: QueryBuilder<'_, $db> = QueryBuilder::new(
@@ -602,6 +626,77 @@ macro_rules! shared_operations {
 }
 
 pub(crate) use shared_operations;
+
+/// The `Store` impl of a backend: its own operations (`$own`), plus the shared ones forwarded to
+/// the methods `shared_operations!` generated. `$lock` is what the backend appends to a
+/// row-claiming subquery (`FOR UPDATE SKIP LOCKED` on PostgreSQL, nothing on SQLite, whose
+/// single writer serializes claims anyway).
+macro_rules! store_impl {
+    ($store:ty, $lock:expr, { $($own:tt)* }) => {
+        #[async_trait::async_trait]
+        impl Store for $store {
+            $($own)*
+
+            #[tracing::instrument(level = "debug", skip_all, fields(account = %task.account, items = task.items.len()))]
+            async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64> {
+                self.shared_create_task(task, charges).await
+            }
+
+            #[tracing::instrument(level = "debug", skip_all, fields(updates = updates.len()))]
+            async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
+                self.shared_apply_updates(updates).await
+            }
+
+            async fn task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>> {
+                self.shared_task(account, task_id).await
+            }
+
+            async fn list_tasks(&self, account: &str, filter: &TaskFilter<'_>, limit: u32) -> StoreResult<Vec<TaskSummary>> {
+                self.shared_list_tasks(account, filter, limit).await
+            }
+
+            async fn list_items(&self, account: &str, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>> {
+                self.shared_list_items(account, filter, limit).await
+            }
+
+            async fn node_results(&self, account: &str, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>> {
+                self.shared_node_results(account, item_ids).await
+            }
+
+            async fn cancel_waiting(&self, account: &str, task_id: i64, now: Millis) -> StoreResult<u64> {
+                self.shared_cancel_waiting(account, task_id, now).await
+            }
+
+            async fn retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64> {
+                self.shared_retry_failed(account, task_id).await
+            }
+
+            async fn dispatch_finished(
+                &self,
+                urls: &std::collections::HashMap<String, Vec<String>>,
+                now: Millis,
+                limit: u32,
+            ) -> StoreResult<u64> {
+                self.shared_dispatch_finished(urls, now, limit).await
+            }
+
+            async fn claim_webhook_jobs(&self, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<WebhookJob>> {
+                self.shared_claim_webhook_jobs(now, lease_until, limit, $lock).await
+            }
+
+            async fn record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()> {
+                self.shared_record_delivery(job, attempt, outcome).await
+            }
+
+            async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>> {
+                self.shared_deliveries(account, task_id).await
+            }
+
+        }
+    };
+}
+
+pub(crate) use store_impl;
 
 /// Node results upserted per statement (8 values each).
 pub(crate) const NODE_CHUNK: usize = 500;

@@ -6,7 +6,6 @@ use crate::rows::ITEM_COLUMNS;
 use crate::rows::sqlite::{item_from_row, node_from_row};
 use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
 use crate::{HOUR_MS, split_window};
-use async_trait::async_trait;
 use cachectl_core::{
     ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemType, ItemUpdate, Kind, Millis, NewItem,
     NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError,
@@ -224,81 +223,10 @@ fn records_query<'a>(prefix: &str, query: &'a RecordQuery<'a>) -> QueryBuilder<'
     select
 }
 
-#[async_trait]
-impl Store for SqliteStore {
+crate::shared::store_impl!(SqliteStore, "", {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await.map_err(unavailable)?;
         Ok(())
-    }
-
-    #[tracing::instrument(level = "debug", skip_all, fields(account = %task.account, items = task.items.len()))]
-    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64> {
-        self.shared_create_task(task, charges).await
-    }
-
-    async fn task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>> {
-        self.shared_task(account, task_id).await
-    }
-
-    async fn list_tasks(&self, account: &str, filter: &TaskFilter<'_>, limit: u32) -> StoreResult<Vec<TaskSummary>> {
-        self.shared_list_tasks(account, filter, limit).await
-    }
-
-    async fn list_items(&self, account: &str, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>> {
-        self.shared_list_items(account, filter, limit).await
-    }
-
-    async fn node_results(&self, account: &str, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>> {
-        self.shared_node_results(account, item_ids).await
-    }
-
-    async fn cancel_waiting(&self, account: &str, task_id: i64, now: Millis) -> StoreResult<u64> {
-        self.shared_cancel_waiting(account, task_id, now).await
-    }
-
-    async fn retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64> {
-        self.shared_retry_failed(account, task_id).await
-    }
-
-    async fn dispatch_finished(
-        &self,
-        urls: &std::collections::HashMap<String, Vec<String>>,
-        now: Millis,
-        limit: u32,
-    ) -> StoreResult<u64> {
-        self.shared_dispatch_finished(urls, now, limit).await
-    }
-
-    async fn claim_webhook_jobs(&self, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<WebhookJob>> {
-        let mut q: QueryBuilder<'_, Sqlite> = QueryBuilder::new("UPDATE webhook_jobs SET lease_until = ");
-        q.push_bind(lease_until)
-            .push(" WHERE id IN (SELECT id FROM webhook_jobs WHERE state = 'pending' AND next_at <= ")
-            .push_bind(now)
-            .push(" AND (lease_until IS NULL OR lease_until < ")
-            .push_bind(now)
-            .push(") ORDER BY next_at LIMIT ")
-            .push_bind(i64::from(limit))
-            .push("")
-            .push(") RETURNING id, task_id, account, url, attempts");
-        let rows = q.build().fetch_all(&self.writer).await.map_err(unavailable)?;
-        Ok(rows
-            .iter()
-            .map(|r| WebhookJob {
-                id: r.get("id"),
-                task_id: r.get("task_id"),
-                account: r.get("account"),
-                url: r.get("url"),
-                attempts: u32::try_from(r.get::<i64, _>("attempts")).unwrap_or(0),
-            })
-            .collect())
-    }
-
-    async fn record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()> {
-        self.shared_record_delivery(job, attempt, outcome).await
-    }
-
-    async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>> {
-        self.shared_deliveries(account, task_id).await
     }
 
     async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64> {
@@ -448,11 +376,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(updates = updates.len()))]
-    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
-        self.shared_apply_updates(updates).await
-    }
-
     #[tracing::instrument(level = "debug", skip(self))]
     async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
@@ -521,4 +444,4 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(unavailable)?;
         Ok(ids.len() as u64)
     }
-}
+});
