@@ -41,8 +41,8 @@ fn query_targets(out: &mut Vec<Target>, backend: &str, q: &QueryBackendFigures) 
         ));
         out.push(target(
             &scenario,
-            &format!("{name}: rate (÷ healthz {:.2})", query.ratio_healthz),
-            format!("{:.0} q/s", query.load.rps),
+            &format!("{name}: rate"),
+            format!("{:.0} q/s (÷ healthz {:.2})", query.load.rps, query.ratio_healthz),
             "≥ 5,000 q/s",
             query.load.rps >= 5000.0,
         ));

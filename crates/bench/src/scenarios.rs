@@ -496,15 +496,14 @@ pub async fn queries(
             ratio_healthz: ratio,
         });
     }
-    // GEO: one day of account 0 through every page (markers), signed requests.
-    let (geo_from, geo_to) = (from, from + 86_400_000);
-    let expected = dataset.count_window(0, geo_from, geo_to);
-    let geo = crate::geo::GeoWindow::new(server.port, geo_from, geo_to - 1000);
+    // GEO: the same seven days of account 0 through every page (markers), signed requests.
+    let expected = dataset.count_window(0, from, to);
+    let geo = crate::geo::GeoWindow::new(server.port, from, to - 1000);
     let walked = geo.walk(&client).await?;
     let load = geo.load(connections, Duration::from_secs(seconds)).await?;
     let ratio = load.rps / out[0].load.rps;
     out.push(QueryFigures {
-        name: "geo: 1-day window, every page by marker".into(),
+        name: "geo: 7-day window, every page by marker".into(),
         request: geo.describe(),
         expected_total: expected,
         total: walked,
