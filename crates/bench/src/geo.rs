@@ -79,18 +79,22 @@ impl GeoWindow {
         Ok((records, next))
     }
 
-    /// Walks every page once; returns the records seen.
+    /// Walks every page once; returns the records seen and each page's time in µs, in order.
     ///
     /// # Errors
     /// A request fails.
-    pub async fn walk(&self, client: &reqwest::Client) -> anyhow::Result<u64> {
-        let (mut total, mut marker) = self.page(client, None).await?;
-        while let Some(m) = marker {
-            let (n, next) = self.page(client, Some(&m)).await?;
+    pub async fn walk(&self, client: &reqwest::Client) -> anyhow::Result<(u64, Vec<u64>)> {
+        let (mut total, mut marker, mut times) = (0, None::<String>, Vec::new());
+        loop {
+            let sent = Instant::now();
+            let (n, next) = self.page(client, marker.as_deref()).await?;
+            times.push(u64::try_from(sent.elapsed().as_micros())?);
             total += n;
             marker = next;
+            if marker.is_none() {
+                return Ok((total, times));
+            }
         }
-        Ok(total)
     }
 
     /// `connections` clients walking the window over and over for `duration`; one sample per

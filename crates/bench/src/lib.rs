@@ -124,18 +124,7 @@ pub async fn run(options: Options, progress: impl Fn(&str)) -> anyhow::Result<Re
     let live_url = format!("sqlite://{}", live_db.display());
     let server = Server::start(&options.server_exe, &live_url, 1, &edges, options.worker).await?;
     progress(&format!("scenario 1: fan-out of {} URLs on {} nodes", options.fanout_urls, options.nodes));
-    let fanout = scenarios::fanout(
-        &server,
-        &nodes,
-        options.fanout_urls,
-        options.direct_seconds,
-        options.worker.per_node_concurrency,
-        options.shell_purges,
-        options.use_wrk,
-        scratch.path(),
-    )
-    .await
-    .context("scenario 1 (fan-out)")?;
+    let fanout = scenarios::fanout(&server, &nodes, &options, scratch.path()).await.context("scenario 1 (fan-out)")?;
     progress(&format!("scenario 2: {} single-URL tasks", options.latency_tasks));
     let latency =
         scenarios::latency(&server, options.latency_tasks, Duration::from_millis(options.latency_interval_ms))

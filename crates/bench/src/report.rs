@@ -147,7 +147,7 @@ pub fn table(r: &Results) -> String {
         for query in &q.queries {
             let _ = writeln!(
                 s,
-                "  {:<40} {:>10.0} {:>9.2} {:>9.2} {:>7.2} {:>14} {:>6}",
+                "  {:<40} {:>10.0} {:>9.2} {:>9.2} {:>7.2} {:>14} {:>6} {:>11.2}",
                 query.name,
                 query.load.rps,
                 query.load.p50_ms,
@@ -158,11 +158,15 @@ pub fn table(r: &Results) -> String {
                 } else {
                     format!("{}{}", query.total, if query.exact { "" } else { "!" })
                 },
-                query.load.client
+                query.load.client,
+                query.unloaded_p50_ms
             );
+            if let Some((pages, first, last)) = query.walk {
+                let _ = writeln!(s, "    one walk: {pages} pages, first page {first:.2} ms, last page {last:.2} ms");
+            }
         }
     }
-    let _ = writeln!(s, "\n{:<24} {:<52} {:<40} {:<16} {}", "scenario", "figure", "value", "target", "met");
+    let _ = writeln!(s, "\n{:<24} {:<52} {:<40} {:<16} met", "scenario", "figure", "value", "target");
     for t in &r.targets {
         let _ = writeln!(
             s,

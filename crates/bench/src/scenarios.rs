@@ -94,13 +94,10 @@ pub struct FanoutFigures {
 pub async fn fanout(
     server: &Server,
     nodes: &[Varnish],
-    urls: u64,
-    direct_seconds: u64,
-    per_node_connections: usize,
-    shell_purges: u64,
-    use_wrk: bool,
+    options: &crate::Options,
     scratch: &Path,
 ) -> anyhow::Result<FanoutFigures> {
+    let urls = options.fanout_urls;
     let created_at = now_ms();
     let task_id = insert_task(&server.store_url, urls, created_at).await?;
     // The worker polls every 50 ms; a submission through the API wakes it at once, as every
@@ -120,8 +117,9 @@ pub async fn fanout(
     #[allow(clippy::cast_precision_loss)]
     let cachectl_rate = purges as f64 / (cachectl_ms as f64 / 1000.0);
 
-    let direct = direct_purges(nodes, direct_seconds, per_node_connections, use_wrk, scratch).await?;
-    let (shell_purges, shell_rate) = shell_loop(nodes, shell_purges, scratch)?;
+    let per_node = options.worker.per_node_concurrency;
+    let direct = direct_purges(nodes, options.direct_seconds, per_node, options.use_wrk, scratch).await?;
+    let (shell_purges, shell_rate) = shell_loop(nodes, options.shell_purges, scratch)?;
     Ok(FanoutFigures {
         urls,
         nodes: nodes.len(),
@@ -407,6 +405,25 @@ pub struct QueryFigures {
     pub load: LoadFigures,
     /// rps ÷ the `/healthz` rps of the same server in the same run.
     pub ratio_healthz: f64,
+    /// Median of sequential requests from one client before the load (service time without
+    /// queueing), ms; for GEO, the median page of one walk.
+    pub unloaded_p50_ms: f64,
+    /// GEO only: pages in one walk, and the first and the last page's time, ms.
+    pub walk: Option<(usize, f64, f64)>,
+}
+
+/// The median time of `n` sequential GETs of `url`, ms.
+async fn unloaded(client: &reqwest::Client, url: &str, n: usize) -> anyhow::Result<f64> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sent = Instant::now();
+        let response = client.get(url).send().await?;
+        ensure!(response.status().is_success(), "GET {url}: {}", response.status());
+        let _ = response.bytes().await?;
+        samples.push(u64::try_from(sent.elapsed().as_micros())?);
+    }
+    samples.sort_unstable();
+    Ok(percentile_ms(&samples, 0.5))
 }
 
 /// Scenario 3 on one backend.
@@ -478,6 +495,7 @@ pub async fn queries(
             let body: Value = client.get(server.url(&request)).send().await?.json().await?;
             body["data"]["total"].as_u64().with_context(|| format!("{name}: no total in {body}"))?
         };
+        let unloaded_p50_ms = unloaded(&client, &server.url(&request), 50).await?;
         let load = if use_wrk {
             let url = server.url(&request);
             tokio::task::spawn_blocking(move || wrk(&url, connections, 2, seconds, None)).await??
@@ -494,12 +512,17 @@ pub async fn queries(
             exact: total == expected,
             load,
             ratio_healthz: ratio,
+            unloaded_p50_ms,
+            walk: None,
         });
     }
     // GEO: the same seven days of account 0 through every page (markers), signed requests.
     let expected = dataset.count_window(0, from, to);
     let geo = crate::geo::GeoWindow::new(server.port, from, to - 1000);
-    let walked = geo.walk(&client).await?;
+    let (walked, mut pages) = geo.walk(&client).await?;
+    let (first, last) = (percentile_ms(&pages[..1], 0.0), percentile_ms(&pages[pages.len() - 1..], 0.0));
+    let page_count = pages.len();
+    pages.sort_unstable();
     let load = geo.load(connections, Duration::from_secs(seconds)).await?;
     let ratio = load.rps / out[0].load.rps;
     out.push(QueryFigures {
@@ -510,6 +533,8 @@ pub async fn queries(
         exact: walked == expected,
         load,
         ratio_healthz: ratio,
+        unloaded_p50_ms: percentile_ms(&pages, 0.5),
+        walk: Some((page_count, first, last)),
     });
     Ok(out)
 }

@@ -50,7 +50,11 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
             assert_eq!(q.load.errors, 0, "{} answered 2xx: {q:?}", q.name);
             assert!(q.exact, "{}: total {} but the dataset holds {}", q.name, q.total, q.expected_total);
         }
-        assert!(backend.queries[1..].iter().all(|q| q.total > 0), "every query finds loaded items: {:?}", backend.queries);
+        assert!(
+            backend.queries[1..].iter().all(|q| q.total > 0),
+            "every query finds loaded items: {:?}",
+            backend.queries
+        );
         assert!(backend.peak_rss_mib > 0.0);
     }
     assert!(!results.targets.is_empty());
