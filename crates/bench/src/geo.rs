@@ -1,0 +1,147 @@
+//! A Baidu GEO client for scenario 3: lists a window of account 0's purge records page by page,
+//! following `nextMarker` to the last page, every request signed with BCE v1 (the server's own
+//! signing functions). wrk cannot sign per request, so GEO is always measured with this client.
+
+use crate::load::{LoadFigures, percentile_ms};
+use crate::loader::Millis;
+use anyhow::{Context, ensure};
+use cachectl_server::api::bce::auth;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const AK: &str = "AK_BENCH";
+const SK: &str = "SK_BENCH";
+const SITE: &str = "acct00.test";
+
+/// One window of GEO records.
+#[derive(Debug, Clone)]
+pub struct GeoWindow {
+    port: u16,
+    start: String,
+    end: String,
+}
+
+fn rfc3339(at: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(at).expect("a valid time").format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+impl GeoWindow {
+    /// The window `[from, to]` (seconds, `to` inclusive as the dialect reads it).
+    #[must_use]
+    pub fn new(port: u16, from: Millis, to: Millis) -> Self {
+        Self { port, start: rfc3339(from), end: rfc3339(to) }
+    }
+
+    /// The request, for the report.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        format!("GET /v2/geo/cache/purge?site={SITE}&startTime={}&endTime={}&marker=… (signed)", self.start, self.end)
+    }
+
+    /// One signed page request; returns (records on the page, next marker).
+    async fn page(&self, client: &reqwest::Client, marker: Option<&str>) -> anyhow::Result<(u64, Option<String>)> {
+        let mut query = vec![
+            ("site".to_owned(), SITE.to_owned()),
+            ("startTime".to_owned(), self.start.clone()),
+            ("endTime".to_owned(), self.end.clone()),
+        ];
+        if let Some(m) = marker {
+            query.push(("marker".to_owned(), m.to_owned()));
+        }
+        let path = "/v2/geo/cache/purge";
+        let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let headers = vec![
+            ("host".to_owned(), format!("127.0.0.1:{}", self.port)),
+            ("content-length".to_owned(), "0".to_owned()),
+            ("x-bce-date".to_owned(), now.clone()),
+        ];
+        let request = auth::SignedRequest { method: "GET", path, query: &query, headers: &headers };
+        let names: Vec<String> = headers.iter().map(|(n, _)| n.clone()).collect();
+        let key = auth::signing_key(SK, AK, &now, 1800);
+        let signature = auth::hmac_sha256_hex(key.as_bytes(), &auth::canonical_request(&request, &names));
+        let qs: String = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&query).finish();
+        let response = client
+            .get(format!("http://127.0.0.1:{}{path}?{qs}", self.port))
+            .header("x-bce-date", &now)
+            .header("content-length", "0")
+            .header("authorization", format!("bce-auth-v1/{AK}/{now}/1800//{signature}"))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        ensure!(status.is_success(), "GEO list refused ({status}): {body}");
+        let records = body["details"].as_array().context("details")?.len() as u64;
+        let next = if body["isTruncated"] == true {
+            Some(body["nextMarker"].as_str().context("nextMarker")?.to_owned())
+        } else {
+            None
+        };
+        Ok((records, next))
+    }
+
+    /// Walks every page once; returns the records seen and each page's time in µs, in order.
+    ///
+    /// # Errors
+    /// A request fails.
+    pub async fn walk(&self, client: &reqwest::Client) -> anyhow::Result<(u64, Vec<u64>)> {
+        let (mut total, mut marker, mut times) = (0, None::<String>, Vec::new());
+        loop {
+            let sent = Instant::now();
+            let (n, next) = self.page(client, marker.as_deref()).await?;
+            times.push(u64::try_from(sent.elapsed().as_micros())?);
+            total += n;
+            marker = next;
+            if marker.is_none() {
+                return Ok((total, times));
+            }
+        }
+    }
+
+    /// `connections` clients walking the window over and over for `duration`; one sample per
+    /// page request.
+    ///
+    /// # Errors
+    /// The client cannot be built or a task panics.
+    pub async fn load(&self, connections: usize, duration: Duration) -> anyhow::Result<LoadFigures> {
+        let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(connections).build()?;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let (client, me) = (client.clone(), self.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut samples, mut errors) = (Vec::new(), 0u64);
+                let mut marker: Option<String> = None;
+                while start.elapsed() < duration {
+                    let sent = Instant::now();
+                    match me.page(&client, marker.as_deref()).await {
+                        Ok((_, next)) => marker = next,
+                        Err(_) => {
+                            errors += 1;
+                            marker = None;
+                        }
+                    }
+                    samples.push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
+                }
+                (samples, errors)
+            }));
+        }
+        let (mut samples, mut errors) = (Vec::new(), 0);
+        for task in tasks {
+            let (s, e) = task.await?;
+            samples.extend(s);
+            errors += e;
+        }
+        samples.sort_unstable();
+        #[allow(clippy::cast_precision_loss)]
+        let rps = samples.len() as f64 / start.elapsed().as_secs_f64();
+        Ok(LoadFigures {
+            client: "rust".into(),
+            connections,
+            requests: samples.len() as u64,
+            rps,
+            p50_ms: percentile_ms(&samples, 0.5),
+            p99_ms: percentile_ms(&samples, 0.99),
+            errors,
+        })
+    }
+}

@@ -1,0 +1,116 @@
+//! The `cachectl-bench` binary: parses flags, runs the harness, prints the table and writes the
+//! JSON. The hidden `serve` subcommand is the server process the harness starts (itself).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// cachectl-bench: the benchmark scenarios of BENCHMARKS.md, on 127.0.0.1.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run cachectl with a configuration file (what the harness starts; not for people).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[allow(clippy::struct_excessive_bools)]
+struct RunFlags {
+    /// Where to write the figures as JSON.
+    #[arg(long, default_value = "bench-results/results.json")]
+    out: PathBuf,
+    /// Varnish nodes.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// URLs in the fan-out task.
+    #[arg(long, default_value_t = 20_000)]
+    fanout_urls: u64,
+    /// Purges of the `xargs -P 32 curl` baseline.
+    #[arg(long, default_value_t = 4_000)]
+    shell_purges: u64,
+    /// Seconds of the direct PURGE baseline.
+    #[arg(long, default_value_t = 5)]
+    direct_seconds: u64,
+    /// Single-URL tasks of the latency scenario.
+    #[arg(long, default_value_t = 1_000)]
+    latency_tasks: usize,
+    /// Items written by the bulk loader (scenario 3).
+    #[arg(long, default_value_t = 10_000_000)]
+    load_items: u64,
+    /// Accounts of the loaded history.
+    #[arg(long, default_value_t = 100)]
+    accounts: usize,
+    /// Concurrent query clients.
+    #[arg(long, default_value_t = 64)]
+    query_connections: usize,
+    /// Seconds per query under load.
+    #[arg(long, default_value_t = 10)]
+    query_seconds: u64,
+    /// Submissions of 1,000 URLs in the ingestion scenario.
+    #[arg(long, default_value_t = 300)]
+    ingest_submissions: usize,
+    /// Concurrent ingestion clients.
+    #[arg(long, default_value_t = 16)]
+    ingest_clients: usize,
+    /// `[worker] per_node_concurrency` of the servers.
+    #[arg(long, default_value_t = 32)]
+    per_node_concurrency: usize,
+    /// `[worker] max_items_in_flight` of the servers.
+    #[arg(long, default_value_t = 4096)]
+    max_items_in_flight: usize,
+    /// Skip scenario 3 on PostgreSQL.
+    #[arg(long)]
+    no_postgres: bool,
+    /// Use the built-in load client even when wrk is installed.
+    #[arg(long)]
+    no_wrk: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Serve { config }) = cli.command {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("CACHECTL_LOG").unwrap_or_else(|_| "warn".into());
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        return cachectl_bench::serve(&config).await;
+    }
+    let f = cli.run;
+    let mut options = cachectl_bench::Options::full(std::env::current_exe()?);
+    options.nodes = f.nodes;
+    options.fanout_urls = f.fanout_urls;
+    options.shell_purges = f.shell_purges;
+    options.direct_seconds = f.direct_seconds;
+    options.latency_tasks = f.latency_tasks;
+    options.load_items = f.load_items;
+    options.accounts = f.accounts;
+    options.query_connections = f.query_connections;
+    options.query_seconds = f.query_seconds;
+    options.ingest_submissions = f.ingest_submissions;
+    options.ingest_clients = f.ingest_clients;
+    options.worker.per_node_concurrency = f.per_node_concurrency;
+    options.worker.max_items_in_flight = f.max_items_in_flight;
+    options.postgres = !f.no_postgres;
+    options.use_wrk = options.use_wrk && !f.no_wrk;
+    if !options.use_wrk {
+        eprintln!("wrk is not used: the built-in Rust load client measures the direct baseline and the queries");
+    }
+    let results = cachectl_bench::run(options, |step| eprintln!("==> {step}")).await?;
+    print!("{}", cachectl_bench::report::table(&results));
+    if let Some(dir) = f.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&f.out, serde_json::to_string_pretty(&results)?)?;
+    eprintln!("figures written to {}", f.out.display());
+    Ok(())
+}

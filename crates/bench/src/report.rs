@@ -1,0 +1,182 @@
+//! The targets of issue #6, judged against a run's figures, and the table printed at the end.
+//! Judging is reporting only: a missed target never fails the run.
+
+use crate::Results;
+use crate::scenarios::QueryBackendFigures;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// Peak RSS allowed for the server, MiB.
+const RSS_LIMIT_MIB: f64 = 256.0;
+
+/// One target and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// The scenario.
+    pub scenario: String,
+    /// The figure judged.
+    pub figure: String,
+    /// The measured value, formatted.
+    pub value: String,
+    /// The target, formatted.
+    pub target: String,
+    /// Whether it was met.
+    pub met: bool,
+}
+
+fn target(scenario: &str, figure: &str, value: String, target: &str, met: bool) -> Target {
+    Target { scenario: scenario.into(), figure: figure.into(), value, target: target.into(), met }
+}
+
+fn query_targets(out: &mut Vec<Target>, backend: &str, q: &QueryBackendFigures) {
+    for query in q.queries.iter().skip(1) {
+        let scenario = format!("3 queries ({backend})");
+        let name = &query.name;
+        out.push(target(
+            &scenario,
+            &format!("{name}: p99"),
+            format!("{:.2} ms", query.load.p99_ms),
+            "≤ 10 ms",
+            query.load.p99_ms <= 10.0,
+        ));
+        out.push(target(
+            &scenario,
+            &format!("{name}: rate"),
+            format!("{:.0} q/s (÷ healthz {:.2})", query.load.rps, query.ratio_healthz),
+            "≥ 5,000 q/s",
+            query.load.rps >= 5000.0,
+        ));
+        out.push(target(
+            &scenario,
+            &format!("{name}: total"),
+            format!("{} (expected {})", query.total, query.expected_total),
+            "exact",
+            query.exact,
+        ));
+    }
+}
+
+/// Every target of the run.
+#[must_use]
+pub fn targets(r: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    let f = &r.fanout;
+    out.push(target(
+        "1 fan-out",
+        "cachectl ÷ direct PURGE",
+        format!("{:.0}/s ÷ {:.0}/s = {:.0}%", f.cachectl_rate, f.direct.rps, f.ratio_direct * 100.0),
+        "≥ 70%",
+        f.ratio_direct >= 0.7,
+    ));
+    out.push(target(
+        "1 fan-out",
+        "cachectl ÷ shell loop",
+        format!("{:.0}/s ÷ {:.0}/s = {:.1}×", f.cachectl_rate, f.shell_rate, f.ratio_shell),
+        "≥ 5×",
+        f.ratio_shell >= 5.0,
+    ));
+    let l = &r.latency;
+    out.push(target("2 latency", "p50 submit → completed", format!("{:.0} ms", l.p50_ms), "≤ 5 ms", l.p50_ms <= 5.0));
+    out.push(target("2 latency", "p99 submit → completed", format!("{:.0} ms", l.p99_ms), "≤ 25 ms", l.p99_ms <= 25.0));
+    query_targets(&mut out, "SQLite", &r.queries_sqlite);
+    if let Some(pg) = &r.queries_postgres {
+        query_targets(&mut out, "PostgreSQL", pg);
+    }
+    let i = &r.ingest;
+    out.push(target(
+        "4 ingestion",
+        "URLs durably accepted",
+        format!("{:.0} URLs/s", i.urls_per_s),
+        "≥ 50,000 URLs/s",
+        i.urls_per_s >= 50_000.0,
+    ));
+    let mut peaks = vec![("live", r.live_server_peak_rss_mib), ("queries SQLite", r.queries_sqlite.peak_rss_mib)];
+    if let Some(pg) = &r.queries_postgres {
+        peaks.push(("queries PostgreSQL", pg.peak_rss_mib));
+    }
+    let worst = peaks.iter().map(|p| p.1).fold(0.0, f64::max);
+    let detail: Vec<String> = peaks.iter().map(|(n, v)| format!("{n} {v:.0}")).collect();
+    out.push(target(
+        "5 memory",
+        "server peak RSS (VmHWM)",
+        format!("{worst:.0} MiB ({})", detail.join(", ")),
+        "≤ 256 MB",
+        worst > 0.0 && worst <= RSS_LIMIT_MIB,
+    ));
+    out
+}
+
+/// The table printed at the end of a run.
+#[must_use]
+pub fn table(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "cachectl benchmark, {}", r.date);
+    let f = &r.fanout;
+    let _ = writeln!(
+        s,
+        "fan-out: {} purges in {} ms ({} failed items); direct {} {:.0}/s; shell loop {} purges {:.0}/s",
+        f.purges, f.cachectl_ms, f.failed, f.direct.client, f.direct.rps, f.shell_purges, f.shell_rate
+    );
+    let l = &r.latency;
+    let _ = writeln!(
+        s,
+        "latency: {} tasks, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        l.tasks, l.p50_ms, l.p99_ms, l.max_ms
+    );
+    let i = &r.ingest;
+    let _ = writeln!(
+        s,
+        "ingestion: {} URLs, {:.0} URLs/s, submission p50 {:.1} ms p99 {:.1} ms",
+        i.accepted_urls, i.urls_per_s, i.p50_ms, i.p99_ms
+    );
+    let mut backends = vec![("SQLite", &r.queries_sqlite)];
+    if let Some(pg) = &r.queries_postgres {
+        backends.push(("PostgreSQL", pg));
+    }
+    for (name, q) in backends {
+        let _ = writeln!(
+            s,
+            "queries on {name}: {} items loaded in {:.1} s, {:.0} MiB ({:.0} MiB per million items)",
+            q.load.items, q.load.seconds, q.load.store_mib, q.load.mib_per_million_items
+        );
+        let _ = writeln!(
+            s,
+            "  {:<40} {:>10} {:>9} {:>9} {:>7} {:>14} {:>6}",
+            "query", "q/s", "p50 ms", "p99 ms", "÷hz", "total", "client"
+        );
+        for query in &q.queries {
+            let _ = writeln!(
+                s,
+                "  {:<40} {:>10.0} {:>9.2} {:>9.2} {:>7.2} {:>14} {:>6} {:>11.2}",
+                query.name,
+                query.load.rps,
+                query.load.p50_ms,
+                query.load.p99_ms,
+                query.ratio_healthz,
+                if query.name == "healthz" {
+                    "-".to_owned()
+                } else {
+                    format!("{}{}", query.total, if query.exact { "" } else { "!" })
+                },
+                query.load.client,
+                query.unloaded_p50_ms
+            );
+            if let Some((pages, first, last)) = query.walk {
+                let _ = writeln!(s, "    one walk: {pages} pages, first page {first:.2} ms, last page {last:.2} ms");
+            }
+        }
+    }
+    let _ = writeln!(s, "\n{:<24} {:<52} {:<40} {:<16} met", "scenario", "figure", "value", "target");
+    for t in &r.targets {
+        let _ = writeln!(
+            s,
+            "{:<24} {:<52} {:<40} {:<16} {}",
+            t.scenario,
+            t.figure,
+            t.value,
+            t.target,
+            if t.met { "yes" } else { "NO" }
+        );
+    }
+    s
+}

@@ -1,0 +1,540 @@
+//! The five scenarios of BENCHMARKS.md. Each drives a running cachectl through its public HTTP
+//! API (the fan-out task, which exceeds the dialect's 1,000-URL limit, is written into the store
+//! directly) and reads the server's own timestamps back from the store. None asserts speed.
+
+use crate::fixtures::{Server, Varnish, token};
+use crate::load::{LoadFigures, MakeRequest, percentile_ms, rust_load, wrk};
+use crate::loader::{Dataset, Millis};
+use anyhow::{Context, bail, ensure};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::{Connection, Row};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Now, in milliseconds since the epoch.
+#[must_use]
+pub fn now_ms() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn http() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().no_proxy().build()?)
+}
+
+async fn sqlite_reader(store_url: &str) -> anyhow::Result<sqlx::SqliteConnection> {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use std::str::FromStr;
+    let options = SqliteConnectOptions::from_str(store_url)?.busy_timeout(Duration::from_secs(10));
+    Ok(sqlx::SqliteConnection::connect_with(&options).await?)
+}
+
+/// Waits until `done` (a `SELECT COUNT(*)` of final items) reaches `expected`.
+async fn wait_final(store_url: &str, sql: &str, expected: i64, timeout: Duration) -> anyhow::Result<()> {
+    let mut conn = sqlite_reader(store_url).await?;
+    let start = Instant::now();
+    loop {
+        let done: i64 = sqlx::query_scalar(sql).fetch_one(&mut conn).await?;
+        if done >= expected {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("only {done} of {expected} items final after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Submits one Baishan refresh for account 0 and returns (task id, accepted count).
+async fn submit(client: &reqwest::Client, server: &Server, urls: &[String]) -> anyhow::Result<(i64, u64)> {
+    let response = client
+        .post(server.url("/v2/cache/refresh"))
+        .header("token", token(0))
+        .json(&json!({ "urls": urls }))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    ensure!(status.is_success() && body["code"] == 0, "refresh refused ({status}): {body}");
+    Ok((body["data"]["task_id"].as_i64().context("task_id")?, body["data"]["count"].as_u64().context("count")?))
+}
+
+/// Scenario 1's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutFigures {
+    /// URLs in the task.
+    pub urls: u64,
+    /// Varnish nodes.
+    pub nodes: usize,
+    /// Purges sent by cachectl (URLs × nodes).
+    pub purges: u64,
+    /// Items that failed (should be 0).
+    pub failed: i64,
+    /// Last item finished − task created, from the store, ms.
+    pub cachectl_ms: i64,
+    /// cachectl's purges per second.
+    pub cachectl_rate: f64,
+    /// wrk (or the Rust client) sending PURGE straight to the nodes.
+    pub direct: LoadFigures,
+    /// Purges the shell loop sent.
+    pub shell_purges: u64,
+    /// The shell loop's purges per second (`xargs -P 32 curl -X PURGE`).
+    pub shell_rate: f64,
+    /// cachectl ÷ direct.
+    pub ratio_direct: f64,
+    /// cachectl ÷ shell loop.
+    pub ratio_shell: f64,
+}
+
+/// Scenario 1: one refresh task of `urls` URLs on every node.
+///
+/// # Errors
+/// A component fails or the task does not finish within 10 minutes.
+pub async fn fanout(
+    server: &Server,
+    nodes: &[Varnish],
+    options: &crate::Options,
+    scratch: &Path,
+) -> anyhow::Result<FanoutFigures> {
+    let urls = options.fanout_urls;
+    let created_at = now_ms();
+    let task_id = insert_task(&server.store_url, urls, created_at).await?;
+    // The worker polls every 50 ms; a submission through the API wakes it at once, as every
+    // real submission would.
+    submit(&http()?, server, &["http://www.acct00.test/fanout-wake.css".to_owned()]).await?;
+    let count = i64::try_from(urls)?;
+    let sql = format!("SELECT COUNT(*) FROM items WHERE task_id = {task_id} AND status IN ('completed', 'failed')");
+    wait_final(&server.store_url, &sql, count, Duration::from_secs(600)).await?;
+    let mut conn = sqlite_reader(&server.store_url).await?;
+    let row = sqlx::query("SELECT MAX(finished_at), SUM(status = 'failed') FROM items WHERE task_id = ?")
+        .bind(task_id)
+        .fetch_one(&mut conn)
+        .await?;
+    let (last, failed): (i64, i64) = (row.get(0), row.get(1));
+    let cachectl_ms = (last - created_at).max(1);
+    let purges = urls * nodes.len() as u64;
+    #[allow(clippy::cast_precision_loss)]
+    let cachectl_rate = purges as f64 / (cachectl_ms as f64 / 1000.0);
+
+    let per_node = options.worker.per_node_concurrency;
+    let direct = direct_purges(nodes, options.direct_seconds, per_node, options.use_wrk, scratch).await?;
+    let (shell_purges, shell_rate) = shell_loop(nodes, options.shell_purges, scratch)?;
+    Ok(FanoutFigures {
+        urls,
+        nodes: nodes.len(),
+        purges,
+        failed,
+        cachectl_ms,
+        cachectl_rate,
+        ratio_direct: cachectl_rate / direct.rps,
+        ratio_shell: cachectl_rate / shell_rate,
+        direct,
+        shell_purges,
+        shell_rate,
+    })
+}
+
+/// Writes one refresh task of `urls` URLs of account 0 into the running server's SQLite store,
+/// as `Store::create_task` would (task, items, hourly count, one transaction).
+async fn insert_task(store_url: &str, urls: u64, created_at: Millis) -> anyhow::Result<i64> {
+    let mut conn = sqlite_reader(store_url).await?;
+    let mut tx = conn.begin().await?;
+    let task_id: i64 = sqlx::query_scalar(
+        "INSERT INTO tasks (account, kind, operator, dialect, created_at) VALUES ('acct00', 'refresh', 'bench', 'baishan', ?) RETURNING id",
+    )
+    .bind(created_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO item_counts (account, kind, hour, n) VALUES ('acct00', 'refresh', ?, ?)
+         ON CONFLICT (account, kind, hour) DO UPDATE SET n = n + excluded.n",
+    )
+    .bind(created_at.div_euclid(3_600_000))
+    .bind(i64::try_from(urls)?)
+    .execute(&mut *tx)
+    .await?;
+    let ids: Vec<u64> = (0..urls).collect();
+    for chunk in ids.chunks(500) {
+        let mut insert: sqlx::QueryBuilder<'_, sqlx::Sqlite> = sqlx::QueryBuilder::new(
+            "INSERT INTO items (task_id, account, kind, url, host, item_type, operator, created_at, not_before) ",
+        );
+        insert.push_values(chunk, |mut row, i| {
+            row.push_bind(task_id)
+                .push_bind("acct00")
+                .push_bind("refresh")
+                .push_bind(format!("http://www.acct00.test/fanout/{i}.css"))
+                .push_bind("www.acct00.test")
+                .push_bind("url")
+                .push_bind("bench")
+                .push_bind(created_at)
+                .push_bind(created_at);
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(task_id)
+}
+
+/// The physical limit: PURGE sent straight to every node at once, `per_node` connections each.
+async fn direct_purges(
+    nodes: &[Varnish],
+    seconds: u64,
+    per_node: usize,
+    use_wrk: bool,
+    scratch: &Path,
+) -> anyhow::Result<LoadFigures> {
+    if use_wrk {
+        let script = scratch.join("purge.lua");
+        std::fs::write(
+            &script,
+            "local counter = 0\nrequest = function()\n  counter = counter + 1\n  \
+             return wrk.format(\"PURGE\", \"/direct/\" .. counter .. \".css\", { [\"Host\"] = \"www.acct00.test\" })\nend\n",
+        )?;
+        let runs: Vec<_> = nodes
+            .iter()
+            .map(|node| {
+                let (url, script) = (format!("http://{}/", node.address()), script.clone());
+                tokio::task::spawn_blocking(move || wrk(&url, per_node, 1, seconds, Some(&script)))
+            })
+            .collect();
+        let mut all = Vec::new();
+        for run in runs {
+            all.push(run.await??);
+        }
+        // Per-node figures summed (rates) and worst-of (latencies).
+        let mut sum = all[0].clone();
+        for f in &all[1..] {
+            sum.requests += f.requests;
+            sum.rps += f.rps;
+            sum.errors += f.errors;
+            sum.p50_ms = sum.p50_ms.max(f.p50_ms);
+            sum.p99_ms = sum.p99_ms.max(f.p99_ms);
+        }
+        sum.connections = per_node * nodes.len();
+        return Ok(sum);
+    }
+    let addresses: Arc<Vec<String>> = Arc::new(nodes.iter().map(Varnish::address).collect());
+    let make: MakeRequest = Arc::new(move |client, n| {
+        let address = &addresses[usize::try_from(n).unwrap_or(0) % addresses.len()];
+        client
+            .request(
+                reqwest::Method::from_bytes(b"PURGE").expect("a method"),
+                format!("http://{address}/direct/{n}.css"),
+            )
+            .header("host", "www.acct00.test")
+    });
+    rust_load(per_node * nodes.len(), Duration::from_secs(seconds), make).await
+}
+
+/// What an operator writes by hand: `xargs -P 32 curl -X PURGE`, over the nodes in turn.
+fn shell_loop(nodes: &[Varnish], purges: u64, scratch: &Path) -> anyhow::Result<(u64, f64)> {
+    let list = scratch.join("purge-urls.txt");
+    let lines: Vec<String> = (0..purges)
+        .map(|i| format!("http://{}/shell/{i}.css", nodes[usize::try_from(i).unwrap_or(0) % nodes.len()].address()))
+        .collect();
+    std::fs::write(&list, lines.join("\n") + "\n")?;
+    let start = Instant::now();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "xargs -P 32 -n 1 curl -s -o /dev/null -X PURGE -H 'Host: www.acct00.test' < '{}'",
+            list.display()
+        ))
+        .status()
+        .context("running the shell loop (xargs, curl)")?;
+    ensure!(status.success(), "the shell loop failed: {status}");
+    #[allow(clippy::cast_precision_loss)]
+    Ok((purges, purges as f64 / start.elapsed().as_secs_f64()))
+}
+
+/// Scenario 2's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyFigures {
+    /// Tasks submitted (one URL each).
+    pub tasks: usize,
+    /// Interval between two submissions, ms.
+    pub interval_ms: u64,
+    /// Items that failed.
+    pub failed: i64,
+    /// Median of finished_at − created_at, ms (timestamps have ms resolution).
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Worst, ms.
+    pub max_ms: f64,
+}
+
+/// Scenario 2: `tasks` single-URL refreshes, one every `interval`, submit → completed.
+///
+/// # Errors
+/// A submission is refused or the tasks do not finish.
+pub async fn latency(server: &Server, tasks: usize, interval: Duration) -> anyhow::Result<LatencyFigures> {
+    let client = http()?;
+    let start = Instant::now();
+    let mut ids = Vec::with_capacity(tasks);
+    for k in 0..tasks {
+        let due = start + interval * u32::try_from(k)?;
+        tokio::time::sleep_until(due.into()).await;
+        ids.push(submit(&client, server, &[format!("http://www.acct00.test/latency/{k}.css")]).await?.0);
+    }
+    let (first, last) = (ids[0], ids[ids.len() - 1]);
+    let filter = format!("task_id BETWEEN {first} AND {last} AND url LIKE 'http://www.acct00.test/latency/%'");
+    let sql = format!("SELECT COUNT(*) FROM items WHERE {filter} AND status IN ('completed', 'failed')");
+    wait_final(&server.store_url, &sql, i64::try_from(tasks)?, Duration::from_secs(120)).await?;
+    let mut conn = sqlite_reader(&server.store_url).await?;
+    let rows = sqlx::query(&format!("SELECT finished_at - created_at, status FROM items WHERE {filter}"))
+        .fetch_all(&mut conn)
+        .await?;
+    let mut samples: Vec<u64> = rows.iter().map(|r| u64::try_from(r.get::<i64, _>(0)).unwrap_or(0) * 1000).collect();
+    let failed = rows.iter().filter(|r| r.get::<String, _>(1) == "failed").count();
+    samples.sort_unstable();
+    Ok(LatencyFigures {
+        tasks,
+        interval_ms: u64::try_from(interval.as_millis())?,
+        failed: i64::try_from(failed)?,
+        p50_ms: percentile_ms(&samples, 0.5),
+        p99_ms: percentile_ms(&samples, 0.99),
+        max_ms: percentile_ms(&samples, 1.0),
+    })
+}
+
+/// Scenario 4's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestFigures {
+    /// Submissions posted.
+    pub submissions: usize,
+    /// URLs per submission.
+    pub urls_per_submission: usize,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// URLs acknowledged (and found in the store afterwards).
+    pub accepted_urls: u64,
+    /// Accepted URLs per second.
+    pub urls_per_s: f64,
+    /// Median submission latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile submission latency, ms.
+    pub p99_ms: f64,
+}
+
+/// Scenario 4: `submissions` refreshes of `per` URLs from `clients` concurrent clients; every
+/// acknowledged URL is then counted in the store.
+///
+/// # Errors
+/// A submission is refused, or the store holds fewer items than acknowledged.
+pub async fn ingest(server: &Server, submissions: usize, per: usize, clients: usize) -> anyhow::Result<IngestFigures> {
+    let bodies: Arc<Vec<String>> = Arc::new(
+        (0..submissions)
+            .map(|s| {
+                let urls: Vec<String> =
+                    (0..per).map(|i| format!("http://www.acct00.test/ingest/{s}/{i}.css")).collect();
+                json!({ "urls": urls }).to_string()
+            })
+            .collect(),
+    );
+    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(clients).build()?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..clients {
+        let (client, next, bodies, url) =
+            (client.clone(), next.clone(), bodies.clone(), server.url("/v2/cache/refresh"));
+        workers.push(tokio::spawn(async move {
+            let mut out: Vec<(i64, u64, u64)> = Vec::new();
+            loop {
+                let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(s) else { return Ok::<_, anyhow::Error>(out) };
+                let sent = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("token", token(0))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                let json: Value = response.json().await?;
+                ensure!(json["code"] == 0, "submission refused: {json}");
+                out.push((
+                    json["data"]["task_id"].as_i64().context("task_id")?,
+                    json["data"]["count"].as_u64().context("count")?,
+                    u64::try_from(sent.elapsed().as_micros())?,
+                ));
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for w in workers {
+        results.extend(w.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let accepted: u64 = results.iter().map(|r| r.1).sum();
+    let mut conn = sqlite_reader(&server.store_url).await?;
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE url LIKE 'http://www.acct00.test/ingest/%'")
+        .fetch_one(&mut conn)
+        .await?;
+    ensure!(u64::try_from(stored)? == accepted, "{accepted} URLs acknowledged but {stored} in the store");
+    let mut samples: Vec<u64> = results.iter().map(|r| r.2).collect();
+    samples.sort_unstable();
+    #[allow(clippy::cast_precision_loss)]
+    Ok(IngestFigures {
+        submissions,
+        urls_per_submission: per,
+        clients,
+        accepted_urls: accepted,
+        urls_per_s: accepted as f64 / elapsed,
+        p50_ms: percentile_ms(&samples, 0.5),
+        p99_ms: percentile_ms(&samples, 0.99),
+    })
+}
+
+/// One query of scenario 3 and what it measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryFigures {
+    /// What it asks.
+    pub name: String,
+    /// The request (path and query; GEO requests are signed per request).
+    pub request: String,
+    /// The total (or, for GEO, records walked) the dataset says it must answer.
+    pub expected_total: u64,
+    /// What the server answered.
+    pub total: u64,
+    /// `total == expected_total`.
+    pub exact: bool,
+    /// Under load.
+    pub load: LoadFigures,
+    /// rps ÷ the `/healthz` rps of the same server in the same run.
+    pub ratio_healthz: f64,
+    /// Median of sequential requests from one client before the load (service time without
+    /// queueing), ms; for GEO, the median page of one walk.
+    pub unloaded_p50_ms: f64,
+    /// GEO only: pages in one walk, and the first and the last page's time, ms.
+    pub walk: Option<(usize, f64, f64)>,
+}
+
+/// The median time of `n` sequential GETs of `url`, ms.
+async fn unloaded(client: &reqwest::Client, url: &str, n: usize) -> anyhow::Result<f64> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sent = Instant::now();
+        let response = client.get(url).send().await?;
+        ensure!(response.status().is_success(), "GET {url}: {}", response.status());
+        let _ = response.bytes().await?;
+        samples.push(u64::try_from(sent.elapsed().as_micros())?);
+    }
+    samples.sort_unstable();
+    Ok(percentile_ms(&samples, 0.5))
+}
+
+/// Scenario 3 on one backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryBackendFigures {
+    /// The load.
+    pub load: crate::loader::LoadFigures,
+    /// The queries, `/healthz` first.
+    pub queries: Vec<QueryFigures>,
+    /// The server's peak RSS after the queries, MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// The Baishan day (`+08:00`) of `at`, and that day's midnight.
+fn baishan_day(at: Millis) -> chrono::NaiveDate {
+    let zone = chrono::FixedOffset::east_opt(8 * 3600).expect("a valid offset");
+    chrono::DateTime::from_timestamp_millis(at).expect("a valid time").with_timezone(&zone).date_naive()
+}
+
+fn baishan_midnight(day: chrono::NaiveDate) -> Millis {
+    day.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_millis() - 8 * 3_600_000
+}
+
+/// Scenario 3: the queries, each checked once for an exact total, then put under load.
+///
+/// # Errors
+/// A query fails.
+pub async fn queries(
+    server: &Server,
+    dataset: &Dataset,
+    connections: usize,
+    seconds: u64,
+    use_wrk: bool,
+) -> anyhow::Result<Vec<QueryFigures>> {
+    let client = http()?;
+    // A 7-day window ending two Baishan days before the last task: inside the data, whole days.
+    let end_day = baishan_day(dataset.end) - chrono::Days::new(2);
+    let start_day = end_day - chrono::Days::new(6);
+    let (from, to) = (baishan_midnight(start_day), baishan_midnight(end_day + chrono::Days::new(1)));
+    let task = dataset.task_of(0, from).context("a task of account 0 in the window")?;
+    let url = dataset.url(u64::try_from(task.id - 1)?, 0);
+    let tok = token(0);
+    let window = format!("start_time={start_day}&end_time={end_day}");
+    let encoded_url: String = url::form_urlencoded::byte_serialize(url.as_bytes()).collect();
+    let cases: Vec<(&str, String, u64)> = vec![
+        ("healthz", "/healthz".into(), 0),
+        ("baishan: task id", format!("/v2/cache/refresh?token={tok}&task_id={}", task.id), task.size),
+        (
+            "baishan: 7-day window, page 1",
+            format!("/v2/cache/refresh?token={tok}&{window}&page_number=1"),
+            dataset.count_window(0, from, to),
+        ),
+        (
+            "baishan: 7-day window, page 100",
+            format!("/v2/cache/refresh?token={tok}&{window}&page_number=100"),
+            dataset.count_window(0, from, to),
+        ),
+        (
+            "baishan: one URL, 7-day window",
+            format!("/v2/cache/refresh?token={tok}&{window}&url={encoded_url}"),
+            dataset.count_url(0, &url, from, to),
+        ),
+    ];
+    let mut out: Vec<QueryFigures> = Vec::new();
+    for (name, request, expected) in cases {
+        let total = if name == "healthz" {
+            0
+        } else {
+            let body: Value = client.get(server.url(&request)).send().await?.json().await?;
+            body["data"]["total"].as_u64().with_context(|| format!("{name}: no total in {body}"))?
+        };
+        let unloaded_p50_ms = unloaded(&client, &server.url(&request), 50).await?;
+        let load = if use_wrk {
+            let url = server.url(&request);
+            tokio::task::spawn_blocking(move || wrk(&url, connections, 2, seconds, None)).await??
+        } else {
+            let target = server.url(&request);
+            rust_load(connections, Duration::from_secs(seconds), Arc::new(move |c, _| c.get(&target))).await?
+        };
+        let ratio = out.first().map_or(1.0, |h| load.rps / h.load.rps);
+        out.push(QueryFigures {
+            name: name.into(),
+            request,
+            expected_total: expected,
+            total,
+            exact: total == expected,
+            load,
+            ratio_healthz: ratio,
+            unloaded_p50_ms,
+            walk: None,
+        });
+    }
+    // GEO: the same seven days of account 0 through every page (markers), signed requests.
+    let expected = dataset.count_window(0, from, to);
+    let geo = crate::geo::GeoWindow::new(server.port, from, to - 1000);
+    let (walked, mut pages) = geo.walk(&client).await?;
+    let (first, last) = (percentile_ms(&pages[..1], 0.0), percentile_ms(&pages[pages.len() - 1..], 0.0));
+    let page_count = pages.len();
+    pages.sort_unstable();
+    let load = geo.load(connections, Duration::from_secs(seconds)).await?;
+    let ratio = load.rps / out[0].load.rps;
+    out.push(QueryFigures {
+        name: "geo: 7-day window, every page by marker".into(),
+        request: geo.describe(),
+        expected_total: expected,
+        total: walked,
+        exact: walked == expected,
+        load,
+        ratio_healthz: ratio,
+        unloaded_p50_ms: percentile_ms(&pages, 0.5),
+        walk: Some((page_count, first, last)),
+    });
+    Ok(out)
+}

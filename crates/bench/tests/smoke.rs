@@ -1,0 +1,61 @@
+//! The harness's smoke run: every scenario at tiny sizes, so that CI builds and exercises the
+//! benchmark and it cannot rot. It asserts that each scenario produced figures and that every
+//! query's `total` was exact — never a speed. It needs Varnish, PostgreSQL, curl and xargs (as
+//! the e2e suite does), not wrk: the built-in Rust client drives the direct baseline and the
+//! queries here.
+
+use cachectl_bench::fixtures::WorkerSettings;
+use cachectl_bench::{Options, run};
+use std::path::PathBuf;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_produces_figures_at_tiny_sizes() {
+    let options = Options {
+        server_exe: PathBuf::from(env!("CARGO_BIN_EXE_cachectl-bench")),
+        nodes: 2,
+        fanout_urls: 200,
+        direct_seconds: 1,
+        shell_purges: 40,
+        latency_tasks: 20,
+        latency_interval_ms: 10,
+        load_items: 5_000,
+        accounts: 2,
+        days: 31,
+        query_connections: 4,
+        query_seconds: 1,
+        ingest_submissions: 4,
+        ingest_urls: 1_000,
+        ingest_clients: 2,
+        postgres: true,
+        use_wrk: false,
+        worker: WorkerSettings { per_node_concurrency: 8, max_items_in_flight: 256 },
+    };
+    let results = run(options, |step| eprintln!("==> {step}")).await.expect("the smoke run completes");
+    eprintln!("{}", cachectl_bench::report::table(&results));
+
+    let f = &results.fanout;
+    assert_eq!(f.purges, 400);
+    assert_eq!(f.failed, 0, "every fan-out item completed");
+    assert!(f.cachectl_rate > 0.0 && f.direct.requests > 0 && f.shell_rate > 0.0, "{f:?}");
+    assert_eq!(results.latency.tasks, 20);
+    assert_eq!(results.latency.failed, 0);
+    assert_eq!(results.ingest.accepted_urls, 4_000);
+    assert!(results.live_server_peak_rss_mib > 0.0);
+    let pg = results.queries_postgres.as_ref().expect("PostgreSQL was asked for");
+    for backend in [&results.queries_sqlite, pg] {
+        assert_eq!(backend.load.items, 5_000);
+        assert_eq!(backend.queries.len(), 6, "healthz, four Baishan queries, GEO");
+        for q in &backend.queries {
+            assert!(q.load.requests > 0, "{} was exercised: {q:?}", q.name);
+            assert_eq!(q.load.errors, 0, "{} answered 2xx: {q:?}", q.name);
+            assert!(q.exact, "{}: total {} but the dataset holds {}", q.name, q.total, q.expected_total);
+        }
+        assert!(
+            backend.queries[1..].iter().all(|q| q.total > 0),
+            "every query finds loaded items: {:?}",
+            backend.queries
+        );
+        assert!(backend.peak_rss_mib > 0.0);
+    }
+    assert!(!results.targets.is_empty());
+}
