@@ -141,9 +141,11 @@ async fn insert_task(store_url: &str, urls: u64, created_at: Millis) -> anyhow::
     let mut conn = sqlite_reader(store_url).await?;
     let mut tx = conn.begin().await?;
     let task_id: i64 = sqlx::query_scalar(
-        "INSERT INTO tasks (account, kind, operator, dialect, created_at) VALUES ('acct00', 'refresh', 'bench', 'baishan', ?) RETURNING id",
+        "INSERT INTO tasks (account, kind, operator, dialect, created_at, pending, notified)
+         VALUES ('acct00', 'refresh', 'bench', 'baishan', ?, ?, 0) RETURNING id",
     )
     .bind(created_at)
+    .bind(i64::try_from(urls)?)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query(

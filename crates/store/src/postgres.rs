@@ -207,8 +207,12 @@ mod statements {
 
     pub(super) fn window_page(url: bool) -> String {
         let (filter, last) = window_filter(url);
+        // The page's ids are found on the index first, then only those rows are read: a deep
+        // page skips index entries, not table rows.
         format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE {filter} ORDER BY created_at DESC, id DESC LIMIT ${} OFFSET ${}",
+            "SELECT {ITEM_COLUMNS} FROM items WHERE id IN (SELECT id FROM items WHERE {filter}
+               ORDER BY created_at DESC, id DESC LIMIT ${} OFFSET ${})
+             ORDER BY created_at DESC, id DESC",
             last + 1,
             last + 2
         )

@@ -166,9 +166,13 @@ mod statements {
         format!("SELECT COUNT(*) FROM items WHERE {}", window_filter(url))
     }
 
+    /// The page's ids are found on the index alone (it covers the filter and the order), and
+    /// only those rows are read: a deep page skips index entries, not table rows.
     pub(super) fn window_page(url: bool) -> String {
         format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE {} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+            "SELECT {ITEM_COLUMNS} FROM items WHERE id IN (SELECT id FROM items WHERE {}
+               ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?)
+             ORDER BY created_at DESC, id DESC",
             window_filter(url)
         )
     }

@@ -188,7 +188,11 @@ impl Params {
 
 /// RFC 3339 UTC, as the Baidu dialects print times.
 fn format_time(ms: Millis) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default()
+    use chrono::{Datelike, Timelike};
+    // Formatted by hand: chrono's `format` parses its pattern on every call.
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(String::new, |t| {
+        format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", t.year(), t.month(), t.day(), t.hour(), t.minute(), t.second())
+    })
 }
 
 /// Parses an RFC 3339 time parameter.
@@ -272,11 +276,15 @@ fn page(mut items: Vec<Item>, limit: u32, now: Millis, with_reason: bool) -> Val
     let truncated = items.len() > limit as usize;
     items.truncate(limit as usize);
     let details: Vec<Value> = items.iter().map(|i| record(i, now, with_reason)).collect();
-    let mut body = json!({"details": details, "isTruncated": truncated});
-    if truncated && let Some(last) = items.last() {
-        body["nextMarker"] = json!(encode_marker(last));
+    // Built by moving `details` in: `json!` would serialize a copy of the whole page.
+    let mut body = serde_json::Map::with_capacity(3);
+    let marker = if truncated { items.last().map(encode_marker) } else { None };
+    body.insert("details".into(), Value::Array(details));
+    body.insert("isTruncated".into(), truncated.into());
+    if let Some(marker) = marker {
+        body.insert("nextMarker".into(), marker.into());
     }
-    body
+    Value::Object(body)
 }
 
 /// Lists records for both Baidu dialects: with `id`, every record of that task at once;
