@@ -75,9 +75,11 @@ impl Metrics {
         self.submitted.get_or_create(&SubmitLabels { dialect, kind: kind.as_str() }).inc_by(count as u64);
     }
 
-    /// Counts one request to a node: `success`, `retry` or `fail`.
-    pub fn node_request(&self, node: &str, outcome: &'static str) {
-        self.node_requests.get_or_create(&NodeLabels { node: node.to_owned(), outcome }).inc();
+    /// The counter of requests to `node` with `outcome` (`success`, `retry` or `fail`): the
+    /// worker keeps it, so that counting a purge is one atomic add, not a lookup.
+    #[must_use]
+    pub fn node_counter(&self, node: &str, outcome: &'static str) -> Counter {
+        self.node_requests.get_or_create(&NodeLabels { node: node.to_owned(), outcome }).clone()
     }
 
     /// Counts an item reaching a final status.

@@ -10,6 +10,7 @@ use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, Nod
 use cachectl_edge::{ClientSettings, EdgeClient, Node, Outcome};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -19,10 +20,13 @@ const WRITE_BATCH: usize = 2048;
 /// Items claimed per store round trip at most.
 const CLAIM_BATCH: usize = 1024;
 
-/// A node with its own concurrency limit.
+/// A node with its own concurrency limit and request counters.
 struct NodeSlot {
     node: Node,
     permits: Semaphore,
+    success: Counter,
+    retry: Counter,
+    fail: Counter,
 }
 
 /// Everything an item's execution needs, shared by all of them.
@@ -64,7 +68,13 @@ impl Worker {
         })?;
         let nodes = nodes
             .into_iter()
-            .map(|node| NodeSlot { node, permits: Semaphore::new(config.per_node_concurrency) })
+            .map(|node| NodeSlot {
+                success: metrics.node_counter(&node.name, "success"),
+                retry: metrics.node_counter(&node.name, "retry"),
+                fail: metrics.node_counter(&node.name, "fail"),
+                permits: Semaphore::new(config.per_node_concurrency),
+                node,
+            })
             .collect();
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Self {
@@ -310,7 +320,7 @@ async fn run_node(
         result.instance.clone_from(&shared.owner);
         match outcome {
             Outcome::Success { code } => {
-                shared.metrics.node_request(&slot.node.name, "success");
+                slot.success.inc();
                 result.state = NodeState::Succeeded;
                 result.status_code = Some(code);
                 result.error = None;
@@ -318,7 +328,7 @@ async fn run_node(
                 return;
             }
             Outcome::Fail { code, error } => {
-                shared.metrics.node_request(&slot.node.name, "fail");
+                slot.fail.inc();
                 result.state = NodeState::Failed;
                 result.status_code = code;
                 result.error = Some(error);
@@ -326,7 +336,7 @@ async fn run_node(
                 return;
             }
             Outcome::Retry { code, error } => {
-                shared.metrics.node_request(&slot.node.name, "retry");
+                slot.retry.inc();
                 let wait =
                     backoff(result.attempts, shared.config.retry_initial, shared.config.retry_max, &mut rand::rng());
                 result.status_code = code;
