@@ -186,3 +186,37 @@ async fn postgres_restart_under_load_loses_nothing_acknowledged() {
         assert_eq!(server.task_items(REFRESH, *task).await.len(), 1, "task {task} is readable through the API");
     }
 }
+
+#[tokio::test]
+async fn cachectl_migrate_prepares_a_database_for_instances_that_do_not_migrate() {
+    let pg = PgCluster::start();
+    let db = pg.database("migrate").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, format!("[store]\nurl = \"{db}\"\nmigrate_on_start = false\n{ACCOUNTS}")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_cachectl");
+
+    // Without migrations an instance that may not migrate refuses to start, naming the fix.
+    let refused = std::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("CACHECTL_SERVER__LISTEN", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cachectl migrate"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    let migrated = std::process::Command::new(bin).args(["migrate", "--config"]).arg(&config).output().unwrap();
+    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    assert!(String::from_utf8_lossy(&migrated.stdout).starts_with("store migrated"));
+    let again = std::process::Command::new(bin).args(["migrate", "--config"]).arg(&config).output().unwrap();
+    assert!(again.status.success(), "migrating twice is harmless");
+
+    let server = Cachectl::start_on_store(Some(&db), ACCOUNTS).await;
+    let task = server.submit(REFRESH, json!({"urls": ["http://www.example.com/m"]})).await;
+    assert_eq!(server.task_items(REFRESH, task).await.len(), 1);
+}

@@ -440,3 +440,42 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     );
     assert!(stdout.contains("Tested: 7"), "every operation but the stream was tested:\n{stdout}");
 }
+
+#[tokio::test]
+async fn the_client_reads_its_file_and_waits_out_rate_limits() {
+    let accounts = ACCOUNTS.replace("name = \"acme\"", "name = \"acme\"\nrate_limit_per_minute = 2");
+    let server = Cachectl::start(&accounts).await;
+    // The client file gives server and token when neither flag nor environment does.
+    let config_dir = server.dir.path().join("xdg");
+    std::fs::create_dir_all(config_dir.join("cachectl")).unwrap();
+    std::fs::write(
+        config_dir.join("cachectl/client.toml"),
+        format!("server = \"{}\"\ntoken = \"{TOKEN}\"\n", server.url("")),
+    )
+    .unwrap();
+    let run = |args: Vec<&'static str>| {
+        let config_dir = config_dir.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_cachectl"))
+                .args(args)
+                .env_remove("CACHECTL_SERVER")
+                .env_remove("CACHECTL_TOKEN")
+                .env_remove("CACHECTL_CLIENT_CONFIG")
+                .env("XDG_CONFIG_HOME", &config_dir)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let first = run(vec!["tasks"]).await;
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let second = run(vec!["tasks"]).await;
+    assert!(second.status.success());
+    // The third request in this minute is refused with Retry-After; the client waits it out.
+    let third = run(vec!["tasks", "--json"]).await;
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(third.status.success(), "{stderr}");
+    assert!(stderr.contains("rate limited by the server; retrying in"), "the client says it waits: {stderr}");
+    let page: Value = serde_json::from_slice(&third.stdout).unwrap();
+    assert!(page["tasks"].is_array());
+}
