@@ -252,7 +252,8 @@ impl ProgressView {
                     .collect()
             })
             .unwrap_or_default();
-        // Items of a node count once per item; a node that serves only some hosts sees fewer.
+        // A node's bar counts the task's items done there; a node serving only some of the
+        // task's hosts never fills its bar (the API does not say which items a node will get).
         let per_node_total = total;
         if let Some((multi, task, node_bars)) = &mut self.bars {
             task.set_prefix(format!("task {}", detail["task"]["id"]));
