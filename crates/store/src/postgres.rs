@@ -2,10 +2,10 @@
 //! queue is claimed with `FOR UPDATE SKIP LOCKED` under leases, quota charges are conditional
 //! upserts, and the Baishan rate-limit counters live here so that limits hold across instances.
 
+use crate::HOUR_MS;
 use crate::rows::ITEM_COLUMNS;
 use crate::rows::postgres::{item_from_row, node_from_row};
 use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
-use crate::{HOUR_MS, split_window};
 use cachectl_core::{
     ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemType, ItemUpdate, Kind, Millis, NewItem,
     NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError,
@@ -99,27 +99,20 @@ impl PgStore {
             .fetch_all(&mut *conn)
             .await;
         plans.push(("task id: page".to_owned(), text(rows.map_err(unavailable)?)));
-        let rows = sqlx::query(&explain(statements::COUNTS_SUM))
-            .bind(a)
-            .bind(k)
-            .bind(from / 3_600_000)
-            .bind(to / 3_600_000)
-            .fetch_all(&mut *conn)
-            .await;
-        plans.push(("window: hourly counters".to_owned(), text(rows.map_err(unavailable)?)));
-        for url in [false, true] {
-            let what = if url { "one URL" } else { "window" };
-            let (count_sql, page_sql) =
-                (explain(&statements::window_count(url)), explain(&statements::window_page(url)));
-            let mut count = sqlx::query(&count_sql).bind(a).bind(k);
-            let mut page = sqlx::query(&page_sql).bind(a).bind(k);
-            if url {
-                count = count.bind("http://x/");
-                page = page.bind("http://x/");
+        // A window with partial hours at both ends, so that the total uses every part.
+        let (total_from, total_to) = (from + 60_000, to - 60_000);
+        let page = PageRequest { number: 100, size: 50 };
+        for url in [None, Some("http://x/")] {
+            let what = if url.is_some() { "one URL" } else { "window" };
+            let query = WindowQuery { account, kind: Kind::Refresh, from: total_from, to: total_to, url, page };
+            let rows = window_total_query("EXPLAIN ", &query).build().fetch_all(&mut *conn).await;
+            plans.push((format!("{what}: total"), text(rows.map_err(unavailable)?)));
+            let page_sql = explain(&statements::window_page(url.is_some()));
+            let mut list = sqlx::query(&page_sql).bind(a).bind(k);
+            if let Some(url) = url {
+                list = list.bind(url);
             }
-            let rows = count.bind(from).bind(to).fetch_all(&mut *conn).await;
-            plans.push((format!("{what}: count"), text(rows.map_err(unavailable)?)));
-            let rows = page.bind(from).bind(to).bind(50_i64).bind(4950_i64).fetch_all(&mut *conn).await;
+            let rows = list.bind(from).bind(to).bind(50_i64).bind(4950_i64).fetch_all(&mut *conn).await;
             plans.push((format!("{what}: page"), text(rows.map_err(unavailable)?)));
         }
         let rows = sqlx::query(&explain(&statements::claim()))
@@ -178,8 +171,6 @@ mod statements {
     use crate::rows::ITEM_COLUMNS;
 
     pub(super) const TASK_COUNT: &str = "SELECT COUNT(*) FROM items WHERE task_id = $1 AND account = $2 AND kind = $3";
-    pub(super) const COUNTS_SUM: &str =
-        "SELECT SUM(n)::BIGINT FROM item_counts WHERE account = $1 AND kind = $2 AND hour >= $3 AND hour < $4";
     pub(super) const RENEW: &str =
         "UPDATE items SET lease_until = $1 WHERE lease_owner = $2 AND status IN ('waiting', 'processing')";
     pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1";
@@ -199,10 +190,6 @@ mod statements {
         } else {
             ("account = $1 AND kind = $2 AND created_at >= $3 AND created_at < $4", 4)
         }
-    }
-
-    pub(super) fn window_count(url: bool) -> String {
-        format!("SELECT COUNT(*) FROM items WHERE {}", window_filter(url).0)
     }
 
     pub(super) fn window_page(url: bool) -> String {
@@ -304,35 +291,8 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
-        let count_sql = statements::window_count(query.url.is_some());
-        let count_range = |from: Millis, to: Millis| {
-            let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(query.account).bind(query.kind.as_str());
-            if let Some(url) = query.url {
-                count = count.bind(url);
-            }
-            count.bind(from).bind(to).fetch_one(&self.pool)
-        };
-        let total = if query.url.is_some() {
-            count_range(query.from, query.to).await.map_err(unavailable)?
-        } else {
-            let (hours, edges) = split_window(query.from, query.to);
-            let mut total = 0;
-            if let Some((first, end)) = hours {
-                let sum: Option<i64> = sqlx::query_scalar(statements::COUNTS_SUM)
-                    .bind(query.account)
-                    .bind(query.kind.as_str())
-                    .bind(first)
-                    .bind(end)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(unavailable)?;
-                total += sum.unwrap_or(0);
-            }
-            for (from, to) in edges {
-                total += count_range(from, to).await.map_err(unavailable)?;
-            }
-            total
-        };
+        let total: i64 =
+            window_total_query("", query).build_query_scalar().fetch_one(&self.pool).await.map_err(unavailable)?;
         let list_sql = statements::window_page(query.url.is_some());
         let mut list = sqlx::query(&list_sql).bind(query.account).bind(query.kind.as_str());
         if let Some(url) = query.url {

@@ -2,10 +2,10 @@
 //! writer at a time; a single connection avoids busy errors inside the process) and a small pool
 //! of readers. Commits are `synchronous = FULL`: an acknowledged task survives a power cut too.
 
+use crate::HOUR_MS;
 use crate::rows::ITEM_COLUMNS;
 use crate::rows::sqlite::{item_from_row, node_from_row};
 use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
-use crate::{HOUR_MS, split_window};
 use cachectl_core::{
     ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemType, ItemUpdate, Kind, Millis, NewItem,
     NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError,
@@ -81,13 +81,19 @@ impl SqliteStore {
     /// # Errors
     /// The store failing.
     pub async fn explain(&self, account: &str, window: (Millis, Millis)) -> StoreResult<Vec<(String, String)>> {
+        // A window with partial hours at both ends, so that the total uses every part.
+        let (from, to) = (window.0 + 60_000, window.1 - 60_000);
+        let page = PageRequest { number: 100, size: 50 };
+        let total = |url| {
+            let query = WindowQuery { account, kind: Kind::Refresh, from, to, url, page };
+            window_total_query("", &query).sql().to_owned()
+        };
         let mut statements: Vec<(String, String)> = vec![
             ("task id: count".into(), statements::TASK_COUNT.into()),
             ("task id: page".into(), statements::task_page()),
-            ("window: hourly counters".into(), statements::COUNTS_SUM.into()),
-            ("window: edge count".into(), statements::window_count(false)),
+            ("window: total".into(), total(None)),
             ("window: page".into(), statements::window_page(false)),
-            ("one URL: count".into(), statements::window_count(true)),
+            ("one URL: total".into(), total(Some("http://x/"))),
             ("one URL: page".into(), statements::window_page(true)),
             ("queue: claim".into(), statements::claim()),
             ("queue: renew".into(), statements::RENEW.into()),
@@ -140,8 +146,6 @@ mod statements {
     // difference SQLite's planner cannot always see from its statistics.
     pub(super) const TASK_COUNT: &str =
         "SELECT COUNT(*) FROM items INDEXED BY items_task WHERE task_id = ? AND account = ? AND kind = ?";
-    pub(super) const COUNTS_SUM: &str =
-        "SELECT SUM(n) FROM item_counts WHERE account = ? AND kind = ? AND hour >= ? AND hour < ?";
     pub(super) const RENEW: &str =
         "UPDATE items SET lease_until = ? WHERE lease_owner = ? AND status IN ('waiting', 'processing')";
     pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?";
@@ -160,10 +164,6 @@ mod statements {
         } else {
             "account = ? AND kind = ? AND created_at >= ? AND created_at < ?"
         }
-    }
-
-    pub(super) fn window_count(url: bool) -> String {
-        format!("SELECT COUNT(*) FROM items WHERE {}", window_filter(url))
     }
 
     /// The page's ids are found on the index alone (it covers the filter and the order), and
@@ -268,36 +268,8 @@ crate::shared::store_impl!(SqliteStore, "", {
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
-        let count_sql = statements::window_count(query.url.is_some());
-        let count_range = |from: Millis, to: Millis| {
-            let mut count = sqlx::query_scalar::<_, i64>(&count_sql).bind(query.account).bind(query.kind.as_str());
-            if let Some(url) = query.url {
-                count = count.bind(url);
-            }
-            count.bind(from).bind(to).fetch_one(&self.reader)
-        };
-        let total = if query.url.is_some() {
-            count_range(query.from, query.to).await.map_err(unavailable)?
-        } else {
-            // Whole hours from the counters, the partial hours at the edges row by row.
-            let (hours, edges) = split_window(query.from, query.to);
-            let mut total = 0;
-            if let Some((first, end)) = hours {
-                let sum: Option<i64> = sqlx::query_scalar(statements::COUNTS_SUM)
-                    .bind(query.account)
-                    .bind(query.kind.as_str())
-                    .bind(first)
-                    .bind(end)
-                    .fetch_one(&self.reader)
-                    .await
-                    .map_err(unavailable)?;
-                total += sum.unwrap_or(0);
-            }
-            for (from, to) in edges {
-                total += count_range(from, to).await.map_err(unavailable)?;
-            }
-            total
-        };
+        let total: i64 =
+            window_total_query("", query).build_query_scalar().fetch_one(&self.reader).await.map_err(unavailable)?;
         let list_sql = statements::window_page(query.url.is_some());
         let mut list = sqlx::query(&list_sql).bind(query.account).bind(query.kind.as_str());
         if let Some(url) = query.url {
