@@ -465,3 +465,164 @@ async fn a_newer_schema_is_refused() {
     let err = cachectl_store::open(&empty, false).await.err().expect("refused");
     assert!(err.to_string().contains("cachectl migrate"), "{err}");
 }
+
+#[tokio::test]
+async fn native_operations_behave_the_same_on_both_backends() {
+    use cachectl_core::{DeliveryOutcome, ItemFilter, TaskFilter, TaskState};
+    for (name, store) in backends().await.stores {
+        // A refresh-then-prefetch task: the prefetch of each URL depends on its refresh.
+        let mut rtp = task("acme", Kind::Refresh, T0, &["http://www.example.com/r1", "http://www.example.com/r2"]);
+        rtp.kind = cachectl_core::TaskKind::RefreshThenPrefetch;
+        let prefetches: Vec<NewItem> = rtp
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| NewItem { kind: Kind::Prefetch, depends_on: Some(i), ..r.clone() })
+            .collect();
+        rtp.items.extend(prefetches);
+        let rtp_id = store.create_task(&rtp, &[]).await.unwrap();
+        // Coalescing: the same URL again while the first is waiting and unclaimed.
+        let follower_task =
+            store.create_task(&task("acme", Kind::Refresh, T0 + 1, &["http://www.example.com/r1"]), &[]).await.unwrap();
+        let items = store
+            .list_items("acme", &ItemFilter { task_id: Some(follower_task), ..ItemFilter::default() }, 10)
+            .await
+            .unwrap();
+        let leader = store
+            .list_items(
+                "acme",
+                &ItemFilter {
+                    task_id: Some(rtp_id),
+                    kind: Some(Kind::Refresh),
+                    url: Some("http://www.example.com/r1"),
+                    ..ItemFilter::default()
+                },
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(items[0].follows, Some(leader[0].id), "{name}: coalesced");
+
+        // Only the two refreshes are runnable: prefetches wait, the follower mirrors.
+        let claimed = store.claim_items("w", T0 + 10, T0 + 60_000, 10).await.unwrap();
+        let claimed_urls: Vec<(Kind, &str)> = claimed.iter().map(|c| (c.item.kind, c.item.url.as_str())).collect();
+        assert_eq!(claimed.len(), 2, "{name}: {claimed_urls:?}");
+        assert!(claimed.iter().all(|c| c.item.kind == Kind::Refresh), "{name}");
+        let done = |id, status| ItemUpdate {
+            item_id: id,
+            status,
+            progress: 100,
+            started_at: Some(T0 + 10),
+            finished_at: Some(T0 + 20),
+            reason: (status == ItemStatus::Failed).then(|| "node n: HTTP 403".to_owned()),
+            nodes: vec![node(
+                "n",
+                if status == ItemStatus::Failed { NodeState::Failed } else { NodeState::Succeeded },
+                T0 + 20,
+            )],
+        };
+        let r1 = claimed.iter().find(|c| c.item.url.ends_with("/r1")).unwrap().item.id;
+        let r2 = claimed.iter().find(|c| c.item.url.ends_with("/r2")).unwrap().item.id;
+        store.apply_updates(&[done(r1, ItemStatus::Completed), done(r2, ItemStatus::Failed)]).await.unwrap();
+        let follower = &store
+            .list_items("acme", &ItemFilter { task_id: Some(follower_task), ..ItemFilter::default() }, 10)
+            .await
+            .unwrap()[0];
+        assert_eq!(follower.status, ItemStatus::Completed, "{name}: the follower mirrors its leader");
+        let next = store.claim_items("w", T0 + 30, T0 + 60_000, 10).await.unwrap();
+        assert_eq!(next.len(), 1, "{name}: only the prefetch whose refresh completed");
+        assert_eq!((next[0].item.kind, next[0].item.url.as_str()), (Kind::Prefetch, "http://www.example.com/r1"));
+        let summary = store.task("acme", rtp_id).await.unwrap().unwrap();
+        assert_eq!(
+            (summary.counts.completed, summary.counts.failed, summary.counts.waiting),
+            (1, 2, 1),
+            "{name}: {summary:?}"
+        );
+        assert!(summary.finished_at.is_none());
+        assert!(store.task("other", rtp_id).await.unwrap().is_none(), "{name}: ownership");
+
+        // Finishing the last item stamps the task; the webhook outbox picks it up once.
+        store.apply_updates(&[done(next[0].item.id, ItemStatus::Completed)]).await.unwrap();
+        let summary = store.task("acme", rtp_id).await.unwrap().unwrap();
+        assert_eq!(summary.finished_at, Some(T0 + 20), "{name}");
+        assert_eq!(summary.state(), TaskState::Failed);
+        let urls = std::collections::HashMap::from([("acme".to_owned(), vec!["http://hook/".to_owned()])]);
+        assert!(store.dispatch_finished(&urls, T0 + 40, 10).await.unwrap() >= 2, "{name}: both finished tasks");
+        assert_eq!(store.dispatch_finished(&urls, T0 + 41, 10).await.unwrap(), 0, "{name}: once");
+        let jobs = store.claim_webhook_jobs(T0 + 50, T0 + 60_000, 10).await.unwrap();
+        assert_eq!(jobs.len(), 2, "{name}");
+        assert!(store.claim_webhook_jobs(T0 + 51, T0 + 60_000, 10).await.unwrap().is_empty(), "{name}: leased");
+        let job = jobs.iter().find(|j| j.task_id == rtp_id).unwrap();
+        let attempt = cachectl_core::Delivery {
+            task_id: rtp_id,
+            url: job.url.clone(),
+            attempt: 1,
+            status_code: Some(500),
+            error: Some("HTTP 500".into()),
+            at: T0 + 52,
+        };
+        store.record_delivery(job, &attempt, DeliveryOutcome::RetryAt(T0 + 1000)).await.unwrap();
+        assert!(store.claim_webhook_jobs(T0 + 999, T0 + 60_000, 10).await.unwrap().is_empty(), "{name}: not yet due");
+        let again = store.claim_webhook_jobs(T0 + 1000, T0 + 60_000, 10).await.unwrap();
+        assert_eq!((again.len(), again[0].attempts), (1, 1), "{name}");
+        let ok = cachectl_core::Delivery {
+            attempt: 2,
+            status_code: Some(204),
+            error: None,
+            at: T0 + 1001,
+            ..attempt.clone()
+        };
+        store.record_delivery(&again[0], &ok, DeliveryOutcome::Delivered).await.unwrap();
+        let log = store.deliveries("acme", rtp_id).await.unwrap();
+        assert_eq!(log.iter().map(|d| d.attempt).collect::<Vec<_>>(), vec![1, 2], "{name}");
+
+        // Retry requeues the failed items; the task runs again.
+        assert_eq!(store.retry_failed("acme", rtp_id).await.unwrap(), 2, "{name}: the failed refresh and its prefetch");
+        let summary = store.task("acme", rtp_id).await.unwrap().unwrap();
+        assert_eq!((summary.state(), summary.finished_at), (TaskState::Running, None), "{name}");
+
+        // Cancel fails what is waiting and unclaimed.
+        let waiting = store
+            .create_task(
+                &task("acme", Kind::Prefetch, T0 + 2, &["http://www.example.com/c1", "http://www.example.com/c2"]),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.cancel_waiting("acme", waiting, T0 + 3).await.unwrap(), 2, "{name}");
+        assert_eq!(store.cancel_waiting("other", rtp_id, T0 + 3).await.unwrap(), 0, "{name}: ownership");
+        let cancelled = store.task("acme", waiting).await.unwrap().unwrap();
+        assert_eq!((cancelled.state(), cancelled.finished_at), (TaskState::Failed, Some(T0 + 3)), "{name}");
+
+        // Task lists: filters and the cursor.
+        let all = store.list_tasks("acme", &TaskFilter::default(), 10).await.unwrap();
+        assert_eq!(
+            all.iter().map(|t| t.id).collect::<Vec<_>>(),
+            vec![waiting, follower_task, rtp_id],
+            "{name}: newest first"
+        );
+        let page = store
+            .list_tasks("acme", &TaskFilter { before_id: Some(follower_task), ..TaskFilter::default() }, 10)
+            .await
+            .unwrap();
+        assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), vec![rtp_id], "{name}: cursor");
+        let failed = store
+            .list_tasks("acme", &TaskFilter { state: Some(TaskState::Failed), ..TaskFilter::default() }, 10)
+            .await
+            .unwrap();
+        assert_eq!(failed.iter().map(|t| t.id).collect::<Vec<_>>(), vec![waiting], "{name}");
+        let by_url = store
+            .list_tasks("acme", &TaskFilter { url: Some("http://www.example.com/r2"), ..TaskFilter::default() }, 10)
+            .await
+            .unwrap();
+        assert_eq!(by_url.iter().map(|t| t.id).collect::<Vec<_>>(), vec![rtp_id], "{name}");
+        let by_domain = store
+            .list_tasks("acme", &TaskFilter { domain: Some("example.com"), ..TaskFilter::default() }, 10)
+            .await
+            .unwrap();
+        assert_eq!(by_domain.len(), 3, "{name}: names under the domain");
+        let results = store.node_results("acme", &[r1, r2]).await.unwrap();
+        assert_eq!(results.len(), 1, "{name}: the retried item's result was cleared");
+        assert!(store.node_results("other", &[r1]).await.unwrap().is_empty(), "{name}: ownership");
+    }
+}
