@@ -194,6 +194,9 @@ macro_rules! shared_operations {
                     );
                     q.build().execute(&mut *tx).await.map_err(unavailable)?;
                 }
+                // Task counters are settled last, one statement per task in id order: instances
+                // sharing a database then lock task rows in the same order and cannot deadlock.
+                let mut settle: std::collections::BTreeMap<i64, (i64, Millis)> = std::collections::BTreeMap::new();
                 for update in &updates {
                     let transition = update.status.is_final() && update.finished_at.is_some();
                     let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE items SET progress = ");
@@ -253,8 +256,13 @@ macro_rules! shared_operations {
                         finished.extend(q.build_query_scalar::<i64>().fetch_all(&mut *tx).await.map_err(unavailable)?);
                     }
                     for task in finished {
-                        settle_task(&mut tx, task, 1, update.finished_at.unwrap_or_default()).await?;
+                        let entry = settle.entry(task).or_insert((0, 0));
+                        entry.0 += 1;
+                        entry.1 = entry.1.max(update.finished_at.unwrap_or_default());
                     }
+                }
+                for (task, (n, at)) in settle {
+                    settle_task(&mut tx, task, n, at).await?;
                 }
                 tx.commit().await.map_err(unavailable)?;
                 Ok(())
