@@ -24,7 +24,7 @@ async fn three_instances_share_the_work_and_survive_a_kill_9() {
     let db = pg.database("cluster").await;
     let origin = Origin::start().await;
     let (v1, v2) = (Varnish::start(origin.port).await, Varnish::start(origin.port).await);
-    let accounts = ACCOUNTS.replace("name = \"acme\"", "name = \"acme\"\nrate_limit_per_minute = 1000");
+    let accounts = ACCOUNTS;
     // Small per-instance capacity so that no single instance can take the whole queue, and a
     // short lease so that the killed instance's items are taken over quickly.
     let worker = fast_worker("60s").replace("lease = \"5s\"", "lease = \"3s\"");

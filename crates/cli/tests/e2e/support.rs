@@ -267,13 +267,14 @@ impl Cachectl {
         Self::start_on_store(None, extra).await
     }
 
-    /// Starts cachectl on `store_url` (a fresh SQLite file when `None`).
+    /// Starts cachectl on `store_url` (a fresh SQLite file when `None`). The default rate limit is
+    /// raised so that polling tests never meet it; tests of the limits set their own per account.
     pub async fn start_on_store(store_url: Option<&str>, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let store = store_url.map_or_else(|| format!("sqlite://{}/cachectl.db", dir.path().display()), str::to_owned);
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"{store}\"\nacquire_timeout = \"1s\"\n\n{extra}\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"{store}\"\nacquire_timeout = \"1s\"\n\n[baishan]\nrate_limit_per_minute = 100000\n\n{extra}\n"
         );
         let config_path = dir.path().join("cachectl.toml");
         std::fs::write(&config_path, config).unwrap();
