@@ -9,15 +9,6 @@ use std::time::{Duration, Instant};
 
 const REFRESH: &str = "/v2/cache/refresh";
 
-/// Waits until the current minute has at least `secs` seconds left, so that a burst of requests
-/// stays inside one rate-limit window.
-async fn room_in_this_minute(secs: i64) {
-    let into_minute = (crate::now_ms() / 1000) % 60;
-    if 60 - into_minute < secs {
-        tokio::time::sleep(Duration::from_secs(u64::try_from(60 - into_minute).unwrap() + 1)).await;
-    }
-}
-
 #[tokio::test]
 async fn three_instances_share_the_work_and_survive_a_kill_9() {
     let pg = PgCluster::start();

@@ -467,6 +467,8 @@ async fn the_client_reads_its_file_and_waits_out_rate_limits() {
                 .unwrap()
         }
     };
+    // All three requests must fall into one rate-limit minute.
+    room_in_this_minute(15).await;
     let first = run(vec!["tasks"]).await;
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let second = run(vec!["tasks"]).await;

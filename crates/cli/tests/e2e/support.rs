@@ -438,3 +438,12 @@ pub fn fast_worker(deadline: &str) -> String {
         "[worker]\nitem_deadline = \"{deadline}\"\nretry_initial = \"50ms\"\nretry_max = \"300ms\"\nrequest_timeout = \"3s\"\nconnect_timeout = \"500ms\"\npoll_interval = \"200ms\"\nlease = \"5s\"\n\n"
     )
 }
+
+/// Waits until the current minute has at least `secs` seconds left, so that a burst of requests
+/// stays inside one rate-limit window.
+pub async fn room_in_this_minute(secs: i64) {
+    let into_minute = (crate::now_ms() / 1000) % 60;
+    if 60 - into_minute < secs {
+        tokio::time::sleep(Duration::from_secs(u64::try_from(60 - into_minute).unwrap() + 1)).await;
+    }
+}
