@@ -373,14 +373,7 @@ async fn one_account_across_all_dialects() {
 
 #[tokio::test]
 async fn geo_and_cdn_purges_take_effect_on_varnish() {
-    let origin = Origin::start().await;
-    let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!(
-        "{ACCOUNTS}{}{}",
-        fast_worker("10s"),
-        edge("v1", "varnish", &varnish.address(), "edge")
-    ))
-    .await;
+    let (_origin, varnish, server) = one_varnish().await;
     for path in ["/geo.css", "/cdn/a.js", "/cdn/b.js"] {
         cache_status(&varnish.address(), "www.example.com", path).await;
         assert_eq!(cache_status(&varnish.address(), "www.example.com", path).await, "HIT");

@@ -11,14 +11,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn varnish_url_refresh_turns_a_hit_into_a_miss() {
-    let origin = Origin::start().await;
-    let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!(
-        "{ACCOUNTS}{}{}",
-        fast_worker("10s"),
-        edge("v1", "varnish", &varnish.address(), "edge")
-    ))
-    .await;
+    let (_origin, varnish, server) = one_varnish().await;
     let host = "www.example.com";
     for path in ["/a.css", "/b.css?v=1"] {
         cache_status(&varnish.address(), host, path).await;
@@ -36,14 +29,7 @@ async fn varnish_url_refresh_turns_a_hit_into_a_miss() {
 
 #[tokio::test]
 async fn varnish_dir_refresh_evicts_the_directory_and_nothing_else() {
-    let origin = Origin::start().await;
-    let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!(
-        "{ACCOUNTS}{}{}",
-        fast_worker("10s"),
-        edge("v1", "varnish", &varnish.address(), "edge")
-    ))
-    .await;
+    let (_origin, varnish, server) = one_varnish().await;
     let inside = [("www.example.com", "/static/a.js"), ("www.example.com", "/static/deep/b.png?x=1")];
     let outside = [
         ("www.example.com", "/staticfile"), // shares the prefix without the slash
@@ -72,14 +58,7 @@ async fn varnish_dir_refresh_evicts_the_directory_and_nothing_else() {
 
 #[tokio::test]
 async fn varnish_prefetch_makes_the_next_get_a_hit() {
-    let origin = Origin::start().await;
-    let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!(
-        "{ACCOUNTS}{}{}",
-        fast_worker("10s"),
-        edge("v1", "varnish", &varnish.address(), "edge")
-    ))
-    .await;
+    let (origin, varnish, server) = one_varnish().await;
 
     let task = server
         .submit(PREFETCH, json!({"urls": ["http://www.example.com/big.bin", "http://www.example.com/p.html"]}))
@@ -95,14 +74,7 @@ async fn varnish_prefetch_makes_the_next_get_a_hit() {
 
 #[tokio::test]
 async fn prefetch_of_an_origin_error_fails_with_the_status() {
-    let origin = Origin::start().await;
-    let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!(
-        "{ACCOUNTS}{}{}",
-        fast_worker("10s"),
-        edge("v1", "varnish", &varnish.address(), "edge")
-    ))
-    .await;
+    let (_origin, _varnish, server) = one_varnish().await;
 
     let task = server.submit(PREFETCH, json!({"urls": ["http://www.example.com/status/404/x"]})).await;
     let items = server.wait_final(PREFETCH, task, WAIT).await;

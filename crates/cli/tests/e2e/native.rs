@@ -76,14 +76,7 @@ impl Cachectl {
 
 #[tokio::test]
 async fn cli_refresh_waits_with_progress_and_json() {
-    let origin = Origin::start().await;
-    let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!(
-        "{ACCOUNTS}{}{}",
-        fast_worker("10s"),
-        edge("v1", "varnish", &varnish.address(), "edge")
-    ))
-    .await;
+    let (_origin, varnish, server) = one_varnish().await;
     cache_status(&varnish.address(), "www.example.com", "/cli.css").await;
     assert_eq!(cache_status(&varnish.address(), "www.example.com", "/cli.css").await, "HIT");
 
@@ -281,14 +274,7 @@ async fn refresh_then_prefetch_runs_in_order_on_every_node() {
 
 #[tokio::test]
 async fn the_progress_stream_ends_with_the_final_state() {
-    let origin = Origin::start().await;
-    let varnish = Varnish::start(origin.port).await;
-    let server = Cachectl::start(&format!(
-        "{ACCOUNTS}{}{}",
-        fast_worker("10s"),
-        edge("v1", "varnish", &varnish.address(), "edge")
-    ))
-    .await;
+    let (_origin, _varnish, server) = one_varnish().await;
     let urls: Vec<String> = (0..200).map(|i| format!("http://www.example.com/sse/{i}")).collect();
     let task = server.native_submit(json!({ "urls": urls })).await;
     let response =

@@ -432,6 +432,20 @@ pub fn edge(name: &str, driver: &str, address: &str, tier: &str) -> String {
     format!("[[edges]]\nname = \"{name}\"\ndriver = \"{driver}\"\naddress = \"{address}\"\ntier = \"{tier}\"\n\n")
 }
 
+/// The most common fixture: an origin, one Varnish node `v1` in front of it, and cachectl with
+/// the standard accounts and a 10 s item deadline driving that node.
+pub async fn one_varnish() -> (Origin, Varnish, Cachectl) {
+    let origin = Origin::start().await;
+    let varnish = Varnish::start(origin.port).await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}",
+        fast_worker("10s"),
+        edge("v1", "varnish", &varnish.address(), "edge")
+    ))
+    .await;
+    (origin, varnish, server)
+}
+
 /// Worker settings that keep tests short.
 pub fn fast_worker(deadline: &str) -> String {
     format!(
