@@ -155,11 +155,11 @@ pub trait Store: Send + Sync + 'static {
     /// The delivery log of one of the account's tasks, oldest first.
     async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>>;
 
-    /// Counts one request of a rate-limited credential on an endpoint in an epoch minute, for
-    /// backends shared by several instances; returns the count including this request. `None`
-    /// (the default) means the backend serves one process, which counts in memory instead.
-    async fn count_request(&self, credential: &str, api_id: u32, minute: i64) -> StoreResult<Option<u64>> {
-        let _ = (credential, api_id, minute);
+    /// Adds `n` requests of a rate-limited credential on an endpoint in an epoch minute to the
+    /// shared count, for backends shared by several instances; returns the count including them.
+    /// `None` (the default) means the backend serves one process, which counts in memory instead.
+    async fn count_requests(&self, credential: &str, api_id: u32, minute: i64, n: u32) -> StoreResult<Option<u64>> {
+        let _ = (credential, api_id, minute, n);
         Ok(None)
     }
 

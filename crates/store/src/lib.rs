@@ -5,6 +5,7 @@ pub mod postgres;
 mod rows;
 mod shared;
 pub mod sqlite;
+mod sqlite_read;
 
 use cachectl_core::{Store, StoreError};
 use std::sync::Arc;

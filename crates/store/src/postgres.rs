@@ -222,6 +222,53 @@ mod statements {
     }
 }
 
+/// The exact number of items in a window, in one statement: whole hours from the hourly
+/// counters, the partial hours at the edges counted on the index (one URL: counted on
+/// its index). `prefix` is `""` to run it or `EXPLAIN …` to check its plan.
+fn window_total_query<'a>(prefix: &str, query: &'a WindowQuery<'a>) -> QueryBuilder<'a, Postgres> {
+    let mut q: QueryBuilder<'a, Postgres> = QueryBuilder::new(format!("{prefix}SELECT CAST("));
+    let count = |q: &mut QueryBuilder<'a, Postgres>, from: Millis, to: Millis| {
+        q.push("(SELECT COUNT(*) FROM items WHERE account = ")
+            .push_bind(query.account)
+            .push(" AND kind = ")
+            .push_bind(query.kind.as_str());
+        if let Some(url) = query.url {
+            q.push(" AND url = ").push_bind(url);
+        }
+        q.push(" AND created_at >= ").push_bind(from).push(" AND created_at < ").push_bind(to).push(")");
+    };
+    if query.url.is_some() {
+        count(&mut q, query.from, query.to);
+    } else {
+        let (hours, edges) = crate::split_window(query.from, query.to);
+        let mut first_part = true;
+        if let Some((first, end)) = hours {
+            q.push("COALESCE((SELECT SUM(n) FROM item_counts WHERE account = ")
+                .push_bind(query.account)
+                .push(" AND kind = ")
+                .push_bind(query.kind.as_str())
+                .push(" AND hour >= ")
+                .push_bind(first)
+                .push(" AND hour < ")
+                .push_bind(end)
+                .push("), 0)");
+            first_part = false;
+        }
+        for (from, to) in edges {
+            if !first_part {
+                q.push(" + ");
+            }
+            count(&mut q, from, to);
+            first_part = false;
+        }
+        if first_part {
+            q.push("0");
+        }
+    }
+    q.push(" AS BIGINT)");
+    q
+}
+
 /// The Baidu dialects' record query, ascending by `(created_at, id)`; `prefix` is `""` to run
 /// it, or `EXPLAIN ` to check its plan.
 fn records_query<'a>(prefix: &str, query: &'a RecordQuery<'a>) -> QueryBuilder<'a, Postgres> {
@@ -439,15 +486,16 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
         Ok(ids.len() as u64)
     }
 
-    async fn count_request(&self, credential: &str, api_id: u32, minute: i64) -> StoreResult<Option<u64>> {
+    async fn count_requests(&self, credential: &str, api_id: u32, minute: i64, n: u32) -> StoreResult<Option<u64>> {
         let count: i64 = sqlx::query_scalar(
-            "INSERT INTO rate_windows (credential, api_id, minute, count) VALUES ($1, $2, $3, 1)
-             ON CONFLICT (credential, api_id, minute) DO UPDATE SET count = rate_windows.count + 1
+            "INSERT INTO rate_windows (credential, api_id, minute, count) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (credential, api_id, minute) DO UPDATE SET count = rate_windows.count + EXCLUDED.count
              RETURNING count",
         )
         .bind(credential)
         .bind(i64::from(api_id))
         .bind(minute)
+        .bind(i64::from(n))
         .fetch_one(&self.pool)
         .await
         .map_err(unavailable)?;

@@ -616,53 +616,6 @@ macro_rules! shared_operations {
             Ok(())
         }
 
-        /// The exact number of items in a window, in one statement: whole hours from the hourly
-        /// counters, the partial hours at the edges counted on the index (one URL: counted on
-        /// its index). `prefix` is `""` to run it or `EXPLAIN …` to check its plan.
-        fn window_total_query<'a>(prefix: &str, query: &'a WindowQuery<'a>) -> QueryBuilder<'a, $db> {
-            let mut q: QueryBuilder<'a, $db> = QueryBuilder::new(format!("{prefix}SELECT CAST("));
-            let count = |q: &mut QueryBuilder<'a, $db>, from: Millis, to: Millis| {
-                q.push("(SELECT COUNT(*) FROM items WHERE account = ")
-                    .push_bind(query.account)
-                    .push(" AND kind = ")
-                    .push_bind(query.kind.as_str());
-                if let Some(url) = query.url {
-                    q.push(" AND url = ").push_bind(url);
-                }
-                q.push(" AND created_at >= ").push_bind(from).push(" AND created_at < ").push_bind(to).push(")");
-            };
-            if query.url.is_some() {
-                count(&mut q, query.from, query.to);
-            } else {
-                let (hours, edges) = crate::split_window(query.from, query.to);
-                let mut first_part = true;
-                if let Some((first, end)) = hours {
-                    q.push("COALESCE((SELECT SUM(n) FROM item_counts WHERE account = ")
-                        .push_bind(query.account)
-                        .push(" AND kind = ")
-                        .push_bind(query.kind.as_str())
-                        .push(" AND hour >= ")
-                        .push_bind(first)
-                        .push(" AND hour < ")
-                        .push_bind(end)
-                        .push("), 0)");
-                    first_part = false;
-                }
-                for (from, to) in edges {
-                    if !first_part {
-                        q.push(" + ");
-                    }
-                    count(&mut q, from, to);
-                    first_part = false;
-                }
-                if first_part {
-                    q.push("0");
-                }
-            }
-            q.push(" AS BIGINT)");
-            q
-        }
-
         /// `n` more of the task's items became final: count them down, and record when the
         /// last one did.
         async fn settle_task(tx: &mut sqlx::Transaction<'_, $db>, task_id: i64, n: i64, now: Millis) -> StoreResult<()> {

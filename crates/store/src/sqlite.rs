@@ -3,9 +3,9 @@
 //! of readers. Commits are `synchronous = FULL`: an acknowledged task survives a power cut too.
 
 use crate::HOUR_MS;
-use crate::rows::ITEM_COLUMNS;
 use crate::rows::sqlite::{item_from_row, node_from_row};
 use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
+use crate::sqlite_read::Readers;
 use cachectl_core::{
     ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemType, ItemUpdate, Kind, Millis, NewItem,
     NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError,
@@ -21,11 +21,16 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// Items inserted per statement: 9 bound values each stays far below SQLite's variable limit.
 const INSERT_CHUNK: usize = 500;
 
+/// Read-only connections, in each of the two read pools.
+const READERS: u32 = 4;
+
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// The record queries' read path (see `sqlite_read`).
+    read: Readers,
 }
 
 shared_operations!(SqliteStore, Sqlite, reader, writer, crate::rows::sqlite);
@@ -65,12 +70,14 @@ impl SqliteStore {
             .execute(&writer)
             .await
             .map_err(unavailable)?;
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let read = Readers::open(options.get_filename(), in_memory, READERS)?;
         let reader = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(READERS)
             .connect_with(options.read_only(true))
             .await
             .map_err(unavailable)?;
-        Ok(Self { writer, reader })
+        Ok(Self { writer, reader, read })
     }
 }
 
@@ -86,7 +93,7 @@ impl SqliteStore {
         let page = PageRequest { number: 100, size: 50 };
         let total = |url| {
             let query = WindowQuery { account, kind: Kind::Refresh, from, to, url, page };
-            window_total_query("", &query).sql().to_owned()
+            crate::sqlite_read::window_total(&query).0
         };
         let mut statements: Vec<(String, String)> = vec![
             ("task id: count".into(), statements::TASK_COUNT.into()),
@@ -101,7 +108,7 @@ impl SqliteStore {
             ("retention sweep".into(), statements::SWEEP_SELECT.into()),
         ];
         for (name, query) in crate::sample_record_queries(account, window) {
-            statements.push((name.into(), records_query("", &query).sql().to_owned()));
+            statements.push((name.into(), crate::sqlite_read::records_query(&query).0));
         }
         sqlx::query("ANALYZE").execute(&self.writer).await.map_err(unavailable)?;
         let mut plans = Vec::new();
@@ -139,19 +146,19 @@ async fn check_schema_version(pool: &SqlitePool) -> StoreResult<()> {
 
 /// The statements of every read path and of the queue, shared by the operations and by
 /// `explain`, so that the plans checked are those of the statements that run.
-mod statements {
+pub(crate) mod statements {
     use crate::rows::ITEM_COLUMNS;
 
     // INDEXED BY: a task has at most a thousand items while its account may have millions, a
     // difference SQLite's planner cannot always see from its statistics.
-    pub(super) const TASK_COUNT: &str =
+    pub(crate) const TASK_COUNT: &str =
         "SELECT COUNT(*) FROM items INDEXED BY items_task WHERE task_id = ? AND account = ? AND kind = ?";
     pub(super) const RENEW: &str =
         "UPDATE items SET lease_until = ? WHERE lease_owner = ? AND status IN ('waiting', 'processing')";
     pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?";
     pub(super) const SWEEP_SELECT: &str = "SELECT id FROM items WHERE created_at < ? ORDER BY created_at LIMIT ?";
 
-    pub(super) fn task_page() -> String {
+    pub(crate) fn task_page() -> String {
         format!(
             "SELECT {ITEM_COLUMNS} FROM items INDEXED BY items_task WHERE task_id = ? AND account = ? AND kind = ?
              ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
@@ -168,7 +175,7 @@ mod statements {
 
     /// The page's ids are found on the index alone (it covers the filter and the order), and
     /// only those rows are read: a deep page skips index entries, not table rows.
-    pub(super) fn window_page(url: bool) -> String {
+    pub(crate) fn window_page(url: bool) -> String {
         format!(
             "SELECT {ITEM_COLUMNS} FROM items WHERE id IN (SELECT id FROM items WHERE {}
                ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?)
@@ -191,42 +198,6 @@ mod statements {
     }
 }
 
-/// The Baidu dialects' record query, ascending by `(created_at, id)`; `prefix` is `""` to run
-/// it, or `EXPLAIN QUERY PLAN ` to check its plan.
-fn records_query<'a>(prefix: &str, query: &'a RecordQuery<'a>) -> QueryBuilder<'a, Sqlite> {
-    let index = if query.task_id.is_some() { " INDEXED BY items_task" } else { "" };
-    let mut select: QueryBuilder<'a, Sqlite> =
-        QueryBuilder::new(format!("{prefix}SELECT {ITEM_COLUMNS} FROM items{index} WHERE account = "));
-    select.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
-    if let Some(task_id) = query.task_id {
-        select.push(" AND task_id = ").push_bind(task_id);
-    } else {
-        select.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(query.to);
-    }
-    if let Some(site) = query.site {
-        // Sites are validated domain names: no LIKE wildcard can occur in them.
-        select.push(" AND (host = ").push_bind(site).push(" OR host LIKE ").push_bind(format!("%.{site}")).push(")");
-    }
-    if let Some(url) = query.url {
-        select.push(" AND url = ").push_bind(url);
-    }
-    if let Some(item_type) = query.item_type {
-        select.push(" AND item_type = ").push_bind(item_type.as_str());
-    }
-    if let Some((created_at, id)) = query.after {
-        select
-            .push(" AND (created_at > ")
-            .push_bind(created_at)
-            .push(" OR (created_at = ")
-            .push_bind(created_at)
-            .push(" AND id > ")
-            .push_bind(id)
-            .push("))");
-    }
-    select.push(" ORDER BY created_at, id LIMIT ").push_bind(i64::from(query.limit));
-    select
-}
-
 crate::shared::store_impl!(SqliteStore, "", {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await.map_err(unavailable)?;
@@ -247,50 +218,20 @@ crate::shared::store_impl!(SqliteStore, "", {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>> {
-        let total: i64 = sqlx::query_scalar(statements::TASK_COUNT)
-            .bind(task_id)
-            .bind(account)
-            .bind(kind.as_str())
-            .fetch_one(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        let rows = sqlx::query(&statements::task_page())
-            .bind(task_id)
-            .bind(account)
-            .bind(kind.as_str())
-            .bind(i64::from(page.size))
-            .bind(i64::try_from(page.offset()).unwrap_or(i64::MAX))
-            .fetch_all(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+        let offset = i64::try_from(page.offset()).unwrap_or(i64::MAX);
+        let (total, records) = self.read.task_items(account, kind, task_id, i64::from(page.size), offset).await?;
+        Ok(Page { total: u64::try_from(total).unwrap_or(0), records })
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
-        let total: i64 =
-            window_total_query("", query).build_query_scalar().fetch_one(&self.reader).await.map_err(unavailable)?;
-        let list_sql = statements::window_page(query.url.is_some());
-        let mut list = sqlx::query(&list_sql).bind(query.account).bind(query.kind.as_str());
-        if let Some(url) = query.url {
-            list = list.bind(url);
-        }
-        let rows = list
-            .bind(query.from)
-            .bind(query.to)
-            .bind(i64::from(query.page.size))
-            .bind(i64::try_from(query.page.offset()).unwrap_or(i64::MAX))
-            .fetch_all(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+        let (total, records) = self.read.window_items(query).await?;
+        Ok(Page { total: u64::try_from(total).unwrap_or(0), records })
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
-        let mut select = records_query("", query);
-        let rows = select.build().fetch_all(&self.reader).await.map_err(unavailable)?;
-        Ok(rows.iter().map(item_from_row).collect())
+        self.read.records(query).await
     }
 
     #[tracing::instrument(level = "debug", skip(self))]

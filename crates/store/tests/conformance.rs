@@ -422,14 +422,23 @@ async fn the_sweep_deletes_old_records_and_keeps_totals_exact() {
 #[tokio::test]
 async fn request_counters_are_shared_only_where_instances_share_the_store() {
     for (name, store) in backends().await.stores {
-        let first = store.count_request("digest", 7, 100).await.unwrap();
-        let second = store.count_request("digest", 7, 100).await.unwrap();
+        let first = store.count_requests("digest", 7, 100, 1).await.unwrap();
+        let second = store.count_requests("digest", 7, 100, 1).await.unwrap();
         match name {
             "sqlite" => assert_eq!((first, second), (None, None)),
             _ => {
                 assert_eq!((first, second), (Some(1), Some(2)), "{name}");
-                assert_eq!(store.count_request("digest", 7, 101).await.unwrap(), Some(1), "{name}: a new minute");
-                assert_eq!(store.count_request("digest", 8, 100).await.unwrap(), Some(1), "{name}: another endpoint");
+                assert_eq!(
+                    store.count_requests("digest", 7, 100, 10).await.unwrap(),
+                    Some(12),
+                    "{name}: a reservation"
+                );
+                assert_eq!(store.count_requests("digest", 7, 101, 1).await.unwrap(), Some(1), "{name}: a new minute");
+                assert_eq!(
+                    store.count_requests("digest", 8, 100, 3).await.unwrap(),
+                    Some(3),
+                    "{name}: another endpoint"
+                );
             }
         }
     }
@@ -625,4 +634,15 @@ async fn native_operations_behave_the_same_on_both_backends() {
         assert_eq!(results.len(), 1, "{name}: the retried item's result was cleared");
         assert!(store.node_results("other", &[r1]).await.unwrap().is_empty(), "{name}: ownership");
     }
+}
+
+/// `sqlite::memory:` is one database shared by the writer and both read paths.
+#[tokio::test]
+async fn an_in_memory_sqlite_store_reads_what_it_wrote() {
+    let store = cachectl_store::open("sqlite::memory:", true).await.unwrap();
+    let id = store.create_task(&task("acme", Kind::Refresh, T0, &["http://a.example.com/1"]), &[]).await.unwrap();
+    let p = store.task_items("acme", Kind::Refresh, id, page(1, 50)).await.unwrap();
+    assert_eq!((p.total, p.records.len()), (1, 1));
+    assert_eq!(p.records[0].url, "http://a.example.com/1");
+    assert!(store.task("acme", id).await.unwrap().is_some());
 }

@@ -109,6 +109,41 @@ async fn a_rate_limit_holds_across_instances() {
     assert_eq!(limited, 60);
 }
 
+/// Above 199 requests per minute each instance counts its requests in the store in reservations
+/// of 1 % of the limit: the limit still holds over all instances, and at most one unused
+/// reservation per instance is refused early.
+#[tokio::test]
+async fn a_high_rate_limit_holds_across_instances_by_reservations() {
+    let pg = PgCluster::start();
+    let db = pg.database("reserved").await;
+    let accounts = ACCOUNTS.replace("name = \"acme\"", "name = \"acme\"\nrate_limit_per_minute = 300");
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(Cachectl::start_on_store(Some(&db), &accounts).await);
+    }
+    room_in_this_minute(20).await;
+
+    let mut accepted = 0;
+    let mut limited = 0;
+    for i in 0..400 {
+        let (status, headers, json) = instances[i % 3].get(&format!("{REFRESH}?task_id=1")).await;
+        match status {
+            200 => accepted += 1,
+            429 => {
+                limited += 1;
+                assert_eq!(headers["x-ratelimit-remaining"], "0");
+            }
+            other => panic!("unexpected {other}: {json}"),
+        }
+    }
+    // Reservations of 3: each instance may hold at most 2 reserved requests unused.
+    assert!((294..=300).contains(&accepted), "accepted {accepted} of a limit of 300");
+    assert_eq!(accepted + limited, 400);
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let counted: i64 = sqlx::query_scalar("SELECT MAX(count) FROM rate_windows").fetch_one(&pool).await.unwrap();
+    assert!(counted >= 300 && counted % 3 == 0, "the store counted whole reservations of 3: {counted}");
+}
+
 #[tokio::test]
 async fn postgres_restart_under_load_loses_nothing_acknowledged() {
     let pg = PgCluster::start();

@@ -1,0 +1,236 @@
+//! The SQLite read path of the record queries (Baishan by task and by window, the Baidu record
+//! pages), on `rusqlite` connections in tokio's blocking threads: a query is one hand-off to a
+//! blocking thread and back, however many statements and rows it has. Through sqlx every
+//! statement is a message to the connection's worker thread and every row a message back, which
+//! the profile of BENCHMARKS.md showed to be most of a page's cost.
+//!
+//! The statements are the ones `SqliteStore::explain` checks (`statements` in `sqlite.rs`);
+//! writes stay on sqlx's single writer connection.
+
+use crate::rows::ITEM_COLUMNS;
+use cachectl_core::{Item, ItemStatus, ItemType, Kind, Millis, RecordQuery, StoreError, StoreResult, WindowQuery};
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::OpenFlags;
+use rusqlite::types::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// A pool of read-only connections and as many permits: a query waits for a connection on the
+/// async side, so blocking threads never queue inside the pool.
+#[derive(Clone)]
+pub(crate) struct Readers {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Readers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readers").field("connections", &self.pool.max_size()).finish_non_exhaustive()
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl Readers {
+    /// Opens `size` read-only connections to the database file `filename` (a shared-cache
+    /// in-memory database when `in_memory`, as sqlx names it).
+    pub(crate) fn open(filename: &std::path::Path, in_memory: bool, size: u32) -> StoreResult<Self> {
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if in_memory {
+            flags |= OpenFlags::SQLITE_OPEN_MEMORY | OpenFlags::SQLITE_OPEN_SHARED_CACHE;
+        }
+        let manager = SqliteConnectionManager::file(filename).with_flags(flags).with_init(|c| {
+            c.set_prepared_statement_cache_capacity(64);
+            c.busy_timeout(Duration::from_secs(10))
+        });
+        let pool = r2d2::Pool::builder()
+            .max_size(size)
+            .min_idle(Some(size))
+            // Checked when created; a read-only connection to a local file does not go stale.
+            .test_on_check_out(false)
+            .connection_timeout(Duration::from_secs(10))
+            .build(manager)
+            .map_err(failed)?;
+        Ok(Self { pool, permits: Arc::new(Semaphore::new(size as usize)) })
+    }
+
+    /// Runs `f` on a connection in a blocking thread.
+    async fn run<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let _permit = self.permits.acquire().await.map_err(failed)?;
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.get().map_err(failed)?;
+            f(&conn).map_err(failed)
+        })
+        .await
+        .map_err(failed)?
+    }
+
+    /// One page of a task's items, newest first, and how many it has.
+    pub(crate) async fn task_items(
+        &self,
+        account: &str,
+        kind: Kind,
+        task_id: i64,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(i64, Vec<Item>)> {
+        let account = account.to_owned();
+        self.run(move |conn| {
+            let mut count = conn.prepare_cached(super::sqlite::statements::TASK_COUNT)?;
+            let total: i64 = count.query_row((task_id, &account, kind.as_str()), |r| r.get(0))?;
+            let mut page = conn.prepare_cached(&super::sqlite::statements::task_page())?;
+            let rows = page.query_map((task_id, &account, kind.as_str(), limit, offset), item_from_row)?;
+            Ok((total, rows.collect::<rusqlite::Result<_>>()?))
+        })
+        .await
+    }
+
+    /// One page of an account's items in a window, newest first, and how many there are.
+    pub(crate) async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<(i64, Vec<Item>)> {
+        let (total_sql, total_args) = window_total(query);
+        let mut page_args: Vec<Value> = vec![query.account.to_owned().into(), query.kind.as_str().to_owned().into()];
+        if let Some(url) = query.url {
+            page_args.push(url.to_owned().into());
+        }
+        page_args.extend([
+            query.from.into(),
+            query.to.into(),
+            i64::from(query.page.size).into(),
+            i64::try_from(query.page.offset()).unwrap_or(i64::MAX).into(),
+        ]);
+        let page_sql = super::sqlite::statements::window_page(query.url.is_some());
+        self.run(move |conn| {
+            let total: i64 =
+                conn.prepare_cached(&total_sql)?.query_row(rusqlite::params_from_iter(total_args), |r| r.get(0))?;
+            let mut page = conn.prepare_cached(&page_sql)?;
+            let rows = page.query_map(rusqlite::params_from_iter(page_args), item_from_row)?;
+            Ok((total, rows.collect::<rusqlite::Result<_>>()?))
+        })
+        .await
+    }
+
+    /// The Baidu dialects' record page.
+    pub(crate) async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
+        let (sql, args) = records_query(query);
+        self.run(move |conn| {
+            let mut select = conn.prepare_cached(&sql)?;
+            let rows = select.query_map(rusqlite::params_from_iter(args), item_from_row)?;
+            rows.collect::<rusqlite::Result<_>>()
+        })
+        .await
+    }
+}
+
+/// An item from a row of `ITEM_COLUMNS`, by position.
+fn item_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+    let kind: String = row.get(3)?;
+    let item_type: String = row.get(6)?;
+    let status: String = row.get(7)?;
+    let progress: i64 = row.get(8)?;
+    Ok(Item {
+        id: row.get(0)?,
+        task_id: row.get(1)?,
+        account: row.get(2)?,
+        kind: kind.parse().unwrap_or(Kind::Refresh),
+        url: row.get(4)?,
+        host: row.get(5)?,
+        item_type: item_type.parse().unwrap_or(ItemType::Url),
+        status: status.parse().unwrap_or(ItemStatus::Processing),
+        progress: u8::try_from(progress.clamp(0, 100)).unwrap_or(0),
+        operator: row.get(9)?,
+        created_at: row.get(10)?,
+        not_before: row.get(11)?,
+        finished_at: row.get(12)?,
+        reason: row.get(13)?,
+        follows: row.get(14)?,
+        depends_on: row.get(15)?,
+    })
+}
+
+/// The exact number of items in a window: the hourly counters for the whole hours it covers,
+/// the items themselves for the partial hours at its edges (or for one URL), in one statement.
+pub(crate) fn window_total(query: &WindowQuery<'_>) -> (String, Vec<Value>) {
+    let mut sql = String::from("SELECT ");
+    let mut args: Vec<Value> = Vec::new();
+    let count = |sql: &mut String, args: &mut Vec<Value>, from: Millis, to: Millis| {
+        sql.push_str("(SELECT COUNT(*) FROM items WHERE account = ? AND kind = ?");
+        args.extend([query.account.to_owned().into(), query.kind.as_str().to_owned().into()]);
+        if let Some(url) = query.url {
+            sql.push_str(" AND url = ?");
+            args.push(url.to_owned().into());
+        }
+        sql.push_str(" AND created_at >= ? AND created_at < ?)");
+        args.extend([from.into(), to.into()]);
+    };
+    if query.url.is_some() {
+        count(&mut sql, &mut args, query.from, query.to);
+    } else {
+        let (hours, edges) = crate::split_window(query.from, query.to);
+        let mut parts = 0;
+        if let Some((first, end)) = hours {
+            sql.push_str(
+                "COALESCE((SELECT SUM(n) FROM item_counts WHERE account = ? AND kind = ? AND hour >= ? AND hour < ?), 0)",
+            );
+            args.extend([
+                query.account.to_owned().into(),
+                query.kind.as_str().to_owned().into(),
+                first.into(),
+                end.into(),
+            ]);
+            parts += 1;
+        }
+        for (from, to) in edges {
+            if parts > 0 {
+                sql.push_str(" + ");
+            }
+            count(&mut sql, &mut args, from, to);
+            parts += 1;
+        }
+        if parts == 0 {
+            sql.push('0');
+        }
+    }
+    (sql, args)
+}
+
+/// The Baidu dialects' record query, ascending by `(created_at, id)`.
+pub(crate) fn records_query(query: &RecordQuery<'_>) -> (String, Vec<Value>) {
+    let index = if query.task_id.is_some() { " INDEXED BY items_task" } else { "" };
+    let mut sql = format!("SELECT {ITEM_COLUMNS} FROM items{index} WHERE account = ? AND kind = ?");
+    let mut args: Vec<Value> = vec![query.account.to_owned().into(), query.kind.as_str().to_owned().into()];
+    if let Some(task_id) = query.task_id {
+        sql.push_str(" AND task_id = ?");
+        args.push(task_id.into());
+    } else {
+        sql.push_str(" AND created_at >= ? AND created_at < ?");
+        args.extend([query.from.into(), query.to.into()]);
+    }
+    if let Some(site) = query.site {
+        // Sites are validated domain names: no LIKE wildcard can occur in them.
+        sql.push_str(" AND (host = ? OR host LIKE ?)");
+        args.extend([site.to_owned().into(), format!("%.{site}").into()]);
+    }
+    if let Some(url) = query.url {
+        sql.push_str(" AND url = ?");
+        args.push(url.to_owned().into());
+    }
+    if let Some(item_type) = query.item_type {
+        sql.push_str(" AND item_type = ?");
+        args.push(item_type.as_str().to_owned().into());
+    }
+    if let Some((created_at, id)) = query.after {
+        sql.push_str(" AND (created_at > ? OR (created_at = ? AND id > ?))");
+        args.extend([created_at.into(), created_at.into(), id.into()]);
+    }
+    sql.push_str(" ORDER BY created_at, id LIMIT ?");
+    args.push(i64::from(query.limit).into());
+    (sql, args)
+}
