@@ -150,18 +150,23 @@ pub(crate) mod statements {
     use crate::rows::ITEM_COLUMNS;
 
     // INDEXED BY: a task has at most a thousand items while its account may have millions, a
-    // difference SQLite's planner cannot always see from its statistics.
-    pub(crate) const TASK_COUNT: &str =
-        "SELECT COUNT(*) FROM items INDEXED BY items_task WHERE task_id = ? AND account = ? AND kind = ?";
+    // difference SQLite's planner cannot always see from its statistics. Parameters: ?1 the task
+    // id, ?2 the account, ?3 the kind; the account is checked once, on the task.
+    pub(crate) const TASK_COUNT: &str = "SELECT COUNT(*) FROM items INDEXED BY items_task
+         WHERE task_id = ?1 AND kind = ?3 AND EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND account = ?2)";
     pub(super) const RENEW: &str =
         "UPDATE items SET lease_until = ? WHERE lease_owner = ? AND status IN ('waiting', 'processing')";
     pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?";
     pub(super) const SWEEP_SELECT: &str = "SELECT id FROM items WHERE created_at < ? ORDER BY created_at LIMIT ?";
 
+    /// ?1 to ?3 as in `TASK_COUNT`, ?4 the limit, ?5 the offset. The page's ids come from the
+    /// index alone, as in `window_page`.
     pub(crate) fn task_page() -> String {
         format!(
-            "SELECT {ITEM_COLUMNS} FROM items INDEXED BY items_task WHERE task_id = ? AND account = ? AND kind = ?
-             ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?"
+            "SELECT {ITEM_COLUMNS} FROM items WHERE id IN (SELECT id FROM items INDEXED BY items_task
+               WHERE task_id = ?1 AND kind = ?3 AND EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND account = ?2)
+               ORDER BY created_at DESC, id DESC LIMIT ?4 OFFSET ?5)
+             ORDER BY created_at DESC, id DESC"
         )
     }
 

@@ -80,14 +80,15 @@ impl From<StoreError> for BaishanError {
 }
 
 /// Renders the envelope.
-fn envelope(status: StatusCode, message: &str, data: Value) -> Response {
+fn envelope<T: serde::Serialize>(status: StatusCode, message: &str, data: T) -> Response {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a, T> {
+        code: u16,
+        message: &'a str,
+        data: T,
+    }
     let code = if status.is_success() { 0 } else { status.as_u16() };
-    // Built by moving `data` in: `json!` would serialize a copy of the whole page.
-    let mut body = serde_json::Map::with_capacity(3);
-    body.insert("code".into(), code.into());
-    body.insert("message".into(), message.into());
-    body.insert("data".into(), data);
-    (status, axum::Json(Value::Object(body))).into_response()
+    (status, axum::Json(Envelope { code, message, data })).into_response()
 }
 
 /// Any path the dialect does not know: 404 in the envelope.
@@ -186,18 +187,20 @@ async fn handle(
         state.limiter.check_shared(state.service.store().as_ref(), &token, endpoint.api_id(), limit, now).await;
     let reset = RateLimitReset(decision.reset_secs);
     let mut response = if decision.allowed {
+        let ok = |data| envelope(StatusCode::OK, "", data);
         let result = match endpoint {
             Endpoint::SubmitRefresh | Endpoint::SubmitPrefetch => {
-                submit(&state, &credential, endpoint, body, now).await
+                submit(&state, &credential, endpoint, body, now).await.map(ok)
             }
-            Endpoint::QueryRefresh => query(&state, &credential, Kind::Refresh, &pairs, now).await,
-            Endpoint::QueryPrefetch => query(&state, &credential, Kind::Prefetch, &pairs, now).await,
-            Endpoint::PrefetchQuota => quota(&state, &credential, now).await,
+            Endpoint::QueryRefresh => {
+                query(&state, &credential, Kind::Refresh, &pairs, now).await.map(|p| envelope(StatusCode::OK, "", p))
+            }
+            Endpoint::QueryPrefetch => {
+                query(&state, &credential, Kind::Prefetch, &pairs, now).await.map(|p| envelope(StatusCode::OK, "", p))
+            }
+            Endpoint::PrefetchQuota => quota(&state, &credential, now).await.map(ok),
         };
-        match result {
-            Ok(data) => envelope(StatusCode::OK, "", data),
-            Err(e) => envelope(e.status, &e.message, e.data),
-        }
+        result.unwrap_or_else(|e| envelope(e.status, &e.message, e.data))
     } else {
         envelope(
             StatusCode::TOO_MANY_REQUESTS,
@@ -392,7 +395,7 @@ async fn query(
     kind: Kind,
     pairs: &[(String, String)],
     now: Millis,
-) -> Result<Value, BaishanError> {
+) -> Result<QueryPage, BaishanError> {
     let page_number = parse_u32(pairs, "page_number", 1, 1..=u32::MAX)?;
     let page_size = parse_u32(pairs, "page_size", 50, 1..=500)?;
     let page = PageRequest { number: page_number, size: page_size };
@@ -444,30 +447,93 @@ async fn query(
         }
     };
     let zone = state.settings.timezone;
-    let list: Vec<Value> = result
+    let list = result
         .records
         .into_iter()
-        .map(|item| {
-            let mut record = serde_json::Map::with_capacity(6);
-            record.insert("id".into(), item.id.to_string().into());
-            record.insert("type".into(), item.item_type.as_str().into());
-            record.insert("status".into(), item.status.as_str().into());
-            record.insert("create_time".into(), format_time(item.created_at, zone).into());
-            record.insert(
-                "complete_time".into(),
-                item.finished_at.map(|t| format_time(t, zone)).unwrap_or_default().into(),
-            );
-            record.insert("url".into(), item.url.into());
-            Value::Object(record)
+        .map(|item| QueryRecord {
+            id: item.id,
+            item_type: item.item_type.as_str(),
+            status: item.status.as_str(),
+            create_time: Time(item.created_at, zone),
+            complete_time: item.finished_at.map(|t| Time(t, zone)),
+            url: item.url,
         })
         .collect();
     // The refresh seed prints page_number as a string, the prefetch seed as a number.
-    let page_number = if kind == Kind::Refresh { json!(page_number.to_string()) } else { json!(page_number) };
-    let mut data = serde_json::Map::with_capacity(3);
-    data.insert("total".into(), result.total.into());
-    data.insert("page_number".into(), page_number);
-    data.insert("list".into(), Value::Array(list));
-    Ok(Value::Object(data))
+    let page_number =
+        if kind == Kind::Refresh { PageNumber::Text(page_number) } else { PageNumber::Number(page_number) };
+    Ok(QueryPage { total: result.total, page_number, list })
+}
+
+/// A page of query results, serialized straight from the items.
+#[derive(serde::Serialize)]
+struct QueryPage {
+    total: u64,
+    page_number: PageNumber,
+    list: Vec<QueryRecord>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum PageNumber {
+    #[serde(serialize_with = "serialize_display")]
+    Text(u32),
+    Number(u32),
+}
+
+#[derive(serde::Serialize)]
+struct QueryRecord {
+    /// The item id, as a string.
+    #[serde(serialize_with = "serialize_display")]
+    id: i64,
+    #[serde(rename = "type")]
+    item_type: &'static str,
+    status: &'static str,
+    create_time: Time,
+    /// `""` until the item is final.
+    #[serde(serialize_with = "serialize_optional_time")]
+    complete_time: Option<Time>,
+    url: String,
+}
+
+fn serialize_display<S: serde::Serializer>(value: &impl std::fmt::Display, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn serialize_optional_time<S: serde::Serializer>(time: &Option<Time>, serializer: S) -> Result<S::Ok, S::Error> {
+    match time {
+        Some(t) => serializer.collect_str(t),
+        None => serializer.serialize_str(""),
+    }
+}
+
+/// A time written `YYYY-MM-DD HH:MM:SS` in the dialect's zone.
+struct Time(Millis, FixedOffset);
+
+impl std::fmt::Display for Time {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use chrono::{Datelike, Timelike};
+        // Written field by field: chrono's `format` parses its pattern on every call.
+        match self.1.timestamp_millis_opt(self.0).single() {
+            Some(t) => write!(
+                f,
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+impl serde::Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// A queried URL normalized as submitted URLs are (lowercase host, no fragment), so that it
@@ -482,15 +548,6 @@ fn normalize_url(raw: &str) -> String {
     )
 }
 
-/// `YYYY-MM-DD HH:MM:SS` in the dialect's zone.
-fn format_time(ms: Millis, zone: FixedOffset) -> String {
-    use chrono::{Datelike, Timelike};
-    // Formatted by hand: chrono's `format` parses its pattern on every call, and a page has 500.
-    zone.timestamp_millis_opt(ms).single().map_or_else(String::new, |t| {
-        format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", t.year(), t.month(), t.day(), t.hour(), t.minute(), t.second())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,10 +557,10 @@ mod tests {
         let zone = FixedOffset::east_opt(8 * 3600).unwrap();
         let (a, b) = parse_time("2018-02-23", zone, "start_time").unwrap();
         assert_eq!(b - a, 86_400_000);
-        assert_eq!(format_time(a, zone), "2018-02-23 00:00:00");
+        assert_eq!(Time(a, zone).to_string(), "2018-02-23 00:00:00");
         let (a, b) = parse_time("2018-02-23 10:11:12", zone, "start_time").unwrap();
         assert_eq!(b - a, 1000);
-        assert_eq!(format_time(a, zone), "2018-02-23 10:11:12");
+        assert_eq!(Time(a, zone).to_string(), "2018-02-23 10:11:12");
         assert!(parse_time("2018-02-30", zone, "start_time").is_err());
         assert!(parse_time("yesterday", zone, "start_time").is_err());
     }

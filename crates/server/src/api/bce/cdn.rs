@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use cachectl_core::{Kind, QuotaBucket, RecordQuery};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// `POST|GET /v2/cache/purge`
 pub async fn purge(
@@ -106,7 +106,7 @@ async fn list(
     kind: Kind,
     params: Params,
     with_reason: bool,
-) -> Result<Value, BceError> {
+) -> Result<super::RecordPage, BceError> {
     let url = params.get("url").map(|u| {
         url::Url::parse(u.trim()).map_or_else(
             |_| u.to_owned(),

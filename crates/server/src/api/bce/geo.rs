@@ -88,7 +88,12 @@ async fn submit_site(
     submit(state, &credential, kind, specs, "geo").await
 }
 
-async fn list(state: &AppState, credential: Credential, kind: Kind, params: Params) -> Result<Value, BceError> {
+async fn list(
+    state: &AppState,
+    credential: Credential,
+    kind: Kind,
+    params: Params,
+) -> Result<super::RecordPage, BceError> {
     let site = check_site(&credential, params.get("site").unwrap_or(""))?;
     let item_type = match (kind, params.get("type")) {
         (_, None) => None,

@@ -99,7 +99,7 @@ fn request_id() -> String {
 }
 
 /// Renders a result: the JSON body on success, the error body otherwise; `x-bce-request-id` always.
-fn respond(state: &AppState, success: StatusCode, result: Result<Value, BceError>) -> Response {
+fn respond<T: serde::Serialize>(state: &AppState, success: StatusCode, result: Result<T, BceError>) -> Response {
     let id = request_id();
     let mut response = match result {
         Ok(body) => (success, axum::Json(body)).into_response(),
@@ -248,43 +248,77 @@ fn status_word(item: &Item, now: Millis) -> &'static str {
     }
 }
 
-/// One record: `{task: {url, type}, createdAt, finishedAt?, progress, status, operator}` (+ `reason`).
-fn record(item: &Item, now: Millis, with_reason: bool) -> Value {
-    let mut task = json!({"url": item.url});
-    if item.kind == Kind::Refresh {
-        task["type"] = json!(if item.item_type == ItemType::Dir { "directory" } else { "file" });
-    }
-    let mut r = json!({
-        "task": task,
-        "createdAt": format_time(item.created_at),
-        "progress": item.progress,
-        "status": status_word(item, now),
-        "operator": item.operator,
-    });
-    if let Some(finished) = item.finished_at {
-        r["finishedAt"] = json!(format_time(finished));
-    }
-    if with_reason && let Some(reason) = &item.reason {
-        r["reason"] = json!(reason);
-    }
-    r
+/// One record: `{task: {url, type}, createdAt, progress, status, operator, finishedAt?}` (+ `reason`),
+/// serialized straight from the item: a page is written without building a JSON tree first.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Record {
+    task: RecordTask,
+    created_at: Time,
+    progress: u8,
+    status: &'static str,
+    operator: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finished_at: Option<Time>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
-/// A page of records: `{details, isTruncated, nextMarker?}`; `items` holds up to one record more
-/// than a page, which only says that there is a next page.
-fn page(mut items: Vec<Item>, limit: u32, now: Millis, with_reason: bool) -> Value {
+#[derive(serde::Serialize)]
+struct RecordTask {
+    url: String,
+    /// Refresh records only.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    item_type: Option<&'static str>,
+}
+
+/// A time written as `format_time` writes it.
+struct Time(Millis);
+
+impl serde::Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format_time(self.0))
+    }
+}
+
+fn record(item: Item, now: Millis, with_reason: bool) -> Record {
+    let status = status_word(&item, now);
+    Record {
+        task: RecordTask {
+            item_type: (item.kind == Kind::Refresh).then_some(if item.item_type == ItemType::Dir {
+                "directory"
+            } else {
+                "file"
+            }),
+            url: item.url,
+        },
+        created_at: Time(item.created_at),
+        progress: item.progress,
+        status,
+        operator: item.operator,
+        finished_at: item.finished_at.map(Time),
+        reason: if with_reason { item.reason } else { None },
+    }
+}
+
+/// A page of records: `{details, isTruncated, nextMarker?}`.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RecordPage {
+    details: Vec<Record>,
+    is_truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_marker: Option<String>,
+}
+
+/// A page of records; `items` holds up to one record more than a page, which only says that
+/// there is a next page.
+fn page(mut items: Vec<Item>, limit: u32, now: Millis, with_reason: bool) -> RecordPage {
     let truncated = items.len() > limit as usize;
     items.truncate(limit as usize);
-    let details: Vec<Value> = items.iter().map(|i| record(i, now, with_reason)).collect();
-    // Built by moving `details` in: `json!` would serialize a copy of the whole page.
-    let mut body = serde_json::Map::with_capacity(3);
-    let marker = if truncated { items.last().map(encode_marker) } else { None };
-    body.insert("details".into(), Value::Array(details));
-    body.insert("isTruncated".into(), truncated.into());
-    if let Some(marker) = marker {
-        body.insert("nextMarker".into(), marker.into());
-    }
-    Value::Object(body)
+    let next_marker = if truncated { items.last().map(encode_marker) } else { None };
+    let details = items.into_iter().map(|i| record(i, now, with_reason)).collect();
+    RecordPage { details, is_truncated: truncated, next_marker }
 }
 
 /// Lists records for both Baidu dialects: with `id`, every record of that task at once;
@@ -296,7 +330,7 @@ async fn list_records(
     filters: cachectl_core::RecordQuery<'_>,
     params: &Params,
     with_reason: bool,
-) -> Result<Value, BceError> {
+) -> Result<RecordPage, BceError> {
     let now = now_ms();
     let base = cachectl_core::RecordQuery { account: &credential.account.name, limit: PAGE + 1, ..filters };
     if let Some(id) = params.get("id") {
@@ -435,7 +469,7 @@ fn quota_name(bucket: QuotaBucket) -> &'static str {
 }
 
 /// Reads the body, authenticates, and renders whatever `handler` answers.
-async fn call<F, Fut>(
+async fn call<F, Fut, T>(
     state: &AppState,
     method: Method,
     uri: Uri,
@@ -446,7 +480,8 @@ async fn call<F, Fut>(
 ) -> Response
 where
     F: FnOnce(Credential, Params, bytes::Bytes) -> Fut,
-    Fut: std::future::Future<Output = Result<Value, BceError>>,
+    Fut: std::future::Future<Output = Result<T, BceError>>,
+    T: serde::Serialize,
 {
     let result = async {
         let credential = authenticate(state, &method, &uri, &headers)?;
@@ -459,12 +494,12 @@ where
 
 /// 404 in the Baidu error format.
 pub fn not_found(state: &AppState) -> Response {
-    respond(state, StatusCode::OK, Err(BceError::new(Code::NotFound, "no such API endpoint")))
+    respond::<Value>(state, StatusCode::OK, Err(BceError::new(Code::NotFound, "no such API endpoint")))
 }
 
 /// 405 in the Baidu error format.
 fn method_not_allowed(state: &AppState) -> Response {
-    respond(
+    respond::<Value>(
         state,
         StatusCode::OK,
         Err(BceError::new(Code::MethodNotAllowed, "this endpoint does not take this method")),
