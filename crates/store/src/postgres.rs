@@ -87,10 +87,7 @@ impl PgStore {
         };
         let (a, k) = (account, "refresh");
         let explain = |sql: &str| format!("EXPLAIN {sql}");
-        let rows =
-            sqlx::query(&explain(statements::TASK_COUNT)).bind(1_i64).bind(a).bind(k).fetch_all(&mut *conn).await;
-        plans.push(("task id: count".to_owned(), text(rows.map_err(unavailable)?)));
-        let rows = sqlx::query(&explain(&statements::task_page()))
+        let rows = sqlx::query(&explain(&statements::task_query()))
             .bind(1_i64)
             .bind(a)
             .bind(k)
@@ -98,22 +95,15 @@ impl PgStore {
             .bind(0_i64)
             .fetch_all(&mut *conn)
             .await;
-        plans.push(("task id: page".to_owned(), text(rows.map_err(unavailable)?)));
+        plans.push(("task id: count and page".to_owned(), text(rows.map_err(unavailable)?)));
         // A window with partial hours at both ends, so that the total uses every part.
         let (total_from, total_to) = (from + 60_000, to - 60_000);
         let page = PageRequest { number: 100, size: 50 };
         for url in [None, Some("http://x/")] {
             let what = if url.is_some() { "one URL" } else { "window" };
             let query = WindowQuery { account, kind: Kind::Refresh, from: total_from, to: total_to, url, page };
-            let rows = window_total_query("EXPLAIN ", &query).build().fetch_all(&mut *conn).await;
-            plans.push((format!("{what}: total"), text(rows.map_err(unavailable)?)));
-            let page_sql = explain(&statements::window_page(url.is_some()));
-            let mut list = sqlx::query(&page_sql).bind(a).bind(k);
-            if let Some(url) = url {
-                list = list.bind(url);
-            }
-            let rows = list.bind(from).bind(to).bind(50_i64).bind(4950_i64).fetch_all(&mut *conn).await;
-            plans.push((format!("{what}: page"), text(rows.map_err(unavailable)?)));
+            let rows = window_query("EXPLAIN ", &query).build().fetch_all(&mut *conn).await;
+            plans.push((format!("{what}: total and page"), text(rows.map_err(unavailable)?)));
         }
         let rows = sqlx::query(&explain(&statements::claim()))
             .bind("owner")
@@ -170,38 +160,22 @@ fn push_ids(builder: &mut QueryBuilder<'_, Postgres>, ids: &[i64]) {
 mod statements {
     use crate::rows::ITEM_COLUMNS;
 
-    pub(super) const TASK_COUNT: &str = "SELECT COUNT(*) FROM items WHERE task_id = $1 AND account = $2 AND kind = $3";
     pub(super) const RENEW: &str =
         "UPDATE items SET lease_until = $1 WHERE lease_owner = $2 AND status IN ('waiting', 'processing')";
     pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1";
     pub(super) const SWEEP_SELECT: &str = "SELECT id FROM items WHERE created_at < $1 ORDER BY created_at LIMIT $2";
 
-    pub(super) fn task_page() -> String {
+    /// A task's count and one page of its items, in one round trip: one row per item, each
+    /// with the count (one row with NULL item columns when the page is empty). ?1 the task id,
+    /// ?2 the account, ?3 the kind, ?4 the limit, ?5 the offset.
+    pub(super) fn task_query() -> String {
         format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE task_id = $1 AND account = $2 AND kind = $3
-             ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5"
-        )
-    }
-
-    /// The window filter and the number of its last placeholder.
-    fn window_filter(url: bool) -> (&'static str, usize) {
-        if url {
-            ("account = $1 AND kind = $2 AND url = $3 AND created_at >= $4 AND created_at < $5", 5)
-        } else {
-            ("account = $1 AND kind = $2 AND created_at >= $3 AND created_at < $4", 4)
-        }
-    }
-
-    pub(super) fn window_page(url: bool) -> String {
-        let (filter, last) = window_filter(url);
-        // The page's ids are found on the index first, then only those rows are read: a deep
-        // page skips index entries, not table rows.
-        format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE id IN (SELECT id FROM items WHERE {filter}
-               ORDER BY created_at DESC, id DESC LIMIT ${} OFFSET ${})
-             ORDER BY created_at DESC, id DESC",
-            last + 1,
-            last + 2
+            "SELECT c.total, p.* FROM
+               (SELECT COUNT(*) AS total FROM items WHERE task_id = $1 AND account = $2 AND kind = $3) c
+             LEFT JOIN LATERAL
+               (SELECT {ITEM_COLUMNS} FROM items WHERE task_id = $1 AND account = $2 AND kind = $3
+                ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5) p ON true
+             ORDER BY p.created_at DESC, p.id DESC"
         )
     }
 
@@ -220,6 +194,41 @@ mod statements {
              RETURNING {ITEM_COLUMNS}, started_at"
         )
     }
+}
+
+/// A window's exact total and one page of its items, newest first, in one round trip: one row
+/// per item, each with the total (one row with NULL item columns when the page is empty). The
+/// page's ids are found on the index first, then only those rows are read: a deep page skips
+/// index entries, not table rows. `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
+fn window_query<'a>(prefix: &str, query: &'a WindowQuery<'a>) -> QueryBuilder<'a, Postgres> {
+    let mut q = window_total_query(&format!("{prefix}SELECT t.total, p.* FROM ("), query);
+    q.push(" AS total) t LEFT JOIN LATERAL (SELECT ")
+        .push(ITEM_COLUMNS)
+        .push(" FROM items WHERE id IN (SELECT id FROM items WHERE account = ")
+        .push_bind(query.account)
+        .push(" AND kind = ")
+        .push_bind(query.kind.as_str());
+    if let Some(url) = query.url {
+        q.push(" AND url = ").push_bind(url);
+    }
+    q.push(" AND created_at >= ")
+        .push_bind(query.from)
+        .push(" AND created_at < ")
+        .push_bind(query.to)
+        .push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(i64::from(query.page.size))
+        .push(" OFFSET ")
+        .push_bind(i64::try_from(query.page.offset()).unwrap_or(i64::MAX))
+        .push(")) p ON true ORDER BY p.created_at DESC, p.id DESC");
+    q
+}
+
+/// The rows of `task_query` or `window_query`: the total, and the page's items.
+fn total_and_page(rows: &[sqlx::postgres::PgRow]) -> Page<Item> {
+    let total: i64 = rows.first().map_or(0, |r| r.get("total"));
+    let records =
+        rows.iter().filter(|r| r.try_get::<Option<i64>, _>("id").ok().flatten().is_some()).map(item_from_row).collect();
+    Page { total: u64::try_from(total).unwrap_or(0), records }
 }
 
 /// The exact number of items in a window, in one statement: whole hours from the hourly
@@ -317,14 +326,7 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
 
     #[tracing::instrument(level = "debug", skip(self))]
     async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>> {
-        let total: i64 = sqlx::query_scalar(statements::TASK_COUNT)
-            .bind(task_id)
-            .bind(account)
-            .bind(kind.as_str())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        let rows = sqlx::query(&statements::task_page())
+        let rows = sqlx::query(&statements::task_query())
             .bind(task_id)
             .bind(account)
             .bind(kind.as_str())
@@ -333,27 +335,13 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+        Ok(total_and_page(&rows))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
-        let total: i64 =
-            window_total_query("", query).build_query_scalar().fetch_one(&self.pool).await.map_err(unavailable)?;
-        let list_sql = statements::window_page(query.url.is_some());
-        let mut list = sqlx::query(&list_sql).bind(query.account).bind(query.kind.as_str());
-        if let Some(url) = query.url {
-            list = list.bind(url);
-        }
-        let rows = list
-            .bind(query.from)
-            .bind(query.to)
-            .bind(i64::from(query.page.size))
-            .bind(i64::try_from(query.page.offset()).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(Page { total: u64::try_from(total).unwrap_or(0), records: rows.iter().map(item_from_row).collect() })
+        let rows = window_query("", query).build().fetch_all(&self.pool).await.map_err(unavailable)?;
+        Ok(total_and_page(&rows))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]

@@ -79,7 +79,8 @@ async fn postgres_plans_use_indexes() {
     let store = PgStore::open(&url, true, Duration::from_secs(3)).await.unwrap();
     fill(&store).await;
     let plans = store.explain("account-1", (T0, T0 + 7 * 86_400_000)).await.unwrap();
-    assert!(plans.len() >= 14, "{plans:?}");
+    // Count and page are one statement per query here (one round trip each).
+    assert!(plans.len() >= 11, "{plans:?}");
     for (name, plan) in &plans {
         println!("{name}:\n{plan}\n");
         assert!(!plan.contains("Seq Scan on items"), "{name} scans the items table sequentially:\n{plan}");
