@@ -94,6 +94,20 @@ pub(crate) fn sample_record_queries(
     ]
 }
 
+/// A worker report whose batched statements `explain` checks: a failed final transition, which
+/// runs all three (the item, its followers, its dependents).
+pub(crate) fn sample_update() -> cachectl_core::ItemUpdate {
+    cachectl_core::ItemUpdate {
+        item_id: 1,
+        status: cachectl_core::ItemStatus::Failed,
+        progress: 50,
+        started_at: Some(1),
+        finished_at: Some(2),
+        reason: Some("node a: 500".into()),
+        nodes: Vec::new(),
+    }
+}
+
 /// Whether `url` names a backend this build supports.
 #[must_use]
 pub fn supported(url: &str) -> bool {

@@ -120,6 +120,13 @@ impl PgStore {
         let rows =
             sqlx::query(&explain(statements::SWEEP_SELECT)).bind(from).bind(2000_i64).fetch_all(&mut *conn).await;
         plans.push(("retention sweep".to_owned(), text(rows.map_err(unavailable)?)));
+        let update = crate::sample_update();
+        let rows = Self::items_update("EXPLAIN ", std::slice::from_ref(&update)).build().fetch_all(&mut *conn).await;
+        plans.push(("apply: items".to_owned(), text(rows.map_err(unavailable)?)));
+        let rows = Self::followers_update("EXPLAIN ", &[&update]).build().fetch_all(&mut *conn).await;
+        plans.push(("apply: followers".to_owned(), text(rows.map_err(unavailable)?)));
+        let rows = Self::dependents_update("EXPLAIN ", &[&update]).build().fetch_all(&mut *conn).await;
+        plans.push(("apply: dependents".to_owned(), text(rows.map_err(unavailable)?)));
         for (name, query) in crate::sample_record_queries(account, (from, to)) {
             let rows = records_query("EXPLAIN ", &query).build().fetch_all(&mut *conn).await;
             plans.push((name.to_owned(), text(rows.map_err(unavailable)?)));

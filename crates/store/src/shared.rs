@@ -194,78 +194,144 @@ macro_rules! shared_operations {
                     );
                     q.build().execute(&mut *tx).await.map_err(unavailable)?;
                 }
+                // The items, their coalesced followers and their dependent prefetches, each in
+                // statements of up to ITEM_CHUNK rows. Within a batch every item appears once, and
+                // followers and dependents are never claimed themselves, so no row is written twice.
+                let by_id: std::collections::HashMap<i64, &ItemUpdate> = updates.iter().map(|u| (u.item_id, u)).collect();
+                let mut moved: Vec<(i64, i64)> = Vec::new(); // (item id, task id)
+                for chunk in updates.chunks(crate::shared::ITEM_CHUNK) {
+                    let rows: Vec<(i64, i64)> = Self::items_update("", chunk).build_query_as().fetch_all(&mut *tx).await.map_err(unavailable)?;
+                    moved.extend(rows);
+                }
+                // Items coalesced with a moved item mirror it: when it starts and when it ends.
+                let mirrored: Vec<&ItemUpdate> = moved
+                    .iter()
+                    .filter_map(|(id, _)| by_id.get(id).copied())
+                    .filter(|u| Self::is_transition(u) || u.nodes.is_empty())
+                    .collect();
+                let mut finished: Vec<(i64, i64)> = moved // (task id, leader id)
+                    .iter()
+                    .filter(|(id, _)| by_id.get(id).is_some_and(|u| Self::is_transition(u)))
+                    .map(|(id, task)| (*task, *id))
+                    .collect();
+                for chunk in mirrored.chunks(crate::shared::ITEM_CHUNK) {
+                    let followers: Vec<(i64, i64)> = Self::followers_update("", chunk).build_query_as().fetch_all(&mut *tx).await.map_err(unavailable)?;
+                    finished.extend(followers.into_iter().filter(|(_, leader)| by_id.get(leader).is_some_and(|u| Self::is_transition(u))));
+                }
+                // A prefetch never runs after its refresh failed.
+                let failed: Vec<&ItemUpdate> = moved
+                    .iter()
+                    .filter_map(|(id, _)| by_id.get(id).copied())
+                    .filter(|u| Self::is_transition(u) && u.status == ItemStatus::Failed)
+                    .collect();
+                for chunk in failed.chunks(crate::shared::ITEM_CHUNK) {
+                    let dependents: Vec<(i64, i64)> = Self::dependents_update("", chunk).build_query_as().fetch_all(&mut *tx).await.map_err(unavailable)?;
+                    finished.extend(dependents);
+                }
                 // Task counters are settled last, one statement per task in id order: instances
                 // sharing a database then lock task rows in the same order and cannot deadlock.
                 let mut settle: std::collections::BTreeMap<i64, (i64, Millis)> = std::collections::BTreeMap::new();
-                for update in &updates {
-                    let transition = update.status.is_final() && update.finished_at.is_some();
-                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE items SET progress = ");
-                    q.push_bind(i64::from(update.progress));
-                    if !update.status.is_final() || transition {
-                        q.push(", status = ").push_bind(update.status.as_str());
-                    }
-                    q.push(", started_at = COALESCE(started_at, ")
-                        .push_bind(update.started_at)
-                        .push("), finished_at = COALESCE(")
-                        .push_bind(update.finished_at)
-                        .push(", finished_at), reason = COALESCE(")
-                        .push_bind(update.reason.clone())
-                        .push(", reason)");
-                    if transition {
-                        q.push(", lease_owner = NULL, lease_until = NULL");
-                    }
-                    q.push(" WHERE id = ").push_bind(update.item_id);
-                    // A late report never moves a final item back.
-                    if !update.status.is_final() || transition {
-                        q.push(" AND status NOT IN ('completed', 'failed')");
-                    }
-                    q.push(" RETURNING task_id");
-                    let moved: Option<i64> = q.build_query_scalar().fetch_optional(&mut *tx).await.map_err(unavailable)?;
-                    let Some(task_id) = moved else { continue };
-                    // Items coalesced with this one mirror it: when it starts and when it ends.
-                    if !transition && !update.nodes.is_empty() {
-                        continue;
-                    }
-                    let mut q: QueryBuilder<'_, $db> = QueryBuilder::new("UPDATE items SET status = ");
-                    q.push_bind(update.status.as_str())
-                        .push(", progress = ")
-                        .push_bind(i64::from(update.progress))
-                        .push(", started_at = COALESCE(started_at, ")
-                        .push_bind(update.started_at)
-                        .push("), finished_at = ")
-                        .push_bind(update.finished_at)
-                        .push(", reason = ")
-                        .push_bind(update.reason.clone())
-                        .push(" WHERE follows = ")
-                        .push_bind(update.item_id)
-                        .push(" AND status NOT IN ('completed', 'failed') RETURNING task_id");
-                    let followers: Vec<i64> = q.build_query_scalar().fetch_all(&mut *tx).await.map_err(unavailable)?;
-                    if !transition {
-                        continue;
-                    }
-                    let mut finished = vec![task_id];
-                    finished.extend(followers);
-                    if update.status == ItemStatus::Failed {
-                        // A prefetch never runs after its refresh failed.
-                        let mut q: QueryBuilder<'_, $db> =
-                            QueryBuilder::new("UPDATE items SET status = 'failed', reason = 'its refresh failed', finished_at = ");
-                        q.push_bind(update.finished_at)
-                            .push(" WHERE depends_on = ")
-                            .push_bind(update.item_id)
-                            .push(" AND status = 'waiting' RETURNING task_id");
-                        finished.extend(q.build_query_scalar::<i64>().fetch_all(&mut *tx).await.map_err(unavailable)?);
-                    }
-                    for task in finished {
-                        let entry = settle.entry(task).or_insert((0, 0));
-                        entry.0 += 1;
-                        entry.1 = entry.1.max(update.finished_at.unwrap_or_default());
-                    }
+                for (task, leader) in finished {
+                    let at = by_id.get(&leader).and_then(|u| u.finished_at).unwrap_or_default();
+                    let entry = settle.entry(task).or_insert((0, 0));
+                    entry.0 += 1;
+                    entry.1 = entry.1.max(at);
                 }
                 for (task, (n, at)) in settle {
                     settle_task(&mut tx, task, n, at).await?;
                 }
                 tx.commit().await.map_err(unavailable)?;
                 Ok(())
+            }
+
+            /// Whether a report makes its item final now (rather than repeating a final state).
+            fn is_transition(update: &ItemUpdate) -> bool {
+                update.status.is_final() && update.finished_at.is_some()
+            }
+
+            /// Writes the reports' state into their items; returns `(id, task_id)` of each item
+            /// that took it. A report that is not a transition to a final state never moves a
+            /// final item (a late report) and sets no status on it; a transition releases the
+            /// lease. `prefix` is `""` to run it or `EXPLAIN …` to check its plan.
+            pub(crate) fn items_update<'a>(prefix: &str, chunk: &'a [ItemUpdate]) -> QueryBuilder<'a, $db> {
+                let mut q: QueryBuilder<'a, $db> = QueryBuilder::new(format!(
+                    "{prefix}UPDATE items SET progress = u.column2, \
+                     status = CASE WHEN u.column3 THEN u.column4 ELSE items.status END, \
+                     started_at = COALESCE(items.started_at, u.column5), \
+                     finished_at = COALESCE(u.column6, items.finished_at), \
+                     reason = COALESCE(u.column7, items.reason), \
+                     lease_owner = CASE WHEN u.column8 THEN NULL ELSE items.lease_owner END, \
+                     lease_until = CASE WHEN u.column8 THEN NULL ELSE items.lease_until END \
+                     FROM ("
+                ));
+                q.push_values(chunk, |mut row, u| {
+                    let transition = Self::is_transition(u);
+                    let guarded = !u.status.is_final() || transition;
+                    row.push_bind(u.item_id)
+                        .push_bind(i64::from(u.progress))
+                        .push_bind(guarded)
+                        .push_bind(u.status.as_str())
+                        .push_bind(u.started_at)
+                        .push_bind(u.finished_at)
+                        .push_bind(u.reason.as_deref())
+                        .push_bind(transition);
+                });
+                q.push(
+                    ") AS u \
+                     WHERE items.id = u.column1 AND (NOT u.column3 OR items.status NOT IN ('completed', 'failed')) \
+                     RETURNING items.id, items.task_id",
+                );
+                q
+            }
+
+            /// Mirrors each leader's report into the items coalesced with it; returns
+            /// `(task_id, leader id)` of each follower that took it.
+            pub(crate) fn followers_update<'a>(prefix: &str, chunk: &[&'a ItemUpdate]) -> QueryBuilder<'a, $db> {
+                let mut q: QueryBuilder<'a, $db> = QueryBuilder::new(format!(
+                    "{prefix}UPDATE items SET status = u.column2, progress = u.column3, \
+                     started_at = COALESCE(items.started_at, u.column4), finished_at = u.column5, reason = u.column6 \
+                     FROM ("
+                ));
+                q.push_values(chunk.iter().copied(), |mut row, u| {
+                    row.push_bind(u.item_id)
+                        .push_bind(u.status.as_str())
+                        .push_bind(i64::from(u.progress))
+                        .push_bind(u.started_at)
+                        .push_bind(u.finished_at)
+                        .push_bind(u.reason.as_deref());
+                });
+                q.push(") AS u WHERE items.follows IN (");
+                let mut ids = q.separated(", ");
+                for u in chunk {
+                    ids.push_bind(u.item_id);
+                }
+                q.push(
+                    ") AND items.follows = u.column1 AND items.status NOT IN ('completed', 'failed') \
+                     RETURNING items.task_id, items.follows",
+                );
+                q
+            }
+
+            /// Fails the waiting prefetches that depended on each failed refresh; returns
+            /// `(task_id, refresh id)` of each.
+            pub(crate) fn dependents_update<'a>(prefix: &str, chunk: &[&'a ItemUpdate]) -> QueryBuilder<'a, $db> {
+                let mut q: QueryBuilder<'a, $db> = QueryBuilder::new(format!(
+                    "{prefix}UPDATE items SET status = 'failed', reason = 'its refresh failed', finished_at = u.column2 \
+                     FROM ("
+                ));
+                q.push_values(chunk.iter().copied(), |mut row, u| {
+                    row.push_bind(u.item_id).push_bind(u.finished_at);
+                });
+                q.push(") AS u WHERE items.depends_on IN (");
+                let mut ids = q.separated(", ");
+                for u in chunk {
+                    ids.push_bind(u.item_id);
+                }
+                q.push(
+                    ") AND items.depends_on = u.column1 AND items.status = 'waiting' \
+                     RETURNING items.task_id, items.depends_on",
+                );
+                q
             }
 
             pub(crate) async fn shared_task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>> {
@@ -708,6 +774,9 @@ pub(crate) use store_impl;
 
 /// Node results upserted per statement (8 values each).
 pub(crate) const NODE_CHUNK: usize = 500;
+
+/// Items per batched `UPDATE … FROM (VALUES …)`: 8 bound values each.
+pub(crate) const ITEM_CHUNK: usize = 500;
 
 /// Folds a batch of worker reports into one per item, in first-seen order: the latest status
 /// and progress, the first start and finish times, the latest reason, and the latest result per

@@ -107,6 +107,13 @@ impl SqliteStore {
             ("queue: release".into(), statements::RELEASE.into()),
             ("retention sweep".into(), statements::SWEEP_SELECT.into()),
         ];
+        let update = crate::sample_update();
+        let updates = std::slice::from_ref(&update);
+        statements.extend([
+            ("apply: items".into(), Self::items_update("", updates).sql().to_owned()),
+            ("apply: followers".into(), Self::followers_update("", &[&update]).sql().to_owned()),
+            ("apply: dependents".into(), Self::dependents_update("", &[&update]).sql().to_owned()),
+        ]);
         for (name, query) in crate::sample_record_queries(account, window) {
             statements.push((name.into(), crate::sqlite_read::records_query(&query).0));
         }

@@ -9,8 +9,10 @@ use std::time::Duration;
 const T0: i64 = 1_704_067_200_000;
 
 /// The index each statement must use, by the start of its name.
-const EXPECTED: [(&str, &str); 8] = [
+const EXPECTED: [(&str, &str); 10] = [
     ("task id", "items_task"),
+    ("apply: followers", "items_follows"),
+    ("apply: dependents", "items_depends"),
     ("window: hourly", "item_counts"),
     ("window:", "items_window"),
     ("one URL", "items_url"),
