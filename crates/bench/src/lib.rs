@@ -80,7 +80,7 @@ impl Options {
             ingest_clients: 16,
             postgres: true,
             use_wrk: fixtures::have("wrk"),
-            worker: WorkerSettings { per_node_concurrency: 32, max_items_in_flight: 4096 },
+            worker: WorkerSettings { per_node_concurrency: 32, max_items_in_flight: 4096, enabled: true },
         }
     }
 }
@@ -96,8 +96,11 @@ pub struct Results {
     pub fanout: scenarios::FanoutFigures,
     /// Scenario 2.
     pub latency: scenarios::LatencyFigures,
-    /// Scenario 4.
+    /// Scenario 4, on the server of scenarios 1 and 2, its worker purging what arrives.
     pub ingest: scenarios::IngestFigures,
+    /// Scenario 4 on an API-only server (`[worker] enabled = false`, a fresh store): what the
+    /// accepting path alone takes.
+    pub ingest_api_only: scenarios::IngestFigures,
     /// Peak RSS of the server of scenarios 1, 2 and 4 (one process), MiB.
     pub live_server_peak_rss_mib: f64,
     /// Scenario 3 on SQLite.
@@ -136,6 +139,22 @@ pub async fn run(options: Options, progress: impl Fn(&str)) -> anyhow::Result<Re
         .context("scenario 4 (ingestion)")?;
     let live_server_peak_rss_mib = server.peak_rss_mib();
     drop(server);
+    progress("scenario 4 again, on an API-only server (worker disabled)");
+    let api_only_url = format!("sqlite://{}", scratch.path().join("api-only.db").display());
+    let api_only = Server::start(
+        &options.server_exe,
+        &api_only_url,
+        1,
+        &edges,
+        WorkerSettings { enabled: false, ..options.worker },
+    )
+    .await?;
+    let ingest_api_only =
+        scenarios::ingest(&api_only, options.ingest_submissions, options.ingest_urls, options.ingest_clients)
+            .await
+            .context("scenario 4 (ingestion, API-only)")?;
+    let live_server_peak_rss_mib = live_server_peak_rss_mib.max(api_only.peak_rss_mib());
+    drop(api_only);
 
     let dataset = Dataset {
         items: options.load_items,
@@ -163,6 +182,7 @@ pub async fn run(options: Options, progress: impl Fn(&str)) -> anyhow::Result<Re
         fanout,
         latency,
         ingest,
+        ingest_api_only,
         live_server_peak_rss_mib,
         queries_sqlite,
         queries_postgres,

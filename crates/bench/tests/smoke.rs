@@ -28,7 +28,7 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         ingest_clients: 2,
         postgres: true,
         use_wrk: false,
-        worker: WorkerSettings { per_node_concurrency: 8, max_items_in_flight: 256 },
+        worker: WorkerSettings { per_node_concurrency: 8, max_items_in_flight: 256, enabled: true },
     };
     let results = run(options, |step| eprintln!("==> {step}")).await.expect("the smoke run completes");
     eprintln!("{}", cachectl_bench::report::table(&results));
@@ -40,6 +40,7 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
     assert_eq!(results.latency.tasks, 20);
     assert_eq!(results.latency.failed, 0);
     assert_eq!(results.ingest.accepted_urls, 4_000);
+    assert_eq!(results.ingest_api_only.accepted_urls, 4_000, "the API-only server took every submission");
     assert!(results.live_server_peak_rss_mib > 0.0);
     let pg = results.queries_postgres.as_ref().expect("PostgreSQL was asked for");
     for backend in [&results.queries_sqlite, pg] {

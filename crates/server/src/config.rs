@@ -133,6 +133,10 @@ fn default_store_url() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
+    /// Whether this instance purges and prefetches at all. `false` makes an API-only instance:
+    /// it accepts and answers, and instances sharing its PostgreSQL store do the work.
+    #[serde(default = "d_enabled")]
+    pub enabled: bool,
     /// How long an item may keep retrying, counted from when it is first sent.
     #[serde(default = "d_deadline", with = "humantime_serde")]
     pub item_deadline: Duration,
@@ -165,6 +169,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
+            enabled: d_enabled(),
             item_deadline: d_deadline(),
             request_timeout: d_request_timeout(),
             connect_timeout: d_connect_timeout(),
@@ -178,6 +183,9 @@ impl Default for WorkerConfig {
     }
 }
 
+fn d_enabled() -> bool {
+    true
+}
 fn d_deadline() -> Duration {
     Duration::from_secs(300)
 }

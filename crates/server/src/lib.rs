@@ -73,7 +73,12 @@ impl Application {
         let Self { listener, state, worker, settings } = self;
         let store = state.service.store().clone();
         let grace = settings.shutdown_grace;
-        let worker_task = tokio::spawn(worker.run(shutdown.clone(), grace));
+        let worker_task = if settings.worker.enabled {
+            tokio::spawn(worker.run(shutdown.clone(), grace))
+        } else {
+            tracing::info!("The worker is disabled ([worker] enabled = false): this instance only takes requests.");
+            tokio::spawn(async {})
+        };
         let r = &settings.retention;
         let sweeper =
             tokio::spawn(retention::run(store.clone(), r.days, r.sweep_batch, r.sweep_interval, shutdown.clone()));

@@ -80,6 +80,28 @@ async fn three_instances_share_the_work_and_survive_a_kill_9() {
     println!("node results per instance: {workers:?}");
 }
 
+/// `[worker] enabled = false` makes an API-only instance: it accepts a task and never runs it;
+/// an instance with its worker on, sharing the store, does.
+#[tokio::test]
+async fn an_api_only_instance_leaves_the_work_to_instances_with_a_worker() {
+    let pg = PgCluster::start();
+    let db = pg.database("apionly").await;
+    let origin = Origin::start().await;
+    let varnish = Varnish::start(origin.port).await;
+    let worker = fast_worker("30s");
+    let nodes = edge("v1", "varnish", &varnish.address(), "edge");
+    let api_only = Cachectl::start_on_store(Some(&db), &format!("{ACCOUNTS}{worker}enabled = false\n\n{nodes}")).await;
+    let task = api_only.submit(REFRESH, json!({"urls": ["http://www.example.com/api-only.css"]})).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let items = api_only.task_items(REFRESH, task).await;
+    assert_eq!(items[0]["status"], "waiting", "nobody runs the task yet: {items:?}");
+    assert!(api_only.log().contains("worker is disabled"), "{}", api_only.log());
+
+    let working = Cachectl::start_on_store(Some(&db), &format!("{ACCOUNTS}{worker}{nodes}")).await;
+    let items = api_only.wait_final(REFRESH, task, Duration::from_secs(30)).await;
+    assert_eq!(items[0]["status"], "completed", "{items:?}\n{}", working.log());
+}
+
 #[tokio::test]
 async fn a_rate_limit_holds_across_instances() {
     let pg = PgCluster::start();
