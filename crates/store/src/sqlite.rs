@@ -100,6 +100,8 @@ impl SqliteStore {
             ("task id: page".into(), statements::task_page()),
             ("window: total".into(), total(None)),
             ("window: page".into(), statements::window_page(false)),
+            ("window: hourly counters of a deep page".into(), statements::WINDOW_HOURS.into()),
+            ("window: top edge of a deep page".into(), statements::WINDOW_EDGE_COUNT.into()),
             ("one URL: total".into(), total(Some("http://x/"))),
             ("one URL: page".into(), statements::window_page(true)),
             ("queue: claim".into(), statements::claim()),
@@ -161,6 +163,12 @@ pub(crate) mod statements {
     // id, ?2 the account, ?3 the kind; the account is checked once, on the task.
     pub(crate) const TASK_COUNT: &str = "SELECT COUNT(*) FROM items INDEXED BY items_task
          WHERE task_id = ?1 AND kind = ?3 AND EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND account = ?2)";
+    /// A deep window page's skip (`sqlite_read::skip_hours`): the hourly counters newest first,
+    /// and the count of the partial hour at the top.
+    pub(crate) const WINDOW_HOURS: &str =
+        "SELECT hour, n FROM item_counts WHERE account = ? AND kind = ? AND hour >= ? AND hour < ? ORDER BY hour DESC";
+    pub(crate) const WINDOW_EDGE_COUNT: &str =
+        "SELECT COUNT(*) FROM items WHERE account = ? AND kind = ? AND created_at >= ? AND created_at < ?";
     pub(super) const RENEW: &str =
         "UPDATE items SET lease_until = ? WHERE lease_owner = ? AND status IN ('waiting', 'processing')";
     pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?";

@@ -87,11 +87,16 @@ impl Readers {
     ) -> StoreResult<(i64, Vec<Item>)> {
         let account = account.to_owned();
         self.run(move |conn| {
-            let mut count = conn.prepare_cached(super::sqlite::statements::TASK_COUNT)?;
-            let total: i64 = count.query_row((task_id, &account, kind.as_str()), |r| r.get(0))?;
-            let mut page = conn.prepare_cached(&super::sqlite::statements::task_page())?;
-            let rows = page.query_map((task_id, &account, kind.as_str(), limit, offset), item_from_row)?;
-            Ok((total, rows.collect::<rusqlite::Result<_>>()?))
+            let tx = conn.unchecked_transaction()?;
+            let total: i64 = tx
+                .prepare_cached(super::sqlite::statements::TASK_COUNT)?
+                .query_row((task_id, &account, kind.as_str()), |r| r.get(0))?;
+            let rows: Vec<Item> = tx
+                .prepare_cached(&super::sqlite::statements::task_page())?
+                .query_map((task_id, &account, kind.as_str(), limit, offset), item_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            tx.commit()?;
+            Ok((total, rows))
         })
         .await
     }
@@ -110,12 +115,26 @@ impl Readers {
             i64::try_from(query.page.offset()).unwrap_or(i64::MAX).into(),
         ]);
         let page_sql = super::sqlite::statements::window_page(query.url.is_some());
+        let (account, kind, from, to) = (query.account.to_owned(), query.kind, query.from, query.to);
+        let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
+        let whole_window = query.url.is_none();
         self.run(move |conn| {
+            // One snapshot for the total, the skip and the page.
+            let tx = conn.unchecked_transaction()?;
             let total: i64 =
-                conn.prepare_cached(&total_sql)?.query_row(rusqlite::params_from_iter(total_args), |r| r.get(0))?;
-            let mut page = conn.prepare_cached(&page_sql)?;
-            let rows = page.query_map(rusqlite::params_from_iter(page_args), item_from_row)?;
-            Ok((total, rows.collect::<rusqlite::Result<_>>()?))
+                tx.prepare_cached(&total_sql)?.query_row(rusqlite::params_from_iter(total_args), |r| r.get(0))?;
+            if whole_window && offset >= DEEP_PAGE {
+                let (upper, rest) = skip_hours(&tx, &account, kind, (from, to), offset)?;
+                let last = page_args.len() - 1;
+                page_args[last - 2] = upper.into();
+                page_args[last] = rest.into();
+            }
+            let rows: Vec<Item> = tx
+                .prepare_cached(&page_sql)?
+                .query_map(rusqlite::params_from_iter(page_args), item_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            tx.commit()?;
+            Ok((total, rows))
         })
         .await
     }
@@ -130,6 +149,49 @@ impl Readers {
         })
         .await
     }
+}
+
+/// From this offset on, a window page first skips whole hours by their counters.
+const DEEP_PAGE: i64 = 1_000;
+
+/// Moves a deep page's starting point down the window by whole hours: the items of the partial
+/// hour at the top and of each whole hour, newest first, are skipped by their counts (the same
+/// counters that make the total exact) while they fit in `offset`. Returns the new upper bound of
+/// the window and what is left of the offset, so that the page query skips at most one hour of
+/// index entries instead of `offset`.
+fn skip_hours(
+    conn: &rusqlite::Connection,
+    account: &str,
+    kind: Kind,
+    (from, to): (Millis, Millis),
+    offset: i64,
+) -> rusqlite::Result<(Millis, i64)> {
+    let (Some((first, end)), _) = crate::split_window(from, to) else {
+        return Ok((to, offset));
+    };
+    let (mut upper, mut rest) = (to, offset);
+    if end * crate::HOUR_MS < to {
+        let top: i64 = conn
+            .prepare_cached(super::sqlite::statements::WINDOW_EDGE_COUNT)?
+            .query_row((account, kind.as_str(), end * crate::HOUR_MS, to), |r| r.get(0))?;
+        if top > rest {
+            return Ok((upper, rest));
+        }
+        rest -= top;
+        upper = end * crate::HOUR_MS;
+    }
+    let mut hours = conn.prepare_cached(super::sqlite::statements::WINDOW_HOURS)?;
+    let mut rows = hours.query((account, kind.as_str(), first, end))?;
+    while let Some(row) = rows.next()? {
+        let (hour, n): (i64, i64) = (row.get(0)?, row.get(1)?);
+        if n > rest {
+            break;
+        }
+        // Hours without a counter row hold no items: skipping down to this hour's start is exact.
+        rest -= n;
+        upper = hour * crate::HOUR_MS;
+    }
+    Ok((upper, rest))
 }
 
 /// An item from a row of `ITEM_COLUMNS`, by position.
