@@ -38,6 +38,39 @@ pub(crate) fn split_window(from: i64, to: i64) -> (Option<Span>, Vec<Span>) {
     (Some((first, end)), edges)
 }
 
+/// From this offset on, a window page first skips whole hours by their counters (`skip_hours`).
+pub(crate) const DEEP_PAGE: i64 = 1_000;
+
+/// Moves a deep window page's starting point down the window by whole hours: the items of the
+/// partial hour at the top (`top`: its start and count) and of each whole hour (`hours`: hour
+/// number and count, newest first) are skipped by their counts, the same counters that make a
+/// window's total exact, while they fit in `offset`. Returns the new upper bound of the window
+/// and what is left of the offset, so that the page query skips at most about an hour of index
+/// entries instead of the whole offset. An hour without a counter holds no items.
+pub(crate) fn skip_hours(
+    to: i64,
+    top: Option<(i64, i64)>,
+    hours: impl IntoIterator<Item = (i64, i64)>,
+    offset: i64,
+) -> (i64, i64) {
+    let (mut upper, mut rest) = (to, offset);
+    if let Some((start, n)) = top {
+        if n > rest {
+            return (upper, rest);
+        }
+        rest -= n;
+        upper = start;
+    }
+    for (hour, n) in hours {
+        if n > rest {
+            break;
+        }
+        rest -= n;
+        upper = hour * HOUR_MS;
+    }
+    (upper, rest)
+}
+
 /// Opens the store named by `url`: `sqlite://path/to/file.db` (or `sqlite::memory:`), or
 /// `postgres://user@host:port/db`. With `migrate`, brings the schema up to date first; either
 /// way a schema newer than this binary is refused.
@@ -117,6 +150,17 @@ pub fn supported(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_pages_skip_the_hours_that_fit_in_the_offset() {
+        let h = HOUR_MS;
+        // Top edge of 30 items from 10 h, then hours 9, 8, 7 with 100, 0 (no row), 50 items.
+        let hours = [(9, 100), (7, 50)];
+        assert_eq!(skip_hours(10 * h + 5, Some((10 * h, 30)), hours, 20), (10 * h + 5, 20), "inside the top edge");
+        assert_eq!(skip_hours(10 * h + 5, Some((10 * h, 30)), hours, 1000), (7 * h, 820));
+        assert_eq!(skip_hours(10 * h + 5, Some((10 * h, 30)), hours, 150), (9 * h, 20), "inside hour 7");
+        assert_eq!(skip_hours(10 * h, None, hours, 100), (9 * h, 0));
+    }
 
     #[test]
     fn windows_split_into_hours_and_edges() {

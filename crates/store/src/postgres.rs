@@ -102,9 +102,20 @@ impl PgStore {
         for url in [None, Some("http://x/")] {
             let what = if url.is_some() { "one URL" } else { "window" };
             let query = WindowQuery { account, kind: Kind::Refresh, from: total_from, to: total_to, url, page };
-            let rows = window_query("EXPLAIN ", &query).build().fetch_all(&mut *conn).await;
+            let rows = window_query("EXPLAIN ", &query, query.to, 4950).build().fetch_all(&mut *conn).await;
             plans.push((format!("{what}: total and page"), text(rows.map_err(unavailable)?)));
         }
+        let (first, end) = (from.div_euclid(crate::HOUR_MS) + 1, to.div_euclid(crate::HOUR_MS));
+        let rows = sqlx::query(&explain(statements::WINDOW_HOURS))
+            .bind(a)
+            .bind(k)
+            .bind(end * crate::HOUR_MS)
+            .bind(to)
+            .bind(first)
+            .bind(end)
+            .fetch_all(&mut *conn)
+            .await;
+        plans.push(("window: hourly counters of a deep page".to_owned(), text(rows.map_err(unavailable)?)));
         let rows = sqlx::query(&explain(&statements::claim()))
             .bind("owner")
             .bind(1_i64)
@@ -186,6 +197,13 @@ mod statements {
         )
     }
 
+    /// A deep window page's skip (`crate::skip_hours`): the count of the partial hour at the top
+    /// (the row whose hour is NULL), and the hourly counters of the whole hours.
+    pub(super) const WINDOW_HOURS: &str = "SELECT NULL::bigint AS hour, COUNT(*) AS n FROM items
+           WHERE account = $1 AND kind = $2 AND created_at >= $3 AND created_at < $4
+         UNION ALL
+         SELECT hour, n FROM item_counts WHERE account = $1 AND kind = $2 AND hour >= $5 AND hour < $6";
+
     /// SKIP LOCKED: instances claiming at the same moment take disjoint items instead of waiting
     /// on each other's row locks.
     pub(super) fn claim() -> String {
@@ -207,7 +225,15 @@ mod statements {
 /// per item, each with the total (one row with NULL item columns when the page is empty). The
 /// page's ids are found on the index first, then only those rows are read: a deep page skips
 /// index entries, not table rows. `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
-fn window_query<'a>(prefix: &str, query: &'a WindowQuery<'a>) -> QueryBuilder<'a, Postgres> {
+///
+/// The page is the `query.page.size` items after skipping `offset` below `upper`: the window's
+/// own end and offset, or those a deep page's skip moved (`crate::skip_hours`).
+fn window_query<'a>(
+    prefix: &str,
+    query: &'a WindowQuery<'a>,
+    upper: Millis,
+    offset: i64,
+) -> QueryBuilder<'a, Postgres> {
     let mut q = window_total_query(&format!("{prefix}SELECT t.total, p.* FROM ("), query);
     q.push(" AS total) t LEFT JOIN LATERAL (SELECT ")
         .push(ITEM_COLUMNS)
@@ -221,11 +247,11 @@ fn window_query<'a>(prefix: &str, query: &'a WindowQuery<'a>) -> QueryBuilder<'a
     q.push(" AND created_at >= ")
         .push_bind(query.from)
         .push(" AND created_at < ")
-        .push_bind(query.to)
+        .push_bind(upper)
         .push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(i64::from(query.page.size))
         .push(" OFFSET ")
-        .push_bind(i64::try_from(query.page.offset()).unwrap_or(i64::MAX))
+        .push_bind(offset)
         .push(")) p ON true ORDER BY p.created_at DESC, p.id DESC");
     q
 }
@@ -347,7 +373,30 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
-        let rows = window_query("", query).build().fetch_all(&self.pool).await.map_err(unavailable)?;
+        let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
+        let (mut upper, mut rest) = (query.to, offset);
+        if query.url.is_none()
+            && offset >= crate::DEEP_PAGE
+            && let (Some((first, end)), _) = crate::split_window(query.from, query.to)
+        {
+            let top_start = end * crate::HOUR_MS;
+            let rows: Vec<(Option<i64>, i64)> = sqlx::query_as(statements::WINDOW_HOURS)
+                .bind(query.account)
+                .bind(query.kind.as_str())
+                .bind(top_start)
+                .bind(query.to)
+                .bind(first)
+                .bind(end)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            let top = rows.iter().find(|(hour, _)| hour.is_none()).map(|(_, n)| *n).unwrap_or(0);
+            let mut hours: Vec<(i64, i64)> = rows.iter().filter_map(|(hour, n)| hour.map(|h| (h, *n))).collect();
+            hours.sort_unstable_by_key(|&(hour, _)| std::cmp::Reverse(hour));
+            let top = (top_start < query.to).then_some((top_start, top));
+            (upper, rest) = crate::skip_hours(query.to, top, hours, offset);
+        }
+        let rows = window_query("", query, upper, rest).build().fetch_all(&self.pool).await.map_err(unavailable)?;
         Ok(total_and_page(&rows))
     }
 

@@ -123,7 +123,7 @@ impl Readers {
             let tx = conn.unchecked_transaction()?;
             let total: i64 =
                 tx.prepare_cached(&total_sql)?.query_row(rusqlite::params_from_iter(total_args), |r| r.get(0))?;
-            if whole_window && offset >= DEEP_PAGE {
+            if whole_window && offset >= crate::DEEP_PAGE {
                 let (upper, rest) = skip_hours(&tx, &account, kind, (from, to), offset)?;
                 let last = page_args.len() - 1;
                 page_args[last - 2] = upper.into();
@@ -151,14 +151,7 @@ impl Readers {
     }
 }
 
-/// From this offset on, a window page first skips whole hours by their counters.
-const DEEP_PAGE: i64 = 1_000;
-
-/// Moves a deep page's starting point down the window by whole hours: the items of the partial
-/// hour at the top and of each whole hour, newest first, are skipped by their counts (the same
-/// counters that make the total exact) while they fit in `offset`. Returns the new upper bound of
-/// the window and what is left of the offset, so that the page query skips at most one hour of
-/// index entries instead of `offset`.
+/// Reads what `crate::skip_hours` needs for a deep page of the window `[from, to)` and applies it.
 fn skip_hours(
     conn: &rusqlite::Connection,
     account: &str,
@@ -169,29 +162,20 @@ fn skip_hours(
     let (Some((first, end)), _) = crate::split_window(from, to) else {
         return Ok((to, offset));
     };
-    let (mut upper, mut rest) = (to, offset);
-    if end * crate::HOUR_MS < to {
-        let top: i64 = conn
+    let top_start = end * crate::HOUR_MS;
+    let top = if top_start < to {
+        let n: i64 = conn
             .prepare_cached(super::sqlite::statements::WINDOW_EDGE_COUNT)?
-            .query_row((account, kind.as_str(), end * crate::HOUR_MS, to), |r| r.get(0))?;
-        if top > rest {
-            return Ok((upper, rest));
-        }
-        rest -= top;
-        upper = end * crate::HOUR_MS;
-    }
-    let mut hours = conn.prepare_cached(super::sqlite::statements::WINDOW_HOURS)?;
-    let mut rows = hours.query((account, kind.as_str(), first, end))?;
-    while let Some(row) = rows.next()? {
-        let (hour, n): (i64, i64) = (row.get(0)?, row.get(1)?);
-        if n > rest {
-            break;
-        }
-        // Hours without a counter row hold no items: skipping down to this hour's start is exact.
-        rest -= n;
-        upper = hour * crate::HOUR_MS;
-    }
-    Ok((upper, rest))
+            .query_row((account, kind.as_str(), top_start, to), |r| r.get(0))?;
+        Some((top_start, n))
+    } else {
+        None
+    };
+    let hours: Vec<(i64, i64)> = conn
+        .prepare_cached(super::sqlite::statements::WINDOW_HOURS)?
+        .query_map((account, kind.as_str(), first, end), |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(crate::skip_hours(to, top, hours, offset))
 }
 
 /// An item from a row of `ITEM_COLUMNS`, by position.
