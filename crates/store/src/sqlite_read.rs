@@ -259,8 +259,11 @@ pub(crate) fn records_query(query: &RecordQuery<'_>) -> (String, Vec<Value>) {
         sql.push_str(" AND task_id = ?");
         args.push(task_id.into());
     } else {
+        // After a marker the index range starts at the marker, not at the window's start: SQLite
+        // does not derive a range bound from the keyset condition below.
+        let lower = query.after.map_or(query.from, |(created_at, _)| created_at.max(query.from));
         sql.push_str(" AND created_at >= ? AND created_at < ?");
-        args.extend([query.from.into(), query.to.into()]);
+        args.extend([lower.into(), query.to.into()]);
     }
     if let Some(site) = query.site {
         // Sites are validated domain names: no LIKE wildcard can occur in them.
