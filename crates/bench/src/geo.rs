@@ -37,8 +37,9 @@ impl GeoWindow {
         format!("GET /v2/geo/cache/purge?site={SITE}&startTime={}&endTime={}&marker=… (signed)", self.start, self.end)
     }
 
-    /// One signed page request; returns (records on the page, next marker).
-    async fn page(&self, client: &reqwest::Client, marker: Option<&str>) -> anyhow::Result<(u64, Option<String>)> {
+    /// The path with its query and the headers of one page request, signed now (a signature
+    /// stays valid for 1,800 s).
+    fn signed(&self, marker: Option<&str>) -> (String, Vec<(&'static str, String)>) {
         let mut query = vec![
             ("site".to_owned(), SITE.to_owned()),
             ("startTime".to_owned(), self.start.clone()),
@@ -59,13 +60,21 @@ impl GeoWindow {
         let key = auth::signing_key(SK, AK, &now, 1800);
         let signature = auth::hmac_sha256_hex(key.as_bytes(), &auth::canonical_request(&request, &names));
         let qs: String = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&query).finish();
-        let response = client
-            .get(format!("http://127.0.0.1:{}{path}?{qs}", self.port))
-            .header("x-bce-date", &now)
-            .header("content-length", "0")
-            .header("authorization", format!("bce-auth-v1/{AK}/{now}/1800//{signature}"))
-            .send()
-            .await?;
+        let authorization = format!("bce-auth-v1/{AK}/{now}/1800//{signature}");
+        (
+            format!("{path}?{qs}"),
+            vec![("x-bce-date", now), ("content-length", "0".to_owned()), ("authorization", authorization)],
+        )
+    }
+
+    /// One signed page request; returns (records on the page, next marker).
+    async fn page(&self, client: &reqwest::Client, marker: Option<&str>) -> anyhow::Result<(u64, Option<String>)> {
+        let (path_and_query, headers) = self.signed(marker);
+        let mut request = client.get(format!("http://127.0.0.1:{}{path_and_query}", self.port));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let response = request.send().await?;
         let status = response.status();
         let body = response.bytes().await?;
         ensure!(status.is_success(), "GEO list refused ({status}): {}", String::from_utf8_lossy(&body));
@@ -76,22 +85,49 @@ impl GeoWindow {
         Ok((page.details.len() as u64, next))
     }
 
-    /// Walks every page once; returns the records seen and each page's time in µs, in order.
+    /// Walks every page once; returns the records seen, each page's time in µs, and the marker
+    /// each page was asked with, in order.
     ///
     /// # Errors
     /// A request fails.
-    pub async fn walk(&self, client: &reqwest::Client) -> anyhow::Result<(u64, Vec<u64>)> {
-        let (mut total, mut marker, mut times) = (0, None::<String>, Vec::new());
+    pub async fn walk(&self, client: &reqwest::Client) -> anyhow::Result<(u64, Vec<u64>, Vec<Option<String>>)> {
+        let (mut total, mut marker, mut times, mut markers) = (0, None::<String>, Vec::new(), Vec::new());
         loop {
             let sent = Instant::now();
             let (n, next) = self.page(client, marker.as_deref()).await?;
             times.push(u64::try_from(sent.elapsed().as_micros())?);
             total += n;
+            markers.push(marker);
             marker = next;
             if marker.is_none() {
-                return Ok((total, times));
+                return Ok((total, times, markers));
             }
         }
+    }
+
+    /// A wrk script that sends the page requests of a walk (`markers`, as `walk` returns them)
+    /// over and over, each connection from its own place in the walk, each request signed now:
+    /// the server verifies every signature as it would a client's, and the load generator costs
+    /// what wrk costs (signing per request and decoding pages, the Rust client spends more of
+    /// the two shared cores than the server's answer takes).
+    #[must_use]
+    pub fn wrk_script(&self, markers: &[Option<String>]) -> String {
+        let mut lua = String::from("local requests = {\n");
+        for marker in markers {
+            let (path, headers) = self.signed(marker.as_deref());
+            // The Host header is written out: wrk fills in its own only after the script loaded.
+            let host = format!("[\"Host\"] = \"127.0.0.1:{}\"", self.port);
+            let headers: Vec<String> =
+                std::iter::once(host).chain(headers.iter().map(|(n, v)| format!("[\"{n}\"] = \"{v}\""))).collect();
+            lua.push_str(&format!("  wrk.format(\"GET\", \"{path}\", {{{}}}),\n", headers.join(", ")));
+        }
+        lua.push_str(
+            "}\nlocal next_request = 0\n\
+             setup = function(thread) thread:set(\"first\", math.random(#requests)) end\n\
+             init = function(args) next_request = first or 1 end\n\
+             request = function()\n  local r = requests[next_request]\n  next_request = next_request % #requests + 1\n  return r\nend\n",
+        );
+        lua
     }
 
     /// `connections` clients walking the window over and over for `duration`; one sample per

@@ -521,11 +521,18 @@ pub async fn queries(
     // GEO: the same seven days of account 0 through every page (markers), signed requests.
     let expected = dataset.count_window(0, from, to);
     let geo = crate::geo::GeoWindow::new(server.port, from, to - 1000);
-    let (walked, mut pages) = geo.walk(&client).await?;
+    let (walked, mut pages, markers) = geo.walk(&client).await?;
     let (first, last) = (percentile_ms(&pages[..1], 0.0), percentile_ms(&pages[pages.len() - 1..], 0.0));
     let page_count = pages.len();
     pages.sort_unstable();
-    let load = geo.load(connections, Duration::from_secs(seconds)).await?;
+    let load = if use_wrk {
+        let script = tempfile::Builder::new().suffix(".lua").tempfile()?;
+        std::fs::write(script.path(), geo.wrk_script(&markers))?;
+        let url = server.url("/");
+        tokio::task::spawn_blocking(move || wrk(&url, connections, 2, seconds, Some(script.path()))).await??
+    } else {
+        geo.load(connections, Duration::from_secs(seconds)).await?
+    };
     let ratio = load.rps / out[0].load.rps;
     out.push(QueryFigures {
         name: "geo: 7-day window, every page by marker".into(),
