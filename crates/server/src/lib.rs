@@ -73,12 +73,10 @@ impl Application {
         let Self { listener, state, worker, settings } = self;
         let store = state.service.store().clone();
         let grace = settings.shutdown_grace;
-        let worker_task = if settings.worker.enabled {
-            tokio::spawn(worker.run(shutdown.clone(), grace))
-        } else {
+        if !settings.worker.enabled {
             tracing::info!("The worker is disabled ([worker] enabled = false): this instance only takes requests.");
-            tokio::spawn(async {})
-        };
+        }
+        let worker_task = settings.worker.enabled.then(|| tokio::spawn(worker.run(shutdown.clone(), grace)));
         let r = &settings.retention;
         let sweeper =
             tokio::spawn(retention::run(store.clone(), r.days, r.sweep_batch, r.sweep_interval, shutdown.clone()));
@@ -87,7 +85,9 @@ impl Application {
         let stop = shutdown.clone();
         axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
         tracing::info!("HTTP server drained.");
-        let _ = worker_task.await;
+        if let Some(worker_task) = worker_task {
+            let _ = worker_task.await;
+        }
         let _ = sweeper.await;
         let _ = notifier.await;
         Ok(())

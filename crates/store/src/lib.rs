@@ -38,6 +38,53 @@ pub(crate) fn split_window(from: i64, to: i64) -> (Option<Span>, Vec<Span>) {
     (Some((first, end)), edges)
 }
 
+/// A statement being written with its bound values: sqlx's `QueryBuilder` on PostgreSQL, and
+/// `sqlite_read::Statement` for SQLite's rusqlite read path, so that SQL both need is written once.
+pub(crate) trait SqlWriter<'a> {
+    /// Appends SQL text.
+    fn sql(&mut self, text: &str) -> &mut Self;
+    /// Appends a placeholder bound to an integer.
+    fn int(&mut self, value: i64) -> &mut Self;
+    /// Appends a placeholder bound to a text.
+    fn text(&mut self, value: &'a str) -> &mut Self;
+}
+
+/// Writes the exact number of items in a window as one SQL expression: whole hours from the
+/// hourly counters, the partial hours at the edges counted on the index (one URL: counted on its
+/// index).
+pub(crate) fn write_window_total<'a, W: SqlWriter<'a>>(w: &mut W, query: &'a cachectl_core::WindowQuery<'a>) {
+    let count = |w: &mut W, from: i64, to: i64| {
+        w.sql("(SELECT COUNT(*) FROM items WHERE account = ").text(query.account).sql(" AND kind = ");
+        w.text(query.kind.as_str());
+        if let Some(url) = query.url {
+            w.sql(" AND url = ").text(url);
+        }
+        w.sql(" AND created_at >= ").int(from).sql(" AND created_at < ").int(to).sql(")");
+    };
+    if query.url.is_some() {
+        count(w, query.from, query.to);
+        return;
+    }
+    let (hours, edges) = split_window(query.from, query.to);
+    let mut parts = 0;
+    if let Some((first, end)) = hours {
+        w.sql("COALESCE((SELECT SUM(n) FROM item_counts WHERE account = ").text(query.account);
+        w.sql(" AND kind = ").text(query.kind.as_str());
+        w.sql(" AND hour >= ").int(first).sql(" AND hour < ").int(end).sql("), 0)");
+        parts += 1;
+    }
+    for (from, to) in edges {
+        if parts > 0 {
+            w.sql(" + ");
+        }
+        count(w, from, to);
+        parts += 1;
+    }
+    if parts == 0 {
+        w.sql("0");
+    }
+}
+
 /// From this offset on, a window page first skips whole hours by their counters (`skip_hours`).
 pub(crate) const DEEP_PAGE: i64 = 1_000;
 

@@ -269,46 +269,21 @@ fn total_and_page(rows: &[sqlx::postgres::PgRow]) -> Page<Item> {
 /// its index). `prefix` is `""` to run it or `EXPLAIN …` to check its plan.
 fn window_total_query<'a>(prefix: &str, query: &'a WindowQuery<'a>) -> QueryBuilder<'a, Postgres> {
     let mut q: QueryBuilder<'a, Postgres> = QueryBuilder::new(format!("{prefix}SELECT CAST("));
-    let count = |q: &mut QueryBuilder<'a, Postgres>, from: Millis, to: Millis| {
-        q.push("(SELECT COUNT(*) FROM items WHERE account = ")
-            .push_bind(query.account)
-            .push(" AND kind = ")
-            .push_bind(query.kind.as_str());
-        if let Some(url) = query.url {
-            q.push(" AND url = ").push_bind(url);
-        }
-        q.push(" AND created_at >= ").push_bind(from).push(" AND created_at < ").push_bind(to).push(")");
-    };
-    if query.url.is_some() {
-        count(&mut q, query.from, query.to);
-    } else {
-        let (hours, edges) = crate::split_window(query.from, query.to);
-        let mut first_part = true;
-        if let Some((first, end)) = hours {
-            q.push("COALESCE((SELECT SUM(n) FROM item_counts WHERE account = ")
-                .push_bind(query.account)
-                .push(" AND kind = ")
-                .push_bind(query.kind.as_str())
-                .push(" AND hour >= ")
-                .push_bind(first)
-                .push(" AND hour < ")
-                .push_bind(end)
-                .push("), 0)");
-            first_part = false;
-        }
-        for (from, to) in edges {
-            if !first_part {
-                q.push(" + ");
-            }
-            count(&mut q, from, to);
-            first_part = false;
-        }
-        if first_part {
-            q.push("0");
-        }
-    }
+    crate::write_window_total(&mut q, query);
     q.push(" AS BIGINT)");
     q
+}
+
+impl<'a> crate::SqlWriter<'a> for QueryBuilder<'a, Postgres> {
+    fn sql(&mut self, text: &str) -> &mut Self {
+        self.push(text)
+    }
+    fn int(&mut self, value: i64) -> &mut Self {
+        self.push_bind(value)
+    }
+    fn text(&mut self, value: &'a str) -> &mut Self {
+        self.push_bind(value)
+    }
 }
 
 /// The Baidu dialects' record query, ascending by `(created_at, id)`; `prefix` is `""` to run

@@ -7,6 +7,17 @@ use sqlx::Row;
 /// The item columns every item query selects, in the order `item_from_row` reads them by name.
 pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, created_at, not_before, finished_at, reason, follows, depends_on";
 
+/// An item's stored enum names and progress decoded, shared by every row mapper: an unknown
+/// name (a newer writer) becomes a safe default.
+pub(crate) fn item_enums(kind: &str, item_type: &str, status: &str, progress: i64) -> (Kind, ItemType, ItemStatus, u8) {
+    (
+        kind.parse().unwrap_or(Kind::Refresh),
+        item_type.parse().unwrap_or(ItemType::Url),
+        status.parse().unwrap_or(ItemStatus::Processing),
+        u8::try_from(progress.clamp(0, 100)).unwrap_or(0),
+    )
+}
+
 /// The row mappers for one backend's row type (the column types are the same on both).
 macro_rules! mappers {
     ($module:ident, $row:ty) => {
@@ -17,17 +28,17 @@ macro_rules! mappers {
                 let kind: String = row.get("kind");
                 let item_type: String = row.get("item_type");
                 let status: String = row.get("status");
-                let progress: i64 = row.get("progress");
+                let (kind, item_type, status, progress) = item_enums(&kind, &item_type, &status, row.get("progress"));
                 Item {
                     id: row.get("id"),
                     task_id: row.get("task_id"),
                     account: row.get("account"),
-                    kind: kind.parse().unwrap_or(Kind::Refresh),
+                    kind,
                     url: row.get("url"),
                     host: row.get("host"),
-                    item_type: item_type.parse().unwrap_or(ItemType::Url),
-                    status: status.parse().unwrap_or(ItemStatus::Processing),
-                    progress: u8::try_from(progress.clamp(0, 100)).unwrap_or(0),
+                    item_type,
+                    status,
+                    progress,
                     operator: row.get("operator"),
                     created_at: row.get("created_at"),
                     not_before: row.get("not_before"),

@@ -198,41 +198,39 @@ macro_rules! shared_operations {
                 // statements of up to ITEM_CHUNK rows. Within a batch every item appears once, and
                 // followers and dependents are never claimed themselves, so no row is written twice.
                 let by_id: std::collections::HashMap<i64, &ItemUpdate> = updates.iter().map(|u| (u.item_id, u)).collect();
-                let mut moved: Vec<(i64, i64)> = Vec::new(); // (item id, task id)
+                // The reports their items took, with each item's task.
+                let mut moved: Vec<(&ItemUpdate, i64)> = Vec::new();
                 for chunk in updates.chunks(crate::shared::ITEM_CHUNK) {
                     let rows: Vec<(i64, i64)> = Self::items_update("", chunk).build_query_as().fetch_all(&mut *tx).await.map_err(unavailable)?;
-                    moved.extend(rows);
+                    moved.extend(rows.into_iter().filter_map(|(id, task)| Some((*by_id.get(&id)?, task))));
                 }
+                // (task id, the report that made it final) of every item that became final.
+                let mut finished: Vec<(i64, &ItemUpdate)> =
+                    moved.iter().filter(|(u, _)| Self::is_transition(u)).map(|(u, task)| (*task, *u)).collect();
                 // Items coalesced with a moved item mirror it: when it starts and when it ends.
-                let mirrored: Vec<&ItemUpdate> = moved
-                    .iter()
-                    .filter_map(|(id, _)| by_id.get(id).copied())
-                    .filter(|u| Self::is_transition(u) || u.nodes.is_empty())
-                    .collect();
-                let mut finished: Vec<(i64, i64)> = moved // (task id, leader id)
-                    .iter()
-                    .filter(|(id, _)| by_id.get(id).is_some_and(|u| Self::is_transition(u)))
-                    .map(|(id, task)| (*task, *id))
-                    .collect();
+                let mirrored: Vec<&ItemUpdate> =
+                    moved.iter().map(|(u, _)| *u).filter(|u| Self::is_transition(u) || u.nodes.is_empty()).collect();
                 for chunk in mirrored.chunks(crate::shared::ITEM_CHUNK) {
                     let followers: Vec<(i64, i64)> = Self::followers_update("", chunk).build_query_as().fetch_all(&mut *tx).await.map_err(unavailable)?;
-                    finished.extend(followers.into_iter().filter(|(_, leader)| by_id.get(leader).is_some_and(|u| Self::is_transition(u))));
+                    finished.extend(followers.into_iter().filter_map(|(task, leader)| {
+                        by_id.get(&leader).copied().filter(|u| Self::is_transition(u)).map(|u| (task, u))
+                    }));
                 }
                 // A prefetch never runs after its refresh failed.
                 let failed: Vec<&ItemUpdate> = moved
                     .iter()
-                    .filter_map(|(id, _)| by_id.get(id).copied())
+                    .map(|(u, _)| *u)
                     .filter(|u| Self::is_transition(u) && u.status == ItemStatus::Failed)
                     .collect();
                 for chunk in failed.chunks(crate::shared::ITEM_CHUNK) {
                     let dependents: Vec<(i64, i64)> = Self::dependents_update("", chunk).build_query_as().fetch_all(&mut *tx).await.map_err(unavailable)?;
-                    finished.extend(dependents);
+                    finished.extend(dependents.into_iter().filter_map(|(task, refresh)| Some((task, *by_id.get(&refresh)?))));
                 }
                 // Task counters are settled last, one statement per task in id order: instances
                 // sharing a database then lock task rows in the same order and cannot deadlock.
                 let mut settle: std::collections::BTreeMap<i64, (i64, Millis)> = std::collections::BTreeMap::new();
-                for (task, leader) in finished {
-                    let at = by_id.get(&leader).and_then(|u| u.finished_at).unwrap_or_default();
+                for (task, update) in finished {
+                    let at = update.finished_at.unwrap_or_default();
                     let entry = settle.entry(task).or_insert((0, 0));
                     entry.0 += 1;
                     entry.1 = entry.1.max(at);

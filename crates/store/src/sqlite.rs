@@ -93,7 +93,7 @@ impl SqliteStore {
         let page = PageRequest { number: 100, size: 50 };
         let total = |url| {
             let query = WindowQuery { account, kind: Kind::Refresh, from, to, url, page };
-            crate::sqlite_read::window_total(&query).0
+            crate::sqlite_read::window_total(&query).sql
         };
         let mut statements: Vec<(String, String)> = vec![
             ("task id: count".into(), statements::TASK_COUNT.into()),

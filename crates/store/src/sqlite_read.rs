@@ -8,7 +8,7 @@
 //! writes stay on sqlx's single writer connection.
 
 use crate::rows::ITEM_COLUMNS;
-use cachectl_core::{Item, ItemStatus, ItemType, Kind, Millis, RecordQuery, StoreError, StoreResult, WindowQuery};
+use cachectl_core::{Item, Kind, Millis, RecordQuery, StoreError, StoreResult, WindowQuery};
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::OpenFlags;
 use rusqlite::types::Value;
@@ -103,35 +103,27 @@ impl Readers {
 
     /// One page of an account's items in a window, newest first, and how many there are.
     pub(crate) async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<(i64, Vec<Item>)> {
-        let (total_sql, total_args) = window_total(query);
-        let mut page_args: Vec<Value> = vec![query.account.to_owned().into(), query.kind.as_str().to_owned().into()];
-        if let Some(url) = query.url {
-            page_args.push(url.to_owned().into());
-        }
-        page_args.extend([
-            query.from.into(),
-            query.to.into(),
-            i64::from(query.page.size).into(),
-            i64::try_from(query.page.offset()).unwrap_or(i64::MAX).into(),
-        ]);
+        let total = window_total(query);
         let page_sql = super::sqlite::statements::window_page(query.url.is_some());
-        let (account, kind, from, to) = (query.account.to_owned(), query.kind, query.from, query.to);
+        let (account, kind, url) = (query.account.to_owned(), query.kind, query.url.map(str::to_owned));
+        let (from, to, size) = (query.from, query.to, i64::from(query.page.size));
         let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
-        let whole_window = query.url.is_none();
         self.run(move |conn| {
             // One snapshot for the total, the skip and the page.
             let tx = conn.unchecked_transaction()?;
             let total: i64 =
-                tx.prepare_cached(&total_sql)?.query_row(rusqlite::params_from_iter(total_args), |r| r.get(0))?;
-            if whole_window && offset >= crate::DEEP_PAGE {
-                let (upper, rest) = skip_hours(&tx, &account, kind, (from, to), offset)?;
-                let last = page_args.len() - 1;
-                page_args[last - 2] = upper.into();
-                page_args[last] = rest.into();
-            }
+                tx.prepare_cached(&total.sql)?.query_row(rusqlite::params_from_iter(total.args), |r| r.get(0))?;
+            let (upper, rest) = if url.is_none() && offset >= crate::DEEP_PAGE {
+                skip_hours(&tx, &account, kind, (from, to), offset)?
+            } else {
+                (to, offset)
+            };
+            let mut args: Vec<Value> = vec![account.into(), kind.as_str().to_owned().into()];
+            args.extend(url.map(Value::from));
+            args.extend([from.into(), upper.into(), size.into(), rest.into()]);
             let rows: Vec<Item> = tx
                 .prepare_cached(&page_sql)?
-                .query_map(rusqlite::params_from_iter(page_args), item_from_row)?
+                .query_map(rusqlite::params_from_iter(args), item_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
             tx.commit()?;
             Ok((total, rows))
@@ -183,17 +175,17 @@ fn item_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
     let kind: String = row.get(3)?;
     let item_type: String = row.get(6)?;
     let status: String = row.get(7)?;
-    let progress: i64 = row.get(8)?;
+    let (kind, item_type, status, progress) = crate::rows::item_enums(&kind, &item_type, &status, row.get(8)?);
     Ok(Item {
         id: row.get(0)?,
         task_id: row.get(1)?,
         account: row.get(2)?,
-        kind: kind.parse().unwrap_or(Kind::Refresh),
+        kind,
         url: row.get(4)?,
         host: row.get(5)?,
-        item_type: item_type.parse().unwrap_or(ItemType::Url),
-        status: status.parse().unwrap_or(ItemStatus::Processing),
-        progress: u8::try_from(progress.clamp(0, 100)).unwrap_or(0),
+        item_type,
+        status,
+        progress,
         operator: row.get(9)?,
         created_at: row.get(10)?,
         not_before: row.get(11)?,
@@ -204,50 +196,35 @@ fn item_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
     })
 }
 
-/// The exact number of items in a window: the hourly counters for the whole hours it covers,
-/// the items themselves for the partial hours at its edges (or for one URL), in one statement.
-pub(crate) fn window_total(query: &WindowQuery<'_>) -> (String, Vec<Value>) {
-    let mut sql = String::from("SELECT ");
-    let mut args: Vec<Value> = Vec::new();
-    let count = |sql: &mut String, args: &mut Vec<Value>, from: Millis, to: Millis| {
-        sql.push_str("(SELECT COUNT(*) FROM items WHERE account = ? AND kind = ?");
-        args.extend([query.account.to_owned().into(), query.kind.as_str().to_owned().into()]);
-        if let Some(url) = query.url {
-            sql.push_str(" AND url = ?");
-            args.push(url.to_owned().into());
-        }
-        sql.push_str(" AND created_at >= ? AND created_at < ?)");
-        args.extend([from.into(), to.into()]);
-    };
-    if query.url.is_some() {
-        count(&mut sql, &mut args, query.from, query.to);
-    } else {
-        let (hours, edges) = crate::split_window(query.from, query.to);
-        let mut parts = 0;
-        if let Some((first, end)) = hours {
-            sql.push_str(
-                "COALESCE((SELECT SUM(n) FROM item_counts WHERE account = ? AND kind = ? AND hour >= ? AND hour < ?), 0)",
-            );
-            args.extend([
-                query.account.to_owned().into(),
-                query.kind.as_str().to_owned().into(),
-                first.into(),
-                end.into(),
-            ]);
-            parts += 1;
-        }
-        for (from, to) in edges {
-            if parts > 0 {
-                sql.push_str(" + ");
-            }
-            count(&mut sql, &mut args, from, to);
-            parts += 1;
-        }
-        if parts == 0 {
-            sql.push('0');
-        }
+/// A statement for rusqlite: SQL with `?` placeholders and their values, in order.
+#[derive(Default)]
+pub(crate) struct Statement {
+    pub(crate) sql: String,
+    pub(crate) args: Vec<Value>,
+}
+
+impl<'a> crate::SqlWriter<'a> for Statement {
+    fn sql(&mut self, text: &str) -> &mut Self {
+        self.sql.push_str(text);
+        self
     }
-    (sql, args)
+    fn int(&mut self, value: i64) -> &mut Self {
+        self.sql.push('?');
+        self.args.push(value.into());
+        self
+    }
+    fn text(&mut self, value: &'a str) -> &mut Self {
+        self.sql.push('?');
+        self.args.push(value.to_owned().into());
+        self
+    }
+}
+
+/// The exact number of items in a window, in one statement (`crate::write_window_total`).
+pub(crate) fn window_total(query: &WindowQuery<'_>) -> Statement {
+    let mut statement = Statement { sql: "SELECT ".into(), args: Vec::new() };
+    crate::write_window_total(&mut statement, query);
+    statement
 }
 
 /// The Baidu dialects' record query, ascending by `(created_at, id)`.

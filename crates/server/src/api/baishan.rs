@@ -187,17 +187,15 @@ async fn handle(
         state.limiter.check_shared(state.service.store().as_ref(), &token, endpoint.api_id(), limit, now).await;
     let reset = RateLimitReset(decision.reset_secs);
     let mut response = if decision.allowed {
-        let ok = |data| envelope(StatusCode::OK, "", data);
+        fn ok<T: serde::Serialize>(data: T) -> Response {
+            envelope(StatusCode::OK, "", data)
+        }
         let result = match endpoint {
             Endpoint::SubmitRefresh | Endpoint::SubmitPrefetch => {
                 submit(&state, &credential, endpoint, body, now).await.map(ok)
             }
-            Endpoint::QueryRefresh => {
-                query(&state, &credential, Kind::Refresh, &pairs, now).await.map(|p| envelope(StatusCode::OK, "", p))
-            }
-            Endpoint::QueryPrefetch => {
-                query(&state, &credential, Kind::Prefetch, &pairs, now).await.map(|p| envelope(StatusCode::OK, "", p))
-            }
+            Endpoint::QueryRefresh => query(&state, &credential, Kind::Refresh, &pairs, now).await.map(ok),
+            Endpoint::QueryPrefetch => query(&state, &credential, Kind::Prefetch, &pairs, now).await.map(ok),
             Endpoint::PrefetchQuota => quota(&state, &credential, now).await.map(ok),
         };
         result.unwrap_or_else(|e| envelope(e.status, &e.message, e.data))
