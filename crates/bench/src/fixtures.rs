@@ -179,6 +179,8 @@ pub fn token(a: usize) -> String {
 pub struct WorkerSettings {
     /// `[worker] per_node_concurrency`.
     pub per_node_concurrency: usize,
+    /// `[worker] pipeline_depth`.
+    pub pipeline_depth: usize,
     /// `[worker] max_items_in_flight`.
     pub max_items_in_flight: usize,
     /// `[worker] enabled`: `false` for an API-only server.
@@ -213,10 +215,10 @@ impl Server {
         let port = free_port();
         let mut config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"{store_url}\"\n\n\
-             [worker]\nenabled = {}\nper_node_concurrency = {}\nmax_items_in_flight = {}\npoll_interval = \"50ms\"\n\
+             [worker]\nenabled = {}\nper_node_concurrency = {}\npipeline_depth = {}\nmax_items_in_flight = {}\npoll_interval = \"50ms\"\n\
              item_deadline = \"60s\"\nrequest_timeout = \"5s\"\nretry_initial = \"50ms\"\nretry_max = \"1s\"\n\n\
              [retention]\ndays = 40\n\n[baishan]\nrate_limit_per_minute = 100000000\n\n",
-            worker.enabled, worker.per_node_concurrency, worker.max_items_in_flight
+            worker.enabled, worker.per_node_concurrency, worker.pipeline_depth, worker.max_items_in_flight
         );
         config.push_str(&accounts_toml(accounts));
         for (i, address) in edges.iter().enumerate() {

@@ -80,7 +80,12 @@ impl Options {
             ingest_clients: 16,
             postgres: true,
             use_wrk: fixtures::have("wrk"),
-            worker: WorkerSettings { per_node_concurrency: 32, max_items_in_flight: 4096, enabled: true },
+            worker: WorkerSettings {
+                per_node_concurrency: 32,
+                pipeline_depth: 8,
+                max_items_in_flight: 4096,
+                enabled: true,
+            },
         }
     }
 }

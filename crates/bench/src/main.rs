@@ -66,6 +66,9 @@ struct RunFlags {
     /// `[worker] per_node_concurrency` of the servers.
     #[arg(long, default_value_t = 32)]
     per_node_concurrency: usize,
+    /// `[worker] pipeline_depth` of the servers (1: no pipelining).
+    #[arg(long, default_value_t = 8)]
+    pipeline_depth: usize,
     /// `[worker] max_items_in_flight` of the servers.
     #[arg(long, default_value_t = 4096)]
     max_items_in_flight: usize,
@@ -100,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
     options.ingest_clients = f.ingest_clients;
     options.worker.per_node_concurrency = f.per_node_concurrency;
     options.worker.max_items_in_flight = f.max_items_in_flight;
+    options.worker.pipeline_depth = f.pipeline_depth;
     options.postgres = !f.no_postgres;
     options.use_wrk = options.use_wrk && !f.no_wrk;
     if !options.use_wrk {

@@ -28,7 +28,7 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         ingest_clients: 2,
         postgres: true,
         use_wrk: false,
-        worker: WorkerSettings { per_node_concurrency: 8, max_items_in_flight: 256, enabled: true },
+        worker: WorkerSettings { per_node_concurrency: 8, pipeline_depth: 4, max_items_in_flight: 256, enabled: true },
     };
     let results = run(options, |step| eprintln!("==> {step}")).await.expect("the smoke run completes");
     eprintln!("{}", cachectl_bench::report::table(&results));

@@ -9,6 +9,9 @@ use reqwest::Method;
 use serde::Deserialize;
 use std::time::Duration;
 
+pub mod pipeline;
+pub use pipeline::Lane;
+
 /// The kinds of cache cachectl drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -166,14 +169,18 @@ pub struct ClientSettings {
     pub request_timeout: Duration,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
-    /// Idle keep-alive connections kept per node.
-    pub max_idle_per_node: usize,
+    /// Requests in flight to one node at most: prefetches over reqwest's keep-alive pool, and
+    /// purges and bans over `ceil(per_node / pipeline_depth)` pipelined connections.
+    pub per_node: usize,
+    /// Purges and bans written on one connection before the first is answered (1: none).
+    pub pipeline_depth: usize,
 }
 
 /// Sends driver requests to nodes over kept-alive connections.
 #[derive(Debug, Clone)]
 pub struct EdgeClient {
     http: reqwest::Client,
+    settings: ClientSettings,
 }
 
 impl EdgeClient {
@@ -185,23 +192,51 @@ impl EdgeClient {
         let http = reqwest::Client::builder()
             .timeout(settings.request_timeout)
             .connect_timeout(settings.connect_timeout)
-            .pool_max_idle_per_host(settings.max_idle_per_node)
+            .pool_max_idle_per_host(settings.per_node)
             .pool_idle_timeout(Duration::from_secs(50))
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .http1_only()
             .build()?;
-        Ok(Self { http })
+        Ok(Self { http, settings })
     }
 
-    /// Does `kind`/`item_type` of `url` on `node` once and says what came of it.
-    #[tracing::instrument(level = "debug", skip_all, fields(node = %node.name))]
-    pub async fn execute(&self, node: &Node, kind: Kind, item_type: ItemType, url: &str) -> Outcome {
+    /// The pipelined connections for `node`'s purges and bans (see [`pipeline`]). Starts their
+    /// tasks: call it within a Tokio runtime, once per node.
+    #[must_use]
+    pub fn lane(&self, node: &Node) -> Lane {
+        let depth = self.settings.pipeline_depth.max(1);
+        Lane::spawn(
+            &node.address,
+            pipeline::LaneSettings {
+                connections: self.settings.per_node.max(1).div_ceil(depth),
+                depth,
+                connect_timeout: self.settings.connect_timeout,
+                request_timeout: self.settings.request_timeout,
+            },
+        )
+    }
+
+    /// Does `kind`/`item_type` of `url` on `node` once and says what came of it. Purges and
+    /// bans go through `lane` (from [`EdgeClient::lane`] for this node), prefetches through
+    /// the keep-alive pool.
+    pub async fn execute(&self, node: &Node, lane: &Lane, kind: Kind, item_type: ItemType, url: &str) -> Outcome {
         let plan = match plan(node.driver, kind, item_type, url) {
             Ok(plan) => plan,
             Err(error) => return Outcome::Fail { code: None, error },
         };
+        if !plan.read_body {
+            let request =
+                match pipeline::request_bytes(plan.method.as_str(), &plan.path_and_query, &plan.host, &plan.headers) {
+                    Ok(request) => request,
+                    Err(error) => return Outcome::Fail { code: None, error },
+                };
+            return match lane.send(request).await {
+                Ok(code) => classify(kind, code),
+                Err(error) => Outcome::Retry { code: None, error },
+            };
+        }
         let target = format!("http://{}{}", node.address, plan.path_and_query);
         let mut request = self.http.request(plan.method, &target).header(reqwest::header::HOST, &plan.host);
         for (name, value) in &plan.headers {

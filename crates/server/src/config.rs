@@ -155,6 +155,12 @@ pub struct WorkerConfig {
     /// Requests in flight to one node at most (also its kept-alive connections).
     #[serde(default = "d_per_node")]
     pub per_node_concurrency: usize,
+    /// Purges and bans written on one connection to a node before the first is answered
+    /// (HTTP/1.1 pipelining); 1 turns pipelining off. The node's requests in flight stay
+    /// bounded by `per_node_concurrency`, over `ceil(per_node_concurrency / pipeline_depth)`
+    /// connections.
+    #[serde(default = "d_pipeline_depth")]
+    pub pipeline_depth: usize,
     /// Items being executed at once, over all nodes.
     #[serde(default = "d_in_flight")]
     pub max_items_in_flight: usize,
@@ -176,6 +182,7 @@ impl Default for WorkerConfig {
             retry_initial: d_retry_initial(),
             retry_max: d_retry_max(),
             per_node_concurrency: d_per_node(),
+            pipeline_depth: d_pipeline_depth(),
             max_items_in_flight: d_in_flight(),
             lease: d_lease(),
             poll_interval: d_poll(),
@@ -203,6 +210,9 @@ fn d_retry_max() -> Duration {
 }
 fn d_per_node() -> usize {
     32
+}
+fn d_pipeline_depth() -> usize {
+    8
 }
 fn d_in_flight() -> usize {
     4096
@@ -408,9 +418,11 @@ impl Config {
             err("baishan.timezone".into(), format!("{:?} is not an offset like +08:00", self.baishan.timezone))
         })?;
         let w = &self.worker;
-        for (key, value) in
-            [("per_node_concurrency", w.per_node_concurrency), ("max_items_in_flight", w.max_items_in_flight)]
-        {
+        for (key, value) in [
+            ("per_node_concurrency", w.per_node_concurrency),
+            ("pipeline_depth", w.pipeline_depth),
+            ("max_items_in_flight", w.max_items_in_flight),
+        ] {
             if value == 0 {
                 return Err(err(format!("worker.{key}"), "must be at least 1".into()));
             }

@@ -7,7 +7,7 @@ use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
 use cachectl_core::policy::{backoff, derive};
 use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, NodeState, Store, Tier};
-use cachectl_edge::{ClientSettings, EdgeClient, Node, Outcome};
+use cachectl_edge::{ClientSettings, EdgeClient, Lane, Node, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +23,7 @@ const CLAIM_BATCH: usize = 1024;
 /// A node with its own concurrency limit and request counters.
 struct NodeSlot {
     node: Node,
+    lane: Lane,
     permits: Semaphore,
     success: Counter,
     retry: Counter,
@@ -64,7 +65,8 @@ impl Worker {
         let client = EdgeClient::new(ClientSettings {
             request_timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
-            max_idle_per_node: config.per_node_concurrency,
+            per_node: config.per_node_concurrency,
+            pipeline_depth: config.pipeline_depth,
         })?;
         let nodes = nodes
             .into_iter()
@@ -73,6 +75,7 @@ impl Worker {
                 retry: metrics.node_counter(&node.name, "retry"),
                 fail: metrics.node_counter(&node.name, "fail"),
                 permits: Semaphore::new(config.per_node_concurrency),
+                lane: client.lane(&node),
                 node,
             })
             .collect();
@@ -313,7 +316,7 @@ async fn run_node(
     loop {
         let outcome = {
             let _permit = slot.permits.acquire().await;
-            shared.client.execute(&slot.node, item.kind, item.item_type, &item.url).await
+            shared.client.execute(&slot.node, &slot.lane, item.kind, item.item_type, &item.url).await
         };
         result.attempts += 1;
         result.updated_at = crate::api::now_ms();

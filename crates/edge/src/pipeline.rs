@@ -1,0 +1,550 @@
+//! Pipelined HTTP/1.1 for the short requests of a refresh (PURGE, BAN): a few kept-alive
+//! connections per node, each owned by one task that writes every queued request in one write and
+//! reads the answers in order (RFC 9112 §9.3.2). hyper's client sends one request per connection
+//! at a time; at tens of thousands of purges a second its per-request dispatch, pool and timer
+//! cost more CPU than the caches spend answering (BENCHMARKS.md). Answers are parsed by
+//! `httparse`, hyper's own parser. Prefetches (GET, bodies of any size) stay on reqwest.
+//!
+//! A connection the node closes (keep-alive limit, idle timeout, restart) costs nothing: the
+//! requests it had not answered are written again on a new connection, at most [`MAX_RESENDS`]
+//! times each (purges and bans are idempotent); after that, and for every other failure, the
+//! caller gets a transport error and retries the item with its backoff.
+
+use bytes::{Buf, BytesMut};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Times one request is written again after its connection closed before answering it.
+pub const MAX_RESENDS: u8 = 2;
+/// An answer (head and body) larger than this breaks the connection: a purge answer is a few
+/// hundred bytes, so this only guards memory against a misbehaving node.
+const MAX_ANSWER: usize = 1 << 20;
+/// Header lines parsed in an answer at most.
+const MAX_HEADERS: usize = 64;
+
+/// How a lane connects and how much it pipelines.
+#[derive(Debug, Clone, Copy)]
+pub struct LaneSettings {
+    /// Connections to the node.
+    pub connections: usize,
+    /// Requests written and not yet answered on one connection at most (1: no pipelining).
+    pub depth: usize,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest wait for the next answer while requests are outstanding.
+    pub request_timeout: Duration,
+}
+
+/// A failed exchange: what went wrong, in one line ("connect error: …", "timeout: …").
+pub type TransportError = String;
+
+struct Job {
+    request: Vec<u8>,
+    reply: oneshot::Sender<Result<u16, TransportError>>,
+    resends: u8,
+}
+
+struct Connection {
+    jobs: mpsc::UnboundedSender<Job>,
+    outstanding: Arc<AtomicUsize>,
+}
+
+/// The pipelined connections to one node. Cloning shares them; the connection tasks end when
+/// the last clone is dropped and their outstanding requests are answered.
+#[derive(Clone)]
+pub struct Lane {
+    connections: Arc<[Connection]>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane").field("connections", &self.connections.len()).finish()
+    }
+}
+
+impl Lane {
+    /// Starts the connection tasks to `address` (`host:port`). They connect on first use.
+    /// Must be called within a Tokio runtime.
+    #[must_use]
+    pub fn spawn(address: &str, settings: LaneSettings) -> Self {
+        let address: Arc<str> = Arc::from(address);
+        let connections = (0..settings.connections.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let outstanding = Arc::new(AtomicUsize::new(0));
+                tokio::spawn(run_connection(address.clone(), rx, outstanding.clone(), settings));
+                Connection { jobs: tx, outstanding }
+            })
+            .collect();
+        Self { connections }
+    }
+
+    /// Sends `request` (a complete HTTP/1.1 request without a body) on the least busy
+    /// connection and waits for the answer's status code.
+    ///
+    /// # Errors
+    /// The node could not be reached, closed the connection too often, timed out, or answered
+    /// something that is not HTTP/1.x.
+    pub async fn send(&self, request: Vec<u8>) -> Result<u16, TransportError> {
+        let connection = self
+            .connections
+            .iter()
+            .min_by_key(|c| c.outstanding.load(Ordering::Relaxed))
+            .expect("a lane has at least one connection");
+        let (reply, answer) = oneshot::channel();
+        connection.outstanding.fetch_add(1, Ordering::Relaxed);
+        if connection.jobs.send(Job { request, reply, resends: 0 }).is_err() {
+            connection.outstanding.fetch_sub(1, Ordering::Relaxed);
+            return Err("request error: the connection task has stopped".to_owned());
+        }
+        answer.await.unwrap_or_else(|_| Err("request error: the connection task has stopped".to_owned()))
+    }
+}
+
+/// One connection's task: queue, write, read, answer, reconnect.
+async fn run_connection(
+    address: Arc<str>,
+    mut incoming: mpsc::UnboundedReceiver<Job>,
+    outstanding: Arc<AtomicUsize>,
+    settings: LaneSettings,
+) {
+    let depth = settings.depth.max(1);
+    let answer = |job: Job, result: Result<u16, TransportError>| {
+        outstanding.fetch_sub(1, Ordering::Relaxed);
+        let _ = job.reply.send(result);
+    };
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut in_flight: VecDeque<Job> = VecDeque::new();
+    let mut stream: Option<TcpStream> = None;
+    let mut read = BytesMut::with_capacity(16 * 1024);
+    let mut write = Vec::with_capacity(16 * 1024);
+    let mut open = true;
+    loop {
+        if waiting.is_empty() && in_flight.is_empty() {
+            if !open {
+                return;
+            }
+            match incoming.recv().await {
+                Some(job) => waiting.push_back(job),
+                None => return,
+            }
+        }
+        while open && waiting.len() + in_flight.len() < depth {
+            match incoming.try_recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if stream.is_none() {
+            match connect(&address, settings.connect_timeout).await {
+                Ok(s) => {
+                    read.clear();
+                    stream = Some(s);
+                }
+                Err(error) => {
+                    // Nothing is in flight without a connection: fail what waits, keep the lane.
+                    for job in waiting.drain(..) {
+                        answer(job, Err(error.clone()));
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(conn) = stream.as_mut() else { continue };
+        if !waiting.is_empty() && in_flight.len() < depth {
+            write.clear();
+            while in_flight.len() < depth {
+                let Some(job) = waiting.pop_front() else { break };
+                write.extend_from_slice(&job.request);
+                in_flight.push_back(job);
+            }
+            let written = tokio::time::timeout(settings.request_timeout, conn.write_all(&write)).await;
+            let error = match written {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("request error: {e}")),
+                Err(_) => Some(format!("timeout: writing to {address} took over {:?}", settings.request_timeout)),
+            };
+            if let Some(error) = error {
+                stream = None;
+                requeue(&mut in_flight, &mut waiting, &error, &answer);
+                continue;
+            }
+        }
+        if in_flight.is_empty() {
+            continue;
+        }
+        let deadline = Instant::now() + settings.request_timeout;
+        let event = tokio::select! {
+            r = conn.read_buf(&mut read) => Event::Read(r),
+            job = incoming.recv(), if open && waiting.len() + in_flight.len() < depth => Event::Job(job),
+            () = tokio::time::sleep_until(deadline) => Event::Timeout,
+        };
+        match event {
+            Event::Job(Some(job)) => waiting.push_back(job),
+            Event::Job(None) => open = false,
+            Event::Timeout => {
+                stream = None;
+                let error = format!("timeout: no answer from {address} within {:?}", settings.request_timeout);
+                for job in in_flight.drain(..) {
+                    answer(job, Err(error.clone()));
+                }
+            }
+            Event::Read(Err(e)) => {
+                stream = None;
+                requeue(&mut in_flight, &mut waiting, &format!("request error: {e}"), &answer);
+            }
+            Event::Read(Ok(n)) => {
+                let eof = n == 0;
+                let mut closing = eof;
+                loop {
+                    match parse_answer(&read, eof) {
+                        Ok(Some(parsed)) => {
+                            read.advance(parsed.length);
+                            if parsed.interim {
+                                continue;
+                            }
+                            if let Some(job) = in_flight.pop_front() {
+                                answer(job, Ok(parsed.status));
+                            }
+                            if parsed.close {
+                                closing = true;
+                                break;
+                            }
+                            if read.is_empty() {
+                                break;
+                            }
+                        }
+                        Ok(None) if read.len() > MAX_ANSWER => {
+                            closing = true;
+                            let error = format!("request error: an answer from {address} exceeds {MAX_ANSWER} bytes");
+                            for job in in_flight.drain(..) {
+                                answer(job, Err(error.clone()));
+                            }
+                            break;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            closing = true;
+                            let error = format!("request error: {address} answered {e}");
+                            for job in in_flight.drain(..) {
+                                answer(job, Err(error.clone()));
+                            }
+                            break;
+                        }
+                    }
+                }
+                if closing {
+                    stream = None;
+                    let error = format!("request error: {address} closed the connection before answering");
+                    requeue(&mut in_flight, &mut waiting, &error, &answer);
+                }
+            }
+        }
+    }
+}
+
+enum Event {
+    Read(std::io::Result<usize>),
+    Job(Option<Job>),
+    Timeout,
+}
+
+/// Puts the unanswered requests of a lost connection back in front of the queue, in order, or
+/// answers `error` for those already written too often.
+fn requeue(
+    in_flight: &mut VecDeque<Job>,
+    waiting: &mut VecDeque<Job>,
+    error: &str,
+    answer: &impl Fn(Job, Result<u16, TransportError>),
+) {
+    while let Some(mut job) = in_flight.pop_back() {
+        if job.resends >= MAX_RESENDS {
+            answer(job, Err(error.to_owned()));
+        } else {
+            job.resends += 1;
+            waiting.push_front(job);
+        }
+    }
+}
+
+async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, TransportError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => {
+            stream.set_nodelay(true).map_err(|e| format!("connect error: {e}"))?;
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(format!("connect error: {address}: {e}")),
+        Err(_) => Err(format!("connect error: {address}: no connection within {timeout:?}")),
+    }
+}
+
+/// One complete answer at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+struct Parsed {
+    status: u16,
+    /// Bytes of head and body.
+    length: usize,
+    /// The node closes the connection after it.
+    close: bool,
+    /// A 1xx answer, followed by the real one.
+    interim: bool,
+}
+
+/// Parses the answer at the start of `buf`: `None` until it is complete. `eof`: the node closed
+/// the connection, which ends a body without a length.
+fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let head = match response.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("something that is not an HTTP/1.x answer ({e})")),
+    };
+    let status = response.code.unwrap_or(0);
+    let mut close = response.version == Some(0);
+    let mut length = None;
+    let mut chunked = false;
+    for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("connection") {
+            let value = String::from_utf8_lossy(header.value);
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    close = false;
+                }
+            }
+        } else if header.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+            length = Some(value.ok_or("an invalid Content-Length")?);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = String::from_utf8_lossy(header.value).to_ascii_lowercase().trim_end().ends_with("chunked");
+        }
+    }
+    let interim = (100..200).contains(&status);
+    let body = if interim || status == 204 || status == 304 {
+        Some(0)
+    } else if chunked {
+        chunked_length(&buf[head..])?
+    } else if let Some(n) = length {
+        (buf.len() - head >= n).then_some(n)
+    } else if eof {
+        close = true;
+        Some(buf.len() - head)
+    } else {
+        None
+    };
+    Ok(body.map(|body| Parsed { status, length: head + body, close, interim }))
+}
+
+/// The length of a chunked body (chunks, last chunk, trailers) at the start of `buf`, or `None`
+/// until all of it is there.
+fn chunked_length(buf: &[u8]) -> Result<Option<usize>, String> {
+    let mut at = 0;
+    loop {
+        match httparse::parse_chunk_size(&buf[at..]) {
+            Ok(httparse::Status::Complete((n, 0))) => {
+                at += n;
+                // Trailer lines up to an empty line.
+                loop {
+                    let Some(end) = buf[at..].windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+                    at += end + 2;
+                    if end == 0 {
+                        return Ok(Some(at));
+                    }
+                }
+            }
+            Ok(httparse::Status::Complete((n, size))) => {
+                let size = usize::try_from(size).map_err(|_| "a chunk too large")?;
+                let next = at.saturating_add(n).saturating_add(size).saturating_add(2);
+                if next > buf.len() {
+                    return Ok(None);
+                }
+                at = next;
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err("an invalid chunked body".to_owned()),
+        }
+    }
+}
+
+/// The bytes of an HTTP/1.1 request without a body.
+///
+/// # Errors
+/// A part would break the request's framing (whitespace or control characters where HTTP
+/// allows none): the reason.
+pub fn request_bytes(method: &str, target: &str, host: &str, headers: &[(&str, String)]) -> Result<Vec<u8>, String> {
+    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+    let value = |s: &str| s.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f));
+    if !token(method) || !token(target) || !token(host) {
+        return Err(format!("cannot send {method} {target} to host {host}: invalid characters"));
+    }
+    let mut request = Vec::with_capacity(64 + target.len() + host.len());
+    for part in [method, " ", target, " HTTP/1.1\r\nhost: ", host, "\r\n"] {
+        request.extend_from_slice(part.as_bytes());
+    }
+    for (name, v) in headers {
+        if !token(name) || !value(v) {
+            return Err(format!("cannot send header {name}: invalid characters"));
+        }
+        for part in [*name, ": ", v.as_str(), "\r\n"] {
+            request.extend_from_slice(part.as_bytes());
+        }
+    }
+    request.extend_from_slice(b"\r\n");
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn parses_answers() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(
+            parse_answer(ok, false).unwrap(),
+            Some(Parsed { status: 200, length: ok.len(), close: false, interim: false })
+        );
+        assert_eq!(parse_answer(&ok[..ok.len() - 1], false).unwrap(), None);
+        let two = [&ok[..], b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"].concat();
+        assert_eq!(parse_answer(&two, false).unwrap().unwrap().length, ok.len());
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\nREST";
+        let parsed = parse_answer(chunked, false).unwrap().unwrap();
+        assert_eq!(parsed.length, chunked.len() - 4);
+        assert_eq!(parse_answer(&chunked[..chunked.len() - 6], false).unwrap(), None);
+        let close = b"HTTP/1.1 412 Precondition Failed\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse_answer(close, false).unwrap().unwrap().close);
+        let until_eof = b"HTTP/1.0 200 OK\r\n\r\nbody";
+        assert_eq!(parse_answer(until_eof, false).unwrap(), None);
+        assert_eq!(
+            parse_answer(until_eof, true).unwrap(),
+            Some(Parsed { status: 200, length: until_eof.len(), close: true, interim: false })
+        );
+        assert!(parse_answer(b"HTTP/1.1 100 Continue\r\n\r\n", false).unwrap().unwrap().interim);
+        assert!(parse_answer(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
+    }
+
+    #[test]
+    fn refuses_requests_that_break_framing() {
+        let r = request_bytes("PURGE", "/a?b=1", "www.example.com", &[("x-cachectl-ban", "/a\\.b".into())]).unwrap();
+        assert_eq!(r, b"PURGE /a?b=1 HTTP/1.1\r\nhost: www.example.com\r\nx-cachectl-ban: /a\\.b\r\n\r\n");
+        assert!(request_bytes("PURGE", "/a b", "h", &[]).is_err());
+        assert!(request_bytes("PURGE", "/a", "h\r\nx: y", &[]).is_err());
+        assert!(request_bytes("PURGE", "/a", "h", &[("x", "a\r\nb".into())]).is_err());
+    }
+
+    /// A node that answers `per_connection` requests per connection, then closes it the way
+    /// nginx does at its keep-alive limit, answering requests pipelined after the limit never.
+    async fn closing_node(per_connection: usize) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = tokio::io::BufReader::new(read).lines();
+                    let mut answered = 0;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if !line.is_empty() {
+                            continue;
+                        }
+                        answered += 1;
+                        let last = answered == per_connection;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{}\r\nok",
+                            if last { "Connection: close\r\n" } else { "" }
+                        );
+                        if write.write_all(answer.as_bytes()).await.is_err() || last {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (address, connections)
+    }
+
+    fn settings(connections: usize, depth: usize) -> LaneSettings {
+        LaneSettings {
+            connections,
+            depth,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn resends_what_a_closed_connection_left_unanswered() {
+        let (address, connections) = closing_node(3).await;
+        let lane = Lane::spawn(&address, settings(1, 8));
+        let request = request_bytes("PURGE", "/x", "h", &[]).unwrap();
+        let answers = futures::future::join_all((0..20).map(|_| lane.send(request.clone()))).await;
+        assert!(answers.iter().all(|a| a == &Ok(200)), "{answers:?}");
+        assert!(connections.load(Ordering::SeqCst) >= 7, "a new connection after every third answer");
+    }
+
+    #[tokio::test]
+    async fn reports_unreachable_and_silent_nodes() {
+        // A port with no listener.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let lane = Lane::spawn(&address, settings(2, 4));
+        let error = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+        assert!(error.starts_with("connect error:"), "{error}");
+
+        // A node that accepts and never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                kept.push(stream);
+            }
+        });
+        let mut quick = settings(1, 4);
+        quick.request_timeout = Duration::from_millis(200);
+        let lane = Lane::spawn(&address, quick);
+        let error = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+        assert!(error.starts_with("timeout:"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_closes_at_once_fails_after_the_resends() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let lane = Lane::spawn(&address, settings(1, 4));
+        let error = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+        assert!(error.starts_with("request error:"), "{error}");
+        // The listener task counts the last connection after the lane has given up on it.
+        for _ in 0..100 {
+            if accepted.load(Ordering::SeqCst) > usize::from(MAX_RESENDS) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), usize::from(MAX_RESENDS) + 1, "one write and two resends");
+    }
+}
