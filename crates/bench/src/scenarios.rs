@@ -75,14 +75,21 @@ pub struct FanoutFigures {
     pub cachectl_ms: i64,
     /// cachectl's purges per second.
     pub cachectl_rate: f64,
-    /// wrk (or the Rust client) sending PURGE straight to the nodes.
+    /// wrk (or the Rust client) sending PURGE straight to the nodes, one request at a time per
+    /// connection, `per_node_concurrency` connections per node: the target's baseline.
     pub direct: LoadFigures,
+    /// wrk sending PURGE straight to the nodes pipelined as cachectl does (`pipeline_depth`
+    /// deep on `ceil(per_node_concurrency / pipeline_depth)` connections per node); `None`
+    /// without wrk or with pipelining off.
+    pub direct_pipelined: Option<LoadFigures>,
     /// Purges the shell loop sent.
     pub shell_purges: u64,
     /// The shell loop's purges per second (`xargs -P 32 curl -X PURGE`).
     pub shell_rate: f64,
     /// cachectl ÷ direct.
     pub ratio_direct: f64,
+    /// cachectl ÷ direct pipelined.
+    pub ratio_direct_pipelined: Option<f64>,
     /// cachectl ÷ shell loop.
     pub ratio_shell: f64,
 }
@@ -118,7 +125,13 @@ pub async fn fanout(
     let cachectl_rate = purges as f64 / (cachectl_ms as f64 / 1000.0);
 
     let per_node = options.worker.per_node_concurrency;
-    let direct = direct_purges(nodes, options.direct_seconds, per_node, options.use_wrk, scratch).await?;
+    let direct = direct_purges(nodes, options.direct_seconds, per_node, 1, options.use_wrk, scratch).await?;
+    let depth = options.worker.pipeline_depth;
+    let direct_pipelined = if options.use_wrk && depth > 1 {
+        Some(direct_purges(nodes, options.direct_seconds, per_node.div_ceil(depth), depth, true, scratch).await?)
+    } else {
+        None
+    };
     let (shell_purges, shell_rate) = shell_loop(nodes, options.shell_purges, scratch)?;
     Ok(FanoutFigures {
         urls,
@@ -128,6 +141,8 @@ pub async fn fanout(
         cachectl_ms,
         cachectl_rate,
         ratio_direct: cachectl_rate / direct.rps,
+        ratio_direct_pipelined: direct_pipelined.as_ref().map(|d| cachectl_rate / d.rps),
+        direct_pipelined,
         ratio_shell: cachectl_rate / shell_rate,
         direct,
         shell_purges,
@@ -178,20 +193,25 @@ async fn insert_task(store_url: &str, urls: u64, created_at: Millis) -> anyhow::
     Ok(task_id)
 }
 
-/// The physical limit: PURGE sent straight to every node at once, `per_node` connections each.
+/// The physical limit: PURGE sent straight to every node at once, `per_node` connections each,
+/// `depth` requests written at a time on each connection (wrk counts every answer).
 async fn direct_purges(
     nodes: &[Varnish],
     seconds: u64,
     per_node: usize,
+    depth: usize,
     use_wrk: bool,
     scratch: &Path,
 ) -> anyhow::Result<LoadFigures> {
     if use_wrk {
-        let script = scratch.join("purge.lua");
+        let script = scratch.join(format!("purge-{depth}.lua"));
         std::fs::write(
             &script,
-            "local counter = 0\nrequest = function()\n  counter = counter + 1\n  \
-             return wrk.format(\"PURGE\", \"/direct/\" .. counter .. \".css\", { [\"Host\"] = \"www.acct00.test\" })\nend\n",
+            format!(
+                "local counter = 0\nrequest = function()\n  local batch = {{}}\n  for i = 1, {depth} do\n    \
+                 counter = counter + 1\n    batch[i] = wrk.format(\"PURGE\", \"/direct/\" .. counter .. \".css\", \
+                 {{ [\"Host\"] = \"www.acct00.test\" }})\n  end\n  return table.concat(batch)\nend\n"
+            ),
         )?;
         let runs: Vec<_> = nodes
             .iter()

@@ -111,6 +111,36 @@ async fn nginx_url_refresh_and_prefetch() {
     assert_eq!(origin.count(host, "/warm.js"), 1);
 }
 
+/// Purges are pipelined (`[worker] pipeline_depth`); nginx closes a kept-alive connection after
+/// `keepalive_requests` answers and drops what was pipelined behind the last one. Those requests
+/// are written again on a new connection: every purge is done once, none waits for a retry.
+#[tokio::test]
+async fn pipelined_purges_survive_nginx_closing_connections() {
+    let origin = Origin::start().await;
+    let nginx = Nginx::start_with(origin.port, &[free_port()], "keepalive_requests 7;").await;
+    let worker = fast_worker("20s").replace("[worker]\n", "[worker]\nper_node_concurrency = 8\npipeline_depth = 4\n");
+    let server =
+        Cachectl::start(&format!("{ACCOUNTS}{worker}{}", edge("n1", "nginx", &nginx.address(0), "edge"))).await;
+    let host = "www.example.com";
+    cache_status(&nginx.address(0), host, "/p/cached.css").await;
+    assert_eq!(cache_status(&nginx.address(0), host, "/p/cached.css").await, "HIT");
+
+    let mut urls: Vec<String> = (0..299).map(|i| format!("http://{host}/p/{i}.css")).collect();
+    urls.push(format!("http://{host}/p/cached.css"));
+    let task = server.submit(REFRESH, json!({ "urls": urls })).await;
+    let items = server.wait_final(REFRESH, task, WAIT).await;
+
+    assert_eq!(items.len(), 300);
+    assert!(items.iter().all(|i| i["status"] == "completed"), "{items:?}");
+    assert_eq!(cache_status(&nginx.address(0), host, "/p/cached.css").await, "MISS");
+    let db = server.db().await;
+    let attempts: Vec<i64> = sqlx::query_scalar("SELECT attempts FROM node_results").fetch_all(&db).await.unwrap();
+    assert_eq!(attempts.len(), 300);
+    assert!(attempts.iter().all(|a| *a == 1), "no purge needed a second attempt: {attempts:?}");
+    let purges = nginx.access_log().iter().filter(|l| l.2 == "PURGE" && l.4.starts_with("/p/")).count();
+    assert_eq!(purges, 300, "each URL purged exactly once; nginx dropped, never answered, the rest");
+}
+
 #[tokio::test]
 async fn nginx_dir_refresh_fails_with_a_reason() {
     let origin = Origin::start().await;

@@ -163,6 +163,11 @@ impl Nginx {
 
     /// nginx with one server per given port.
     pub async fn start_on_ports(origin_port: u16, ports: &[u16]) -> Self {
+        Self::start_with(origin_port, ports, "").await
+    }
+
+    /// nginx with one server per given port and `directives` added to its `http` block.
+    pub async fn start_with(origin_port: u16, ports: &[u16], directives: &str) -> Self {
         let dir = shared_tempdir();
         let shipped = std::fs::read_to_string(repo_root().join("deploy/nginx/cachectl.conf")).unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
@@ -182,7 +187,7 @@ impl Nginx {
             "load_module /usr/lib/nginx/modules/ngx_http_cache_purge_module.so;\n\
              pid logs/nginx.pid;\nworker_processes 1;\nevents {{ worker_connections 1024; }}\n\
              http {{\n    log_format timed '$msec $server_port $request_method $host $request_uri $status';\n\
-             access_log logs/access.log timed;\n{sites}}}\n"
+             access_log logs/access.log timed;\n    {directives}\n{sites}}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         let prefix = format!("{}/", dir.path().display());
