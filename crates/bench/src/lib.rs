@@ -52,6 +52,8 @@ pub struct Options {
     pub ingest_clients: usize,
     /// Run scenario 3 on PostgreSQL too.
     pub postgres: bool,
+    /// `shared_buffers` of the benchmark's PostgreSQL cluster.
+    pub pg_shared_buffers: String,
     /// Use wrk for the direct baseline and the Baishan queries (else the built-in client).
     pub use_wrk: bool,
     /// Worker settings of the servers.
@@ -79,6 +81,7 @@ impl Options {
             ingest_urls: 1_000,
             ingest_clients: 16,
             postgres: true,
+            pg_shared_buffers: "128MB".to_owned(),
             use_wrk: fixtures::have("wrk"),
             worker: WorkerSettings {
                 per_node_concurrency: 32,
@@ -173,7 +176,9 @@ pub async fn run(options: Options, progress: impl Fn(&str)) -> anyhow::Result<Re
     let queries_sqlite = query_backend(&options, &sqlite_url, &edges, &dataset, load, &progress).await?;
     let queries_postgres = if options.postgres {
         progress(&format!("scenario 3 (PostgreSQL): loading {} items", options.load_items));
-        let cluster = cachectl_testkit::PgCluster::start();
+        // PostgreSQL's default shared_buffers (128MB) unless asked otherwise: 2GB measured no
+        // clear difference at 3 M items (BENCHMARKS.md).
+        let cluster = cachectl_testkit::PgCluster::start_with(&[("shared_buffers", &options.pg_shared_buffers)]);
         let pg_url = cluster.database("cachectl_bench").await;
         let load = loader::load_postgres(&pg_url, &dataset).await.context("loading PostgreSQL")?;
         Some(query_backend(&options, &pg_url, &edges, &dataset, load, &progress).await?)

@@ -75,6 +75,9 @@ struct RunFlags {
     /// Skip scenario 3 on PostgreSQL.
     #[arg(long)]
     no_postgres: bool,
+    /// `shared_buffers` of the benchmark's PostgreSQL cluster.
+    #[arg(long, default_value = "128MB")]
+    pg_shared_buffers: String,
     /// Use the built-in load client even when wrk is installed.
     #[arg(long)]
     no_wrk: bool,
@@ -105,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     options.worker.max_items_in_flight = f.max_items_in_flight;
     options.worker.pipeline_depth = f.pipeline_depth;
     options.postgres = !f.no_postgres;
+    options.pg_shared_buffers = f.pg_shared_buffers;
     options.use_wrk = options.use_wrk && !f.no_wrk;
     if !options.use_wrk {
         eprintln!("wrk is not used: the built-in Rust load client measures the direct baseline and the queries");

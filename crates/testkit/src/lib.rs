@@ -45,6 +45,7 @@ pub struct PgCluster {
     pub port: u16,
     bin: PathBuf,
     data: PathBuf,
+    settings: String,
     _dir: tempfile::TempDir,
 }
 
@@ -55,6 +56,15 @@ impl PgCluster {
     /// PostgreSQL is not installed or does not start: the test cannot run.
     #[must_use]
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`PgCluster::start`], with server settings (`("shared_buffers", "2GB")`) added.
+    ///
+    /// # Panics
+    /// PostgreSQL is not installed or does not start: the test cannot run.
+    #[must_use]
+    pub fn start_with(settings: &[(&str, &str)]) -> Self {
         let bin = pg_bin();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let data = dir.path().join("data");
@@ -72,16 +82,18 @@ impl PgCluster {
             .expect("initdb runs");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
-        let cluster = Self { port, bin, data, _dir: dir };
+        let settings = settings.iter().map(|(k, v)| format!(" -c {k}={v}")).collect();
+        let cluster = Self { port, bin, data, settings, _dir: dir };
         cluster.pg_ctl_start();
         cluster
     }
 
     fn pg_ctl_start(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200{}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.settings
         );
         let out = pg_command(&self.bin, "pg_ctl")
             .arg("-D")
