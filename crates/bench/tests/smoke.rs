@@ -27,6 +27,7 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         ingest_urls: 1_000,
         ingest_clients: 2,
         postgres: true,
+        pg_shared_buffers: "128MB".into(),
         use_wrk: false,
         worker: WorkerSettings { per_node_concurrency: 8, pipeline_depth: 4, max_items_in_flight: 256, enabled: true },
     };
