@@ -1,6 +1,6 @@
 //! The SQLite read path of the record queries (Baishan by task and by window, the Baidu record
-//! pages), on `rusqlite` connections in tokio's blocking threads: a query is one hand-off to a
-//! blocking thread and back, however many statements and rows it has. Through sqlx every
+//! pages), on `rusqlite` connections, run in `block_in_place` (see `Readers::run`), however many
+//! statements and rows a query has. Through sqlx every
 //! statement is a message to the connection's worker thread and every row a message back, which
 //! the profile of BENCHMARKS.md showed to be most of a page's cost.
 //!
@@ -60,7 +60,11 @@ impl Readers {
         Ok(Self { pool, permits: Arc::new(Semaphore::new(size as usize)) })
     }
 
-    /// Runs `f` on a connection in a blocking thread.
+    /// Runs `f` on a connection. On a multi-threaded runtime it runs right here, inside
+    /// `block_in_place`: the runtime hands this worker's other tasks to another thread while
+    /// the query runs, so a slow (cold) read stalls nothing, and a fast one costs no hand-off
+    /// to a blocking thread and back (15–25 % more queries a second than `spawn_blocking`,
+    /// BENCHMARKS.md round 4). A current-thread runtime (tests) uses `spawn_blocking`.
     async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -68,12 +72,14 @@ impl Readers {
     {
         let _permit = self.permits.acquire().await.map_err(failed)?;
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || {
+        let query = move || {
             let conn = pool.get().map_err(failed)?;
             f(&conn).map_err(failed)
-        })
-        .await
-        .map_err(failed)?
+        };
+        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            return tokio::task::block_in_place(query);
+        }
+        tokio::task::spawn_blocking(query).await.map_err(failed)?
     }
 
     /// One page of a task's items, newest first, and how many it has.

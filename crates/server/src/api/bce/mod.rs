@@ -277,7 +277,15 @@ struct Time(Millis);
 
 impl serde::Serialize for Time {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format_time(self.0))
+        let text = chrono::DateTime::from_timestamp_millis(self.0).and_then(|t| crate::api::datetime_text(&t, b'T'));
+        match text {
+            Some(text) => {
+                let mut zulu = [b'Z'; 20];
+                zulu[..19].copy_from_slice(&text);
+                serializer.serialize_str(std::str::from_utf8(&zulu).unwrap_or_default())
+            }
+            None => serializer.serialize_str(&format_time(self.0)),
+        }
     }
 }
 
