@@ -125,6 +125,9 @@ async fn run_connection(
     let mut read = BytesMut::with_capacity(16 * 1024);
     let mut write = Vec::with_capacity(16 * 1024);
     let mut open = true;
+    // False once a write failed: the node may still have answered what it had read, so the
+    // connection is read to its end before what it left unanswered is sent again.
+    let mut writable = true;
     loop {
         if waiting.is_empty() && in_flight.is_empty() {
             if !open {
@@ -146,6 +149,7 @@ async fn run_connection(
             match connect(&address, settings.connect_timeout).await {
                 Ok(s) => {
                     read.clear();
+                    writable = true;
                     stream = Some(s);
                 }
                 Err(error) => {
@@ -157,8 +161,12 @@ async fn run_connection(
                 }
             }
         }
+        if !writable && in_flight.is_empty() {
+            stream = None;
+            continue;
+        }
         let Some(conn) = stream.as_mut() else { continue };
-        if !waiting.is_empty() && in_flight.len() < depth {
+        if writable && !waiting.is_empty() && in_flight.len() < depth {
             write.clear();
             while in_flight.len() < depth {
                 let Some(job) = waiting.pop_front() else { break };
@@ -166,15 +174,8 @@ async fn run_connection(
                 in_flight.push_back(job);
             }
             let written = tokio::time::timeout(settings.request_timeout, conn.write_all(&write)).await;
-            let error = match written {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("request error: {e}")),
-                Err(_) => Some(format!("timeout: writing to {address} took over {:?}", settings.request_timeout)),
-            };
-            if let Some(error) = error {
-                stream = None;
-                requeue(&mut in_flight, &mut waiting, &error, &answer);
-                continue;
+            if !matches!(written, Ok(Ok(()))) {
+                writable = false;
             }
         }
         if in_flight.is_empty() {

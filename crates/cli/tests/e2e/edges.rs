@@ -137,8 +137,18 @@ async fn pipelined_purges_survive_nginx_closing_connections() {
     let attempts: Vec<i64> = sqlx::query_scalar("SELECT attempts FROM node_results").fetch_all(&db).await.unwrap();
     assert_eq!(attempts.len(), 300);
     assert!(attempts.iter().all(|a| *a == 1), "no purge needed a second attempt: {attempts:?}");
-    let purges = nginx.access_log().iter().filter(|l| l.2 == "PURGE" && l.4.starts_with("/p/")).count();
-    assert_eq!(purges, 300, "each URL purged exactly once; nginx dropped, never answered, the rest");
+    // What nginx dropped unanswered was sent again and purged once. A request whose answer was
+    // lost with the connection (a reset before it was read) is sent again too, and purged twice:
+    // harmless, and rare.
+    let purged: Vec<String> =
+        nginx.access_log().into_iter().filter(|l| l.2 == "PURGE" && l.4.starts_with("/p/")).map(|l| l.4).collect();
+    let distinct: std::collections::HashSet<&String> = purged.iter().collect();
+    assert_eq!(distinct.len(), 300, "every URL was purged");
+    assert!(
+        purged.len() <= 305,
+        "{} purges for 300 URLs: dropped requests were resent once, not every time",
+        purged.len()
+    );
 }
 
 #[tokio::test]

@@ -110,11 +110,25 @@ pub struct Varnish {
 }
 
 impl Varnish {
+    /// Varnish on a free port. A port found free can be taken by another test's process before
+    /// varnishd binds it (varnishd then exits): up to three tries, each on new ports.
     pub async fn start(origin_port: u16) -> Self {
-        Self::start_on(free_port(), origin_port).await
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(free_port(), origin_port).await {
+                Ok(varnish) => return varnish,
+                Err(e) => errors.push(e),
+            }
+        }
+        panic!("varnishd did not start: {errors:?}");
     }
 
+    /// Varnish on `port` (a node that comes back on its old address).
     pub async fn start_on(port: u16, origin_port: u16) -> Self {
+        Self::try_start(port, origin_port).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn try_start(port: u16, origin_port: u16) -> Result<Self, String> {
         let dir = shared_tempdir();
         let vcl = std::fs::read_to_string(repo_root().join("deploy/varnish/cachectl.vcl")).unwrap();
         let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
@@ -122,6 +136,7 @@ impl Varnish {
         let vcl_path = dir.path().join("cachectl.vcl");
         std::fs::write(&vcl_path, vcl).unwrap();
         std::fs::write(dir.path().join("secret"), "test-secret\n").unwrap();
+        let log = dir.path().join("varnishd.log");
         let admin = free_port();
         let child = Command::new("varnishd")
             .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-T", &format!("127.0.0.1:{admin}")])
@@ -133,12 +148,20 @@ impl Varnish {
             .arg(dir.path().join("work"))
             .args(["-s", "malloc,64m", "-p", "ban_lurker_sleep=0.01"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("varnishd must be installed (scripts/test.sh installs it)");
-        let proc = Proc { child };
-        wait_port(port, "varnishd").await;
-        Self { port, _proc: proc, _dir: dir }
+        let mut proc = Proc { child };
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            let exited = proc.child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("varnishd on {port} ({exited:?} after {:?}): {text}", start.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self { port, _proc: proc, _dir: dir })
     }
 
     pub fn address(&self) -> String {
