@@ -128,6 +128,9 @@ async fn run_connection(
     // False once a write failed: the node may still have answered what it had read, so the
     // connection is read to its end before what it left unanswered is sent again.
     let mut writable = true;
+    // When the oldest unanswered request times out: set when the first goes out, moved on only
+    // by a final answer (not by new requests, interim answers or bytes trickling in).
+    let mut deadline: Option<Instant> = None;
     loop {
         if waiting.is_empty() && in_flight.is_empty() {
             if !open {
@@ -153,7 +156,11 @@ async fn run_connection(
                     stream = Some(s);
                 }
                 Err(error) => {
-                    // Nothing is in flight without a connection: fail what waits, keep the lane.
+                    // Nothing is in flight without a connection: fail what waits and what is
+                    // queued behind it (each would wait for its own connect timeout), keep the lane.
+                    while let Ok(job) = incoming.try_recv() {
+                        waiting.push_back(job);
+                    }
                     for job in waiting.drain(..) {
                         answer(job, Err(error.clone()));
                     }
@@ -166,7 +173,16 @@ async fn run_connection(
             continue;
         }
         let Some(conn) = stream.as_mut() else { continue };
+        if in_flight.is_empty() && !waiting.is_empty() && idle_connection_closed(conn) {
+            // The node closed it (or answered nothing asked, such as a 408) while it was idle:
+            // a new connection, without counting it against the requests.
+            stream = None;
+            continue;
+        }
         if writable && !waiting.is_empty() && in_flight.len() < depth {
+            if in_flight.is_empty() {
+                deadline = Some(Instant::now() + settings.request_timeout);
+            }
             write.clear();
             while in_flight.len() < depth {
                 let Some(job) = waiting.pop_front() else { break };
@@ -181,17 +197,18 @@ async fn run_connection(
         if in_flight.is_empty() {
             continue;
         }
-        let deadline = Instant::now() + settings.request_timeout;
+        let until = *deadline.get_or_insert_with(|| Instant::now() + settings.request_timeout);
         let event = tokio::select! {
             r = conn.read_buf(&mut read) => Event::Read(r),
             job = incoming.recv(), if open && waiting.len() + in_flight.len() < depth => Event::Job(job),
-            () = tokio::time::sleep_until(deadline) => Event::Timeout,
+            () = tokio::time::sleep_until(until) => Event::Timeout,
         };
         match event {
             Event::Job(Some(job)) => waiting.push_back(job),
             Event::Job(None) => open = false,
             Event::Timeout => {
                 stream = None;
+                deadline = None;
                 let error = format!("timeout: no answer from {address} within {:?}", settings.request_timeout);
                 for job in in_flight.drain(..) {
                     answer(job, Err(error.clone()));
@@ -199,6 +216,7 @@ async fn run_connection(
             }
             Event::Read(Err(e)) => {
                 stream = None;
+                deadline = None;
                 requeue(&mut in_flight, &mut waiting, &format!("request error: {e}"), &answer);
             }
             Event::Read(Ok(n)) => {
@@ -211,9 +229,13 @@ async fn run_connection(
                             if parsed.interim {
                                 continue;
                             }
-                            if let Some(job) = in_flight.pop_front() {
-                                answer(job, Ok(parsed.status));
-                            }
+                            let Some(job) = in_flight.pop_front() else {
+                                // An answer to nothing asked: the framing is lost.
+                                closing = true;
+                                break;
+                            };
+                            answer(job, Ok(parsed.status));
+                            deadline = None;
                             if parsed.close {
                                 closing = true;
                                 break;
@@ -241,14 +263,25 @@ async fn run_connection(
                         }
                     }
                 }
+                if in_flight.is_empty() && !read.is_empty() {
+                    // Bytes beyond the last answer would be taken for the next request's answer.
+                    closing = true;
+                }
                 if closing {
                     stream = None;
+                    deadline = None;
                     let error = format!("request error: {address} closed the connection before answering");
                     requeue(&mut in_flight, &mut waiting, &error, &answer);
                 }
             }
         }
     }
+}
+
+/// Whether an idle connection has been closed by the node or holds bytes nobody asked for.
+fn idle_connection_closed(stream: &TcpStream) -> bool {
+    let mut probe = [0_u8; 64];
+    !matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 enum Event {
@@ -309,31 +342,51 @@ fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
         Err(e) => return Err(format!("something that is not an HTTP/1.x answer ({e})")),
     };
     let status = response.code.unwrap_or(0);
-    let mut close = response.version == Some(0);
-    let mut length = None;
-    let mut chunked = false;
+    // HTTP/1.0 closes unless it says keep-alive; `close` anywhere wins.
+    let mut keep_alive = response.version != Some(0);
+    let mut close = false;
+    let mut length: Option<usize> = None;
+    // Transfer-Encoding: None without one; Some(true) when chunked comes last.
+    let mut encoding: Option<bool> = None;
     for header in response.headers.iter() {
+        let value = String::from_utf8_lossy(header.value);
         if header.name.eq_ignore_ascii_case("connection") {
-            let value = String::from_utf8_lossy(header.value);
             for token in value.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") {
-                    close = false;
-                }
+                close |= token.eq_ignore_ascii_case("close");
+                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
             }
         } else if header.name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
-            length = Some(value.ok_or("an invalid Content-Length")?);
+            let value = value.trim();
+            let n = value
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| value.parse::<usize>().ok())
+                .flatten()
+                .ok_or("an invalid Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("two different Content-Lengths".to_owned());
+            }
+            length = Some(n);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = String::from_utf8_lossy(header.value).to_ascii_lowercase().trim_end().ends_with("chunked");
+            let last = value.rsplit(',').next().map(str::trim).unwrap_or_default();
+            encoding = Some(last.eq_ignore_ascii_case("chunked"));
         }
     }
+    let mut close = close || !keep_alive;
     let interim = (100..200).contains(&status);
     let body = if interim || status == 204 || status == 304 {
         Some(0)
-    } else if chunked {
-        chunked_length(&buf[head..])?
+    } else if let Some(chunked) = encoding {
+        // With a Content-Length too the message is suspect (RFC 9112 §6.3): used once, then closed.
+        close |= length.is_some();
+        if chunked {
+            chunked_length(&buf[head..])?
+        } else if eof {
+            close = true;
+            Some(buf.len() - head)
+        } else {
+            None
+        }
     } else if let Some(n) = length {
         (buf.len() - head >= n).then_some(n)
     } else if eof {
@@ -348,8 +401,14 @@ fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
 /// The length of a chunked body (chunks, last chunk, trailers) at the start of `buf`, or `None`
 /// until all of it is there.
 fn chunked_length(buf: &[u8]) -> Result<Option<usize>, String> {
+    let invalid = || "an invalid chunked body".to_owned();
     let mut at = 0;
     loop {
+        match buf.get(at) {
+            None => return Ok(None),
+            Some(b) if !b.is_ascii_hexdigit() => return Err(invalid()),
+            Some(_) => {}
+        }
         match httparse::parse_chunk_size(&buf[at..]) {
             Ok(httparse::Status::Complete((n, 0))) => {
                 at += n;
@@ -363,15 +422,19 @@ fn chunked_length(buf: &[u8]) -> Result<Option<usize>, String> {
                 }
             }
             Ok(httparse::Status::Complete((n, size))) => {
-                let size = usize::try_from(size).map_err(|_| "a chunk too large")?;
-                let next = at.saturating_add(n).saturating_add(size).saturating_add(2);
+                let size = usize::try_from(size).map_err(|_| invalid())?;
+                let data_end = at.saturating_add(n).saturating_add(size);
+                let next = data_end.saturating_add(2);
                 if next > buf.len() {
                     return Ok(None);
+                }
+                if &buf[data_end..next] != b"\r\n" {
+                    return Err(invalid());
                 }
                 at = next;
             }
             Ok(httparse::Status::Partial) => return Ok(None),
-            Err(_) => return Err("an invalid chunked body".to_owned()),
+            Err(_) => return Err(invalid()),
         }
     }
 }
@@ -392,7 +455,12 @@ pub fn request_bytes(method: &str, target: &str, host: &str, headers: &[(&str, S
         request.extend_from_slice(part.as_bytes());
     }
     for (name, v) in headers {
-        if !token(name) || !value(v) {
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        let framing = ["host", "content-length", "transfer-encoding", "connection"];
+        if name.is_empty() || !name.bytes().all(tchar) || framing.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+            return Err(format!("cannot send header {name:?}: not a header a purge may carry"));
+        }
+        if !value(v) {
             return Err(format!("cannot send header {name}: invalid characters"));
         }
         for part in [*name, ": ", v.as_str(), "\r\n"] {
@@ -434,6 +502,30 @@ mod tests {
         assert!(parse_answer(b"HTTP/1.1 100 Continue\r\n\r\n", false).unwrap().unwrap().interim);
         assert!(parse_answer(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", false).is_err());
+        let two = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nokk";
+        assert!(parse_answer(two, false).is_err(), "two different lengths");
+        let same = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
+        assert_eq!(parse_answer(same, false).unwrap().unwrap().length, same.len());
+        // Chunk data must end with CRLF; a size line must start with a hex digit.
+        assert!(
+            parse_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n", false).is_err()
+        );
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\n", false).is_err());
+        // Chunked with a length too: framed by the chunks, and the connection is not reused.
+        let both = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_answer(both, false).unwrap(),
+            Some(Parsed { status: 200, length: both.len(), close: true, interim: false })
+        );
+        // Another transfer coding last: the body ends with the connection.
+        let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz";
+        assert_eq!(parse_answer(gzip, false).unwrap(), None);
+        assert!(parse_answer(gzip, true).unwrap().unwrap().close);
+        let mixed = b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse_answer(mixed, false).unwrap().unwrap().close, "close wins");
+        let old_keep = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
+        assert!(!parse_answer(old_keep, false).unwrap().unwrap().close);
     }
 
     #[test]
@@ -443,6 +535,8 @@ mod tests {
         assert!(request_bytes("PURGE", "/a b", "h", &[]).is_err());
         assert!(request_bytes("PURGE", "/a", "h\r\nx: y", &[]).is_err());
         assert!(request_bytes("PURGE", "/a", "h", &[("x", "a\r\nb".into())]).is_err());
+        assert!(request_bytes("PURGE", "/a", "h", &[("x:y", "1".into())]).is_err());
+        assert!(request_bytes("PURGE", "/a", "h", &[("Content-Length", "5".into())]).is_err());
     }
 
     /// A node that answers `per_connection` requests per connection, then closes it the way
@@ -547,5 +641,70 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), usize::from(MAX_RESENDS) + 1, "one write and two resends");
+    }
+
+    /// A node that answers every request, and 100 ms after each answer, if nothing more came,
+    /// sends an unasked 408 and closes (as a proxy's idle timeout does).
+    async fn node_timing_out_idle_connections() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = tokio::io::BufReader::new(read).lines();
+                    loop {
+                        match tokio::time::timeout(Duration::from_millis(100), lines.next_line()).await {
+                            Ok(Ok(Some(line))) if line.is_empty() => {
+                                let _ = write.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                            }
+                            Ok(Ok(Some(_))) => {}
+                            Ok(_) => return,
+                            Err(_) => {
+                                let _ = write
+                                    .write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                                    .await;
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_node_gave_up_is_not_reused() {
+        let address = node_timing_out_idle_connections().await;
+        let lane = Lane::spawn(&address, settings(1, 4));
+        let request = request_bytes("PURGE", "/x", "h", &[]).unwrap();
+        assert_eq!(lane.send(request.clone()).await, Ok(200));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(lane.send(request).await, Ok(200), "not the 408 sent to nobody");
+    }
+
+    #[tokio::test]
+    async fn interim_answers_do_not_extend_the_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    while stream.write_all(b"HTTP/1.1 102 Processing\r\n\r\n").await.is_ok() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+            }
+        });
+        let mut quick = settings(1, 4);
+        quick.request_timeout = Duration::from_millis(300);
+        let lane = Lane::spawn(&address, quick);
+        let send = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap());
+        let error = tokio::time::timeout(Duration::from_secs(5), send)
+            .await
+            .expect("the request times out instead of waiting on interim answers")
+            .unwrap_err();
+        assert!(error.starts_with("timeout:"), "{error}");
     }
 }
