@@ -128,8 +128,9 @@ async fn run_connection(
     // False once a write failed: the node may still have answered what it had read, so the
     // connection is read to its end before what it left unanswered is sent again.
     let mut writable = true;
-    // When the oldest unanswered request times out: set when the first goes out, moved on only
-    // by a final answer (not by new requests, interim answers or bytes trickling in).
+    // When the oldest unanswered request times out: set when the first goes out on an empty
+    // connection, moved on only by a final answer (not by new requests, interim answers or bytes
+    // trickling in). A lost connection leaves nothing in flight, so the next write sets it anew.
     let mut deadline: Option<Instant> = None;
     loop {
         if waiting.is_empty() && in_flight.is_empty() {
@@ -161,9 +162,7 @@ async fn run_connection(
                     while let Ok(job) = incoming.try_recv() {
                         waiting.push_back(job);
                     }
-                    for job in waiting.drain(..) {
-                        answer(job, Err(error.clone()));
-                    }
+                    fail(&mut waiting, &error, &answer);
                     continue;
                 }
             }
@@ -208,15 +207,11 @@ async fn run_connection(
             Event::Job(None) => open = false,
             Event::Timeout => {
                 stream = None;
-                deadline = None;
                 let error = format!("timeout: no answer from {address} within {:?}", settings.request_timeout);
-                for job in in_flight.drain(..) {
-                    answer(job, Err(error.clone()));
-                }
+                fail(&mut in_flight, &error, &answer);
             }
             Event::Read(Err(e)) => {
                 stream = None;
-                deadline = None;
                 requeue(&mut in_flight, &mut waiting, &format!("request error: {e}"), &answer);
             }
             Event::Read(Ok(n)) => {
@@ -247,18 +242,13 @@ async fn run_connection(
                         Ok(None) if read.len() > MAX_ANSWER => {
                             closing = true;
                             let error = format!("request error: an answer from {address} exceeds {MAX_ANSWER} bytes");
-                            for job in in_flight.drain(..) {
-                                answer(job, Err(error.clone()));
-                            }
+                            fail(&mut in_flight, &error, &answer);
                             break;
                         }
                         Ok(None) => break,
                         Err(e) => {
                             closing = true;
-                            let error = format!("request error: {address} answered {e}");
-                            for job in in_flight.drain(..) {
-                                answer(job, Err(error.clone()));
-                            }
+                            fail(&mut in_flight, &format!("request error: {address} answered {e}"), &answer);
                             break;
                         }
                     }
@@ -269,7 +259,6 @@ async fn run_connection(
                 }
                 if closing {
                     stream = None;
-                    deadline = None;
                     let error = format!("request error: {address} closed the connection before answering");
                     requeue(&mut in_flight, &mut waiting, &error, &answer);
                 }
@@ -288,6 +277,13 @@ enum Event {
     Read(std::io::Result<usize>),
     Job(Option<Job>),
     Timeout,
+}
+
+/// Answers `error` to every request of `queue`.
+fn fail(queue: &mut VecDeque<Job>, error: &str, answer: &impl Fn(Job, Result<u16, TransportError>)) {
+    for job in queue.drain(..) {
+        answer(job, Err(error.to_owned()));
+    }
 }
 
 /// Puts the unanswered requests of a lost connection back in front of the queue, in order, or
@@ -539,38 +535,49 @@ mod tests {
         assert!(request_bytes("PURGE", "/a", "h", &[("Content-Length", "5".into())]).is_err());
     }
 
-    /// A node that answers `per_connection` requests per connection, then closes it the way
-    /// nginx does at its keep-alive limit, answering requests pipelined after the limit never.
-    async fn closing_node(per_connection: usize) -> (String, Arc<AtomicUsize>) {
+    /// A node on a free port that runs `serve` on every connection it accepts; returns its
+    /// address and how many connections it accepted.
+    async fn node<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let count = connections.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (read, mut write) = stream.into_split();
-                    let mut lines = tokio::io::BufReader::new(read).lines();
-                    let mut answered = 0;
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        if !line.is_empty() {
-                            continue;
-                        }
-                        answered += 1;
-                        let last = answered == per_connection;
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{}\r\nok",
-                            if last { "Connection: close\r\n" } else { "" }
-                        );
-                        if write.write_all(answer.as_bytes()).await.is_err() || last {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(serve(stream));
             }
         });
-        (address, connections)
+        (address, accepted)
+    }
+
+    /// A node that answers `per_connection` requests per connection, then closes it the way
+    /// nginx does at its keep-alive limit, answering requests pipelined after the limit never.
+    async fn closing_node(per_connection: usize) -> (String, Arc<AtomicUsize>) {
+        node(move |stream| async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            let mut answered = 0;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if !line.is_empty() {
+                    continue;
+                }
+                answered += 1;
+                let last = answered == per_connection;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{}\r\nok",
+                    if last { "Connection: close\r\n" } else { "" }
+                );
+                if write.write_all(answer.as_bytes()).await.is_err() || last {
+                    return;
+                }
+            }
+        })
+        .await
     }
 
     fn settings(connections: usize, depth: usize) -> LaneSettings {
@@ -603,14 +610,11 @@ mod tests {
         assert!(error.starts_with("connect error:"), "{error}");
 
         // A node that accepts and never answers.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let mut kept = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                kept.push(stream);
-            }
-        });
+        let (address, _) = node(|stream| async move {
+            std::future::pending::<()>().await;
+            drop(stream);
+        })
+        .await;
         let mut quick = settings(1, 4);
         quick.request_timeout = Duration::from_millis(200);
         let lane = Lane::spawn(&address, quick);
@@ -620,16 +624,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_that_closes_at_once_fails_after_the_resends() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                drop(stream);
-            }
-        });
+        let (address, accepted) = node(|stream| async move { drop(stream) }).await;
         let lane = Lane::spawn(&address, settings(1, 4));
         let error = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
         assert!(error.starts_with("request error:"), "{error}");
@@ -646,31 +641,28 @@ mod tests {
     /// A node that answers every request, and 100 ms after each answer, if nothing more came,
     /// sends an unasked 408 and closes (as a proxy's idle timeout does).
     async fn node_timing_out_idle_connections() -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (read, mut write) = stream.into_split();
-                    let mut lines = tokio::io::BufReader::new(read).lines();
-                    loop {
-                        match tokio::time::timeout(Duration::from_millis(100), lines.next_line()).await {
-                            Ok(Ok(Some(line))) if line.is_empty() => {
-                                let _ = write.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
-                            }
-                            Ok(Ok(Some(_))) => {}
-                            Ok(_) => return,
-                            Err(_) => {
-                                let _ = write
-                                    .write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-                                    .await;
-                                return;
-                            }
-                        }
+        let (address, _) = node(|stream| async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            loop {
+                match tokio::time::timeout(Duration::from_millis(100), lines.next_line()).await {
+                    Ok(Ok(Some(line))) if line.is_empty() => {
+                        let _ = write.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
                     }
-                });
+                    Ok(Ok(Some(_))) => {}
+                    Ok(_) => return,
+                    Err(_) => {
+                        let _ = write
+                            .write_all(
+                                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                            )
+                            .await;
+                        return;
+                    }
+                }
             }
-        });
+        })
+        .await;
         address
     }
 
@@ -686,17 +678,12 @@ mod tests {
 
     #[tokio::test]
     async fn interim_answers_do_not_extend_the_timeout() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    while stream.write_all(b"HTTP/1.1 102 Processing\r\n\r\n").await.is_ok() {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                });
+        let (address, _) = node(|mut stream| async move {
+            while stream.write_all(b"HTTP/1.1 102 Processing\r\n\r\n").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-        });
+        })
+        .await;
         let mut quick = settings(1, 4);
         quick.request_timeout = Duration::from_millis(300);
         let lane = Lane::spawn(&address, quick);

@@ -510,19 +510,8 @@ struct Time(Millis, FixedOffset);
 
 impl std::fmt::Display for Time {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use chrono::{Datelike, Timelike};
-        // Written field by field: chrono's `format` parses its pattern on every call.
         match self.1.timestamp_millis_opt(self.0).single() {
-            Some(t) => write!(
-                f,
-                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-                t.year(),
-                t.month(),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            ),
+            Some(t) => super::write_datetime(f, &t, b' '),
             None => Ok(()),
         }
     }

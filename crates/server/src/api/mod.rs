@@ -72,6 +72,28 @@ pub(crate) fn datetime_text(t: &(impl chrono::Datelike + chrono::Timelike), sepa
     Some(out)
 }
 
+/// Writes `t` as [`datetime_text`] does, through the padded formatter for the years it cannot.
+pub(crate) fn write_datetime(
+    out: &mut impl std::fmt::Write,
+    t: &(impl chrono::Datelike + chrono::Timelike),
+    separator: u8,
+) -> std::fmt::Result {
+    if let Some(text) = datetime_text(t, separator) {
+        return out.write_str(std::str::from_utf8(&text).unwrap_or_default());
+    }
+    write!(
+        out,
+        "{:04}-{:02}-{:02}{}{:02}:{:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        char::from(separator),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
 /// Milliseconds since the epoch, now.
 #[must_use]
 pub fn now_ms() -> Millis {

@@ -188,10 +188,11 @@ impl Params {
 
 /// RFC 3339 UTC, as the Baidu dialects print times.
 fn format_time(ms: Millis) -> String {
-    use chrono::{Datelike, Timelike};
-    // Formatted by hand: chrono's `format` parses its pattern on every call.
     chrono::DateTime::from_timestamp_millis(ms).map_or_else(String::new, |t| {
-        format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", t.year(), t.month(), t.day(), t.hour(), t.minute(), t.second())
+        let mut text = String::with_capacity(20);
+        let _ = crate::api::write_datetime(&mut text, &t, b'T');
+        text.push('Z');
+        text
     })
 }
 
