@@ -68,7 +68,10 @@ impl GeoWindow {
     }
 
     /// One signed page request; returns (records on the page, next marker).
-    async fn page(&self, client: &reqwest::Client, marker: Option<&str>) -> anyhow::Result<(u64, Option<String>)> {
+    ///
+    /// # Errors
+    /// The request fails or is refused.
+    pub async fn page(&self, client: &reqwest::Client, marker: Option<&str>) -> anyhow::Result<(u64, Option<String>)> {
         let (path_and_query, headers) = self.signed(marker);
         let mut request = client.get(format!("http://127.0.0.1:{}{path_and_query}", self.port));
         for (name, value) in headers {

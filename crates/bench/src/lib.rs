@@ -7,6 +7,7 @@ pub mod fixtures;
 pub mod geo;
 pub mod load;
 pub mod loader;
+pub mod pgbench;
 pub mod report;
 pub mod scenarios;
 
@@ -173,7 +174,7 @@ pub async fn run(options: Options, progress: impl Fn(&str)) -> anyhow::Result<Re
     progress(&format!("scenario 3 (SQLite): loading {} items", options.load_items));
     let sqlite_url = format!("sqlite://{}", scratch.path().join("loaded.db").display());
     let load = loader::load_sqlite(&sqlite_url, &dataset).await.context("loading SQLite")?;
-    let queries_sqlite = query_backend(&options, &sqlite_url, &edges, &dataset, load, &progress).await?;
+    let queries_sqlite = query_backend(&options, &sqlite_url, &edges, &dataset, load, None, &progress).await?;
     let queries_postgres = if options.postgres {
         progress(&format!("scenario 3 (PostgreSQL): loading {} items", options.load_items));
         // PostgreSQL's default shared_buffers (128MB) unless asked otherwise: 2GB measured no
@@ -181,7 +182,9 @@ pub async fn run(options: Options, progress: impl Fn(&str)) -> anyhow::Result<Re
         let cluster = cachectl_testkit::PgCluster::start_with(&[("shared_buffers", &options.pg_shared_buffers)]);
         let pg_url = cluster.database("cachectl_bench").await;
         let load = loader::load_postgres(&pg_url, &dataset).await.context("loading PostgreSQL")?;
-        Some(query_backend(&options, &pg_url, &edges, &dataset, load, &progress).await?)
+        let baseline =
+            pgbench::Baseline { url: pg_url.clone(), log: cluster.log_file(), pgbench: cluster.tool("pgbench") };
+        Some(query_backend(&options, &pg_url, &edges, &dataset, load, Some(&baseline), &progress).await?)
     } else {
         None
     };
@@ -208,14 +211,21 @@ async fn query_backend(
     edges: &[String],
     dataset: &Dataset,
     load: loader::LoadFigures,
+    baseline: Option<&pgbench::Baseline>,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<scenarios::QueryBackendFigures> {
     progress(&format!("  loaded in {:.1} s; querying with {} clients", load.seconds, options.query_connections));
     let server = Server::start(&options.server_exe, store_url, options.accounts, edges, options.worker).await?;
-    let queries =
-        scenarios::queries(&server, dataset, options.query_connections, options.query_seconds, options.use_wrk)
-            .await
-            .with_context(|| format!("scenario 3 on {}", load.backend))?;
+    let queries = scenarios::queries(
+        &server,
+        dataset,
+        options.query_connections,
+        options.query_seconds,
+        options.use_wrk,
+        baseline,
+    )
+    .await
+    .with_context(|| format!("scenario 3 on {}", load.backend))?;
     Ok(scenarios::QueryBackendFigures { load, queries, peak_rss_mib: server.peak_rss_mib() })
 }
 

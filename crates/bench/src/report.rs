@@ -185,6 +185,17 @@ pub fn table(r: &Results) -> String {
             if let Some((pages, first, last)) = query.walk {
                 let _ = writeln!(s, "    one walk: {pages} pages, first page {first:.2} ms, last page {last:.2} ms");
             }
+            if let Some(alone) = &query.database_alone {
+                let _ = writeln!(
+                    s,
+                    "    PostgreSQL alone (pgbench, its statements, {} clients): {:.0} q/s, p50 {:.2} ms, p99 {:.2} ms; cachectl {:.0}% of it",
+                    alone.load.connections,
+                    alone.load.rps,
+                    alone.load.p50_ms,
+                    alone.load.p99_ms,
+                    alone.ratio * 100.0
+                );
+            }
         }
     }
     let _ = writeln!(s, "\n{:<24} {:<52} {:<40} {:<16} met", "scenario", "figure", "value", "target");

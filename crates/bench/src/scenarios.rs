@@ -432,6 +432,41 @@ pub struct QueryFigures {
     pub unloaded_p50_ms: f64,
     /// GEO only: pages in one walk, and the first and the last page's time, ms.
     pub walk: Option<(usize, f64, f64)>,
+    /// PostgreSQL only: the database alone answering the statements of this query.
+    pub database_alone: Option<DatabaseAlone>,
+}
+
+/// The statements the server ran for one query, replayed straight to PostgreSQL by pgbench
+/// with the same number of clients (`crate::pgbench`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseAlone {
+    /// The pgbench script: one run of it is one query answered.
+    pub script: String,
+    /// pgbench's figures.
+    pub load: LoadFigures,
+    /// The server's rate ÷ pgbench's.
+    pub ratio: f64,
+}
+
+/// Captures the statements `request` makes the database run and replays them with pgbench
+/// after the server's own load.
+async fn database_alone<F, Fut>(
+    baseline: Option<&crate::pgbench::Baseline>,
+    request: F,
+    connections: usize,
+    seconds: u64,
+    server_rps: f64,
+) -> anyhow::Result<Option<DatabaseAlone>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let Some(baseline) = baseline else { return Ok(None) };
+    let script = baseline.capture(request).await?.context("the query ran no statement in the database")?;
+    let (b, s) = (baseline.clone(), script.clone());
+    let load = tokio::task::spawn_blocking(move || b.run(&s, connections, seconds)).await??;
+    let ratio = server_rps / load.rps;
+    Ok(Some(DatabaseAlone { script, load, ratio }))
 }
 
 /// The median time of `n` sequential GETs of `url`, ms.
@@ -479,6 +514,7 @@ pub async fn queries(
     connections: usize,
     seconds: u64,
     use_wrk: bool,
+    baseline: Option<&crate::pgbench::Baseline>,
 ) -> anyhow::Result<Vec<QueryFigures>> {
     let client = http()?;
     // A 7-day window ending two Baishan days before the last task: inside the data, whole days.
@@ -526,6 +562,18 @@ pub async fn queries(
             rust_load(connections, Duration::from_secs(seconds), Arc::new(move |c, _| c.get(&target))).await?
         };
         let ratio = out.first().map_or(1.0, |h| load.rps / h.load.rps);
+        let alone = if name == "healthz" {
+            None
+        } else {
+            let (client, url) = (&client, server.url(&request));
+            let url = url.as_str();
+            let get = || async move {
+                let response = client.get(url).send().await?;
+                ensure!(response.status().is_success(), "GET {url}: {}", response.status());
+                Ok(())
+            };
+            database_alone(baseline, get, connections, seconds, load.rps).await?
+        };
         out.push(QueryFigures {
             name: name.into(),
             request,
@@ -536,6 +584,7 @@ pub async fn queries(
             ratio_healthz: ratio,
             unloaded_p50_ms,
             walk: None,
+            database_alone: alone,
         });
     }
     // GEO: the same seven days of account 0 through every page (markers), signed requests.
@@ -554,6 +603,13 @@ pub async fn queries(
         geo.load(connections, Duration::from_secs(seconds)).await?
     };
     let ratio = load.rps / out[0].load.rps;
+    let middle = markers.get(markers.len() / 2).cloned().flatten();
+    let (geo_ref, client_ref) = (&geo, &client);
+    let page = || {
+        let marker = middle.clone();
+        async move { geo_ref.page(client_ref, marker.as_deref()).await.map(|_| ()) }
+    };
+    let alone = database_alone(baseline, page, connections, seconds, load.rps).await?;
     out.push(QueryFigures {
         name: "geo: 7-day window, every page by marker".into(),
         request: geo.describe(),
@@ -564,6 +620,7 @@ pub async fn queries(
         ratio_healthz: ratio,
         unloaded_p50_ms: percentile_ms(&pages, 0.5),
         walk: Some((page_count, first, last)),
+        database_alone: alone,
     });
     Ok(out)
 }

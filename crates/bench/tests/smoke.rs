@@ -1,7 +1,7 @@
 //! The harness's smoke run: every scenario at tiny sizes, so that CI builds and exercises the
 //! benchmark and it cannot rot. It asserts that each scenario produced figures and that every
 //! query's `total` was exact — never a speed. It needs Varnish, PostgreSQL, curl and xargs (as
-//! the e2e suite does), not wrk: the built-in Rust client drives the direct baseline and the
+//! the e2e suite does, and pgbench, which comes with PostgreSQL), not wrk: the built-in Rust client drives the direct baseline and the
 //! queries here.
 
 use cachectl_bench::fixtures::WorkerSettings;
@@ -59,5 +59,20 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         );
         assert!(backend.peak_rss_mib > 0.0);
     }
+    // The PostgreSQL-alone baseline: every query's statements were captured from the cluster's
+    // log and replayed by pgbench; none on SQLite.
+    for q in &pg.queries[1..] {
+        let alone = q.database_alone.as_ref().unwrap_or_else(|| panic!("{}: no PostgreSQL-alone figures", q.name));
+        assert!(
+            alone.script.contains("FROM items"),
+            "{}: the captured statements read items: {}",
+            q.name,
+            alone.script
+        );
+        assert!(!alone.script.contains('$'), "{}: every parameter written in: {}", q.name, alone.script);
+        assert!(alone.load.requests > 0 && alone.load.rps > 0.0, "{}: pgbench ran: {alone:?}", q.name);
+        assert_eq!(alone.load.errors, 0, "{}: pgbench's transactions all succeeded", q.name);
+    }
+    assert!(results.queries_sqlite.queries.iter().all(|q| q.database_alone.is_none()));
     assert!(!results.targets.is_empty());
 }

@@ -125,6 +125,19 @@ impl PgCluster {
         self.pg_ctl_start();
     }
 
+    /// The cluster's server log (`pg_ctl -l`).
+    #[must_use]
+    pub fn log_file(&self) -> PathBuf {
+        self.data.join("server.log")
+    }
+
+    /// One of the cluster's own PostgreSQL programs (`pgbench`, `psql`), from the same
+    /// installation as its server.
+    #[must_use]
+    pub fn tool(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
     /// A fresh, empty database in this cluster; returns its URL.
     ///
     /// # Panics
