@@ -391,6 +391,11 @@ fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
     } else {
         None
     };
+    if body.is_none() && eof {
+        // The node closed in the middle of the body: the status came, so the request was
+        // handled; it is answered with that status instead of being sent again.
+        return Ok(Some(Parsed { status, length: buf.len(), close: true, interim }));
+    }
     Ok(body.map(|body| Parsed { status, length: head + body, close, interim }))
 }
 
@@ -481,12 +486,18 @@ mod tests {
             Some(Parsed { status: 200, length: ok.len(), close: false, interim: false })
         );
         assert_eq!(parse_answer(&ok[..ok.len() - 1], false).unwrap(), None);
+        // Closed in the middle of the body: the status stands, and the connection ends.
+        assert_eq!(
+            parse_answer(&ok[..ok.len() - 1], true).unwrap(),
+            Some(Parsed { status: 200, length: ok.len() - 1, close: true, interim: false })
+        );
         let two = [&ok[..], b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"].concat();
         assert_eq!(parse_answer(&two, false).unwrap().unwrap().length, ok.len());
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\nREST";
         let parsed = parse_answer(chunked, false).unwrap().unwrap();
         assert_eq!(parsed.length, chunked.len() - 4);
         assert_eq!(parse_answer(&chunked[..chunked.len() - 6], false).unwrap(), None);
+        assert_eq!(parse_answer(&chunked[..chunked.len() - 6], true).unwrap().unwrap().status, 200);
         let close = b"HTTP/1.1 412 Precondition Failed\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
         assert!(parse_answer(close, false).unwrap().unwrap().close);
         let until_eof = b"HTTP/1.0 200 OK\r\n\r\nbody";
@@ -636,6 +647,26 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), usize::from(MAX_RESENDS) + 1, "one write and two resends");
+    }
+
+    #[tokio::test]
+    async fn a_status_cut_off_in_its_body_is_the_answer() {
+        // Answers the first request with a status and half its body, then closes.
+        let (address, accepted) = node(|stream| async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.is_empty() {
+                    let _ = write.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nmiss").await;
+                    return;
+                }
+            }
+        })
+        .await;
+        let lane = Lane::spawn(&address, settings(1, 4));
+        let answer = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await;
+        assert_eq!(answer, Ok(404), "the node handled the request and said so");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
     }
 
     /// A node that answers every request, and 100 ms after each answer, if nothing more came,
