@@ -1,32 +1,38 @@
 //! The SQLite read path of the record queries (Baishan by task and by window, the Baidu record
-//! pages), on `rusqlite` connections, run in `block_in_place` (see `Readers::run`), however many
-//! statements and rows a query has. Through sqlx every
-//! statement is a message to the connection's worker thread and every row a message back, which
-//! the profile of BENCHMARKS.md showed to be most of a page's cost.
+//! pages), on `rusqlite` connections, each owned by a reader thread of its own (see `Readers`),
+//! however many statements and rows a query has. Through sqlx every statement is a message to
+//! the connection's worker thread and every row a message back, which the profile of
+//! BENCHMARKS.md showed to be most of a page's cost.
 //!
 //! The statements are the ones `SqliteStore::explain` checks (`statements` in `sqlite.rs`);
 //! writes stay on sqlx's single writer connection.
 
 use crate::rows::ITEM_COLUMNS;
 use cachectl_core::{Item, Kind, Millis, RecordQuery, StoreError, StoreResult, WindowQuery};
-use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::OpenFlags;
 use rusqlite::types::Value;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 
-/// A pool of read-only connections and as many permits: a query waits for a connection on the
-/// async side, so blocking threads never queue inside the pool.
+/// A query for a reader thread: it runs on that thread's connection.
+type Job = Box<dyn FnOnce(&rusqlite::Connection) + Send>;
+
+/// Reader threads, each with its own read-only connection, taking queries from one queue.
+/// Dropping the last clone closes the queue and the threads end.
+///
+/// Threads of their own rather than the runtime's: `spawn_blocking` costs a blocking-pool
+/// hand-off per query, `block_in_place` a worker hand-off (its locks and thread wake-ups were
+/// 12 % of the query profile), and running on a worker unannounced would let a cold read stall
+/// it. Under load the reader threads take one query after another without sleeping (+15–50 %
+/// queries a second over `block_in_place`, BENCHMARKS.md round 5).
 #[derive(Clone)]
 pub(crate) struct Readers {
-    pool: r2d2::Pool<SqliteConnectionManager>,
-    permits: Arc<Semaphore>,
+    jobs: flume::Sender<Job>,
+    threads: u32,
 }
 
 impl std::fmt::Debug for Readers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Readers").field("connections", &self.pool.max_size()).finish_non_exhaustive()
+        f.debug_struct("Readers").field("threads", &self.threads).finish_non_exhaustive()
     }
 }
 
@@ -36,50 +42,50 @@ fn failed(e: impl std::fmt::Display) -> StoreError {
 
 impl Readers {
     /// Opens `size` read-only connections to the database file `filename` (a shared-cache
-    /// in-memory database when `in_memory`, as sqlx names it).
+    /// in-memory database when `in_memory`, as sqlx names it), each on a thread of its own.
     pub(crate) fn open(filename: &std::path::Path, in_memory: bool, size: u32) -> StoreResult<Self> {
         let mut flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         if in_memory {
             flags |= OpenFlags::SQLITE_OPEN_MEMORY | OpenFlags::SQLITE_OPEN_SHARED_CACHE;
         }
-        let manager = SqliteConnectionManager::file(filename).with_flags(flags).with_init(|c| {
-            c.set_prepared_statement_cache_capacity(64);
+        let (jobs, queue) = flume::unbounded::<Job>();
+        for i in 0..size {
+            let conn = rusqlite::Connection::open_with_flags(filename, flags).map_err(failed)?;
+            conn.set_prepared_statement_cache_capacity(64);
             // 16 MiB of page cache per connection (SQLite's default is 2 MiB): the index pages a
             // query walks stay in the connection instead of being read again from the OS.
-            c.pragma_update(None, "cache_size", -16_384)?;
-            c.busy_timeout(Duration::from_secs(10))
-        });
-        let pool = r2d2::Pool::builder()
-            .max_size(size)
-            .min_idle(Some(size))
-            // Checked when created; a read-only connection to a local file does not go stale.
-            .test_on_check_out(false)
-            .connection_timeout(Duration::from_secs(10))
-            .build(manager)
-            .map_err(failed)?;
-        Ok(Self { pool, permits: Arc::new(Semaphore::new(size as usize)) })
+            conn.pragma_update(None, "cache_size", -16_384).map_err(failed)?;
+            conn.busy_timeout(Duration::from_secs(10)).map_err(failed)?;
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("sqlite-reader-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = queue.recv() {
+                        // A panic fails that one query (its answer channel is dropped), not
+                        // the thread.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn)));
+                    }
+                })
+                .map_err(failed)?;
+        }
+        Ok(Self { jobs, threads: size })
     }
 
-    /// Runs `f` on a connection. On a multi-threaded runtime it runs right here, inside
-    /// `block_in_place`: the runtime hands this worker's other tasks to another thread while
-    /// the query runs, so a slow (cold) read stalls nothing, and a fast one costs no hand-off
-    /// to a blocking thread and back (15–25 % more queries a second than `spawn_blocking`,
-    /// BENCHMARKS.md round 4). A current-thread runtime (tests) uses `spawn_blocking`.
+    /// Runs `f` on the connection of the next free reader thread. Queries wait in the queue,
+    /// never on the runtime's threads; under load the reader threads take one query after the
+    /// other without sleeping in between.
     async fn run<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let _permit = self.permits.acquire().await.map_err(failed)?;
-        let pool = self.pool.clone();
-        let query = move || {
-            let conn = pool.get().map_err(failed)?;
-            f(&conn).map_err(failed)
-        };
-        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            return tokio::task::block_in_place(query);
-        }
-        tokio::task::spawn_blocking(query).await.map_err(failed)?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn| {
+                let _ = tx.send(f(conn).map_err(failed));
+            }))
+            .map_err(|_| failed("the SQLite reader threads have stopped"))?;
+        rx.await.map_err(|_| failed("a SQLite reader thread stopped during a query"))?
     }
 
     /// One page of a task's items, newest first, and how many it has.
