@@ -12,9 +12,12 @@ use cachectl_core::{
     StoreResult, TaskFilter, TaskKind, TaskState, TaskSummary, WebhookJob, WindowQuery,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{Connection as _, PgPool, Postgres, QueryBuilder, Row};
 use std::str::FromStr;
 use std::time::Duration;
+
+/// A pooled connection idle at least this long is pinged before use.
+const PING_WHEN_IDLE: Duration = Duration::from_secs(1);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -44,6 +47,19 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url).map_err(unavailable)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            // sqlx pings a connection when it is returned (and drops it if that fails); pinging
+            // again when it is taken is one more round trip per query, a sixth of the server's
+            // time on a PostgreSQL page (BENCHMARKS.md round 5). Only a connection idle for a
+            // while, which a database restart may have cut since, is pinged before use.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             // A request waits at most this long for a connection while the database is down,
             // then fails with 503 instead of hanging.
             .acquire_timeout(acquire_timeout)
@@ -259,8 +275,13 @@ fn window_query<'a>(
 /// The rows of `task_query` or `window_query`: the total, and the page's items.
 fn total_and_page(rows: &[sqlx::postgres::PgRow]) -> Page<Item> {
     let total: i64 = rows.first().map_or(0, |r| r.get("total"));
-    let records =
-        rows.iter().filter(|r| r.try_get::<Option<i64>, _>("id").ok().flatten().is_some()).map(item_from_row).collect();
+    let records = rows.first().map_or_else(Vec::new, |first| {
+        let base = crate::rows::item_columns_at(first);
+        rows.iter()
+            .filter(|r| r.try_get::<Option<i64>, _>(base).ok().flatten().is_some())
+            .map(|r| crate::rows::pg_item_at(r, base))
+            .collect()
+    });
     Page { total: u64::try_from(total).unwrap_or(0), records }
 }
 
@@ -387,7 +408,8 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
         let mut select = records_query("", query);
         let rows = select.build().fetch_all(&self.pool).await.map_err(unavailable)?;
-        Ok(rows.iter().map(item_from_row).collect())
+        let base = rows.first().map_or(0, crate::rows::item_columns_at);
+        Ok(rows.iter().map(|r| crate::rows::pg_item_at(r, base)).collect())
     }
 
     #[tracing::instrument(level = "debug", skip(self))]

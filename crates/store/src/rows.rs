@@ -69,3 +69,39 @@ macro_rules! mappers {
 
 mappers!(sqlite, sqlx::sqlite::SqliteRow);
 mappers!(postgres, sqlx::postgres::PgRow);
+
+/// The record pages' PostgreSQL mapper: an item from the `ITEM_COLUMNS` of `row` that start at
+/// column `base` (`item_columns_at`), by position. The profile of a PostgreSQL page put a fifth
+/// of the server's time in reading rows by column name (a hash lookup and a name comparison
+/// per column and row); by position only the type check and the decoding remain.
+pub(crate) fn pg_item_at(row: &sqlx::postgres::PgRow, base: usize) -> Item {
+    let kind: String = row.get(base + 3);
+    let item_type: String = row.get(base + 6);
+    let status: String = row.get(base + 7);
+    let (kind, item_type, status, progress) = item_enums(&kind, &item_type, &status, row.get(base + 8));
+    Item {
+        id: row.get(base),
+        task_id: row.get(base + 1),
+        account: row.get(base + 2),
+        kind,
+        url: row.get(base + 4),
+        host: row.get(base + 5),
+        item_type,
+        status,
+        progress,
+        operator: row.get(base + 9),
+        created_at: row.get(base + 10),
+        not_before: row.get(base + 11),
+        finished_at: row.get(base + 12),
+        reason: row.get(base + 13),
+        follows: row.get(base + 14),
+        depends_on: row.get(base + 15),
+    }
+}
+
+/// Where the `ITEM_COLUMNS` of a result start: the position of its `id` column, looked up once
+/// per result instead of once per row and column.
+pub(crate) fn item_columns_at(row: &sqlx::postgres::PgRow) -> usize {
+    use sqlx::Column as _;
+    row.try_column("id").map_or(0, sqlx::postgres::PgColumn::ordinal)
+}
