@@ -72,8 +72,9 @@ mappers!(postgres, sqlx::postgres::PgRow);
 
 /// The record pages' PostgreSQL mapper: an item from the `ITEM_COLUMNS` of `row` that start at
 /// column `base` (`item_columns_at`), by position. The profile of a PostgreSQL page put a fifth
-/// of the server's time in reading rows by column name (a hash lookup and a name comparison
-/// per column and row); by position only the type check and the decoding remain.
+/// of the server's time in building items from rows, part of it looking each column up by name
+/// (a hash lookup and a name comparison per column and row); by position only the type check
+/// and the decoding remain.
 pub(crate) fn pg_item_at(row: &sqlx::postgres::PgRow, base: usize) -> Item {
     let kind: String = row.get(base + 3);
     let item_type: String = row.get(base + 6);
