@@ -7,6 +7,10 @@
 //! `log_statement = 'all'` (with a prefix of its own), sends the request through the server,
 //! turns it off again and reads the cluster log. Each `execute` entry and its `parameters`
 //! detail become one statement of a pgbench script, the parameters written in as literals.
+//! The server's worker polls the same database meanwhile; its statements (writes, `FOR
+//! UPDATE`, leases) are left out. pgbench reads `:name` in a script as a variable even inside a
+//! literal, so a parameter holding `:` followed by a letter or digit (a URL with a port) would
+//! not replay; the benchmark's dataset has none.
 
 use crate::load::{LoadFigures, percentile_ms};
 use anyhow::{Context, bail, ensure};
@@ -136,7 +140,8 @@ async fn set_logging(admin: &mut sqlx::postgres::PgConnection, on: bool) -> anyh
 
 /// The statements of the `execute` entries in a stretch of the server log written with the
 /// capture prefix, in order, their parameters written in as literals. Entries of other kinds
-/// (the capture's own simple statements, reload messages) are skipped.
+/// (the capture's own simple statements, reload messages) and the worker's statements
+/// (`is_query_statement`) are skipped.
 ///
 /// # Errors
 /// An `execute` entry whose parameters cannot be read.
@@ -172,6 +177,7 @@ pub fn executed(log: &str) -> anyhow::Result<Vec<String>> {
         }
     }
     out.into_iter()
+        .filter(|(sql, _)| is_query_statement(sql))
         .map(|(sql, parameters)| match parameters {
             Some(p) => Ok(substitute(&sql, &parse_parameters(&p)?)),
             None => Ok(sql),
@@ -212,16 +218,33 @@ pub fn parse_parameters(text: &str) -> anyhow::Result<Vec<(usize, String)>> {
     Ok(out)
 }
 
-/// `sql` with each `$n` replaced by its literal, highest numbers first (`$1` is a prefix of `$10`).
+/// `sql` with each `$n` replaced by its literal, in one pass (a literal holding `$2` is not
+/// rewritten again).
 #[must_use]
 pub fn substitute(sql: &str, parameters: &[(usize, String)]) -> String {
-    let mut sorted: Vec<&(usize, String)> = parameters.iter().collect();
-    sorted.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-    let mut out = sql.to_owned();
-    for (n, value) in sorted {
-        out = out.replace(&format!("${n}"), value);
+    let values: HashMap<usize, &str> = parameters.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match after[..digits].parse::<usize>().ok().and_then(|n| values.get(&n)) {
+            Some(value) => out.push_str(value),
+            None => out.push_str(&rest[at..=at + digits]),
+        }
+        rest = &after[digits..];
     }
+    out.push_str(rest);
     out
+}
+
+/// Whether a captured statement is one a record query runs: a read of the store that is not the
+/// worker's (its claims and lease renewals, running on the same database while the capture
+/// is on, would otherwise be replayed as if the query had made them).
+fn is_query_statement(sql: &str) -> bool {
+    let upper = sql.trim_start().to_ascii_uppercase();
+    upper.starts_with("SELECT") && !upper.contains("FOR UPDATE") && !upper.contains("LEASE_")
 }
 
 /// A pgbench script running `statements` in order, as one transaction of the script.
@@ -251,15 +274,19 @@ mod tests {
     fn substitution_puts_higher_numbers_first() {
         let p = vec![(1, "'a'".to_owned()), (10, "'j'".to_owned())];
         assert_eq!(substitute("x = $1 AND y = $10", &p), "x = 'a' AND y = 'j'");
+        let p = vec![(1, "'costs $2'".to_owned()), (2, "'b'".to_owned())];
+        assert_eq!(substitute("a = $1 AND b = $2 AND c = $3", &p), "a = 'costs $2' AND b = 'b' AND c = $3");
     }
 
     #[test]
-    fn executed_statements_are_read_from_the_log_with_their_parameters() {
+    fn the_query_statements_are_read_from_the_log_with_their_parameters() {
         let log = "2026-11-23 18:00:00.000 UTC [7] LOG:  received SIGHUP, reloading configuration files\n\
                    cachectl-capture[9] LOG:  statement: SELECT pg_reload_conf()\n\
                    cachectl-capture[42] LOG:  execute sqlx_s_3: SELECT c.total, p.* FROM\n\
                    \x20              (SELECT COUNT(*) FROM items WHERE task_id = $1 AND account = $2) c\n\
                    cachectl-capture[42] DETAIL:  parameters: $1 = '1', $2 = 'acct00'\n\
+                   cachectl-capture[43] LOG:  execute sqlx_s_9: UPDATE items SET lease_owner = $1 WHERE id IN (SELECT id FROM items FOR UPDATE SKIP LOCKED)\n\
+                   cachectl-capture[43] DETAIL:  parameters: $1 = 'w'\n\
                    cachectl-capture[42] LOG:  execute sqlx_s_4: SELECT 1 FROM item_counts\n\
                    2026-11-23 18:00:01.000 UTC [7] LOG:  parameter \"log_statement\" removed\n";
         let statements = executed(log).expect("parses");

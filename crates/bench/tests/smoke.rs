@@ -70,6 +70,7 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
             alone.script
         );
         assert!(!alone.script.contains('$'), "{}: every parameter written in: {}", q.name, alone.script);
+        assert!(!alone.script.contains("UPDATE"), "{}: no statement of the worker's: {}", q.name, alone.script);
         assert!(alone.load.requests > 0 && alone.load.rps > 0.0, "{}: pgbench ran: {alone:?}", q.name);
         assert_eq!(alone.load.errors, 0, "{}: pgbench's transactions all succeeded", q.name);
     }

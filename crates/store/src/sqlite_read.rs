@@ -13,6 +13,10 @@ use rusqlite::OpenFlags;
 use rusqlite::types::Value;
 use std::time::Duration;
 
+/// Queries waiting for a reader thread at most; beyond, a query is refused as unavailable (the
+/// API answers 503) instead of waiting behind thousands of others.
+const QUEUE: usize = 4096;
+
 /// A query for a reader thread: it runs on that thread's connection.
 type Job = Box<dyn FnOnce(&rusqlite::Connection) + Send>;
 
@@ -48,7 +52,7 @@ impl Readers {
         if in_memory {
             flags |= OpenFlags::SQLITE_OPEN_MEMORY | OpenFlags::SQLITE_OPEN_SHARED_CACHE;
         }
-        let (jobs, queue) = flume::unbounded::<Job>();
+        let (jobs, queue) = flume::bounded::<Job>(QUEUE);
         for i in 0..size {
             let conn = rusqlite::Connection::open_with_flags(filename, flags).map_err(failed)?;
             conn.set_prepared_statement_cache_capacity(64);
@@ -80,12 +84,17 @@ impl Readers {
         F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move |conn| {
+        let job: Job = Box::new(move |conn| {
+            // A request that went away while its query waited costs no query.
+            if !tx.is_closed() {
                 let _ = tx.send(f(conn).map_err(failed));
-            }))
-            .map_err(|_| failed("the SQLite reader threads have stopped"))?;
-        rx.await.map_err(|_| failed("a SQLite reader thread stopped during a query"))?
+            }
+        });
+        self.jobs.try_send(job).map_err(|e| match e {
+            flume::TrySendError::Full(_) => failed(format!("{QUEUE} queries are waiting for the SQLite readers")),
+            flume::TrySendError::Disconnected(_) => failed("the SQLite reader threads have stopped"),
+        })?;
+        rx.await.map_err(|_| failed("the query failed on its SQLite reader thread"))?
     }
 
     /// One page of a task's items, newest first, and how many it has.
