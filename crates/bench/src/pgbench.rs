@@ -55,14 +55,22 @@ impl Baseline {
             let outcome = request().await;
             set_logging(&mut admin, false).await?;
             outcome?;
-            let text = std::fs::read(&self.log).with_context(|| format!("reading {}", self.log.display()))?;
-            let new = String::from_utf8_lossy(text.get(usize::try_from(start)?..).unwrap_or_default());
-            let statements = executed(&new)?;
+            let statements = executed(&self.log_since(start)?)?;
             if !statements.is_empty() {
                 return Ok(Some(script(&statements)));
             }
         }
         Ok(None)
+    }
+
+    /// What the cluster logged from byte `start` of its log on.
+    fn log_since(&self, start: u64) -> anyhow::Result<String> {
+        use std::io::{Read as _, Seek as _};
+        let mut file = std::fs::File::open(&self.log).with_context(|| format!("opening {}", self.log.display()))?;
+        file.seek(std::io::SeekFrom::Start(start))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Runs `script` with pgbench: `clients` connections, prepared statements, `seconds` long.

@@ -4,7 +4,7 @@
 
 use crate::HOUR_MS;
 use crate::rows::ITEM_COLUMNS;
-use crate::rows::postgres::{item_from_row, node_from_row};
+use crate::rows::postgres::{item_at, item_columns_at, item_from_row, node_from_row};
 use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
 use cachectl_core::{
     ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemType, ItemUpdate, Kind, Millis, NewItem,
@@ -276,10 +276,10 @@ fn window_query<'a>(
 fn total_and_page(rows: &[sqlx::postgres::PgRow]) -> Page<Item> {
     let total: i64 = rows.first().map_or(0, |r| r.get("total"));
     let records = rows.first().map_or_else(Vec::new, |first| {
-        let base = crate::rows::item_columns_at(first);
+        let base = item_columns_at(first);
         rows.iter()
             .filter(|r| r.try_get::<Option<i64>, _>(base).ok().flatten().is_some())
-            .map(|r| crate::rows::pg_item_at(r, base))
+            .map(|r| item_at(r, base))
             .collect()
     });
     Page { total: u64::try_from(total).unwrap_or(0), records }
@@ -408,8 +408,8 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
         let mut select = records_query("", query);
         let rows = select.build().fetch_all(&self.pool).await.map_err(unavailable)?;
-        let base = rows.first().map_or(0, crate::rows::item_columns_at);
-        Ok(rows.iter().map(|r| crate::rows::pg_item_at(r, base)).collect())
+        let base = rows.first().map_or(0, item_columns_at);
+        Ok(rows.iter().map(|r| item_at(r, base)).collect())
     }
 
     #[tracing::instrument(level = "debug", skip(self))]

@@ -4,7 +4,8 @@
 use cachectl_core::{Item, ItemStatus, ItemType, Kind, NodeResult, NodeState};
 use sqlx::Row;
 
-/// The item columns every item query selects, in the order `item_from_row` reads them by name.
+/// The item columns every item query selects, in this order and together (`item_at` reads them
+/// by position from the `id` column on).
 pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, created_at, not_before, finished_at, reason, follows, depends_on";
 
 /// An item's stored enum names and progress decoded, shared by every row mapper: an unknown
@@ -24,28 +25,45 @@ macro_rules! mappers {
         pub(crate) mod $module {
             use super::*;
 
+            /// An item from a row whose `ITEM_COLUMNS` start at its `id` column.
             pub(crate) fn item_from_row(row: &$row) -> Item {
-                let kind: String = row.get("kind");
-                let item_type: String = row.get("item_type");
-                let status: String = row.get("status");
-                let (kind, item_type, status, progress) = item_enums(&kind, &item_type, &status, row.get("progress"));
+                item_at(row, item_columns_at(row))
+            }
+
+            /// Where the `ITEM_COLUMNS` of a result start: the position of its `id` column, to
+            /// look up once per result rather than once per row.
+            pub(crate) fn item_columns_at(row: &$row) -> usize {
+                use sqlx::Column as _;
+                row.try_column("id").map_or(0, |c| c.ordinal())
+            }
+
+            /// An item from the `ITEM_COLUMNS` of `row` that start at column `base`, by
+            /// position. The profile of a PostgreSQL page put a fifth of the server's time in
+            /// building items from rows, part of it looking each column up by name (a hash
+            /// lookup and a name comparison per column and row); by position only the type
+            /// check and the decoding remain.
+            pub(crate) fn item_at(row: &$row, base: usize) -> Item {
+                let kind: String = row.get(base + 3);
+                let item_type: String = row.get(base + 6);
+                let status: String = row.get(base + 7);
+                let (kind, item_type, status, progress) = item_enums(&kind, &item_type, &status, row.get(base + 8));
                 Item {
-                    id: row.get("id"),
-                    task_id: row.get("task_id"),
-                    account: row.get("account"),
+                    id: row.get(base),
+                    task_id: row.get(base + 1),
+                    account: row.get(base + 2),
                     kind,
-                    url: row.get("url"),
-                    host: row.get("host"),
+                    url: row.get(base + 4),
+                    host: row.get(base + 5),
                     item_type,
                     status,
                     progress,
-                    operator: row.get("operator"),
-                    created_at: row.get("created_at"),
-                    not_before: row.get("not_before"),
-                    finished_at: row.get("finished_at"),
-                    reason: row.get("reason"),
-                    follows: row.get("follows"),
-                    depends_on: row.get("depends_on"),
+                    operator: row.get(base + 9),
+                    created_at: row.get(base + 10),
+                    not_before: row.get(base + 11),
+                    finished_at: row.get(base + 12),
+                    reason: row.get(base + 13),
+                    follows: row.get(base + 14),
+                    depends_on: row.get(base + 15),
                 }
             }
 
@@ -69,40 +87,3 @@ macro_rules! mappers {
 
 mappers!(sqlite, sqlx::sqlite::SqliteRow);
 mappers!(postgres, sqlx::postgres::PgRow);
-
-/// The record pages' PostgreSQL mapper: an item from the `ITEM_COLUMNS` of `row` that start at
-/// column `base` (`item_columns_at`), by position. The profile of a PostgreSQL page put a fifth
-/// of the server's time in building items from rows, part of it looking each column up by name
-/// (a hash lookup and a name comparison per column and row); by position only the type check
-/// and the decoding remain.
-pub(crate) fn pg_item_at(row: &sqlx::postgres::PgRow, base: usize) -> Item {
-    let kind: String = row.get(base + 3);
-    let item_type: String = row.get(base + 6);
-    let status: String = row.get(base + 7);
-    let (kind, item_type, status, progress) = item_enums(&kind, &item_type, &status, row.get(base + 8));
-    Item {
-        id: row.get(base),
-        task_id: row.get(base + 1),
-        account: row.get(base + 2),
-        kind,
-        url: row.get(base + 4),
-        host: row.get(base + 5),
-        item_type,
-        status,
-        progress,
-        operator: row.get(base + 9),
-        created_at: row.get(base + 10),
-        not_before: row.get(base + 11),
-        finished_at: row.get(base + 12),
-        reason: row.get(base + 13),
-        follows: row.get(base + 14),
-        depends_on: row.get(base + 15),
-    }
-}
-
-/// Where the `ITEM_COLUMNS` of a result start: the position of its `id` column, looked up once
-/// per result instead of once per row and column.
-pub(crate) fn item_columns_at(row: &sqlx::postgres::PgRow) -> usize {
-    use sqlx::Column as _;
-    row.try_column("id").map_or(0, sqlx::postgres::PgColumn::ordinal)
-}

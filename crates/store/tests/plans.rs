@@ -74,12 +74,19 @@ async fn sqlite_plans_use_indexes() {
     }
 }
 
-#[tokio::test]
-async fn postgres_plans_use_indexes() {
+/// A private cluster with database `name`, migrated and filled: the cluster (keep it alive), the
+/// database URL and the store.
+async fn filled_postgres(name: &str) -> (PgCluster, String, PgStore) {
     let pg = PgCluster::start();
-    let url = pg.database("plans").await;
+    let url = pg.database(name).await;
     let store = PgStore::open(&url, true, Duration::from_secs(3)).await.unwrap();
     fill(&store).await;
+    (pg, url, store)
+}
+
+#[tokio::test]
+async fn postgres_plans_use_indexes() {
+    let (_pg, _, store) = filled_postgres("plans").await;
     let plans = store.explain("account-1", (T0, T0 + 7 * 86_400_000)).await.unwrap();
     // Count and page are one statement per query here (one round trip each).
     assert!(plans.len() >= 11, "{plans:?}");
@@ -95,10 +102,7 @@ async fn postgres_plans_use_indexes() {
 /// window, would rather sort all of it; the query hides that estimate.
 #[tokio::test]
 async fn postgres_geo_pages_read_the_window_in_order() {
-    let pg = PgCluster::start();
-    let url = pg.database("geo_plans").await;
-    let store = PgStore::open(&url, true, Duration::from_secs(3)).await.unwrap();
-    fill(&store).await;
+    let (_pg, url, store) = filled_postgres("geo_plans").await;
     // A million items of 100 accounts over 31 days, each account with its own site: the planner
     // takes the account and the site filter for independent and expects almost no row to match
     // both.

@@ -99,7 +99,7 @@ impl PgCluster {
             .arg("-D")
             .arg(&self.data)
             .args(["-o", &options, "-l"])
-            .arg(self.data.join("server.log"))
+            .arg(self.log_file())
             .args(["-w", "-t", "30", "start"])
             .output()
             .expect("pg_ctl runs");
