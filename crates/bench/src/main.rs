@@ -83,6 +83,11 @@ struct RunFlags {
     no_wrk: bool,
 }
 
+/// mimalloc instead of glibc's malloc: a record page allocates and frees a few hundred small
+/// strings; glibc spent a tenth of the page's server time on them (BENCHMARKS.md round 6).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -134,6 +134,11 @@ fn init_telemetry() {
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
 }
 
+/// mimalloc instead of glibc's malloc: a record page allocates and frees a few hundred small
+/// strings; glibc spent a tenth of the page's server time on them (BENCHMARKS.md round 6).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

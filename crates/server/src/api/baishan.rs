@@ -7,7 +7,7 @@ use crate::config::Credential;
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
 use cachectl_core::{Item, ItemType, Kind, Millis, Page, PageRequest, QuotaBucket, StoreError};
 use chrono::{FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
@@ -88,7 +88,7 @@ fn envelope<T: serde::Serialize>(status: StatusCode, message: &str, data: T) -> 
         data: T,
     }
     let code = if status.is_success() { 0 } else { status.as_u16() };
-    (status, axum::Json(Envelope { code, message, data })).into_response()
+    crate::api::json_response(status, &Envelope { code, message, data })
 }
 
 /// Any path the dialect does not know: 404 in the envelope.

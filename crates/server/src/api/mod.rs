@@ -94,6 +94,41 @@ pub(crate) fn write_datetime(
     )
 }
 
+/// The largest buffer `json_response` keeps per thread between responses.
+const KEPT_BUFFER: usize = 1 << 20;
+
+thread_local! {
+    /// `json_response`'s buffer, kept at the size of the largest response (up to `KEPT_BUFFER`).
+    static JSON_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A JSON response, written into a per-thread buffer that keeps its size between responses and
+/// then copied once into a body of exactly its length. axum's `Json` starts every body at 128
+/// bytes and doubles it as a page of records is written (eight reallocations for a 25 KB GEO
+/// page, each a large allocation that also makes glibc consolidate its small free chunks) and
+/// checks capacity on every small write; those were about a tenth of a record page's server
+/// time (BENCHMARKS.md round 6).
+pub(crate) fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    let written = JSON_BUFFER.with_borrow_mut(|buffer| {
+        buffer.clear();
+        let written = serde_json::to_writer(&mut *buffer, body).map(|()| bytes::Bytes::copy_from_slice(buffer));
+        if buffer.capacity() > KEPT_BUFFER {
+            *buffer = Vec::new();
+        }
+        written
+    });
+    match written {
+        Ok(bytes) => {
+            (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
+        }
+        // Only a map with non-string keys or a failing `Serialize` impl gets here; none is ours.
+        Err(e) => {
+            tracing::error!(error = %e, "A response could not be written as JSON.");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
 /// Milliseconds since the epoch, now.
 #[must_use]
 pub fn now_ms() -> Millis {

@@ -11,7 +11,7 @@ use super::{AppState, now_ms, read_body};
 use crate::config::Credential;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
 use cachectl_core::{Item, ItemStatus, ItemType, Kind, Millis, QuotaBucket, StoreError};
 use serde_json::{Value, json};
@@ -102,9 +102,11 @@ fn request_id() -> String {
 fn respond<T: serde::Serialize>(state: &AppState, success: StatusCode, result: Result<T, BceError>) -> Response {
     let id = request_id();
     let mut response = match result {
-        Ok(body) => (success, axum::Json(body)).into_response(),
-        Err(e) => (e.status, axum::Json(json!({"code": e.code.as_str(), "message": e.message, "requestId": id})))
-            .into_response(),
+        Ok(body) => crate::api::json_response(success, &body),
+        Err(e) => crate::api::json_response(
+            e.status,
+            &json!({"code": e.code.as_str(), "message": e.message, "requestId": id}),
+        ),
     };
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-bce-request-id", value);
