@@ -120,6 +120,8 @@ impl PgStore {
             let query = WindowQuery { account, kind: Kind::Refresh, from: total_from, to: total_to, url, page };
             let rows = window_query("EXPLAIN ", &query, query.to, 4950).build().fetch_all(&mut *conn).await;
             plans.push((format!("{what}: total and page"), text(rows.map_err(unavailable)?)));
+            let rows = window_query("EXPLAIN ", &query, query.to, 0).build().fetch_all(&mut *conn).await;
+            plans.push((format!("{what}: total and first page"), text(rows.map_err(unavailable)?)));
         }
         let (first, end) = (from.div_euclid(crate::HOUR_MS) + 1, to.div_euclid(crate::HOUR_MS));
         let rows = sqlx::query(&explain(statements::WINDOW_HOURS))
@@ -238,9 +240,9 @@ mod statements {
 }
 
 /// A window's exact total and one page of its items, newest first, in one round trip: one row
-/// per item, each with the total (one row with NULL item columns when the page is empty). The
-/// page's ids are found on the index first, then only those rows are read: a deep page skips
-/// index entries, not table rows. `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
+/// per item, each with the total (one row with NULL item columns when the page is empty). With
+/// an offset the page's ids are found on the index first, then only those rows are read: a deep
+/// page skips index entries, not table rows; without one the rows are read down the index. `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
 ///
 /// The page is the `query.page.size` items after skipping `offset` below `upper`: the window's
 /// own end and offset, or those a deep page's skip moved (`crate::skip_hours`).
@@ -250,13 +252,16 @@ fn window_query<'a>(
     upper: Millis,
     offset: i64,
 ) -> QueryBuilder<'a, Postgres> {
+    // Nothing to skip (a first page, or a deep page whose skip ended on an hour): the rows are
+    // read straight down the window's index, without looking each page id up again.
+    let skip_on_index = offset > 0;
     let mut q = window_total_query(&format!("{prefix}SELECT t.total, p.* FROM ("), query);
-    q.push(" AS total) t LEFT JOIN LATERAL (SELECT ")
-        .push(ITEM_COLUMNS)
-        .push(" FROM items WHERE id IN (SELECT id FROM items WHERE account = ")
-        .push_bind(query.account)
-        .push(" AND kind = ")
-        .push_bind(query.kind.as_str());
+    q.push(" AS total) t LEFT JOIN LATERAL (SELECT ").push(ITEM_COLUMNS).push(if skip_on_index {
+        " FROM items WHERE id IN (SELECT id FROM items WHERE account = "
+    } else {
+        " FROM items WHERE account = "
+    });
+    q.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
     if let Some(url) = query.url {
         q.push(" AND url = ").push_bind(url);
     }
@@ -265,10 +270,11 @@ fn window_query<'a>(
         .push(" AND created_at < ")
         .push_bind(upper)
         .push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(i64::from(query.page.size))
-        .push(" OFFSET ")
-        .push_bind(offset)
-        .push(")) p ON true ORDER BY p.created_at DESC, p.id DESC");
+        .push_bind(i64::from(query.page.size));
+    if skip_on_index {
+        q.push(" OFFSET ").push_bind(offset).push(")");
+    }
+    q.push(") p ON true ORDER BY p.created_at DESC, p.id DESC");
     q
 }
 

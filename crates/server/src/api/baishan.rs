@@ -519,7 +519,7 @@ impl std::fmt::Display for Time {
 
 impl serde::Serialize for Time {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let text = self.1.timestamp_millis_opt(self.0).single().and_then(|t| super::datetime_text(&t, b' '));
+        let text = super::instant_text(self.0, self.1, b' ');
         match text.as_ref().and_then(|t| std::str::from_utf8(t).ok()) {
             Some(text) => serializer.serialize_str(text),
             None => serializer.collect_str(self),

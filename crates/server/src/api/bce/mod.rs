@@ -280,7 +280,7 @@ struct Time(Millis);
 
 impl serde::Serialize for Time {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let text = chrono::DateTime::from_timestamp_millis(self.0).and_then(|t| crate::api::datetime_text(&t, b'T'));
+        let text = crate::api::instant_text(self.0, chrono::Offset::fix(&chrono::Utc), b'T');
         match text {
             Some(text) => {
                 let mut zulu = [b'Z'; 20];
