@@ -242,7 +242,8 @@ mod statements {
 /// A window's exact total and one page of its items, newest first, in one round trip: one row
 /// per item, each with the total (one row with NULL item columns when the page is empty). With
 /// an offset the page's ids are found on the index first, then only those rows are read: a deep
-/// page skips index entries, not table rows; without one the rows are read down the index. `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
+/// page skips index entries, not table rows; without one the rows are read down the index.
+/// `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
 ///
 /// The page is the `query.page.size` items after skipping `offset` below `upper`: the window's
 /// own end and offset, or those a deep page's skip moved (`crate::skip_hours`).

@@ -40,8 +40,8 @@ macro_rules! mappers {
             /// An item from the `ITEM_COLUMNS` of `row` that start at column `base`, by
             /// position. The profile of a PostgreSQL page put a fifth of the server's time in
             /// building items from rows, part of it looking each column up by name (a hash
-            /// lookup and a name comparison per column and row); by position only the type
-            /// check and the decoding remain.
+            /// lookup and a name comparison per column and row); by position, and without the
+            /// type check (`at`), only the decoding remains.
             pub(crate) fn item_at(row: &$row, base: usize) -> Item {
                 let (kind, item_type, status, progress) = item_enums(
                     at::<&str>(row, base + 3),
