@@ -174,7 +174,7 @@ pub fn token(a: usize) -> String {
     format!("bench-token-{a:02}")
 }
 
-/// The worker settings of a benchmark server.
+/// The worker settings of a benchmark server, and the size of its PostgreSQL pool.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct WorkerSettings {
     /// `[worker] per_node_concurrency`.
@@ -185,6 +185,8 @@ pub struct WorkerSettings {
     pub max_items_in_flight: usize,
     /// `[worker] enabled`: `false` for an API-only server.
     pub enabled: bool,
+    /// `[store] max_connections` (PostgreSQL's pool).
+    pub max_connections: u32,
 }
 
 /// A running cachectl (`cachectl-bench serve`), its configuration in a temporary directory.
@@ -214,11 +216,15 @@ impl Server {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let mut config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"{store_url}\"\n\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"{store_url}\"\nmax_connections = {}\n\n\
              [worker]\nenabled = {}\nper_node_concurrency = {}\npipeline_depth = {}\nmax_items_in_flight = {}\npoll_interval = \"50ms\"\n\
              item_deadline = \"60s\"\nrequest_timeout = \"5s\"\nretry_initial = \"50ms\"\nretry_max = \"1s\"\n\n\
              [retention]\ndays = 40\n\n[baishan]\nrate_limit_per_minute = 100000000\n\n",
-            worker.enabled, worker.per_node_concurrency, worker.pipeline_depth, worker.max_items_in_flight
+            worker.max_connections,
+            worker.enabled,
+            worker.per_node_concurrency,
+            worker.pipeline_depth,
+            worker.max_items_in_flight
         );
         config.push_str(&accounts_toml(accounts));
         for (i, address) in edges.iter().enumerate() {

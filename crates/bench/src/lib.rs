@@ -89,6 +89,7 @@ impl Options {
                 pipeline_depth: 8,
                 max_items_in_flight: 4096,
                 enabled: true,
+                max_connections: cachectl_store::DEFAULT_MAX_CONNECTIONS,
             },
         }
     }

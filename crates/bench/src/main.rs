@@ -72,6 +72,9 @@ struct RunFlags {
     /// `[worker] max_items_in_flight` of the servers.
     #[arg(long, default_value_t = 4096)]
     max_items_in_flight: usize,
+    /// `[store] max_connections` of the servers (PostgreSQL's pool).
+    #[arg(long, default_value_t = cachectl_store::DEFAULT_MAX_CONNECTIONS)]
+    store_max_connections: u32,
     /// Skip scenario 3 on PostgreSQL.
     #[arg(long)]
     no_postgres: bool,
@@ -112,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
     options.worker.per_node_concurrency = f.per_node_concurrency;
     options.worker.max_items_in_flight = f.max_items_in_flight;
     options.worker.pipeline_depth = f.pipeline_depth;
+    options.worker.max_connections = f.store_max_connections;
     options.postgres = !f.no_postgres;
     options.pg_shared_buffers = f.pg_shared_buffers;
     options.use_wrk = options.use_wrk && !f.no_wrk;

@@ -29,7 +29,13 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         postgres: true,
         pg_shared_buffers: "128MB".into(),
         use_wrk: false,
-        worker: WorkerSettings { per_node_concurrency: 8, pipeline_depth: 4, max_items_in_flight: 256, enabled: true },
+        worker: WorkerSettings {
+            per_node_concurrency: 8,
+            pipeline_depth: 4,
+            max_items_in_flight: 256,
+            enabled: true,
+            max_connections: 4,
+        },
     };
     let results = run(options, |step| eprintln!("==> {step}")).await.expect("the smoke run completes");
     eprintln!("{}", cachectl_bench::report::table(&results));

@@ -109,12 +109,25 @@ pub struct StoreConfig {
     /// answers 503) while PostgreSQL is unreachable.
     #[serde(default = "default_acquire", with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// PostgreSQL: connections this instance holds at most (default 8); requests beyond wait
+    /// their turn for one. Ignored by SQLite.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: default_store_url(), migrate_on_start: true, acquire_timeout: default_acquire() }
+        Self {
+            url: default_store_url(),
+            migrate_on_start: true,
+            acquire_timeout: default_acquire(),
+            max_connections: default_max_connections(),
+        }
     }
+}
+
+fn default_max_connections() -> u32 {
+    cachectl_store::DEFAULT_MAX_CONNECTIONS
 }
 
 fn default_acquire() -> Duration {
@@ -436,6 +449,9 @@ impl Config {
         if w.lease < Duration::from_secs(3) {
             return Err(err("worker.lease".into(), "must be at least 3s".into()));
         }
+        if self.store.max_connections == 0 {
+            return Err(err("store.max_connections".into(), "must be at least 1".into()));
+        }
         if self.retention.days == 0 || self.retention.sweep_batch == 0 {
             return Err(err("retention".into(), "days and sweep_batch must be at least 1".into()));
         }
@@ -557,7 +573,10 @@ impl Config {
             listen,
             store_url: self.store.url.clone(),
             migrate_on_start: self.store.migrate_on_start,
-            store_acquire_timeout: self.store.acquire_timeout,
+            store_connections: cachectl_store::Connections {
+                acquire_timeout: self.store.acquire_timeout,
+                max_connections: self.store.max_connections,
+            },
             shutdown_grace: self.server.shutdown_grace,
             worker: self.worker.clone(),
             retention: self.retention.clone(),
@@ -590,8 +609,8 @@ pub struct Settings {
     pub store_url: String,
     /// Whether to migrate at start.
     pub migrate_on_start: bool,
-    /// How long a store operation waits for a connection.
-    pub store_acquire_timeout: Duration,
+    /// How the store holds its connections (`acquire_timeout`, `max_connections`).
+    pub store_connections: cachectl_store::Connections,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
     /// Worker settings.
@@ -670,6 +689,18 @@ mod tests {
         assert_eq!(settings.nodes[0].tier, Tier::Edge);
         assert!(settings.tokens.contains_key("acme-secret-token"));
         assert_eq!(settings.timezone, FixedOffset::east_opt(8 * 3600).unwrap());
+        assert_eq!(settings.store_connections, cachectl_store::Connections::default());
+        assert_eq!(settings.store_connections.max_connections, 8);
+    }
+
+    #[test]
+    fn the_postgres_pool_size_is_set_and_checked() {
+        let sized = MINIMAL.replace("[store]", "[store]\nmax_connections = 4");
+        let settings = Config::from_toml(&sized).unwrap().validate().unwrap();
+        assert_eq!(settings.store_connections.max_connections, 4);
+        let zero = MINIMAL.replace("[store]", "[store]\nmax_connections = 0");
+        let e = Config::from_toml(&zero).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("store.max_connections") && e.contains("at least 1"), "{e}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl Application {
         let settings = Arc::new(settings);
         tracing::info!(store = %redact_url(&settings.store_url), "Opening the store.");
         let store =
-            cachectl_store::open_with(&settings.store_url, settings.migrate_on_start, settings.store_acquire_timeout)
+            cachectl_store::open_with(&settings.store_url, settings.migrate_on_start, settings.store_connections)
                 .await
                 .context("opening the store")?;
         let wake = Arc::new(Notify::new());

@@ -125,23 +125,44 @@ pub(crate) fn skip_hours(
 /// # Errors
 /// An unsupported scheme, or the backend failing to open or migrate.
 pub async fn open(url: &str, migrate: bool) -> Result<Arc<dyn Store>, StoreError> {
-    open_with(url, migrate, DEFAULT_ACQUIRE_TIMEOUT).await
+    open_with(url, migrate, Connections::default()).await
 }
 
 /// How long an operation waits for a database connection by default.
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// `open`, with how long an operation may wait for a connection (for PostgreSQL: while the
-/// database is down, operations fail after this instead of hanging).
+/// PostgreSQL connections of one instance by default.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+
+/// How the store holds its database connections (`[store]` of the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connections {
+    /// How long an operation may wait for a connection (for PostgreSQL: while the database is
+    /// down, operations fail after this instead of hanging).
+    pub acquire_timeout: Duration,
+    /// PostgreSQL: the size of the pool; requests beyond it wait for a connection in turn.
+    /// PostgreSQL runs a backend process per connection; more connections than the database's
+    /// cores can run at once only make them take turns (BENCHMARKS.md round 7). SQLite ignores
+    /// it (one writer connection, a fixed set of readers).
+    pub max_connections: u32,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self { acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT, max_connections: DEFAULT_MAX_CONNECTIONS }
+    }
+}
+
+/// `open`, with the connections' settings.
 ///
 /// # Errors
 /// As `open`.
-pub async fn open_with(url: &str, migrate: bool, acquire_timeout: Duration) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open_with(url: &str, migrate: bool, connections: Connections) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         return Ok(Arc::new(SqliteStore::open(url, migrate).await?));
     }
     if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        return Ok(Arc::new(PgStore::open(url, migrate, acquire_timeout).await?));
+        return Ok(Arc::new(PgStore::open(url, migrate, connections).await?));
     }
     Err(StoreError::Unavailable("store.url: unsupported scheme; use sqlite:// or postgres://".into()))
 }

@@ -43,10 +43,10 @@ impl PgStore {
     ///
     /// # Errors
     /// The database cannot be reached, or the schema is newer or cannot be migrated.
-    pub async fn open(url: &str, migrate: bool, acquire_timeout: Duration) -> StoreResult<Self> {
+    pub async fn open(url: &str, migrate: bool, connections: crate::Connections) -> StoreResult<Self> {
         let options = PgConnectOptions::from_str(url).map_err(unavailable)?;
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(connections.max_connections.max(1))
             // sqlx pings a connection when it is returned (and drops it if that fails); pinging
             // again when it is taken is one more round trip per query, a sixth of the server's
             // time on a PostgreSQL page (BENCHMARKS.md round 5). Only a connection idle for a
@@ -62,7 +62,7 @@ impl PgStore {
             })
             // A request waits at most this long for a connection while the database is down,
             // then fails with 503 instead of hanging.
-            .acquire_timeout(acquire_timeout)
+            .acquire_timeout(connections.acquire_timeout)
             .connect_with(options)
             .await
             .map_err(unavailable)?;

@@ -476,6 +476,60 @@ async fn a_newer_schema_is_refused() {
 }
 
 #[tokio::test]
+async fn a_postgres_instance_holds_at_most_max_connections() {
+    let pg = PgCluster::start();
+    let url = pg.database("pool").await;
+    let connections = cachectl_store::Connections { max_connections: 3, ..Default::default() };
+    let store = cachectl_store::open_with(&url, true, connections).await.unwrap();
+    // Another session locks the items table: every read then waits inside PostgreSQL, holding
+    // its connection, and the queries beyond the pool's size wait for one in cachectl.
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut lock = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let queries: Vec<_> = (0..10)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let query = RecordQuery {
+                    account: "acme",
+                    kind: Kind::Refresh,
+                    task_id: None,
+                    from: T0,
+                    to: T0 + H,
+                    site: None,
+                    url: None,
+                    item_type: None,
+                    after: None,
+                    limit: 10,
+                };
+                store.records(&query).await.map(|page| page.len())
+            })
+        })
+        .collect();
+    let count_sessions = "SELECT COUNT(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()";
+    let waiting_on_lock =
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let waiting: i64 = sqlx::query_scalar(waiting_on_lock).fetch_one(&mut *lock).await.unwrap();
+        if waiting >= 3 {
+            break;
+        }
+    }
+    // A moment more for any connection beyond the pool's size to show up.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let waiting: i64 = sqlx::query_scalar(waiting_on_lock).fetch_one(&mut *lock).await.unwrap();
+    assert_eq!(waiting, 3, "three queries wait on the lock, each on one of the pool's connections");
+    let sessions: i64 = sqlx::query_scalar(count_sessions).fetch_one(&mut *lock).await.unwrap();
+    assert_eq!(sessions, 3, "no more than max_connections sessions besides this one");
+    lock.commit().await.unwrap();
+    for query in queries {
+        assert_eq!(query.await.unwrap().unwrap(), 0, "every query is answered once the lock is gone");
+    }
+}
+
+#[tokio::test]
 async fn native_operations_behave_the_same_on_both_backends() {
     use cachectl_core::{DeliveryOutcome, ItemFilter, TaskFilter, TaskState};
     for (name, store) in backends().await.stores {

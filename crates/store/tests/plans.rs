@@ -4,7 +4,6 @@
 use cachectl_core::{ItemType, Kind, NewItem, NewTask, Store, TaskKind};
 use cachectl_store::{PgStore, SqliteStore};
 use cachectl_testkit::PgCluster;
-use std::time::Duration;
 
 const T0: i64 = 1_704_067_200_000;
 
@@ -79,7 +78,7 @@ async fn sqlite_plans_use_indexes() {
 async fn filled_postgres(name: &str) -> (PgCluster, String, PgStore) {
     let pg = PgCluster::start();
     let url = pg.database(name).await;
-    let store = PgStore::open(&url, true, Duration::from_secs(3)).await.unwrap();
+    let store = PgStore::open(&url, true, cachectl_store::Connections::default()).await.unwrap();
     fill(&store).await;
     (pg, url, store)
 }
