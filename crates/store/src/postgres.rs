@@ -118,10 +118,17 @@ impl PgStore {
         for url in [None, Some("http://x/")] {
             let what = if url.is_some() { "one URL" } else { "window" };
             let query = WindowQuery { account, kind: Kind::Refresh, from: total_from, to: total_to, url, page };
-            let rows = window_query("EXPLAIN ", &query, query.to, 4950).build().fetch_all(&mut *conn).await;
+            let rows = window_query("EXPLAIN ", &query, None, (query.to, 4950)).build().fetch_all(&mut *conn).await;
             plans.push((format!("{what}: total and page"), text(rows.map_err(unavailable)?)));
-            let rows = window_query("EXPLAIN ", &query, query.to, 0).build().fetch_all(&mut *conn).await;
+            let rows = window_query("EXPLAIN ", &query, None, (query.to, 0)).build().fetch_all(&mut *conn).await;
             plans.push((format!("{what}: total and first page"), text(rows.map_err(unavailable)?)));
+            if url.is_none() {
+                // A deep page after its skip: the total known, the rest of an hour to skip.
+                let upper = total_to.div_euclid(crate::HOUR_MS) * crate::HOUR_MS;
+                let rows =
+                    window_query("EXPLAIN ", &query, Some(4950), (upper, 30)).build().fetch_all(&mut *conn).await;
+                plans.push((format!("{what}: deep page after its skip"), text(rows.map_err(unavailable)?)));
+            }
         }
         let (first, end) = (from.div_euclid(crate::HOUR_MS) + 1, to.div_euclid(crate::HOUR_MS));
         let rows = sqlx::query(&explain(statements::WINDOW_HOURS))
@@ -129,6 +136,8 @@ impl PgStore {
             .bind(k)
             .bind(end * crate::HOUR_MS)
             .bind(to)
+            .bind(from)
+            .bind(first * crate::HOUR_MS)
             .bind(first)
             .bind(end)
             .fetch_all(&mut *conn)
@@ -215,12 +224,15 @@ mod statements {
         )
     }
 
-    /// A deep window page's skip (`crate::skip_hours`): the count of the partial hour at the top
-    /// (the row whose hour is NULL), and the hourly counters of the whole hours.
-    pub(super) const WINDOW_HOURS: &str = "SELECT NULL::bigint AS hour, COUNT(*) AS n FROM items
+    /// A deep window page's total and skip (`crate::skip_hours`), in one statement: the counts
+    /// of the partial hours at the top ($3..$4, `part` 1) and at the bottom ($5..$6, `part` 2)
+    /// of the window, and the hourly counters of the whole hours ($7..$8, `part` 0).
+    pub(super) const WINDOW_HOURS: &str = "SELECT 1 AS part, 0::bigint AS hour, COUNT(*) AS n FROM items
            WHERE account = $1 AND kind = $2 AND created_at >= $3 AND created_at < $4
          UNION ALL
-         SELECT hour, n FROM item_counts WHERE account = $1 AND kind = $2 AND hour >= $5 AND hour < $6";
+         SELECT 2, 0, COUNT(*) FROM items WHERE account = $1 AND kind = $2 AND created_at >= $5 AND created_at < $6
+         UNION ALL
+         SELECT 0, hour, n FROM item_counts WHERE account = $1 AND kind = $2 AND hour >= $7 AND hour < $8";
 
     /// SKIP LOCKED: instances claiming at the same moment take disjoint items instead of waiting
     /// on each other's row locks.
@@ -246,17 +258,26 @@ mod statements {
 /// `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
 ///
 /// The page is the `query.page.size` items after skipping `offset` below `upper`: the window's
-/// own end and offset, or those a deep page's skip moved (`crate::skip_hours`).
+/// own end and offset, or those a deep page's skip moved (`crate::skip_hours`). A deep page
+/// knows its `total` already, from the counters its skip read; otherwise the statement counts it.
 fn window_query<'a>(
     prefix: &str,
     query: &'a WindowQuery<'a>,
-    upper: Millis,
-    offset: i64,
+    total: Option<i64>,
+    (upper, offset): (Millis, i64),
 ) -> QueryBuilder<'a, Postgres> {
     // Nothing to skip (a first page, or a deep page whose skip ended on an hour): the rows are
     // read straight down the window's index, without looking each page id up again.
     let skip_on_index = offset > 0;
-    let mut q = window_total_query(&format!("{prefix}SELECT t.total, p.* FROM ("), query);
+    let head = format!("{prefix}SELECT t.total, p.* FROM (");
+    let mut q = match total {
+        Some(total) => {
+            let mut q = QueryBuilder::new(format!("{head}SELECT CAST("));
+            q.push_bind(total).push(" AS BIGINT)");
+            q
+        }
+        None => window_total_query(&head, query),
+    };
     q.push(" AS total) t LEFT JOIN LATERAL (SELECT ").push(ITEM_COLUMNS).push(if skip_on_index {
         " FROM items WHERE id IN (SELECT id FROM items WHERE account = "
     } else {
@@ -385,29 +406,35 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
         let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
-        let (mut upper, mut rest) = (query.to, offset);
+        let (mut total, mut upper, mut rest) = (None, query.to, offset);
         if query.url.is_none()
             && offset >= crate::DEEP_PAGE
             && let (Some((first, end)), _) = crate::split_window(query.from, query.to)
         {
             let top_start = end * crate::HOUR_MS;
-            let rows: Vec<(Option<i64>, i64)> = sqlx::query_as(statements::WINDOW_HOURS)
+            let rows: Vec<(i32, i64, i64)> = sqlx::query_as(statements::WINDOW_HOURS)
                 .bind(query.account)
                 .bind(query.kind.as_str())
                 .bind(top_start)
                 .bind(query.to)
+                .bind(query.from)
+                .bind(first * crate::HOUR_MS)
                 .bind(first)
                 .bind(end)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(unavailable)?;
-            let top = rows.iter().find(|(hour, _)| hour.is_none()).map(|(_, n)| *n).unwrap_or(0);
-            let mut hours: Vec<(i64, i64)> = rows.iter().filter_map(|(hour, n)| hour.map(|h| (h, *n))).collect();
+            // The same sum `window_total_query` makes: both edges and every whole hour.
+            total = Some(rows.iter().map(|&(_, _, n)| n).sum());
+            let top = rows.iter().find(|&&(part, _, _)| part == 1).map_or(0, |&(_, _, n)| n);
+            let mut hours: Vec<(i64, i64)> =
+                rows.iter().filter(|&&(part, _, _)| part == 0).map(|&(_, hour, n)| (hour, n)).collect();
             hours.sort_unstable_by_key(|&(hour, _)| std::cmp::Reverse(hour));
             let top = (top_start < query.to).then_some((top_start, top));
             (upper, rest) = crate::skip_hours(query.to, top, hours, offset);
         }
-        let rows = window_query("", query, upper, rest).build().fetch_all(&self.pool).await.map_err(unavailable)?;
+        let rows =
+            window_query("", query, total, (upper, rest)).build().fetch_all(&self.pool).await.map_err(unavailable)?;
         Ok(total_and_page(&rows))
     }
 

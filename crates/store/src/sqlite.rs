@@ -101,7 +101,7 @@ impl SqliteStore {
             ("window: total".into(), total(None)),
             ("window: page".into(), statements::window_page(false)),
             ("window: hourly counters of a deep page".into(), statements::WINDOW_HOURS.into()),
-            ("window: top edge of a deep page".into(), statements::WINDOW_EDGE_COUNT.into()),
+            ("window: edges of a deep page".into(), statements::WINDOW_EDGE_COUNT.into()),
             ("one URL: total".into(), total(Some("http://x/"))),
             ("one URL: page".into(), statements::window_page(true)),
             ("queue: claim".into(), statements::claim()),
@@ -163,8 +163,8 @@ pub(crate) mod statements {
     // id, ?2 the account, ?3 the kind; the account is checked once, on the task.
     pub(crate) const TASK_COUNT: &str = "SELECT COUNT(*) FROM items INDEXED BY items_task
          WHERE task_id = ?1 AND kind = ?3 AND EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND account = ?2)";
-    /// A deep window page's skip (`sqlite_read::skip_hours`): the hourly counters newest first,
-    /// and the count of the partial hour at the top.
+    /// A deep window page's total and skip (`sqlite_read::deep_page`): the hourly counters
+    /// newest first, and the count of each partial hour at the window's edges.
     pub(crate) const WINDOW_HOURS: &str =
         "SELECT hour, n FROM item_counts WHERE account = ? AND kind = ? AND hour >= ? AND hour < ? ORDER BY hour DESC";
     pub(crate) const WINDOW_EDGE_COUNT: &str =
@@ -174,14 +174,13 @@ pub(crate) mod statements {
     pub(super) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?";
     pub(super) const SWEEP_SELECT: &str = "SELECT id FROM items WHERE created_at < ? ORDER BY created_at LIMIT ?";
 
-    /// ?1 to ?3 as in `TASK_COUNT`, ?4 the limit, ?5 the offset. The page's ids come from the
-    /// index alone, as in `window_page`.
+    /// ?1 to ?3 as in `TASK_COUNT`, ?4 the limit, ?5 the offset. Read down the index, as
+    /// `window_page`.
     pub(crate) fn task_page() -> String {
         format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE id IN (SELECT id FROM items INDEXED BY items_task
-               WHERE task_id = ?1 AND kind = ?3 AND EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND account = ?2)
-               ORDER BY created_at DESC, id DESC LIMIT ?4 OFFSET ?5)
-             ORDER BY created_at DESC, id DESC"
+            "SELECT {ITEM_COLUMNS} FROM items INDEXED BY items_task
+             WHERE task_id = ?1 AND kind = ?3 AND EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND account = ?2)
+             ORDER BY created_at DESC, id DESC LIMIT ?4 OFFSET ?5"
         )
     }
 
@@ -193,13 +192,14 @@ pub(crate) mod statements {
         }
     }
 
-    /// The page's ids are found on the index alone (it covers the filter and the order), and
-    /// only those rows are read: a deep page skips index entries, not table rows.
+    /// Read down the index, which covers the filter and the order. The skipped entries of an
+    /// offset cost no table row: SQLite defers the row's lookup until a column outside the
+    /// index is read (`DeferredSeek`), and counts the offset off before that. Until round 7 the
+    /// page's ids were first collected by a subquery and their rows then sorted again
+    /// (BENCHMARKS.md).
     pub(crate) fn window_page(url: bool) -> String {
         format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE id IN (SELECT id FROM items WHERE {}
-               ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?)
-             ORDER BY created_at DESC, id DESC",
+            "SELECT {ITEM_COLUMNS} FROM items WHERE {} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
             window_filter(url)
         )
     }

@@ -132,12 +132,19 @@ impl Readers {
         self.run(move |conn| {
             // One snapshot for the total, the skip and the page.
             let tx = conn.unchecked_transaction()?;
-            let total: i64 =
-                tx.prepare_cached(&total.sql)?.query_row(rusqlite::params_from_iter(total.args), |r| r.get(0))?;
-            let (upper, rest) = if url.is_none() && offset >= crate::DEEP_PAGE {
-                skip_hours(&tx, &account, kind, (from, to), offset)?
+            let deep = if url.is_none() && offset >= crate::DEEP_PAGE {
+                deep_page(&tx, &account, kind, (from, to), offset)?
             } else {
-                (to, offset)
+                None
+            };
+            let (total, upper, rest) = match deep {
+                Some(deep) => deep,
+                None => {
+                    let total: i64 = tx
+                        .prepare_cached(&total.sql)?
+                        .query_row(rusqlite::params_from_iter(total.args), |r| r.get(0))?;
+                    (total, to, offset)
+                }
             };
             let mut args: Vec<Value> = vec![account.into(), kind.as_str().to_owned().into()];
             args.extend(url.map(Value::from));
@@ -164,31 +171,38 @@ impl Readers {
     }
 }
 
-/// Reads what `crate::skip_hours` needs for a deep page of the window `[from, to)` and applies it.
-fn skip_hours(
+/// A deep page of the window `[from, to)`: its exact total and where the page starts
+/// (`crate::skip_hours`), both from one reading of the counters: the partial hours at the two
+/// edges counted on the index, the whole hours from their hourly counters — what
+/// `window_total` adds up, read once instead of twice. `None` when the window holds no whole
+/// hour to skip by.
+fn deep_page(
     conn: &rusqlite::Connection,
     account: &str,
     kind: Kind,
     (from, to): (Millis, Millis),
     offset: i64,
-) -> rusqlite::Result<(Millis, i64)> {
+) -> rusqlite::Result<Option<(i64, Millis, i64)>> {
     let (Some((first, end)), _) = crate::split_window(from, to) else {
-        return Ok((to, offset));
+        return Ok(None);
+    };
+    let edge = |start: Millis, end: Millis| -> rusqlite::Result<i64> {
+        if start >= end {
+            return Ok(0);
+        }
+        conn.prepare_cached(super::sqlite::statements::WINDOW_EDGE_COUNT)?
+            .query_row((account, kind.as_str(), start, end), |r| r.get(0))
     };
     let top_start = end * crate::HOUR_MS;
-    let top = if top_start < to {
-        let n: i64 = conn
-            .prepare_cached(super::sqlite::statements::WINDOW_EDGE_COUNT)?
-            .query_row((account, kind.as_str(), top_start, to), |r| r.get(0))?;
-        Some((top_start, n))
-    } else {
-        None
-    };
+    let top = (top_start < to).then_some(top_start).map(|start| edge(start, to).map(|n| (start, n))).transpose()?;
+    let bottom = edge(from, first * crate::HOUR_MS)?;
     let hours: Vec<(i64, i64)> = conn
         .prepare_cached(super::sqlite::statements::WINDOW_HOURS)?
         .query_map((account, kind.as_str(), first, end), |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    Ok(crate::skip_hours(to, top, hours, offset))
+    let total = bottom + top.map_or(0, |(_, n)| n) + hours.iter().map(|(_, n)| n).sum::<i64>();
+    let (upper, rest) = crate::skip_hours(to, top, hours, offset);
+    Ok(Some((total, upper, rest)))
 }
 
 /// A text column borrowed from the row (no `String` for a value that is only parsed).
