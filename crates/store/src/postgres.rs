@@ -118,31 +118,17 @@ impl PgStore {
         for url in [None, Some("http://x/")] {
             let what = if url.is_some() { "one URL" } else { "window" };
             let query = WindowQuery { account, kind: Kind::Refresh, from: total_from, to: total_to, url, page };
-            let rows = window_query("EXPLAIN ", &query, None, (query.to, 4950)).build().fetch_all(&mut *conn).await;
+            let rows = window_query("EXPLAIN ", &query, 4950).build().fetch_all(&mut *conn).await;
             plans.push((format!("{what}: total and page"), text(rows.map_err(unavailable)?)));
-            let rows = window_query("EXPLAIN ", &query, None, (query.to, 0)).build().fetch_all(&mut *conn).await;
+            let rows = window_query("EXPLAIN ", &query, 0).build().fetch_all(&mut *conn).await;
             plans.push((format!("{what}: total and first page"), text(rows.map_err(unavailable)?)));
-            if url.is_none() {
-                // A deep page after its skip: the total known, the rest of an hour to skip.
-                let upper = total_to.div_euclid(crate::HOUR_MS) * crate::HOUR_MS;
-                let rows =
-                    window_query("EXPLAIN ", &query, Some(4950), (upper, 30)).build().fetch_all(&mut *conn).await;
-                plans.push((format!("{what}: deep page after its skip"), text(rows.map_err(unavailable)?)));
+            if url.is_none()
+                && let (Some(hours), _) = crate::split_window(query.from, query.to)
+            {
+                let rows = deep_window_query("EXPLAIN ", &query, hours, 4950).build().fetch_all(&mut *conn).await;
+                plans.push((format!("{what}: deep page, hourly counters"), text(rows.map_err(unavailable)?)));
             }
         }
-        let (first, end) = (from.div_euclid(crate::HOUR_MS) + 1, to.div_euclid(crate::HOUR_MS));
-        let rows = sqlx::query(&explain(statements::WINDOW_HOURS))
-            .bind(a)
-            .bind(k)
-            .bind(end * crate::HOUR_MS)
-            .bind(to)
-            .bind(from)
-            .bind(first * crate::HOUR_MS)
-            .bind(first)
-            .bind(end)
-            .fetch_all(&mut *conn)
-            .await;
-        plans.push(("window: hourly counters of a deep page".to_owned(), text(rows.map_err(unavailable)?)));
         let rows = sqlx::query(&explain(&statements::claim()))
             .bind("owner")
             .bind(1_i64)
@@ -224,16 +210,6 @@ mod statements {
         )
     }
 
-    /// A deep window page's total and skip (`crate::skip_hours`), in one statement: the counts
-    /// of the partial hours at the top ($3..$4, `part` 1) and at the bottom ($5..$6, `part` 2)
-    /// of the window, and the hourly counters of the whole hours ($7..$8, `part` 0).
-    pub(super) const WINDOW_HOURS: &str = "SELECT 1 AS part, 0::bigint AS hour, COUNT(*) AS n FROM items
-           WHERE account = $1 AND kind = $2 AND created_at >= $3 AND created_at < $4
-         UNION ALL
-         SELECT 2, 0, COUNT(*) FROM items WHERE account = $1 AND kind = $2 AND created_at >= $5 AND created_at < $6
-         UNION ALL
-         SELECT 0, hour, n FROM item_counts WHERE account = $1 AND kind = $2 AND hour >= $7 AND hour < $8";
-
     /// SKIP LOCKED: instances claiming at the same moment take disjoint items instead of waiting
     /// on each other's row locks.
     pub(super) fn claim() -> String {
@@ -257,27 +233,11 @@ mod statements {
 /// page skips index entries, not table rows; without one the rows are read down the index.
 /// `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
 ///
-/// The page is the `query.page.size` items after skipping `offset` below `upper`: the window's
-/// own end and offset, or those a deep page's skip moved (`crate::skip_hours`). A deep page
-/// knows its `total` already, from the counters its skip read; otherwise the statement counts it.
-fn window_query<'a>(
-    prefix: &str,
-    query: &'a WindowQuery<'a>,
-    total: Option<i64>,
-    (upper, offset): (Millis, i64),
-) -> QueryBuilder<'a, Postgres> {
-    // Nothing to skip (a first page, or a deep page whose skip ended on an hour): the rows are
-    // read straight down the window's index, without looking each page id up again.
+fn window_query<'a>(prefix: &str, query: &'a WindowQuery<'a>, offset: i64) -> QueryBuilder<'a, Postgres> {
+    // Nothing to skip (a first page): the rows are read straight down the window's index,
+    // without looking each page id up again.
     let skip_on_index = offset > 0;
-    let head = format!("{prefix}SELECT t.total, p.* FROM (");
-    let mut q = match total {
-        Some(total) => {
-            let mut q = QueryBuilder::new(format!("{head}SELECT CAST("));
-            q.push_bind(total).push(" AS BIGINT)");
-            q
-        }
-        None => window_total_query(&head, query),
-    };
+    let mut q = window_total_query(&format!("{prefix}SELECT t.total, p.* FROM ("), query);
     q.push(" AS total) t LEFT JOIN LATERAL (SELECT ").push(ITEM_COLUMNS).push(if skip_on_index {
         " FROM items WHERE id IN (SELECT id FROM items WHERE account = "
     } else {
@@ -290,13 +250,53 @@ fn window_query<'a>(
     q.push(" AND created_at >= ")
         .push_bind(query.from)
         .push(" AND created_at < ")
-        .push_bind(upper)
+        .push_bind(query.to)
         .push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(i64::from(query.page.size));
     if skip_on_index {
         q.push(" OFFSET ").push_bind(offset).push(")");
     }
     q.push(") p ON true ORDER BY p.created_at DESC, p.id DESC");
+    q
+}
+
+/// A deep window page (no URL, `offset` ≥ `crate::DEEP_PAGE`, whole hours `[first, end)` in the
+/// window) in one statement, as `window_query` answers: the counters give the skip that
+/// `crate::skip_hours` computes and the exact total that `window_total_query` adds up, and the
+/// page then skips at most about an hour of index entries. `parts` are the top partial hour
+/// and the whole hours, newest first, each with where it starts; the longest run of them whose
+/// running count fits in the offset is skipped (counts never go negative, so the runs that fit
+/// are a prefix): the page ends where the last of them starts (or at the window's end), after
+/// skipping the rest of the offset. The total adds the bottom partial hour. Until round 7 this
+/// was two round trips: the counters, then the page with its total counted again.
+fn deep_window_query<'a>(
+    prefix: &str,
+    query: &'a WindowQuery<'a>,
+    (first, end): (i64, i64),
+    offset: i64,
+) -> QueryBuilder<'a, Postgres> {
+    let (account, kind) = (query.account, query.kind.as_str());
+    let top_start = end * HOUR_MS;
+    let mut q: QueryBuilder<'a, Postgres> = QueryBuilder::new(format!("{prefix}WITH parts AS (SELECT CAST("));
+    q.push_bind(top_start).push(" AS BIGINT) AS start, COUNT(*) AS n FROM items WHERE account = ");
+    q.push_bind(account).push(" AND kind = ").push_bind(kind);
+    q.push(" AND created_at >= ").push_bind(top_start).push(" AND created_at < ").push_bind(query.to);
+    q.push(" UNION ALL SELECT hour * ").push(HOUR_MS.to_string()).push(", n FROM item_counts WHERE account = ");
+    q.push_bind(account).push(" AND kind = ").push_bind(kind);
+    q.push(" AND hour >= ").push_bind(first).push(" AND hour < ").push_bind(end);
+    q.push("), run AS (SELECT start, n, SUM(n) OVER (ORDER BY start DESC) AS skipped FROM parts)");
+    q.push(", skip AS (SELECT COALESCE(MIN(start) FILTER (WHERE skipped <= ").push_bind(offset).push("), ");
+    q.push_bind(query.to).push(") AS upper, CAST(").push_bind(offset);
+    q.push(" - COALESCE(MAX(skipped) FILTER (WHERE skipped <= ").push_bind(offset).push("), 0) AS BIGINT) AS rest");
+    q.push(", CAST(COALESCE(SUM(n), 0) + (SELECT COUNT(*) FROM items WHERE account = ");
+    q.push_bind(account).push(" AND kind = ").push_bind(kind);
+    q.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(first * HOUR_MS);
+    q.push(") AS BIGINT) AS total FROM run)");
+    q.push(" SELECT s.total, p.* FROM skip s LEFT JOIN LATERAL (SELECT ").push(ITEM_COLUMNS);
+    q.push(" FROM items WHERE id IN (SELECT id FROM items WHERE account = ").push_bind(account);
+    q.push(" AND kind = ").push_bind(kind).push(" AND created_at >= ").push_bind(query.from);
+    q.push(" AND created_at < s.upper ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(query.page.size));
+    q.push(" OFFSET s.rest)) p ON true ORDER BY p.created_at DESC, p.id DESC");
     q
 }
 
@@ -406,35 +406,13 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
         let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
-        let (mut total, mut upper, mut rest) = (None, query.to, offset);
-        if query.url.is_none()
-            && offset >= crate::DEEP_PAGE
-            && let (Some((first, end)), _) = crate::split_window(query.from, query.to)
-        {
-            let top_start = end * crate::HOUR_MS;
-            let rows: Vec<(i32, i64, i64)> = sqlx::query_as(statements::WINDOW_HOURS)
-                .bind(query.account)
-                .bind(query.kind.as_str())
-                .bind(top_start)
-                .bind(query.to)
-                .bind(query.from)
-                .bind(first * crate::HOUR_MS)
-                .bind(first)
-                .bind(end)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(unavailable)?;
-            // The same sum `window_total_query` makes: both edges and every whole hour.
-            total = Some(rows.iter().map(|&(_, _, n)| n).sum());
-            let top = rows.iter().find(|&&(part, _, _)| part == 1).map_or(0, |&(_, _, n)| n);
-            let mut hours: Vec<(i64, i64)> =
-                rows.iter().filter(|&&(part, _, _)| part == 0).map(|&(_, hour, n)| (hour, n)).collect();
-            hours.sort_unstable_by_key(|&(hour, _)| std::cmp::Reverse(hour));
-            let top = (top_start < query.to).then_some((top_start, top));
-            (upper, rest) = crate::skip_hours(query.to, top, hours, offset);
-        }
-        let rows =
-            window_query("", query, total, (upper, rest)).build().fetch_all(&self.pool).await.map_err(unavailable)?;
+        let mut select = match crate::split_window(query.from, query.to) {
+            (Some(hours), _) if query.url.is_none() && offset >= crate::DEEP_PAGE => {
+                deep_window_query("", query, hours, offset)
+            }
+            _ => window_query("", query, offset),
+        };
+        let rows = select.build().fetch_all(&self.pool).await.map_err(unavailable)?;
         Ok(total_and_page(&rows))
     }
 
