@@ -247,12 +247,18 @@ pub fn substitute(sql: &str, parameters: &[(usize, String)]) -> String {
     out
 }
 
-/// Whether a captured statement is one a record query runs: a read of the store that is not the
-/// worker's (its claims and lease renewals, running on the same database while the capture
-/// is on, would otherwise be replayed as if the query had made them).
+/// Whether a captured statement is one a record query runs: a read of the store (a `SELECT`, or
+/// a `WITH … SELECT` like a deep window page) that is not the worker's (its claims and lease
+/// renewals, running on the same database while the capture is on, would otherwise be replayed
+/// as if the query had made them).
 fn is_query_statement(sql: &str) -> bool {
     let upper = sql.trim_start().to_ascii_uppercase();
-    upper.starts_with("SELECT") && !upper.contains("FOR UPDATE") && !upper.contains("LEASE_")
+    (upper.starts_with("SELECT") || upper.starts_with("WITH"))
+        && !upper.contains("FOR UPDATE")
+        && !upper.contains("LEASE_")
+        && !upper.contains("UPDATE ")
+        && !upper.contains("DELETE ")
+        && !upper.contains("INSERT ")
 }
 
 /// A pgbench script running `statements` in order, as one transaction of the script.
@@ -296,6 +302,10 @@ mod tests {
                    cachectl-capture[43] LOG:  execute sqlx_s_9: UPDATE items SET lease_owner = $1 WHERE id IN (SELECT id FROM items FOR UPDATE SKIP LOCKED)\n\
                    cachectl-capture[43] DETAIL:  parameters: $1 = 'w'\n\
                    cachectl-capture[42] LOG:  execute sqlx_s_4: SELECT 1 FROM item_counts\n\
+                   cachectl-capture[42] LOG:  execute sqlx_s_5: WITH parts AS (SELECT $1 AS n) SELECT n FROM parts\n\
+                   cachectl-capture[42] DETAIL:  parameters: $1 = '7'\n\
+                   cachectl-capture[43] LOG:  execute sqlx_s_6: WITH d AS (DELETE FROM items WHERE id = $1) SELECT 1\n\
+                   cachectl-capture[43] DETAIL:  parameters: $1 = '9'\n\
                    2026-11-23 18:00:01.000 UTC [7] LOG:  parameter \"log_statement\" removed\n";
         let statements = executed(log).expect("parses");
         assert_eq!(
@@ -304,9 +314,10 @@ mod tests {
                 "SELECT c.total, p.* FROM\n               (SELECT COUNT(*) FROM items WHERE task_id = '1' AND account = 'acct00') c"
                     .to_owned(),
                 "SELECT 1 FROM item_counts".to_owned(),
+                "WITH parts AS (SELECT '7' AS n) SELECT n FROM parts".to_owned(),
             ]
         );
-        assert_eq!(script(&statements[1..]), "SELECT 1 FROM item_counts;\n");
+        assert_eq!(script(&statements[1..2]), "SELECT 1 FROM item_counts;\n");
     }
 
     #[test]
