@@ -378,10 +378,14 @@ macro_rules! shared_operations {
                     q.push(" AND EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND items.url = ").push_bind(url).push(")");
                 }
                 if let Some(domain) = filter.domain {
+                    // As in the item list below.
+                    let suffix = format!(".{domain}");
                     q.push(" AND EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND (items.host = ")
                         .push_bind(domain)
-                        .push(" OR items.host LIKE ")
-                        .push_bind(format!("%.{domain}"))
+                        .push(" OR substr(items.host, length(items.host) - length(")
+                        .push_bind(suffix.clone())
+                        .push(") + 1) = ")
+                        .push_bind(suffix)
                         .push("))");
                 }
                 q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
@@ -436,7 +440,18 @@ macro_rules! shared_operations {
                     q.push(" AND url = ").push_bind(url);
                 }
                 if let Some(domain) = filter.domain {
-                    q.push(" AND (host = ").push_bind(domain).push(" OR host LIKE ").push_bind(format!("%.{domain}")).push(")");
+                    // The host is the domain or ends in `.domain`: the same on both backends
+                    // (domains are checked and written in lower case, like hosts), and no `LIKE`,
+                    // whose bound pattern SQLite prepares again on every execution (and where `_`
+                    // would be a wildcard). A host shorter than the suffix yields a shorter text.
+                    let suffix = format!(".{domain}");
+                    q.push(" AND (host = ")
+                        .push_bind(domain)
+                        .push(" OR substr(host, length(host) - length(")
+                        .push_bind(suffix.clone())
+                        .push(") + 1) = ")
+                        .push_bind(suffix)
+                        .push(")");
                 }
                 if let Some(since) = filter.since {
                     q.push(" AND created_at >= ").push_bind(since);

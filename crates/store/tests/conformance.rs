@@ -684,6 +684,21 @@ async fn native_operations_behave_the_same_on_both_backends() {
             .await
             .unwrap();
         assert_eq!(by_domain.len(), 3, "{name}: names under the domain");
+        for (domain, expected) in [("www.example.com", 3), ("ample.com", 0), ("w.example.com", 0)] {
+            let filter = TaskFilter { domain: Some(domain), ..TaskFilter::default() };
+            assert_eq!(
+                store.list_tasks("acme", &filter, 10).await.unwrap().len(),
+                expected,
+                "{name}: tasks of {domain}"
+            );
+        }
+        let filter = ItemFilter { domain: Some("example.com"), ..ItemFilter::default() };
+        let items = store.list_items("acme", &filter, 100).await.unwrap();
+        assert!(!items.is_empty() && items.iter().all(|i| i.host.ends_with(".example.com")), "{name}: {items:?}");
+        for domain in ["ample.com", "w.example.com", "example.co"] {
+            let filter = ItemFilter { domain: Some(domain), ..ItemFilter::default() };
+            assert!(store.list_items("acme", &filter, 100).await.unwrap().is_empty(), "{name}: no item of {domain}");
+        }
         let results = store.node_results("acme", &[r1, r2]).await.unwrap();
         assert_eq!(results.len(), 1, "{name}: the retried item's result was cleared");
         assert!(store.node_results("other", &[r1]).await.unwrap().is_empty(), "{name}: ownership");

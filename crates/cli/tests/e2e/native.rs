@@ -169,6 +169,32 @@ async fn idempotent_submits() {
     assert_eq!(list["tasks"].as_array().unwrap().len(), 2, "the replay stored nothing: {list}");
 }
 
+/// `domain` names a host and the names under it, whatever its case; a look-alike suffix and a
+/// wildcard are not domains.
+#[tokio::test]
+async fn the_domain_filter_matches_the_host_and_names_under_it_in_any_case() {
+    let server = Cachectl::start(ACCOUNTS).await;
+    let task = server.native_submit(json!({"urls": ["http://www.example.com/d1"]})).await;
+    let count = |json: &Value, key: &str| json[key].as_array().map_or(usize::MAX, Vec::len);
+    for (domain, expected) in [("example.com", 1), ("EXAMPLE.com", 1), ("WWW.Example.COM", 1), ("ample.com", 0)] {
+        let (status, tasks) =
+            server.api(reqwest::Method::GET, &format!("/api/v1/tasks?domain={domain}"), None, None).await;
+        assert_eq!((status, count(&tasks, "tasks")), (200, expected), "tasks of {domain}: {tasks}");
+        let (status, items) =
+            server.api(reqwest::Method::GET, &format!("/api/v1/items?domain={domain}"), None, None).await;
+        assert_eq!((status, count(&items, "items")), (200, expected), "items of {domain}: {items}");
+        if expected == 1 {
+            assert_eq!(tasks["tasks"][0]["id"], task);
+        }
+    }
+    for domain in ["*.example.com", "exa_mple.com", "example..com"] {
+        let (status, body) =
+            server.api(reqwest::Method::GET, &format!("/api/v1/tasks?domain={domain}"), None, None).await;
+        assert_eq!(status, 400, "{domain}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_argument", "{body}");
+    }
+}
+
 /// A server whose single worker slot is held by an item retrying against a node that is
 /// down, so that later items stay waiting and unclaimed. Returns the server and the node's port.
 async fn busy_server(deadline: &str) -> (Cachectl, u16) {

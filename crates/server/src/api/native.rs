@@ -428,7 +428,7 @@ pub struct TaskQuery {
     pub kind: Option<String>,
     /// `running`, `completed` or `failed`.
     pub status: Option<String>,
-    /// Tasks with an item of this host (or a name under it).
+    /// Tasks with an item of this host (or a name under it), in any case.
     pub domain: Option<String>,
     /// Tasks with an item of this exact URL.
     pub url: Option<String>,
@@ -452,7 +452,7 @@ pub struct ItemQuery {
     pub kind: Option<String>,
     /// `waiting`, `processing`, `completed` or `failed`.
     pub status: Option<String>,
-    /// This host or names under it.
+    /// This host or names under it, in any case.
     pub domain: Option<String>,
     /// This exact URL.
     pub url: Option<String>,
@@ -495,12 +495,12 @@ fn cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
         .transpose()
 }
 
-fn check_domain(domain: Option<&str>) -> Result<(), ApiError> {
-    match domain {
-        Some(d) if cachectl_core::policy::DomainPattern::parse(d).is_err() || d.contains('*') => {
-            Err(ApiError::invalid("domain must be a host name such as www.example.com"))
-        }
-        _ => Ok(()),
+/// The `domain` filter as the store matches it: a host name, in lower case like stored hosts.
+fn check_domain(domain: Option<&str>) -> Result<Option<String>, ApiError> {
+    match domain.map(cachectl_core::policy::DomainPattern::parse) {
+        None => Ok(None),
+        Some(Ok(cachectl_core::policy::DomainPattern::Exact(name))) => Ok(Some(name)),
+        Some(_) => Err(ApiError::invalid("domain must be a host name such as www.example.com")),
     }
 }
 
@@ -607,7 +607,7 @@ pub async fn list_tasks(
 ) -> Result<Json<TaskPage>, ApiError> {
     let credential = authenticate(&state, &headers).await?;
     let q: TaskQuery = query(raw.as_deref())?;
-    check_domain(q.domain.as_deref())?;
+    let domain = check_domain(q.domain.as_deref())?;
     let filter = TaskFilter {
         kind: q
             .kind
@@ -621,7 +621,7 @@ pub async fn list_tasks(
             .map(str::parse::<TaskState>)
             .transpose()
             .map_err(|_| ApiError::invalid("status must be running, completed or failed"))?,
-        domain: q.domain.as_deref(),
+        domain: domain.as_deref(),
         url: q.url.as_deref(),
         since: q.since.as_deref().map(|t| parse_time("since", t)).transpose()?,
         until: q.until.as_deref().map(|t| parse_time("until", t)).transpose()?,
@@ -650,7 +650,7 @@ pub async fn list_items(
 ) -> Result<Json<ItemPage>, ApiError> {
     let credential = authenticate(&state, &headers).await?;
     let q: ItemQuery = query(raw.as_deref())?;
-    check_domain(q.domain.as_deref())?;
+    let domain = check_domain(q.domain.as_deref())?;
     let filter = ItemFilter {
         task_id: q.task_id,
         kind: q
@@ -665,7 +665,7 @@ pub async fn list_items(
             .map(str::parse::<ItemStatus>)
             .transpose()
             .map_err(|_| ApiError::invalid("status must be waiting, processing, completed or failed"))?,
-        domain: q.domain.as_deref(),
+        domain: domain.as_deref(),
         url: q.url.as_deref(),
         since: q.since.as_deref().map(|t| parse_time("since", t)).transpose()?,
         until: q.until.as_deref().map(|t| parse_time("until", t)).transpose()?,
