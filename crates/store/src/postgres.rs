@@ -229,10 +229,10 @@ mod statements {
 
 /// A window's exact total and one page of its items, newest first, in one round trip: one row
 /// per item, each with the total (one row with NULL item columns when the page is empty). With
-/// an offset the page's ids are found on the index first, then only those rows are read: a deep
-/// page skips index entries, not table rows; without one the rows are read down the index.
-/// `prefix` is `""` to run it or `EXPLAIN ` to check its plan.
-///
+/// an offset the page's ids are found on the index first, then only those rows are read: the
+/// offset skips index entries, not table rows; without one the rows are read down the index.
+/// Deep pages without a URL go through `deep_window_query` instead. `prefix` is `""` to run it
+/// or `EXPLAIN ` to check its plan.
 fn window_query<'a>(prefix: &str, query: &'a WindowQuery<'a>, offset: i64) -> QueryBuilder<'a, Postgres> {
     // Nothing to skip (a first page): the rows are read straight down the window's index,
     // without looking each page id up again.
