@@ -3,6 +3,28 @@
 //! Every statement goes through `QueryBuilder`, which writes each backend's own placeholders.
 //! What differs between the backends (claims, window queries, plans) stays in their modules.
 
+/// Writes the native lists' `domain` filter on `column`: the host is the domain or ends in
+/// `.domain`. The same on both backends (domains are checked and written in lower case, like
+/// hosts), and no `LIKE`, whose bound pattern SQLite prepares again on every execution (and
+/// where `_` would be a wildcard). A host shorter than the suffix yields a shorter text.
+pub(crate) fn push_host_filter<'a, DB: sqlx::Database>(
+    q: &mut sqlx::QueryBuilder<'a, DB>,
+    column: &str,
+    domain: &'a str,
+) where
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let suffix = format!(".{domain}");
+    q.push(format_args!("({column} = "))
+        .push_bind(domain)
+        .push(format_args!(" OR substr({column}, length({column}) - length("))
+        .push_bind(suffix.clone())
+        .push(") + 1) = ")
+        .push_bind(suffix)
+        .push(")");
+}
+
 /// Expands the shared operations for a backend: `$store` the store type, `$db` the sqlx
 /// database, `$read`/`$write` its read and write pools, `$rows` its row-mapper module.
 macro_rules! shared_operations {
@@ -378,15 +400,9 @@ macro_rules! shared_operations {
                     q.push(" AND EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND items.url = ").push_bind(url).push(")");
                 }
                 if let Some(domain) = filter.domain {
-                    // As in the item list below.
-                    let suffix = format!(".{domain}");
-                    q.push(" AND EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND (items.host = ")
-                        .push_bind(domain)
-                        .push(" OR substr(items.host, length(items.host) - length(")
-                        .push_bind(suffix.clone())
-                        .push(") + 1) = ")
-                        .push_bind(suffix)
-                        .push("))");
+                    q.push(" AND EXISTS (SELECT 1 FROM items WHERE items.task_id = tasks.id AND ");
+                    $crate::shared::push_host_filter(&mut q, "items.host", domain);
+                    q.push(")");
                 }
                 q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(limit));
                 let rows = q.build().fetch_all(&self.$read).await.map_err(unavailable)?;
@@ -440,18 +456,8 @@ macro_rules! shared_operations {
                     q.push(" AND url = ").push_bind(url);
                 }
                 if let Some(domain) = filter.domain {
-                    // The host is the domain or ends in `.domain`: the same on both backends
-                    // (domains are checked and written in lower case, like hosts), and no `LIKE`,
-                    // whose bound pattern SQLite prepares again on every execution (and where `_`
-                    // would be a wildcard). A host shorter than the suffix yields a shorter text.
-                    let suffix = format!(".{domain}");
-                    q.push(" AND (host = ")
-                        .push_bind(domain)
-                        .push(" OR substr(host, length(host) - length(")
-                        .push_bind(suffix.clone())
-                        .push(") + 1) = ")
-                        .push_bind(suffix)
-                        .push(")");
+                    q.push(" AND ");
+                    $crate::shared::push_host_filter(&mut q, "host", domain);
                 }
                 if let Some(since) = filter.since {
                     q.push(" AND created_at >= ").push_bind(since);

@@ -194,7 +194,7 @@ fn deep_page(
             .query_row((account, kind.as_str(), start, end), |r| r.get(0))
     };
     let top_start = end * crate::HOUR_MS;
-    let top = (top_start < to).then_some(top_start).map(|start| edge(start, to).map(|n| (start, n))).transpose()?;
+    let top = if top_start < to { Some((top_start, edge(top_start, to)?)) } else { None };
     let bottom = edge(from, first * crate::HOUR_MS)?;
     let hours: Vec<(i64, i64)> = conn
         .prepare_cached(super::sqlite::statements::WINDOW_HOURS)?
