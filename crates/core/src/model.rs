@@ -253,6 +253,37 @@ pub struct Item {
     pub depends_on: Option<i64>,
 }
 
+/// What the query pages of the dialects (Baishan's task and window pages, the Baidu record
+/// pages) show of an item: an `Item` without its task, account, host and links. The stores read
+/// only these columns for those pages; building the five others from each row (two of them
+/// strings) was a quarter of a record page's time on SQLite's reader threads (BENCHMARKS.md
+/// round 8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemRecord {
+    /// The item's own id.
+    pub id: i64,
+    /// Refresh or prefetch.
+    pub kind: Kind,
+    /// The URL as accepted.
+    pub url: String,
+    /// URL or directory.
+    pub item_type: ItemType,
+    /// Derived from the node results, see `policy::derive`.
+    pub status: ItemStatus,
+    /// Nodes done ÷ nodes total × 100, rounded down.
+    pub progress: u8,
+    /// Who submitted it.
+    pub operator: String,
+    /// Submission time.
+    pub created_at: Millis,
+    /// Not executed before this time (a scheduled prefetch); usually `created_at`.
+    pub not_before: Millis,
+    /// When the item reached a final status.
+    pub finished_at: Option<Millis>,
+    /// Why it failed, naming the node and the last error.
+    pub reason: Option<String>,
+}
+
 /// How many of a task's items are in each status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct StatusCounts {

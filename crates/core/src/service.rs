@@ -3,8 +3,8 @@
 //! (validation, duplicates, quotas, ownership) live here once.
 
 use crate::model::{
-    Delivery, Idempotency, Item, ItemFilter, ItemType, Kind, Millis, NewItem, NewTask, NodeResult, Page, PageRequest,
-    QuotaBucket, QuotaCharge, TaskFilter, TaskKind, TaskSummary,
+    Delivery, Idempotency, Item, ItemFilter, ItemRecord, ItemType, Kind, Millis, NewItem, NewTask, NodeResult, Page,
+    PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskKind, TaskSummary,
 };
 use crate::policy::{DomainPattern, UrlError, parse_item_of};
 use crate::store::{RecordQuery, Store, StoreError, WindowQuery};
@@ -261,7 +261,7 @@ impl Service {
         kind: Kind,
         task_id: i64,
         page: PageRequest,
-    ) -> Result<Page<Item>, StoreError> {
+    ) -> Result<Page<ItemRecord>, StoreError> {
         self.store.task_items(&account.name, kind, task_id, page).await
     }
 
@@ -343,7 +343,7 @@ impl Service {
     ///
     /// # Errors
     /// The store failing.
-    pub async fn records(&self, account: &Account, query: RecordQuery<'_>) -> Result<Vec<Item>, StoreError> {
+    pub async fn records(&self, account: &Account, query: RecordQuery<'_>) -> Result<Vec<ItemRecord>, StoreError> {
         self.store.records(&RecordQuery { account: &account.name, ..query }).await
     }
 
@@ -358,7 +358,7 @@ impl Service {
         (from, to): (Millis, Millis),
         url: Option<&str>,
         page: PageRequest,
-    ) -> Result<Page<Item>, StoreError> {
+    ) -> Result<Page<ItemRecord>, StoreError> {
         self.store.window_items(&WindowQuery { account: &account.name, kind, from, to, url, page }).await
     }
 }

@@ -2,8 +2,8 @@
 //! nothing here knows SQL, and nothing in a backend knows a dialect.
 
 use crate::model::{
-    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemType, ItemUpdate, Kind, Millis, NewTask, NodeResult,
-    Page, PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskSummary, WebhookJob,
+    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemRecord, ItemType, ItemUpdate, Kind, Millis, NewTask,
+    NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskSummary, WebhookJob,
 };
 use async_trait::async_trait;
 
@@ -90,13 +90,19 @@ pub trait Store: Send + Sync + 'static {
     async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64>;
 
     /// The items of one task of one account and kind, newest first. Another account's task is empty.
-    async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>>;
+    async fn task_items(
+        &self,
+        account: &str,
+        kind: Kind,
+        task_id: i64,
+        page: PageRequest,
+    ) -> StoreResult<Page<ItemRecord>>;
 
     /// The items of one account and kind created in a time window, newest first, with the exact total.
-    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>>;
+    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>>;
 
     /// The items matching `query`, ascending by `(created_at, id)`, at most `query.limit`.
-    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>>;
+    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>>;
 
     /// Leases up to `limit` runnable items (waiting or processing, due, lease free or expired)
     /// to `owner` until `lease_until`, with the node results stored so far.

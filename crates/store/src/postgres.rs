@@ -3,13 +3,13 @@
 //! upserts, and the Baishan rate-limit counters live here so that limits hold across instances.
 
 use crate::HOUR_MS;
-use crate::rows::ITEM_COLUMNS;
-use crate::rows::postgres::{item_at, item_columns_at, item_from_row, node_from_row};
+use crate::rows::postgres::{item_columns_at, item_from_row, node_from_row};
+use crate::rows::{RECORD_COLUMNS, record_at};
 use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
 use cachectl_core::{
-    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemType, ItemUpdate, Kind, Millis, NewItem,
-    NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError,
-    StoreResult, TaskFilter, TaskKind, TaskState, TaskSummary, WebhookJob, WindowQuery,
+    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemRecord, ItemStatus, ItemType, ItemUpdate, Kind,
+    Millis, NewItem, NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts,
+    Store, StoreError, StoreResult, TaskFilter, TaskKind, TaskState, TaskSummary, WebhookJob, WindowQuery,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgPool, Postgres, QueryBuilder, Row};
@@ -189,7 +189,7 @@ fn push_ids(builder: &mut QueryBuilder<'_, Postgres>, ids: &[i64]) {
 /// The statements of every read path and of the queue, shared by the operations and by
 /// `explain`, so that the plans checked are those of the statements that run.
 mod statements {
-    use crate::rows::ITEM_COLUMNS;
+    use crate::rows::{ITEM_COLUMNS, RECORD_COLUMNS};
 
     pub(super) const RENEW: &str =
         "UPDATE items SET lease_until = $1 WHERE lease_owner = $2 AND status IN ('waiting', 'processing')";
@@ -204,7 +204,7 @@ mod statements {
             "SELECT c.total, p.* FROM
                (SELECT COUNT(*) AS total FROM items WHERE task_id = $1 AND account = $2 AND kind = $3) c
              LEFT JOIN LATERAL
-               (SELECT {ITEM_COLUMNS} FROM items WHERE task_id = $1 AND account = $2 AND kind = $3
+               (SELECT {RECORD_COLUMNS} FROM items WHERE task_id = $1 AND account = $2 AND kind = $3
                 ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5) p ON true
              ORDER BY p.created_at DESC, p.id DESC"
         )
@@ -238,7 +238,7 @@ fn window_query<'a>(prefix: &str, query: &'a WindowQuery<'a>, offset: i64) -> Qu
     // without looking each page id up again.
     let skip_on_index = offset > 0;
     let mut q = window_total_query(&format!("{prefix}SELECT t.total, p.* FROM ("), query);
-    q.push(" AS total) t LEFT JOIN LATERAL (SELECT ").push(ITEM_COLUMNS).push(if skip_on_index {
+    q.push(" AS total) t LEFT JOIN LATERAL (SELECT ").push(RECORD_COLUMNS).push(if skip_on_index {
         " FROM items WHERE id IN (SELECT id FROM items WHERE account = "
     } else {
         " FROM items WHERE account = "
@@ -292,7 +292,7 @@ fn deep_window_query<'a>(
     q.push_bind(account).push(" AND kind = ").push_bind(kind);
     q.push(" AND created_at >= ").push_bind(query.from).push(" AND created_at < ").push_bind(first * HOUR_MS);
     q.push(") AS BIGINT) AS total FROM run)");
-    q.push(" SELECT s.total, p.* FROM skip s LEFT JOIN LATERAL (SELECT ").push(ITEM_COLUMNS);
+    q.push(" SELECT s.total, p.* FROM skip s LEFT JOIN LATERAL (SELECT ").push(RECORD_COLUMNS);
     q.push(" FROM items WHERE id IN (SELECT id FROM items WHERE account = ").push_bind(account);
     q.push(" AND kind = ").push_bind(kind).push(" AND created_at >= ").push_bind(query.from);
     q.push(" AND created_at < s.upper ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(query.page.size));
@@ -301,13 +301,13 @@ fn deep_window_query<'a>(
 }
 
 /// The rows of `task_query` or `window_query`: the total, and the page's items.
-fn total_and_page(rows: &[sqlx::postgres::PgRow]) -> Page<Item> {
+fn total_and_page(rows: &[sqlx::postgres::PgRow]) -> Page<ItemRecord> {
     let total: i64 = rows.first().map_or(0, |r| r.get("total"));
     let records = rows.first().map_or_else(Vec::new, |first| {
         let base = item_columns_at(first);
         rows.iter()
             .filter(|r| r.try_get::<Option<i64>, _>(base).ok().flatten().is_some())
-            .map(|r| item_at(r, base))
+            .map(|r| record_at(r, base))
             .collect()
     });
     Page { total: u64::try_from(total).unwrap_or(0), records }
@@ -339,7 +339,7 @@ impl<'a> crate::SqlWriter<'a> for QueryBuilder<'a, Postgres> {
 /// it, or `EXPLAIN ` to check its plan.
 fn records_query<'a>(prefix: &str, query: &'a RecordQuery<'a>) -> QueryBuilder<'a, Postgres> {
     let mut select: QueryBuilder<'a, Postgres> =
-        QueryBuilder::new(format!("{prefix}SELECT {ITEM_COLUMNS} FROM items WHERE account = "));
+        QueryBuilder::new(format!("{prefix}SELECT {RECORD_COLUMNS} FROM items WHERE account = "));
     select.push_bind(query.account).push(" AND kind = ").push_bind(query.kind.as_str());
     if let Some(task_id) = query.task_id {
         select.push(" AND task_id = ").push_bind(task_id);
@@ -390,7 +390,13 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
-    async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>> {
+    async fn task_items(
+        &self,
+        account: &str,
+        kind: Kind,
+        task_id: i64,
+        page: PageRequest,
+    ) -> StoreResult<Page<ItemRecord>> {
         let rows = sqlx::query(&statements::task_query())
             .bind(task_id)
             .bind(account)
@@ -404,7 +410,7 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
-    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
+    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>> {
         let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
         let mut select = match crate::split_window(query.from, query.to) {
             (Some(hours), _) if query.url.is_none() && offset >= crate::DEEP_PAGE => {
@@ -417,11 +423,11 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
-    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
+    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>> {
         let mut select = records_query("", query);
         let rows = select.build().fetch_all(&self.pool).await.map_err(unavailable)?;
         let base = rows.first().map_or(0, item_columns_at);
-        Ok(rows.iter().map(|r| item_at(r, base)).collect())
+        Ok(rows.iter().map(|r| record_at(r, base)).collect())
     }
 
     #[tracing::instrument(level = "debug", skip(self))]

@@ -1,12 +1,17 @@
 //! Mapping between rows and domain types, shared by the backends. Values the store wrote itself
 //! are trusted; an unknown enum name (a newer writer) degrades to a safe default instead of panicking.
 
-use cachectl_core::{Item, ItemStatus, ItemType, Kind, NodeResult, NodeState};
+use cachectl_core::{Item, ItemRecord, ItemStatus, ItemType, Kind, NodeResult, NodeState};
 use sqlx::Row;
 
 /// The item columns every item query selects, in this order and together (`item_at` reads them
 /// by position from the `id` column on).
 pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, created_at, not_before, finished_at, reason, follows, depends_on";
+
+/// The columns of an `ItemRecord`, what the dialects' query pages read (`record_at` and
+/// `sqlite_read::record_from_row` read them by position from the `id` column on).
+pub(crate) const RECORD_COLUMNS: &str =
+    "id, kind, url, item_type, status, progress, operator, created_at, not_before, finished_at, reason";
 
 /// An item's stored enum names and progress decoded, shared by every row mapper: an unknown
 /// name (a newer writer) becomes a safe default.
@@ -74,7 +79,7 @@ macro_rules! mappers {
             /// about a fifth of decoding a page on PostgreSQL): the columns are `ITEM_COLUMNS` of
             /// the store's own schema. A value that does not decode is read again through the
             /// checked `get`, which panics with sqlx's message as before.
-            fn at<'r, T>(row: &'r $row, index: usize) -> T
+            pub(crate) fn at<'r, T>(row: &'r $row, index: usize) -> T
             where
                 T: sqlx::Decode<'r, <$row as sqlx::Row>::Database> + sqlx::Type<<$row as sqlx::Row>::Database>,
             {
@@ -101,3 +106,24 @@ macro_rules! mappers {
 
 mappers!(sqlite, sqlx::sqlite::SqliteRow);
 mappers!(postgres, sqlx::postgres::PgRow);
+
+/// An item record from the `RECORD_COLUMNS` of a PostgreSQL row that start at column `base`, by
+/// position, as `item_at` reads an item. (SQLite's record pages are read through rusqlite.)
+pub(crate) fn record_at(row: &sqlx::postgres::PgRow, base: usize) -> ItemRecord {
+    use postgres::at;
+    let (kind, item_type, status, progress) =
+        item_enums(at::<&str>(row, base + 1), at::<&str>(row, base + 3), at::<&str>(row, base + 4), at(row, base + 5));
+    ItemRecord {
+        id: at(row, base),
+        kind,
+        url: at(row, base + 2),
+        item_type,
+        status,
+        progress,
+        operator: at(row, base + 6),
+        created_at: at(row, base + 7),
+        not_before: at(row, base + 8),
+        finished_at: at(row, base + 9),
+        reason: at(row, base + 10),
+    }
+}

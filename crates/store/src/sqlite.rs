@@ -7,9 +7,9 @@ use crate::rows::sqlite::{item_from_row, node_from_row};
 use crate::shared::{COALESCE_WINDOW_MS, shared_operations};
 use crate::sqlite_read::Readers;
 use cachectl_core::{
-    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemStatus, ItemType, ItemUpdate, Kind, Millis, NewItem,
-    NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, Store, StoreError,
-    StoreResult, TaskFilter, TaskKind, TaskState, TaskSummary, WebhookJob, WindowQuery,
+    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemRecord, ItemStatus, ItemType, ItemUpdate, Kind,
+    Millis, NewItem, NewTask, NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts,
+    Store, StoreError, StoreResult, TaskFilter, TaskKind, TaskState, TaskSummary, WebhookJob, WindowQuery,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
@@ -156,7 +156,7 @@ async fn check_schema_version(pool: &SqlitePool) -> StoreResult<()> {
 /// The statements of every read path and of the queue, shared by the operations and by
 /// `explain`, so that the plans checked are those of the statements that run.
 pub(crate) mod statements {
-    use crate::rows::ITEM_COLUMNS;
+    use crate::rows::{ITEM_COLUMNS, RECORD_COLUMNS};
 
     // INDEXED BY: a task has at most a thousand items while its account may have millions, a
     // difference SQLite's planner cannot always see from its statistics. Parameters: ?1 the task
@@ -178,7 +178,7 @@ pub(crate) mod statements {
     /// `window_page`.
     pub(crate) fn task_page() -> String {
         format!(
-            "SELECT {ITEM_COLUMNS} FROM items INDEXED BY items_task
+            "SELECT {RECORD_COLUMNS} FROM items INDEXED BY items_task
              WHERE task_id = ?1 AND kind = ?3 AND EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND account = ?2)
              ORDER BY created_at DESC, id DESC LIMIT ?4 OFFSET ?5"
         )
@@ -199,7 +199,7 @@ pub(crate) mod statements {
     /// (BENCHMARKS.md).
     pub(crate) fn window_page(url: bool) -> String {
         format!(
-            "SELECT {ITEM_COLUMNS} FROM items WHERE {} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+            "SELECT {RECORD_COLUMNS} FROM items WHERE {} ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
             window_filter(url)
         )
     }
@@ -237,20 +237,26 @@ crate::shared::store_impl!(SqliteStore, "", {
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
-    async fn task_items(&self, account: &str, kind: Kind, task_id: i64, page: PageRequest) -> StoreResult<Page<Item>> {
+    async fn task_items(
+        &self,
+        account: &str,
+        kind: Kind,
+        task_id: i64,
+        page: PageRequest,
+    ) -> StoreResult<Page<ItemRecord>> {
         let offset = i64::try_from(page.offset()).unwrap_or(i64::MAX);
         let (total, records) = self.read.task_items(account, kind, task_id, i64::from(page.size), offset).await?;
         Ok(Page { total: u64::try_from(total).unwrap_or(0), records })
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
-    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<Item>> {
+    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>> {
         let (total, records) = self.read.window_items(query).await?;
         Ok(Page { total: u64::try_from(total).unwrap_or(0), records })
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
-    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
+    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>> {
         self.read.records(query).await
     }
 

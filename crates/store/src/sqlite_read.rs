@@ -7,8 +7,8 @@
 //! The statements are the ones `SqliteStore::explain` checks (`statements` in `sqlite.rs`);
 //! writes stay on sqlx's single writer connection.
 
-use crate::rows::ITEM_COLUMNS;
-use cachectl_core::{Item, Kind, Millis, RecordQuery, StoreError, StoreResult, WindowQuery};
+use crate::rows::RECORD_COLUMNS;
+use cachectl_core::{ItemRecord, Kind, Millis, RecordQuery, StoreError, StoreResult, WindowQuery};
 use rusqlite::OpenFlags;
 use rusqlite::types::Value;
 use std::time::Duration;
@@ -105,16 +105,16 @@ impl Readers {
         task_id: i64,
         limit: i64,
         offset: i64,
-    ) -> StoreResult<(i64, Vec<Item>)> {
+    ) -> StoreResult<(i64, Vec<ItemRecord>)> {
         let account = account.to_owned();
         self.run(move |conn| {
             let tx = conn.unchecked_transaction()?;
             let total: i64 = tx
                 .prepare_cached(super::sqlite::statements::TASK_COUNT)?
                 .query_row((task_id, &account, kind.as_str()), |r| r.get(0))?;
-            let rows: Vec<Item> = tx
+            let rows: Vec<ItemRecord> = tx
                 .prepare_cached(&super::sqlite::statements::task_page())?
-                .query_map((task_id, &account, kind.as_str(), limit, offset), item_from_row)?
+                .query_map((task_id, &account, kind.as_str(), limit, offset), record_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
             tx.commit()?;
             Ok((total, rows))
@@ -123,7 +123,7 @@ impl Readers {
     }
 
     /// One page of an account's items in a window, newest first, and how many there are.
-    pub(crate) async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<(i64, Vec<Item>)> {
+    pub(crate) async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<(i64, Vec<ItemRecord>)> {
         let total = window_total(query);
         let page_sql = super::sqlite::statements::window_page(query.url.is_some());
         let (account, kind, url) = (query.account.to_owned(), query.kind, query.url.map(str::to_owned));
@@ -149,9 +149,9 @@ impl Readers {
             let mut args: Vec<Value> = vec![account.into(), kind.as_str().to_owned().into()];
             args.extend(url.map(Value::from));
             args.extend([from.into(), upper.into(), size.into(), rest.into()]);
-            let rows: Vec<Item> = tx
+            let rows: Vec<ItemRecord> = tx
                 .prepare_cached(&page_sql)?
-                .query_map(rusqlite::params_from_iter(args), item_from_row)?
+                .query_map(rusqlite::params_from_iter(args), record_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
             tx.commit()?;
             Ok((total, rows))
@@ -160,11 +160,11 @@ impl Readers {
     }
 
     /// The Baidu dialects' record page.
-    pub(crate) async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<Item>> {
+    pub(crate) async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>> {
         let (sql, args) = records_query(query);
         self.run(move |conn| {
             let mut select = conn.prepare_cached(&sql)?;
-            let rows = select.query_map(rusqlite::params_from_iter(args), item_from_row)?;
+            let rows = select.query_map(rusqlite::params_from_iter(args), record_from_row)?;
             rows.collect::<rusqlite::Result<_>>()
         })
         .await
@@ -212,27 +212,22 @@ fn text<'r>(row: &'r rusqlite::Row<'_>, index: usize) -> rusqlite::Result<&'r st
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e)))
 }
 
-/// An item from a row of `ITEM_COLUMNS`, by position.
-fn item_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+/// An item record from a row of `RECORD_COLUMNS`, by position.
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRecord> {
     let (kind, item_type, status, progress) =
-        crate::rows::item_enums(text(row, 3)?, text(row, 6)?, text(row, 7)?, row.get(8)?);
-    Ok(Item {
+        crate::rows::item_enums(text(row, 1)?, text(row, 3)?, text(row, 4)?, row.get(5)?);
+    Ok(ItemRecord {
         id: row.get(0)?,
-        task_id: row.get(1)?,
-        account: row.get(2)?,
         kind,
-        url: row.get(4)?,
-        host: row.get(5)?,
+        url: row.get(2)?,
         item_type,
         status,
         progress,
-        operator: row.get(9)?,
-        created_at: row.get(10)?,
-        not_before: row.get(11)?,
-        finished_at: row.get(12)?,
-        reason: row.get(13)?,
-        follows: row.get(14)?,
-        depends_on: row.get(15)?,
+        operator: row.get(6)?,
+        created_at: row.get(7)?,
+        not_before: row.get(8)?,
+        finished_at: row.get(9)?,
+        reason: row.get(10)?,
     })
 }
 
@@ -270,7 +265,7 @@ pub(crate) fn window_total(query: &WindowQuery<'_>) -> Statement {
 /// The Baidu dialects' record query, ascending by `(created_at, id)`.
 pub(crate) fn records_query(query: &RecordQuery<'_>) -> (String, Vec<Value>) {
     let index = if query.task_id.is_some() { " INDEXED BY items_task" } else { "" };
-    let mut sql = format!("SELECT {ITEM_COLUMNS} FROM items{index} WHERE account = ? AND kind = ?");
+    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM items{index} WHERE account = ? AND kind = ?");
     let mut args: Vec<Value> = vec![query.account.to_owned().into(), query.kind.as_str().to_owned().into()];
     if let Some(task_id) = query.task_id {
         sql.push_str(" AND task_id = ?");

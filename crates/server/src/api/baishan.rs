@@ -9,7 +9,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
-use cachectl_core::{Item, ItemType, Kind, Millis, Page, PageRequest, QuotaBucket, StoreError};
+use cachectl_core::{ItemRecord, ItemType, Kind, Millis, Page, PageRequest, QuotaBucket, StoreError};
 use chrono::{FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
 use serde_json::{Value, json};
 
@@ -400,7 +400,7 @@ async fn query(
     let task_id = param(pairs, &["task_id"]);
     let start = param(pairs, &["start_time"]);
     let end = param(pairs, &["end_time"]);
-    let result: Page<Item> = match (task_id, start, end) {
+    let result: Page<ItemRecord> = match (task_id, start, end) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
             return Err(BaishanError::bad(
                 "task_id and start_time/end_time are two exclusive ways to query; give one of them",

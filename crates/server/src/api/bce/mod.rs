@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
-use cachectl_core::{Item, ItemStatus, ItemType, Kind, Millis, QuotaBucket, StoreError};
+use cachectl_core::{ItemRecord, ItemStatus, ItemType, Kind, Millis, QuotaBucket, StoreError};
 use serde_json::{Value, json};
 
 /// The error codes of the Baidu dialects, one table: code, HTTP status.
@@ -227,7 +227,7 @@ fn window(params: &Params, now: Millis) -> Result<(Millis, Millis), BceError> {
 }
 
 /// The opaque marker: the last record's `(created_at, id)`, hex-encoded.
-fn encode_marker(item: &Item) -> String {
+fn encode_marker(item: &ItemRecord) -> String {
     hex::encode(format!("v1:{}:{}", item.created_at, item.id))
 }
 
@@ -242,7 +242,7 @@ fn decode_marker(marker: &str) -> Result<(Millis, i64), BceError> {
 }
 
 /// The status word of a record: `waiting` only for a prefetch scheduled in the future.
-fn status_word(item: &Item, now: Millis) -> &'static str {
+fn status_word(item: &ItemRecord, now: Millis) -> &'static str {
     match item.status {
         ItemStatus::Waiting if item.not_before > now => "waiting",
         ItemStatus::Waiting | ItemStatus::Processing => "in-progress",
@@ -292,7 +292,7 @@ impl serde::Serialize for Time {
     }
 }
 
-fn record(item: Item, now: Millis, with_reason: bool) -> Record {
+fn record(item: ItemRecord, now: Millis, with_reason: bool) -> Record {
     let status = status_word(&item, now);
     Record {
         task: RecordTask {
@@ -324,7 +324,7 @@ pub(crate) struct RecordPage {
 
 /// A page of records; `items` holds up to one record more than a page, which only says that
 /// there is a next page.
-fn page(mut items: Vec<Item>, limit: u32, now: Millis, with_reason: bool) -> RecordPage {
+fn page(mut items: Vec<ItemRecord>, limit: u32, now: Millis, with_reason: bool) -> RecordPage {
     let truncated = items.len() > limit as usize;
     items.truncate(limit as usize);
     let next_marker = if truncated { items.last().map(encode_marker) } else { None };
@@ -523,13 +523,10 @@ mod tests {
 
     #[test]
     fn markers_round_trip_and_reject_garbage() {
-        let item = Item {
+        let item = ItemRecord {
             id: 42,
-            task_id: 1,
-            account: "a".into(),
             kind: Kind::Refresh,
             url: "http://x/".into(),
-            host: "x".into(),
             item_type: ItemType::Url,
             status: ItemStatus::Waiting,
             progress: 0,
@@ -538,8 +535,6 @@ mod tests {
             not_before: 0,
             finished_at: None,
             reason: None,
-            follows: None,
-            depends_on: None,
         };
         assert_eq!(decode_marker(&encode_marker(&item)).unwrap(), (1_700_000_000_123, 42));
         for bad in ["", "zz", "00", &hex::encode("v2:1:2"), &hex::encode("v1:x:2"), &hex::encode("v1:1:2:3")] {
