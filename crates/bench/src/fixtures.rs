@@ -96,11 +96,24 @@ pub struct Varnish {
 }
 
 impl Varnish {
-    /// Starts one node (about a second: the VCL is compiled to C).
+    /// Starts one node (about a second: the VCL is compiled to C). A port found free can be
+    /// taken by another process before varnishd binds it (varnishd then exits): up to three
+    /// tries, each on new ports, as the end-to-end tests do.
     ///
     /// # Errors
-    /// varnishd is missing or does not start.
+    /// varnishd is missing or does not start in three tries (its log is in the error).
     pub async fn start(origin_port: u16) -> anyhow::Result<Self> {
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(origin_port).await {
+                Ok(node) => return Ok(node),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        bail!("varnishd did not start: {}", errors.join("; "))
+    }
+
+    async fn try_start(origin_port: u16) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         // varnishd drops root to its own users, which must be able to enter the directory.
         let dir = tempfile::tempdir()?;
@@ -113,6 +126,7 @@ impl Varnish {
         let vcl_path = dir.path().join("cachectl.vcl");
         std::fs::write(&vcl_path, vcl)?;
         std::fs::write(dir.path().join("secret"), "bench-secret\n")?;
+        let log = dir.path().join("varnishd.log");
         let port = free_port();
         let child = Command::new("varnishd")
             .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-T", &format!("127.0.0.1:{}", free_port())])
@@ -124,11 +138,19 @@ impl Varnish {
             .arg(dir.path().join("work"))
             .args(["-s", "malloc,64m"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("varnishd must be installed (scripts/bench.sh installs it)")?;
-        let proc = Proc { child };
-        wait_port(port, "varnishd").await?;
+        let mut proc = Proc { child };
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            let exited = proc.child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("varnishd on {port} ({exited:?} after {:?}): {}", start.elapsed(), text.trim());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(Self { port, _proc: proc, _dir: dir })
     }
 
