@@ -109,8 +109,9 @@ pub struct StoreConfig {
     /// answers 503) while PostgreSQL is unreachable.
     #[serde(default = "default_acquire", with = "humantime_serde")]
     pub acquire_timeout: Duration,
-    /// PostgreSQL: connections this instance holds at most (default 8); requests beyond wait
-    /// their turn for one. Ignored by SQLite.
+    /// PostgreSQL: connections of each of this instance's two pools (default 8): one for the
+    /// dialects' record queries, one for everything else; requests beyond wait their turn for
+    /// one. Ignored by SQLite.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
 }

@@ -140,10 +140,11 @@ pub struct Connections {
     /// How long an operation may wait for a connection (for PostgreSQL: while the database is
     /// down, operations fail after this instead of hanging).
     pub acquire_timeout: Duration,
-    /// PostgreSQL: the size of the pool; requests beyond it wait for a connection in turn.
-    /// PostgreSQL runs a backend process per connection; more connections than the database's
-    /// cores can run at once only make them take turns (BENCHMARKS.md round 7). SQLite ignores
-    /// it (one writer connection, a fixed set of readers).
+    /// PostgreSQL: the size of each of the two pools (the dialects' record queries, and
+    /// everything else; so at most twice this many connections); requests beyond a pool's size
+    /// wait for a connection in turn. PostgreSQL runs a backend process per connection; more
+    /// connections than the database's cores can run at once only make them take turns
+    /// (BENCHMARKS.md round 7). SQLite ignores it (one writer connection, a fixed set of readers).
     pub max_connections: u32,
 }
 

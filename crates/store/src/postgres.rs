@@ -27,13 +27,67 @@ const INSERT_CHUNK: usize = 1000;
 /// The PostgreSQL store.
 #[derive(Debug, Clone)]
 pub struct PgStore {
+    /// Everything but the record queries: writes, the queue, the native API, migrations.
     pool: PgPool,
+    /// The record queries of the dialects (`task_items`, `window_items`, `records`).
+    reads: Reads,
 }
+
+/// The connections of the record queries, apart from sqlx's pool: sqlx returns every connection
+/// to its pool in a task of its own that pings the database first (a Sync message and its
+/// answer; no option turns it off), so that each query cost two round trips to its backend. Here
+/// a connection goes back to the pool as it is, and is pinged only when it is taken after being
+/// idle `PING_WHEN_IDLE` or more (a database restart may have cut it since). A query that failed
+/// drops its connection; one cancelled midway leaves unread answers on it, which sqlx's
+/// `PgConnection` reads off before its next statement. +11–27 % q/s for the Baishan queries on
+/// PostgreSQL (BENCHMARKS.md round 8).
+type Reads = deadpool::managed::Pool<ReadConnections>;
 
 shared_operations!(PgStore, Postgres, pool, pool, crate::rows::postgres);
 
+/// Opens and checks the connections of `Reads`.
+#[derive(Debug)]
+struct ReadConnections(PgConnectOptions);
+
+impl deadpool::managed::Manager for ReadConnections {
+    type Type = sqlx::postgres::PgConnection;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<Self::Type, Self::Error> {
+        sqlx::postgres::PgConnection::connect_with(&self.0).await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut Self::Type,
+        metrics: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<Self::Error> {
+        if metrics.last_used() >= PING_WHEN_IDLE {
+            conn.ping().await?;
+        }
+        Ok(())
+    }
+}
+
 fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// A connection of `reads`.
+async fn read_connection(reads: &Reads) -> StoreResult<deadpool::managed::Object<ReadConnections>> {
+    reads.get().await.map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// The outcome of a query on a connection of `Reads`: a connection whose query failed is closed
+/// instead of going back to the pool.
+fn read_outcome<T>(
+    conn: deadpool::managed::Object<ReadConnections>,
+    outcome: Result<T, sqlx::Error>,
+) -> StoreResult<T> {
+    outcome.map_err(|e| {
+        drop(deadpool::managed::Object::take(conn));
+        unavailable(e)
+    })
 }
 
 impl PgStore {
@@ -63,9 +117,16 @@ impl PgStore {
             // A request waits at most this long for a connection while the database is down,
             // then fails with 503 instead of hanging.
             .acquire_timeout(connections.acquire_timeout)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(unavailable)?;
+        let reads = Reads::builder(ReadConnections(options))
+            .max_size(connections.max_connections.max(1) as usize)
+            .wait_timeout(Some(connections.acquire_timeout))
+            .create_timeout(Some(connections.acquire_timeout))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         check_schema_version(&pool).await?;
         if migrate {
             MIGRATOR.run(&pool).await.map_err(|e| StoreError::Schema(e.to_string()))?;
@@ -82,7 +143,7 @@ impl PgStore {
                 )));
             }
         }
-        Ok(Self { pool })
+        Ok(Self { pool, reads })
     }
 }
 
@@ -397,15 +458,16 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
         task_id: i64,
         page: PageRequest,
     ) -> StoreResult<Page<ItemRecord>> {
-        let rows = sqlx::query(&statements::task_query())
+        let mut conn = read_connection(&self.reads).await?;
+        let outcome = sqlx::query(&statements::task_query())
             .bind(task_id)
             .bind(account)
             .bind(kind.as_str())
             .bind(i64::from(page.size))
             .bind(i64::try_from(page.offset()).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
+            .fetch_all(&mut *conn)
+            .await;
+        let rows = read_outcome(conn, outcome)?;
         Ok(total_and_page(&rows))
     }
 
@@ -418,14 +480,18 @@ crate::shared::store_impl!(PgStore, " FOR UPDATE SKIP LOCKED", {
             }
             _ => window_query("", query, offset),
         };
-        let rows = select.build().fetch_all(&self.pool).await.map_err(unavailable)?;
+        let mut conn = read_connection(&self.reads).await?;
+        let outcome = select.build().fetch_all(&mut *conn).await;
+        let rows = read_outcome(conn, outcome)?;
         Ok(total_and_page(&rows))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>> {
         let mut select = records_query("", query);
-        let rows = select.build().fetch_all(&self.pool).await.map_err(unavailable)?;
+        let mut conn = read_connection(&self.reads).await?;
+        let outcome = select.build().fetch_all(&mut *conn).await;
+        let rows = read_outcome(conn, outcome)?;
         let base = rows.first().map_or(0, item_columns_at);
         Ok(rows.iter().map(|r| record_at(r, base)).collect())
     }

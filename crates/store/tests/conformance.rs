@@ -475,57 +475,102 @@ async fn a_newer_schema_is_refused() {
     assert!(err.to_string().contains("cachectl migrate"), "{err}");
 }
 
+/// A record query of the dialects (the PostgreSQL store runs them on connections of their own).
+fn record_query() -> RecordQuery<'static> {
+    RecordQuery {
+        account: "acme",
+        kind: Kind::Refresh,
+        task_id: None,
+        from: T0,
+        to: T0 + H,
+        site: None,
+        url: None,
+        item_type: None,
+        after: None,
+        limit: 10,
+    }
+}
+
+const WAITING_ON_LOCK: &str =
+    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
+/// Polls until `n` sessions wait on a lock (at most 5 s), then a moment more for any beyond.
+async fn wait_for_lock_waiters(conn: &mut sqlx::PgConnection, n: i64) -> i64 {
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let waiting: i64 = sqlx::query_scalar(WAITING_ON_LOCK).fetch_one(&mut *conn).await.unwrap();
+        if waiting >= n {
+            break;
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query_scalar(WAITING_ON_LOCK).fetch_one(&mut *conn).await.unwrap()
+}
+
 #[tokio::test]
-async fn a_postgres_instance_holds_at_most_max_connections() {
+async fn a_postgres_instance_holds_at_most_max_connections_per_pool() {
+    use cachectl_core::ItemFilter;
     let pg = PgCluster::start();
     let url = pg.database("pool").await;
     let connections = cachectl_store::Connections { max_connections: 3, ..Default::default() };
     let store = cachectl_store::open_with(&url, true, connections).await.unwrap();
     // Another session locks the items table: every read then waits inside PostgreSQL, holding
-    // its connection, and the queries beyond the pool's size wait for one in cachectl.
+    // its connection, and the queries beyond a pool's size wait for one in cachectl. Ten record
+    // queries (their own pool) and ten native item lists (the pool of everything else).
     let admin = sqlx::PgPool::connect(&url).await.unwrap();
     let mut lock = admin.begin().await.unwrap();
     sqlx::query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
-    let queries: Vec<_> = (0..10)
-        .map(|_| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let query = RecordQuery {
-                    account: "acme",
-                    kind: Kind::Refresh,
-                    task_id: None,
-                    from: T0,
-                    to: T0 + H,
-                    site: None,
-                    url: None,
-                    item_type: None,
-                    after: None,
-                    limit: 10,
-                };
-                store.records(&query).await.map(|page| page.len())
-            })
-        })
-        .collect();
+    let mut queries = Vec::new();
+    for _ in 0..10 {
+        let (reads, lists) = (store.clone(), store.clone());
+        queries.push(tokio::spawn(async move { reads.records(&record_query()).await.map(|page| page.len()) }));
+        queries.push(tokio::spawn(async move {
+            lists.list_items("acme", &ItemFilter::default(), 10).await.map(|items| items.len())
+        }));
+    }
+    let waiting = wait_for_lock_waiters(&mut lock, 6).await;
+    assert_eq!(waiting, 6, "three record queries and three item lists wait on the lock, one per connection");
     let count_sessions = "SELECT COUNT(*) FROM pg_stat_activity
          WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()";
-    let waiting_on_lock =
-        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    for _ in 0..100 {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let waiting: i64 = sqlx::query_scalar(waiting_on_lock).fetch_one(&mut *lock).await.unwrap();
-        if waiting >= 3 {
-            break;
-        }
-    }
-    // A moment more for any connection beyond the pool's size to show up.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let waiting: i64 = sqlx::query_scalar(waiting_on_lock).fetch_one(&mut *lock).await.unwrap();
-    assert_eq!(waiting, 3, "three queries wait on the lock, each on one of the pool's connections");
     let sessions: i64 = sqlx::query_scalar(count_sessions).fetch_one(&mut *lock).await.unwrap();
-    assert_eq!(sessions, 3, "no more than max_connections sessions besides this one");
+    assert_eq!(sessions, 6, "max_connections sessions per pool besides this one");
     lock.commit().await.unwrap();
     for query in queries {
         assert_eq!(query.await.unwrap().unwrap(), 0, "every query is answered once the lock is gone");
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_postgres_record_query_leaves_its_connection_usable() {
+    let pg = PgCluster::start();
+    let url = pg.database("cancel").await;
+    let connections = cachectl_store::Connections { max_connections: 2, ..Default::default() };
+    let store = cachectl_store::open_with(&url, true, connections).await.unwrap();
+    let id = store.create_task(&task("acme", Kind::Refresh, T0 + 5, &["http://a.example.com/1"]), &[]).await.unwrap();
+    // Both record connections send a query that waits on the lock, and the requests are dropped
+    // (a client that went away): each connection has a query in flight whose answer nobody read.
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut lock = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let cancelled: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.records(&RecordQuery { account: "nobody", ..record_query() }).await })
+        })
+        .collect();
+    assert_eq!(wait_for_lock_waiters(&mut lock, 2).await, 2, "both connections are busy");
+    for query in cancelled {
+        query.abort();
+        assert!(query.await.unwrap_err().is_cancelled());
+    }
+    lock.commit().await.unwrap();
+    // The next queries get the same two connections, and their own answers, not the dropped ones.
+    for _ in 0..6 {
+        let records = store.records(&record_query()).await.unwrap();
+        assert_eq!(records.len(), 1, "the record of acme, not the empty answer meant for the dropped query");
+        assert_eq!(records[0].url, "http://a.example.com/1");
+        let task = store.task_items("acme", Kind::Refresh, id, page(1, 50)).await.unwrap();
+        assert_eq!((task.total, task.records.len()), (1, 1));
     }
 }
 
