@@ -125,6 +125,9 @@ impl PgStore {
             .wait_timeout(Some(connections.acquire_timeout))
             .create_timeout(Some(connections.acquire_timeout))
             .runtime(deadpool::Runtime::Tokio1)
+            // The connection returned last is taken first: its backend process is the one most
+            // likely still warm, and connections left idle are the ones pinged before use.
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         check_schema_version(&pool).await?;
