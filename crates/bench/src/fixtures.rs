@@ -91,67 +91,24 @@ impl Drop for Origin {
 pub struct Varnish {
     /// Its HTTP port.
     pub port: u16,
-    _proc: Proc,
-    _dir: tempfile::TempDir,
+    _varnishd: cachectl_testkit::Varnishd,
 }
 
 impl Varnish {
-    /// Starts one node (about a second: the VCL is compiled to C). A port found free can be
-    /// taken by another process before varnishd binds it (varnishd then exits): up to three
-    /// tries, each on new ports, as the end-to-end tests do.
+    /// Starts one node (about a second: the VCL is compiled to C), on a free port (up to three
+    /// tries, `cachectl_testkit::Varnishd::start`).
     ///
     /// # Errors
-    /// varnishd is missing or does not start in three tries (its log is in the error).
+    /// varnishd is missing or does not start (its log is in the error).
     pub async fn start(origin_port: u16) -> anyhow::Result<Self> {
-        let mut errors = Vec::new();
-        for _ in 0..3 {
-            match Self::try_start(origin_port).await {
-                Ok(node) => return Ok(node),
-                Err(e) => errors.push(format!("{e:#}")),
-            }
-        }
-        bail!("varnishd did not start: {}", errors.join("; "))
-    }
-
-    async fn try_start(origin_port: u16) -> anyhow::Result<Self> {
-        use std::os::unix::fs::PermissionsExt;
-        // varnishd drops root to its own users, which must be able to enter the directory.
-        let dir = tempfile::tempdir()?;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let vcl = std::fs::read_to_string(repo_root().join("deploy/varnish/cachectl.vcl"))?;
         let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
         if !vcl.contains(&format!(".port = \"{origin_port}\";")) {
             bail!("the shipped VCL's backend port changed; update crates/bench/src/fixtures.rs");
         }
-        let vcl_path = dir.path().join("cachectl.vcl");
-        std::fs::write(&vcl_path, vcl)?;
-        std::fs::write(dir.path().join("secret"), "bench-secret\n")?;
-        let log = dir.path().join("varnishd.log");
-        let port = free_port();
-        let child = Command::new("varnishd")
-            .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-T", &format!("127.0.0.1:{}", free_port())])
-            .arg("-S")
-            .arg(dir.path().join("secret"))
-            .arg("-f")
-            .arg(&vcl_path)
-            .arg("-n")
-            .arg(dir.path().join("work"))
-            .args(["-s", "malloc,64m"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("varnishd must be installed (scripts/bench.sh installs it)")?;
-        let mut proc = Proc { child };
-        let start = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            let exited = proc.child.try_wait().ok().flatten();
-            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("varnishd on {port} ({exited:?} after {:?}): {}", start.elapsed(), text.trim());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Self { port, _proc: proc, _dir: dir })
+        let varnishd =
+            cachectl_testkit::Varnishd::start(&vcl, &["-s", "malloc,64m"]).await.map_err(anyhow::Error::msg)?;
+        Ok(Self { port: varnishd.port, _varnishd: varnishd })
     }
 
     /// `127.0.0.1:PORT`.

@@ -69,13 +69,13 @@ impl deadpool::managed::Manager for ReadConnections {
     }
 }
 
-fn unavailable(e: sqlx::Error) -> StoreError {
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
 /// A connection of `reads`.
 async fn read_connection(reads: &Reads) -> StoreResult<deadpool::managed::Object<ReadConnections>> {
-    reads.get().await.map_err(|e| StoreError::Unavailable(e.to_string()))
+    reads.get().await.map_err(unavailable)
 }
 
 /// The outcome of a query on a connection of `Reads`: a connection whose query failed is closed
@@ -129,7 +129,7 @@ impl PgStore {
             // likely still warm, and connections left idle are the ones pinged before use.
             .queue_mode(deadpool::managed::QueueMode::Lifo)
             .build()
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         check_schema_version(&pool).await?;
         if migrate {
             MIGRATOR.run(&pool).await.map_err(|e| StoreError::Schema(e.to_string()))?;

@@ -494,6 +494,15 @@ fn record_query() -> RecordQuery<'static> {
 const WAITING_ON_LOCK: &str =
     "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
 
+/// Another session's transaction holding the items table locked: every read of it waits inside
+/// PostgreSQL, holding its connection, until the transaction ends.
+async fn lock_items(url: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let admin = sqlx::PgPool::connect(url).await.unwrap();
+    let mut lock = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    lock
+}
+
 /// Polls until `n` sessions wait on a lock (at most 5 s), then a moment more for any beyond.
 async fn wait_for_lock_waiters(conn: &mut sqlx::PgConnection, n: i64) -> i64 {
     for _ in 0..100 {
@@ -517,9 +526,7 @@ async fn a_postgres_instance_holds_at_most_max_connections_per_pool() {
     // Another session locks the items table: every read then waits inside PostgreSQL, holding
     // its connection, and the queries beyond a pool's size wait for one in cachectl. Ten record
     // queries (their own pool) and ten native item lists (the pool of everything else).
-    let admin = sqlx::PgPool::connect(&url).await.unwrap();
-    let mut lock = admin.begin().await.unwrap();
-    sqlx::query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let mut lock = lock_items(&url).await;
     let mut queries = Vec::new();
     for _ in 0..10 {
         let (reads, lists) = (store.clone(), store.clone());
@@ -549,9 +556,7 @@ async fn a_cancelled_postgres_record_query_leaves_its_connection_usable() {
     let id = store.create_task(&task("acme", Kind::Refresh, T0 + 5, &["http://a.example.com/1"]), &[]).await.unwrap();
     // Both record connections send a query that waits on the lock, and the requests are dropped
     // (a client that went away): each connection has a query in flight whose answer nobody read.
-    let admin = sqlx::PgPool::connect(&url).await.unwrap();
-    let mut lock = admin.begin().await.unwrap();
-    sqlx::query("LOCK TABLE items IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let mut lock = lock_items(&url).await;
     let cancelled: Vec<_> = (0..2)
         .map(|_| {
             let store = store.clone();

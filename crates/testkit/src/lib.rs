@@ -1,10 +1,11 @@
-//! Test fixtures shared by the test suites: a private PostgreSQL cluster (Debian's postgresql
-//! package, `initdb` into a temporary directory, listening on 127.0.0.1 with a free port),
-//! stopped when dropped. Never a system service, never a fixed port.
+//! Test fixtures shared by the test suites and the benchmark harness: a private PostgreSQL
+//! cluster (Debian's postgresql package, `initdb` into a temporary directory, listening on
+//! 127.0.0.1 with a free port) and varnishd processes, each stopped when dropped. Never a system
+//! service, never a fixed port.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1.
@@ -164,5 +165,82 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         let _ =
             pg_command(&self.bin, "pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]).output();
+    }
+}
+
+/// A varnishd in the foreground on 127.0.0.1 (its own working directory, its log kept there),
+/// killed when dropped.
+pub struct Varnishd {
+    /// Its HTTP port.
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Varnishd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Varnishd {
+    /// Starts varnishd running `vcl` (its text) with the extra arguments `extra`, on a free port.
+    /// A port found free can be taken by another process before varnishd binds it (varnishd
+    /// then exits): up to three tries, each on new ports.
+    ///
+    /// # Errors
+    /// varnishd is missing, or did not listen in three tries (each try's log is in the error).
+    pub async fn start(vcl: &str, extra: &[&str]) -> Result<Self, String> {
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            match Self::start_on(free_port(), vcl, extra).await {
+                Ok(varnishd) => return Ok(varnishd),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(format!("varnishd did not start: {}", errors.join("; ")))
+    }
+
+    /// Starts varnishd on `port`, one try (a node that comes back on its old address).
+    ///
+    /// # Errors
+    /// varnishd is missing, exited, or did not listen within 30 seconds (its log is in the error).
+    pub async fn start_on(port: u16, vcl: &str, extra: &[&str]) -> Result<Self, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |e: std::io::Error| format!("preparing varnishd's directory: {e}");
+        // varnishd drops root to its own users, which must be able to enter the directory.
+        let dir = tempfile::tempdir().map_err(io)?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+        let vcl_path = dir.path().join("cachectl.vcl");
+        std::fs::write(&vcl_path, vcl).map_err(io)?;
+        std::fs::write(dir.path().join("secret"), "testkit-secret\n").map_err(io)?;
+        let log = dir.path().join("varnishd.log");
+        let child = Command::new("varnishd")
+            .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-T", &format!("127.0.0.1:{}", free_port())])
+            .arg("-S")
+            .arg(dir.path().join("secret"))
+            .arg("-f")
+            .arg(&vcl_path)
+            .arg("-n")
+            .arg(dir.path().join("work"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).map_err(io)?)
+            .spawn()
+            .map_err(|e| {
+                format!("varnishd must be installed (scripts/test.sh and scripts/bench.sh install it): {e}")
+            })?;
+        let mut varnishd = Self { port, child, _dir: dir };
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            let exited = varnishd.child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("varnishd on {port} ({exited:?} after {:?}): {}", start.elapsed(), text.trim()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(varnishd)
     }
 }

@@ -105,63 +105,34 @@ impl Drop for Proc {
 /// A Varnish 7.1 cache running the project's `deploy/varnish/cachectl.vcl`.
 pub struct Varnish {
     pub port: u16,
-    _proc: Proc,
-    _dir: tempfile::TempDir,
+    _varnishd: cachectl_testkit::Varnishd,
 }
 
 impl Varnish {
-    /// Varnish on a free port. A port found free can be taken by another test's process before
-    /// varnishd binds it (varnishd then exits): up to three tries, each on new ports.
+    /// Varnish on a free port (up to three tries, `cachectl_testkit::Varnishd::start`).
     pub async fn start(origin_port: u16) -> Self {
-        let mut errors = Vec::new();
-        for _ in 0..3 {
-            match Self::try_start(free_port(), origin_port).await {
-                Ok(varnish) => return varnish,
-                Err(e) => errors.push(e),
-            }
-        }
-        panic!("varnishd did not start: {errors:?}");
+        let varnishd = cachectl_testkit::Varnishd::start(&Self::vcl(origin_port), Self::ARGS).await;
+        Self::wrap(varnishd.unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// Varnish on `port` (a node that comes back on its old address).
     pub async fn start_on(port: u16, origin_port: u16) -> Self {
-        Self::try_start(port, origin_port).await.unwrap_or_else(|e| panic!("{e}"))
+        let varnishd = cachectl_testkit::Varnishd::start_on(port, &Self::vcl(origin_port), Self::ARGS).await;
+        Self::wrap(varnishd.unwrap_or_else(|e| panic!("{e}")))
     }
 
-    async fn try_start(port: u16, origin_port: u16) -> Result<Self, String> {
-        let dir = shared_tempdir();
+    const ARGS: &[&str] = &["-s", "malloc,64m", "-p", "ban_lurker_sleep=0.01"];
+
+    /// The shipped VCL with the origin as its backend.
+    fn vcl(origin_port: u16) -> String {
         let vcl = std::fs::read_to_string(repo_root().join("deploy/varnish/cachectl.vcl")).unwrap();
         let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
         assert!(vcl.contains(&origin_port.to_string()), "the shipped VCL's backend port changed");
-        let vcl_path = dir.path().join("cachectl.vcl");
-        std::fs::write(&vcl_path, vcl).unwrap();
-        std::fs::write(dir.path().join("secret"), "test-secret\n").unwrap();
-        let log = dir.path().join("varnishd.log");
-        let admin = free_port();
-        let child = Command::new("varnishd")
-            .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-T", &format!("127.0.0.1:{admin}")])
-            .arg("-S")
-            .arg(dir.path().join("secret"))
-            .arg("-f")
-            .arg(&vcl_path)
-            .arg("-n")
-            .arg(dir.path().join("work"))
-            .args(["-s", "malloc,64m", "-p", "ban_lurker_sleep=0.01"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("varnishd must be installed (scripts/test.sh installs it)");
-        let mut proc = Proc { child };
-        let start = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            let exited = proc.child.try_wait().ok().flatten();
-            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("varnishd on {port} ({exited:?} after {:?}): {text}", start.elapsed()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Self { port, _proc: proc, _dir: dir })
+        vcl
+    }
+
+    fn wrap(varnishd: cachectl_testkit::Varnishd) -> Self {
+        Self { port: varnishd.port, _varnishd: varnishd }
     }
 
     pub fn address(&self) -> String {
