@@ -133,6 +133,19 @@ impl GeoWindow {
         lua
     }
 
+    /// The page requests of a walk (`markers`, as `walk` returns them), each signed now, for the
+    /// paced client: a signature stays valid for 1,800 s, longer than any load.
+    #[must_use]
+    pub fn prepared(&self, markers: &[Option<String>]) -> Vec<crate::load::Prepared> {
+        markers
+            .iter()
+            .map(|marker| {
+                let (path, headers) = self.signed(marker.as_deref());
+                crate::load::Prepared { url: format!("http://127.0.0.1:{}{path}", self.port), headers }
+            })
+            .collect()
+    }
+
     /// `connections` clients walking the window over and over for `duration`; one sample per
     /// page request.
     ///

@@ -43,8 +43,10 @@ pub struct Options {
     pub days: u32,
     /// Concurrent query clients.
     pub query_connections: usize,
-    /// Seconds per query under load.
+    /// Seconds per query under load (each query is loaded twice: saturated, then paced).
     pub query_seconds: u64,
+    /// Queries a second the paced client offers each query (the rate of the p99 target).
+    pub paced_rate: f64,
     /// Submissions of the ingestion scenario.
     pub ingest_submissions: usize,
     /// URLs per submission.
@@ -78,6 +80,7 @@ impl Options {
             days: 31,
             query_connections: 64,
             query_seconds: 10,
+            paced_rate: 5_000.0,
             ingest_submissions: 300,
             ingest_urls: 1_000,
             ingest_clients: 16,
@@ -223,6 +226,7 @@ async fn query_backend(
         options.query_connections,
         options.query_seconds,
         options.use_wrk,
+        options.paced_rate,
         baseline,
     )
     .await

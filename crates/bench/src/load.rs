@@ -1,6 +1,7 @@
 //! Load generators and their figures: `wrk` driven as a child process (its `--latency` output
-//! parsed), and a built-in closed-loop Rust client used where wrk is missing or cannot speak
-//! the request (signed BCE requests, the smoke test). Latency percentiles are computed here.
+//! parsed), a built-in closed-loop Rust client used where wrk is missing or cannot speak
+//! the request (signed BCE requests, the smoke test), and a paced (open-loop) Rust client that
+//! offers a fixed rate. Latency percentiles are computed here.
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -174,9 +175,167 @@ pub async fn rust_load(connections: usize, duration: Duration, make: MakeRequest
     })
 }
 
+/// How late tokio's timer may fire a paced request without the lateness counting as latency.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+
+/// One request of the paced client, prepared before the load: its URL and headers.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The whole URL.
+    pub url: String,
+    /// Headers besides the client's own.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Prepared {
+    /// A plain GET of `url`.
+    #[must_use]
+    pub fn get(url: String) -> Self {
+        Self { url, headers: Vec::new() }
+    }
+
+    fn request(&self, client: &reqwest::Client) -> reqwest::RequestBuilder {
+        let mut request = client.get(&self.url);
+        for (name, value) in &self.headers {
+            request = request.header(*name, value);
+        }
+        request
+    }
+}
+
+/// An open-loop client that offers `rate` requests a second over `connections` connections for
+/// `duration`, cycling through `requests`: connection `k` sends its `n`-th request at
+/// `(k + n × connections) / rate` seconds after the start. A request whose moment passed while
+/// the connection still waited for the previous answer goes out at once, and its latency runs
+/// from its scheduled moment, not from when it could go out: a server that falls behind is
+/// charged for the wait it caused (no coordinated omission, as wrk2 measures). A request that
+/// was on time is timed from when its timer fired, but from 1 ms after its moment at the
+/// latest: tokio's timer has a resolution of 1 ms, and up to that much lateness is the
+/// client's; a timer that fires later still (the client starved of CPU by a busy server) is
+/// charged to the server. Before the start every
+/// connection sends one request that is not counted, so that no sample includes a TCP
+/// handshake.
+///
+/// # Errors
+/// The HTTP client cannot be built, `requests` is empty or a task panics.
+pub async fn paced_load(
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+    requests: Arc<Vec<Prepared>>,
+) -> anyhow::Result<LoadFigures> {
+    anyhow::ensure!(
+        !requests.is_empty() && connections > 0 && rate > 0.0,
+        "the paced client needs a request, a connection and a rate above 0"
+    );
+    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(connections).build()?;
+    // Warm-up: one uncounted request per connection, all in flight at once, so that the pool
+    // holds `connections` open connections when the clock starts.
+    let warm = (0..connections).map(|i| {
+        let r = &requests[i % requests.len()];
+        let sent = r.request(&client).send();
+        async move {
+            let response = sent.await?;
+            response.bytes().await?;
+            anyhow::Ok(())
+        }
+    });
+    futures::future::try_join_all(warm).await?;
+    let start = tokio::time::Instant::now() + Duration::from_millis(10);
+    let mut tasks = Vec::new();
+    for k in 0..connections {
+        let (client, requests) = (client.clone(), requests.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut samples, mut errors) = (Vec::new(), 0u64);
+            for n in 0.. {
+                let index = k + n * connections;
+                #[allow(clippy::cast_precision_loss)]
+                let at = Duration::from_secs_f64(index as f64 / rate);
+                if at >= duration {
+                    break;
+                }
+                let scheduled = start + at;
+                let from = if tokio::time::Instant::now() < scheduled {
+                    tokio::time::sleep_until(scheduled).await;
+                    tokio::time::Instant::now().min(scheduled + TIMER_RESOLUTION)
+                } else {
+                    scheduled
+                };
+                let r = &requests[index % requests.len()];
+                match r.request(&client).send().await {
+                    Ok(response) if response.status().is_success() => {
+                        if response.bytes().await.is_err() {
+                            errors += 1;
+                        }
+                    }
+                    _ => errors += 1,
+                }
+                samples.push(u64::try_from(from.elapsed().as_micros()).unwrap_or(u64::MAX));
+            }
+            (samples, errors)
+        }));
+    }
+    let (mut samples, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        let (s, e) = task.await?;
+        samples.extend(s);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    samples.sort_unstable();
+    #[allow(clippy::cast_precision_loss)]
+    let rps = samples.len() as f64 / elapsed;
+    Ok(LoadFigures {
+        client: "paced".into(),
+        connections,
+        requests: samples.len() as u64,
+        rps,
+        p50_ms: percentile_ms(&samples, 0.50),
+        p99_ms: percentile_ms(&samples, 0.99),
+        errors,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server on 127.0.0.1 that answers every request after `delay`, one request at a time
+    /// per connection; returns its URL.
+    async fn slow_server(delay: Duration) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new().fallback(move || async move {
+            tokio::time::sleep(delay).await;
+            "ok"
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://127.0.0.1:{port}/")
+    }
+
+    #[tokio::test]
+    async fn the_paced_client_sends_its_schedule_and_times_what_it_asks_on_time() {
+        // 200 q/s over 4 connections for 0.5 s: 100 requests, each answered in 2 ms, well
+        // inside its connection's 20 ms between requests.
+        let url = slow_server(Duration::from_millis(2)).await;
+        let f = paced_load(4, 200.0, Duration::from_millis(500), Arc::new(vec![Prepared::get(url)])).await.unwrap();
+        assert_eq!((f.requests, f.errors, f.client.as_str()), (100, 0, "paced"));
+        assert!((150.0..=210.0).contains(&f.rps), "about the offered rate: {f:?}");
+        assert!(f.p50_ms >= 2.0, "no answer is faster than the server: {f:?}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_falls_behind_is_charged_for_the_wait_it_caused() {
+        // One connection offered 100 q/s (a request every 10 ms) against a server that takes
+        // 30 ms: request n is answered about 30 n ms after the start but was due at 10 n ms, so
+        // the waits add up. Timed from when each request went out, every sample would be ~30 ms.
+        let url = slow_server(Duration::from_millis(30)).await;
+        let f = paced_load(1, 100.0, Duration::from_millis(300), Arc::new(vec![Prepared::get(url)])).await.unwrap();
+        assert_eq!((f.requests, f.errors), (30, 0));
+        // The last request was due at 290 ms and answered at about 900 ms.
+        assert!(f.p99_ms >= 400.0, "the queue the server built counts in the latency: {f:?}");
+        assert!(f.rps < 50.0, "the server answered fewer than offered: {f:?}");
+    }
 
     #[test]
     fn parses_wrk_latency_output() {

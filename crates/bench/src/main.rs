@@ -57,6 +57,10 @@ struct RunFlags {
     /// Seconds per query under load.
     #[arg(long, default_value_t = 10)]
     query_seconds: u64,
+    /// Queries a second offered to each query by the paced client (the rate at which the p99
+    /// target is judged).
+    #[arg(long, default_value_t = 5_000.0)]
+    paced_rate: f64,
     /// Submissions of 1,000 URLs in the ingestion scenario.
     #[arg(long, default_value_t = 300)]
     ingest_submissions: usize,
@@ -110,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
     options.accounts = f.accounts;
     options.query_connections = f.query_connections;
     options.query_seconds = f.query_seconds;
+    options.paced_rate = f.paced_rate;
     options.ingest_submissions = f.ingest_submissions;
     options.ingest_clients = f.ingest_clients;
     options.worker.per_node_concurrency = f.per_node_concurrency;

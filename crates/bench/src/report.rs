@@ -28,20 +28,31 @@ fn target(scenario: &str, figure: &str, value: String, target: &str, met: bool) 
     Target { scenario: scenario.into(), figure: figure.into(), value, target: target.into(), met }
 }
 
-fn query_targets(out: &mut Vec<Target>, backend: &str, q: &QueryBackendFigures) {
+/// The query targets: p99 ≤ 10 ms judged at the paced rate (5,000 q/s offered unless asked
+/// otherwise), the rate ≥ 5,000 q/s judged saturated, and the saturated p99 as information
+/// (with 64 closed-loop clients it is queueing: Little's law makes it about 64 ÷ the rate).
+fn query_targets(out: &mut Vec<Target>, backend: &str, offered: f64, q: &QueryBackendFigures) {
     for query in q.queries.iter().skip(1) {
         let scenario = format!("3 queries ({backend})");
         let name = &query.name;
+        let paced = &query.paced;
         out.push(target(
             &scenario,
-            &format!("{name}: p99"),
+            &format!("{name}: p99 at {offered:.0} q/s offered"),
+            format!("{:.2} ms ({:.0} q/s answered, {} errors)", paced.p99_ms, paced.rps, paced.errors),
+            "≤ 10 ms",
+            paced.p99_ms <= 10.0 && paced.errors == 0,
+        ));
+        out.push(target(
+            &scenario,
+            &format!("{name}: p99 saturated (information)"),
             format!("{:.2} ms", query.load.p99_ms),
             "≤ 10 ms",
             query.load.p99_ms <= 10.0,
         ));
         out.push(target(
             &scenario,
-            &format!("{name}: rate"),
+            &format!("{name}: rate, saturated"),
             format!("{:.0} q/s (÷ healthz {:.2})", query.load.rps, query.ratio_healthz),
             "≥ 5,000 q/s",
             query.load.rps >= 5000.0,
@@ -87,9 +98,9 @@ pub fn targets(r: &Results) -> Vec<Target> {
     let l = &r.latency;
     out.push(target("2 latency", "p50 submit → completed", format!("{:.0} ms", l.p50_ms), "≤ 5 ms", l.p50_ms <= 5.0));
     out.push(target("2 latency", "p99 submit → completed", format!("{:.0} ms", l.p99_ms), "≤ 25 ms", l.p99_ms <= 25.0));
-    query_targets(&mut out, "SQLite", &r.queries_sqlite);
+    query_targets(&mut out, "SQLite", r.options.paced_rate, &r.queries_sqlite);
     if let Some(pg) = &r.queries_postgres {
-        query_targets(&mut out, "PostgreSQL", pg);
+        query_targets(&mut out, "PostgreSQL", r.options.paced_rate, pg);
     }
     for (figure, i) in [
         ("URLs durably accepted, API-only server", &r.ingest_api_only),
@@ -182,6 +193,16 @@ pub fn table(r: &Results) -> String {
                 query.load.client,
                 query.unloaded_p50_ms
             );
+            let _ = writeln!(
+                s,
+                "    paced, {:.0} q/s offered over {} connections: {:.0} q/s answered, p50 {:.2} ms, p99 {:.2} ms{}",
+                r.options.paced_rate,
+                query.paced.connections,
+                query.paced.rps,
+                query.paced.p50_ms,
+                query.paced.p99_ms,
+                if query.paced.errors > 0 { format!(", {} errors", query.paced.errors) } else { String::new() }
+            );
             if let Some((pages, first, last)) = query.walk {
                 let _ = writeln!(s, "    one walk: {pages} pages, first page {first:.2} ms, last page {last:.2} ms");
             }
@@ -198,11 +219,11 @@ pub fn table(r: &Results) -> String {
             }
         }
     }
-    let _ = writeln!(s, "\n{:<24} {:<52} {:<40} {:<16} met", "scenario", "figure", "value", "target");
+    let _ = writeln!(s, "\n{:<24} {:<72} {:<44} {:<16} met", "scenario", "figure", "value", "target");
     for t in &r.targets {
         let _ = writeln!(
             s,
-            "{:<24} {:<52} {:<40} {:<16} {}",
+            "{:<24} {:<72} {:<44} {:<16} {}",
             t.scenario,
             t.figure,
             t.value,

@@ -3,7 +3,7 @@
 //! directly) and reads the server's own timestamps back from the store. None asserts speed.
 
 use crate::fixtures::{Server, Varnish, token};
-use crate::load::{LoadFigures, MakeRequest, percentile_ms, rust_load, wrk};
+use crate::load::{LoadFigures, MakeRequest, Prepared, paced_load, percentile_ms, rust_load, wrk};
 use crate::loader::{Dataset, Millis};
 use anyhow::{Context, bail, ensure};
 use serde::Serialize;
@@ -423,8 +423,12 @@ pub struct QueryFigures {
     pub total: u64,
     /// `total == expected_total`.
     pub exact: bool,
-    /// Under load.
+    /// Under load: `connections` clients, each sending its next request as soon as the last
+    /// one is answered (the most the server answers; latency there is mostly queueing).
     pub load: LoadFigures,
+    /// At a fixed offered rate (`Options::paced_rate`), over as many connections
+    /// (`crate::load::paced_load`): the latency a client sees at that rate.
+    pub paced: LoadFigures,
     /// rps ÷ the `/healthz` rps of the same server in the same run.
     pub ratio_healthz: f64,
     /// Median of sequential requests from one client before the load (service time without
@@ -514,6 +518,7 @@ pub async fn queries(
     connections: usize,
     seconds: u64,
     use_wrk: bool,
+    paced_rate: f64,
     baseline: Option<&crate::pgbench::Baseline>,
 ) -> anyhow::Result<Vec<QueryFigures>> {
     let client = http()?;
@@ -561,6 +566,13 @@ pub async fn queries(
             let target = server.url(&request);
             rust_load(connections, Duration::from_secs(seconds), Arc::new(move |c, _| c.get(&target))).await?
         };
+        let paced = paced_load(
+            connections,
+            paced_rate,
+            Duration::from_secs(seconds),
+            Arc::new(vec![Prepared::get(server.url(&request))]),
+        )
+        .await?;
         let ratio = out.first().map_or(1.0, |h| load.rps / h.load.rps);
         let alone = if name == "healthz" {
             None
@@ -581,6 +593,7 @@ pub async fn queries(
             total,
             exact: total == expected,
             load,
+            paced,
             ratio_healthz: ratio,
             unloaded_p50_ms,
             walk: None,
@@ -602,6 +615,8 @@ pub async fn queries(
     } else {
         geo.load(connections, Duration::from_secs(seconds)).await?
     };
+    let paced =
+        paced_load(connections, paced_rate, Duration::from_secs(seconds), Arc::new(geo.prepared(&markers))).await?;
     let ratio = load.rps / out[0].load.rps;
     let middle = markers.get(markers.len() / 2).cloned().flatten();
     let (geo_ref, client_ref) = (&geo, &client);
@@ -617,6 +632,7 @@ pub async fn queries(
         total: walked,
         exact: walked == expected,
         load,
+        paced,
         ratio_healthz: ratio,
         unloaded_p50_ms: percentile_ms(&pages, 0.5),
         walk: Some((page_count, first, last)),

@@ -23,6 +23,7 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         days: 31,
         query_connections: 4,
         query_seconds: 1,
+        paced_rate: 100.0,
         ingest_submissions: 4,
         ingest_urls: 1_000,
         ingest_clients: 2,
@@ -56,6 +57,9 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         for q in &backend.queries {
             assert!(q.load.requests > 0, "{} was exercised: {q:?}", q.name);
             assert_eq!(q.load.errors, 0, "{} answered 2xx: {q:?}", q.name);
+            // The paced client offered 100 q/s for one second: every scheduled request went out.
+            assert_eq!(q.paced.requests, 100, "{}: the paced load sent its schedule: {:?}", q.name, q.paced);
+            assert_eq!(q.paced.errors, 0, "{} answered 2xx to the paced client: {:?}", q.name, q.paced);
             assert!(q.exact, "{}: total {} but the dataset holds {}", q.name, q.total, q.expected_total);
         }
         assert!(
