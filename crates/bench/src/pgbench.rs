@@ -73,18 +73,25 @@ impl Baseline {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// Runs `script` with pgbench: `clients` connections, prepared statements, `seconds` long.
-    /// Every script run is one query answered, as one HTTP request is in the server's figures.
+    /// Runs `script` with pgbench: `clients` connections, prepared statements, `seconds` long,
+    /// as fast as it answers or, with `rate`, throttled to that many a second. Every script run
+    /// is one query answered, as one HTTP request is in the server's figures.
     ///
     /// # Errors
     /// pgbench fails or its output does not parse.
-    pub fn run(&self, script: &str, clients: usize, seconds: u64) -> anyhow::Result<LoadFigures> {
+    pub fn run(&self, script: &str, clients: usize, seconds: u64, rate: Option<f64>) -> anyhow::Result<LoadFigures> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("query.sql");
         std::fs::write(&file, script)?;
         let url: url::Url = self.url.parse()?;
         let database = url.path().trim_start_matches('/');
-        let output = Command::new(&self.pgbench)
+        let mut command = Command::new(&self.pgbench);
+        if let Some(rate) = rate {
+            // Throttled: pgbench schedules the transactions (a Poisson process at `rate`) and
+            // times each from its scheduled start, lag included.
+            command.args(["-R", &format!("{rate}")]);
+        }
+        let output = command
             .args(["-h", url.host_str().unwrap_or("127.0.0.1"), "-p", &url.port().unwrap_or(5432).to_string()])
             .args(["-U", if url.username().is_empty() { "postgres" } else { url.username() }])
             .args(["-n", "-M", "prepared", "-c", &clients.to_string(), "-j", &clients.clamp(1, 2).to_string()])

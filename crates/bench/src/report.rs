@@ -216,6 +216,11 @@ pub fn table(r: &Results) -> String {
                     alone.load.p99_ms,
                     alone.ratio * 100.0
                 );
+                let _ = writeln!(
+                    s,
+                    "    PostgreSQL alone paced (pgbench -R {:.0}): {:.0} q/s, p50 {:.2} ms, p99 {:.2} ms",
+                    r.options.paced_rate, alone.paced.rps, alone.paced.p50_ms, alone.paced.p99_ms
+                );
             }
         }
     }

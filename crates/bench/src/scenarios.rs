@@ -446,8 +446,11 @@ pub struct QueryFigures {
 pub struct DatabaseAlone {
     /// The pgbench script: one run of it is one query answered.
     pub script: String,
-    /// pgbench's figures.
+    /// pgbench's figures, as fast as the database answers.
     pub load: LoadFigures,
+    /// pgbench's figures throttled to the paced client's rate (`pgbench -R`: a Poisson
+    /// schedule, each time from the transaction's scheduled start).
+    pub paced: LoadFigures,
     /// The server's rate ÷ pgbench's.
     pub ratio: f64,
 }
@@ -459,6 +462,7 @@ async fn database_alone<F, Fut>(
     request: F,
     connections: usize,
     seconds: u64,
+    paced_rate: f64,
     server_rps: f64,
 ) -> anyhow::Result<Option<DatabaseAlone>>
 where
@@ -468,9 +472,11 @@ where
     let Some(baseline) = baseline else { return Ok(None) };
     let script = baseline.capture(request).await?.context("the query ran no statement in the database")?;
     let (b, s) = (baseline.clone(), script.clone());
-    let load = tokio::task::spawn_blocking(move || b.run(&s, connections, seconds)).await??;
+    let load = tokio::task::spawn_blocking(move || b.run(&s, connections, seconds, None)).await??;
+    let (b, s) = (baseline.clone(), script.clone());
+    let paced = tokio::task::spawn_blocking(move || b.run(&s, connections, seconds, Some(paced_rate))).await??;
     let ratio = server_rps / load.rps;
-    Ok(Some(DatabaseAlone { script, load, ratio }))
+    Ok(Some(DatabaseAlone { script, load, paced, ratio }))
 }
 
 /// The median time of `n` sequential GETs of `url`, ms.
@@ -584,7 +590,7 @@ pub async fn queries(
                 ensure!(response.status().is_success(), "GET {url}: {}", response.status());
                 Ok(())
             };
-            database_alone(baseline, get, connections, seconds, load.rps).await?
+            database_alone(baseline, get, connections, seconds, paced_rate, load.rps).await?
         };
         out.push(QueryFigures {
             name: name.into(),
@@ -624,7 +630,7 @@ pub async fn queries(
         let marker = middle.clone();
         async move { geo_ref.page(client_ref, marker.as_deref()).await.map(|_| ()) }
     };
-    let alone = database_alone(baseline, page, connections, seconds, load.rps).await?;
+    let alone = database_alone(baseline, page, connections, seconds, paced_rate, load.rps).await?;
     out.push(QueryFigures {
         name: "geo: 7-day window, every page by marker".into(),
         request: geo.describe(),

@@ -82,6 +82,7 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         assert!(!alone.script.contains('$'), "{}: every parameter written in: {}", q.name, alone.script);
         assert!(!alone.script.contains("UPDATE"), "{}: no statement of the worker's: {}", q.name, alone.script);
         assert!(alone.load.requests > 0 && alone.load.rps > 0.0, "{}: pgbench ran: {alone:?}", q.name);
+        assert!(alone.paced.requests > 0 && alone.paced.errors == 0, "{}: pgbench -R ran: {alone:?}", q.name);
         assert_eq!(alone.load.errors, 0, "{}: pgbench's transactions all succeeded", q.name);
     }
     assert!(results.queries_sqlite.queries.iter().all(|q| q.database_alone.is_none()));
