@@ -181,9 +181,9 @@ const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 /// One request of the paced client, prepared before the load: its URL and headers.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    /// The whole URL.
+    /// The whole URL (`http://127.0.0.1:PORT/path?query`).
     pub url: String,
-    /// Headers besides the client's own.
+    /// Headers besides `Host`.
     pub headers: Vec<(&'static str, String)>,
 }
 
@@ -193,14 +193,39 @@ impl Prepared {
     pub fn get(url: String) -> Self {
         Self { url, headers: Vec::new() }
     }
+}
 
-    fn request(&self, client: &reqwest::Client) -> reqwest::RequestBuilder {
-        let mut request = client.get(&self.url);
-        for (name, value) in &self.headers {
-            request = request.header(*name, value);
-        }
-        request
-    }
+/// A prepared request as the paced client sends it: its target and headers, parsed once.
+struct Target {
+    path: http::uri::PathAndQuery,
+    headers: http::HeaderMap,
+}
+
+type Body = http_body_util::Empty<hyper::body::Bytes>;
+
+/// One HTTP/1.1 connection of the paced client.
+async fn connect(address: std::net::SocketAddr) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Body>> {
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    // Drives the connection; it ends when the sender is dropped or the server closes.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// Sends `target` on `sender` and reads the whole answer; `Ok(false)` for a status other than 2xx.
+async fn exchange(sender: &mut hyper::client::conn::http1::SendRequest<Body>, target: &Target) -> anyhow::Result<bool> {
+    use http_body_util::BodyExt as _;
+    let mut request = http::Request::new(Body::new());
+    *request.uri_mut() = http::Uri::from(target.path.clone());
+    request.headers_mut().clone_from(&target.headers);
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    let ok = response.status().is_success();
+    response.into_body().collect().await?;
+    Ok(ok)
 }
 
 /// An open-loop client that offers `rate` requests a second over `connections` connections for
@@ -212,39 +237,73 @@ impl Prepared {
 /// was on time is timed from when its timer fired, but from 1 ms after its moment at the
 /// latest: tokio's timer has a resolution of 1 ms, and up to that much lateness is the
 /// client's; a timer that fires later still (the client starved of CPU by a busy server) is
-/// charged to the server. Before the start every
-/// connection sends one request that is not counted, so that no sample includes a TCP
-/// handshake.
+/// charged to the server. Before the start every connection sends one request that is not
+/// counted, so that no sample includes a TCP handshake.
+///
+/// The client shares the two cores with the server, so it is built to cost little, as wrk
+/// does: one thread of its own with a single-threaded runtime (no wake-ups across threads), and
+/// HTTP/1.1 on hyper's own connections, one per connection task, instead of reqwest's pool.
 ///
 /// # Errors
-/// The HTTP client cannot be built, `requests` is empty or a task panics.
+/// `requests` is empty or not all for one `http://` server, a connection cannot be opened, a
+/// warm-up request fails, or a task panics.
 pub async fn paced_load(
     connections: usize,
     rate: f64,
     duration: Duration,
     requests: Arc<Vec<Prepared>>,
 ) -> anyhow::Result<LoadFigures> {
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(paced(
+            connections,
+            rate,
+            duration,
+            &requests,
+        ))
+    })
+    .await?
+}
+
+async fn paced(
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+    requests: &[Prepared],
+) -> anyhow::Result<LoadFigures> {
     anyhow::ensure!(
         !requests.is_empty() && connections > 0 && rate > 0.0,
         "the paced client needs a request, a connection and a rate above 0"
     );
-    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(connections).build()?;
-    // Warm-up: one uncounted request per connection, all in flight at once, so that the pool
-    // holds `connections` open connections when the clock starts.
-    let warm = (0..connections).map(|i| {
-        let r = &requests[i % requests.len()];
-        let sent = r.request(&client).send();
+    let first: http::Uri = requests[0].url.parse()?;
+    let authority = first.authority().context("the paced client's URL has no host")?.clone();
+    let address: std::net::SocketAddr = authority.as_str().parse().context("the paced client's host is an IP:port")?;
+    let mut targets = Vec::with_capacity(requests.len());
+    for r in requests.iter() {
+        let uri: http::Uri = r.url.parse()?;
+        anyhow::ensure!(uri.authority() == Some(&authority), "the paced client's requests go to one server");
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_str(authority.as_str())?);
+        for (name, value) in &r.headers {
+            headers.insert(http::HeaderName::try_from(*name)?, http::HeaderValue::from_str(value)?);
+        }
+        let path = uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        targets.push(Target { path, headers });
+    }
+    let targets = Arc::new(targets);
+    // Warm-up: every connection opened and one uncounted request answered on it.
+    let warm = (0..connections).map(|k| {
+        let targets = targets.clone();
         async move {
-            let response = sent.await?;
-            response.bytes().await?;
-            anyhow::Ok(())
+            let mut sender = connect(address).await?;
+            exchange(&mut sender, &targets[k % targets.len()]).await?;
+            anyhow::Ok(sender)
         }
     });
-    futures::future::try_join_all(warm).await?;
+    let senders = futures::future::try_join_all(warm).await?;
     let start = tokio::time::Instant::now() + Duration::from_millis(10);
     let mut tasks = Vec::new();
-    for k in 0..connections {
-        let (client, requests) = (client.clone(), requests.clone());
+    for (k, mut sender) in senders.into_iter().enumerate() {
+        let targets = targets.clone();
         tasks.push(tokio::spawn(async move {
             let (mut samples, mut errors) = (Vec::new(), 0u64);
             for n in 0.. {
@@ -261,14 +320,16 @@ pub async fn paced_load(
                 } else {
                     scheduled
                 };
-                let r = &requests[index % requests.len()];
-                match r.request(&client).send().await {
-                    Ok(response) if response.status().is_success() => {
-                        if response.bytes().await.is_err() {
-                            errors += 1;
+                match exchange(&mut sender, &targets[index % targets.len()]).await {
+                    Ok(true) => {}
+                    Ok(false) => errors += 1,
+                    Err(_) => {
+                        // The connection failed: counted, and the next request gets a new one.
+                        errors += 1;
+                        if let Ok(fresh) = connect(address).await {
+                            sender = fresh;
                         }
                     }
-                    _ => errors += 1,
                 }
                 samples.push(u64::try_from(from.elapsed().as_micros()).unwrap_or(u64::MAX));
             }
