@@ -104,6 +104,12 @@ async fn main() -> anyhow::Result<()> {
         return cachectl_bench::serve(&config).await;
     }
     let f = cli.run;
+    // Checked before anything starts, not when the first paced load runs minutes later.
+    anyhow::ensure!(
+        f.paced_rate.is_finite() && f.paced_rate > 0.0,
+        "--paced-rate must be a number of queries a second above 0, not {}",
+        f.paced_rate
+    );
     let mut options = cachectl_bench::Options::full(std::env::current_exe()?);
     options.nodes = f.nodes;
     options.fanout_urls = f.fanout_urls;
