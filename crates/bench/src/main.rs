@@ -133,7 +133,14 @@ async fn main() -> anyhow::Result<()> {
     if !options.use_wrk {
         eprintln!("wrk is not used: the built-in Rust load client measures the direct baseline and the queries");
     }
-    let results = cachectl_bench::run(options, |step| eprintln!("==> {step}")).await?;
+    // A run stopped by SIGINT or SIGTERM drops what it started (Varnish nodes, servers, the
+    // PostgreSQL cluster, their temporary directories) instead of leaving them running.
+    let results = tokio::select! {
+        results = cachectl_bench::run(options, |step| eprintln!("==> {step}")) => results?,
+        signal = stop_signal() => {
+            anyhow::bail!("stopped by {signal}; the Varnish nodes, servers and PostgreSQL cluster it started are stopped")
+        }
+    };
     print!("{}", cachectl_bench::report::table(&results));
     if let Some(dir) = f.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -141,4 +148,17 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&f.out, serde_json::to_string_pretty(&results)?)?;
     eprintln!("figures written to {}", f.out.display());
     Ok(())
+}
+
+/// The first SIGINT or SIGTERM, by name.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut interrupt), Ok(mut terminate)) => tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        },
+        // No handler could be installed: the signals keep their default action.
+        _ => std::future::pending().await,
+    }
 }
