@@ -503,9 +503,11 @@ async fn lock_items(url: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
     lock
 }
 
-/// Polls until `n` sessions wait on a lock (at most 5 s), then a moment more for any beyond.
+/// Polls until `n` sessions wait on a lock (at most 20 s: on a CI machine busy with the other
+/// tests, opening a pool's connections has taken more than 5 s), then a moment more for any
+/// beyond.
 async fn wait_for_lock_waiters(conn: &mut sqlx::PgConnection, n: i64) -> i64 {
-    for _ in 0..100 {
+    for _ in 0..400 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let waiting: i64 = sqlx::query_scalar(WAITING_ON_LOCK).fetch_one(&mut *conn).await.unwrap();
         if waiting >= n {
@@ -563,7 +565,17 @@ async fn a_cancelled_postgres_record_query_leaves_its_connection_usable() {
             tokio::spawn(async move { store.records(&RecordQuery { account: "nobody", ..record_query() }).await })
         })
         .collect();
-    assert_eq!(wait_for_lock_waiters(&mut lock, 2).await, 2, "both connections are busy");
+    let waiting = wait_for_lock_waiters(&mut lock, 2).await;
+    if waiting != 2 {
+        // Say why: a query that ended instead of waiting on the lock, and with what.
+        let mut ended = Vec::new();
+        for query in cancelled {
+            if query.is_finished() {
+                ended.push(format!("{:?}", query.await.map(|r| r.map(|page| page.len()))));
+            }
+        }
+        panic!("both connections should be busy, {waiting} waiting on the lock; queries that ended: {ended:?}");
+    }
     for query in cancelled {
         query.abort();
         assert!(query.await.unwrap_err().is_cancelled());
