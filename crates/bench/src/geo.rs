@@ -2,7 +2,7 @@
 //! following `nextMarker` to the last page, every request signed with BCE v1 (the server's own
 //! signing functions). wrk cannot sign per request, so GEO is always measured with this client.
 
-use crate::load::{LoadFigures, percentile_ms};
+use crate::load::{LoadFigures, gather};
 use crate::loader::Millis;
 use anyhow::{Context, ensure};
 use cachectl_server::api::bce::auth;
@@ -174,24 +174,7 @@ impl GeoWindow {
                 (samples, errors)
             }));
         }
-        let (mut samples, mut errors) = (Vec::new(), 0);
-        for task in tasks {
-            let (s, e) = task.await?;
-            samples.extend(s);
-            errors += e;
-        }
-        samples.sort_unstable();
-        #[allow(clippy::cast_precision_loss)]
-        let rps = samples.len() as f64 / start.elapsed().as_secs_f64();
-        Ok(LoadFigures {
-            client: "rust".into(),
-            connections,
-            requests: samples.len() as u64,
-            rps,
-            p50_ms: percentile_ms(&samples, 0.5),
-            p99_ms: percentile_ms(&samples, 0.99),
-            errors,
-        })
+        gather("rust", connections, start, tasks).await
     }
 }
 

@@ -153,8 +153,23 @@ pub async fn rust_load(connections: usize, duration: Duration, make: MakeRequest
             (samples, errors)
         }));
     }
-    let mut samples = Vec::new();
-    let mut errors = 0;
+    gather("rust", connections, start, tasks).await
+}
+
+/// One client task of a load: it returns its latency samples (µs) and its errors.
+pub(crate) type ClientTask = tokio::task::JoinHandle<(Vec<u64>, u64)>;
+
+/// Joins the client tasks of a load that started at `start` and sums up what they measured.
+///
+/// # Errors
+/// A task panicked.
+pub(crate) async fn gather(
+    client: &str,
+    connections: usize,
+    start: Instant,
+    tasks: Vec<ClientTask>,
+) -> anyhow::Result<LoadFigures> {
+    let (mut samples, mut errors) = (Vec::new(), 0);
     for task in tasks {
         let (s, e) = task.await?;
         samples.extend(s);
@@ -165,7 +180,7 @@ pub async fn rust_load(connections: usize, duration: Duration, make: MakeRequest
     #[allow(clippy::cast_precision_loss)]
     let rps = samples.len() as f64 / elapsed;
     Ok(LoadFigures {
-        client: "rust".into(),
+        client: client.into(),
         connections,
         requests: samples.len() as u64,
         rps,
@@ -336,25 +351,7 @@ async fn paced(
             (samples, errors)
         }));
     }
-    let (mut samples, mut errors) = (Vec::new(), 0);
-    for task in tasks {
-        let (s, e) = task.await?;
-        samples.extend(s);
-        errors += e;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    samples.sort_unstable();
-    #[allow(clippy::cast_precision_loss)]
-    let rps = samples.len() as f64 / elapsed;
-    Ok(LoadFigures {
-        client: "paced".into(),
-        connections,
-        requests: samples.len() as u64,
-        rps,
-        p50_ms: percentile_ms(&samples, 0.50),
-        p99_ms: percentile_ms(&samples, 0.99),
-        errors,
-    })
+    gather("paced", connections, start.into_std(), tasks).await
 }
 
 #[cfg(test)]
