@@ -44,5 +44,22 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Every process the tests start (caches, PostgreSQL, the server, browsers, NATS) must be gone when
+# they end, pass or fail: note which such processes run before, and fail if new ones remain after.
+survivors_pattern='nginx|varnishd|cache-main|postgres|cachectl|cachectl-bench|chromium|chromedriver|nats-server'
+list_survivors() { ps -eo pid=,comm= | awk -v re="^($survivors_pattern)\$" '$2 ~ re { print $1 }' | sort; }
+before="$(list_survivors)"
 echo "==> tests"
-cargo nextest run --workspace --locked --profile ci "$@"
+status=0
+cargo nextest run --workspace --locked --profile ci "$@" || status=$?
+sleep 2
+left="$(comm -13 <(echo "$before") <(list_survivors) | grep -v '^$' || true)"
+if [ -n "$left" ]; then
+    echo "==> FAILED: processes started by the tests are still running:"
+    for pid in $left; do ps -o pid=,ppid=,args= -p "$pid" || true; done
+    for pid in $left; do kill -9 "$pid" 2>/dev/null || true; done
+    [ "$status" -ne 0 ] || status=1
+else
+    echo "==> no process started by the tests is left running"
+fi
+exit "$status"

@@ -117,6 +117,17 @@ pub enum UrlError {
     /// Not an absolute http(s) URL with a host.
     #[error("not an absolute http or https URL")]
     Malformed,
+    /// A control character (CR, LF, tab, ...) inside the URL: it would be dropped or smuggled into
+    /// the purge request, so the URL would not be the one the caller meant.
+    #[error("contains a control character (CR, LF, tab or another below 0x20, or DEL)")]
+    ControlCharacter,
+    /// The host is not a DNS name: an empty label (`a..example.com`, a trailing dot), a label
+    /// longer than 63 bytes, or a character other than letters, digits, `-` (`*.example.com`).
+    #[error("the host is not a domain name (labels of letters, digits and '-', none empty, no '*')")]
+    BadHost,
+    /// Port 0, which no cache listens on.
+    #[error("port 0 is not a port")]
+    BadPort,
     /// Longer than `MAX_URL_LEN`.
     #[error("longer than {MAX_URL_LEN} bytes")]
     TooLong,
@@ -156,6 +167,10 @@ pub fn parse_item_of(
     if raw.len() > MAX_URL_LEN {
         return Err(UrlError::TooLong);
     }
+    // The URL parser silently drops tabs and newlines; refuse them instead.
+    if raw.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(UrlError::ControlCharacter);
+    }
     let mut url = url::Url::parse(raw).map_err(|_| UrlError::Malformed)?;
     if !matches!(url.scheme(), "http" | "https") || !url.username().is_empty() || url.password().is_some() {
         return Err(UrlError::Malformed);
@@ -164,6 +179,12 @@ pub fn parse_item_of(
         Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
         _ => return Err(UrlError::Malformed),
     };
+    if !is_dns_name(&host) {
+        return Err(UrlError::BadHost);
+    }
+    if url.port() == Some(0) {
+        return Err(UrlError::BadPort);
+    }
     url.set_fragment(None);
     if item_type == ItemType::Dir {
         if !url.path().ends_with('/') {
@@ -177,6 +198,15 @@ pub fn parse_item_of(
         return Err(UrlError::ForeignDomain);
     }
     Ok(NewItem { kind, url: url.to_string(), host, item_type, not_before: None, depends_on: None })
+}
+
+/// Whether `host` (lowercase ASCII, as the URL parser gives it after IDNA) is a DNS name:
+/// dot-separated labels of 1 to 63 letters, digits or `-`.
+fn is_dns_name(host: &str) -> bool {
+    host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len()) && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 #[cfg(test)]
@@ -234,5 +264,26 @@ mod tests {
         assert_eq!(parse_item("http://evil.com/", ItemType::Url, &domains), Err(UrlError::ForeignDomain));
         assert_eq!(parse_item("http://example.com/d", ItemType::Dir, &domains), Err(UrlError::DirWithoutSlash));
         assert!(parse_item("http://example.com/d/", ItemType::Dir, &domains).is_ok());
+    }
+
+    /// Hosts and characters that a cache would never see as sent: each is refused with its reason
+    /// instead of being accepted and purging nothing.
+    #[test]
+    fn hosts_ports_and_control_characters_are_refused() {
+        let domains =
+            vec![DomainPattern::parse("example.com").unwrap(), DomainPattern::parse("*.example.com").unwrap()];
+        let refused = |raw: &str| parse_item(raw, ItemType::Url, &domains).unwrap_err();
+        assert_eq!(refused("http://*.example.com/x"), UrlError::BadHost);
+        assert_eq!(refused("http://a..example.com/x"), UrlError::BadHost);
+        assert_eq!(refused("http://www.example.com./x"), UrlError::BadHost);
+        assert_eq!(refused(&format!("http://{}.example.com/x", "a".repeat(64))), UrlError::BadHost);
+        assert_eq!(refused("http://a_b.example.com/x"), UrlError::BadHost);
+        assert_eq!(refused("http://www.example.com:0/x"), UrlError::BadPort);
+        assert_eq!(refused("http://www.example.com/a\r\nX-Injected: 1"), UrlError::ControlCharacter);
+        assert_eq!(refused("http://www.example.com/a\tb"), UrlError::ControlCharacter);
+        assert_eq!(refused("http://www.example.com/a\u{7f}"), UrlError::ControlCharacter);
+        assert!(parse_item("http://www.example.com:8080/x", ItemType::Url, &domains).is_ok());
+        assert!(parse_item(" http://www.example.com/x\n", ItemType::Url, &domains).is_ok());
+        assert!(parse_item("http://a-1.example.com/x", ItemType::Url, &domains).is_ok());
     }
 }

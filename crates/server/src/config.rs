@@ -79,12 +79,47 @@ pub struct ServerConfig {
     /// How long in-flight requests and node work may take to finish at shutdown.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// From the first byte of a request until its headers are complete (nginx's
+    /// `client_header_timeout`); a client slower than that has its connection closed.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a connection may stay idle between two requests (nginx's `keepalive_timeout`).
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// From the first byte of a request until its body has arrived whole; a slower body is
+    /// refused with the dialect's 400 (nginx's `client_body_timeout`, but for the whole body).
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog until one closes. Keep it
+    /// below the process's open-file limit (`ulimit -n`), with room for the store and the edges.
+    #[serde(default = "default_max_connections_http")]
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: default_listen(), shutdown_grace: default_grace() }
+        Self {
+            listen: default_listen(),
+            shutdown_grace: default_grace(),
+            header_timeout: default_header_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
+            body_timeout: default_body_timeout(),
+            max_connections: default_max_connections_http(),
+        }
     }
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(75)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections_http() -> usize {
+    4096
 }
 
 fn default_listen() -> String {
@@ -428,6 +463,24 @@ impl Config {
         if !cachectl_store::supported(&self.store.url) {
             return Err(err("store.url".into(), "supported schemes are sqlite:// and postgres://".into()));
         }
+        let http = crate::http::Limits {
+            header_timeout: self.server.header_timeout,
+            keepalive_timeout: self.server.keepalive_timeout,
+            body_timeout: self.server.body_timeout,
+            max_connections: self.server.max_connections,
+        };
+        for (key, value) in [
+            ("header_timeout", http.header_timeout),
+            ("keepalive_timeout", http.keepalive_timeout),
+            ("body_timeout", http.body_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(err(format!("server.{key}"), "must be longer than 0".into()));
+            }
+        }
+        if http.max_connections == 0 {
+            return Err(err("server.max_connections".into(), "must be at least 1".into()));
+        }
         let timezone = parse_offset(&self.baishan.timezone).ok_or_else(|| {
             err("baishan.timezone".into(), format!("{:?} is not an offset like +08:00", self.baishan.timezone))
         })?;
@@ -579,6 +632,7 @@ impl Config {
                 max_connections: self.store.max_connections,
             },
             shutdown_grace: self.server.shutdown_grace,
+            http,
             worker: self.worker.clone(),
             retention: self.retention.clone(),
             timezone,
@@ -614,6 +668,8 @@ pub struct Settings {
     pub store_connections: cachectl_store::Connections,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// The listener's timeouts and connection cap.
+    pub http: crate::http::Limits,
     /// Worker settings.
     pub worker: WorkerConfig,
     /// Retention settings.

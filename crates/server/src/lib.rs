@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod retention;
 pub mod webhooks;
@@ -48,6 +49,15 @@ impl Application {
         let state = api::AppState { service, settings: settings.clone(), limiter: Arc::default(), metrics };
         let listener =
             TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
+        let wanted = settings.http.max_connections as u64 + 256;
+        if let Some(limit) = http::open_file_limit().filter(|limit| *limit < wanted) {
+            tracing::warn!(
+                open_file_limit = limit,
+                max_connections = settings.http.max_connections,
+                "The open-file limit is below [server] max_connections plus room for the store and the edges; \
+                 raise it (ulimit -n, LimitNOFILE=) or lower max_connections."
+            );
+        }
         tracing::info!(
             address = %listener.local_addr()?,
             accounts = settings.accounts.len(),
@@ -83,7 +93,7 @@ impl Application {
         let notifier = tokio::spawn(webhooks::run(store, settings.webhooks.clone(), shutdown.clone()));
         let app = api::router(state);
         let stop = shutdown.clone();
-        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+        http::serve(listener, app, settings.http, stop).await;
         tracing::info!("HTTP server drained.");
         if let Some(worker_task) = worker_task {
             let _ = worker_task.await;

@@ -1,12 +1,92 @@
 //! Test fixtures shared by the test suites and the benchmark harness: a private PostgreSQL
 //! cluster (Debian's postgresql package, `initdb` into a temporary directory, listening on
-//! 127.0.0.1 with a free port) and varnishd processes, each stopped when dropped. Never a system
-//! service, never a fixed port.
+//! 127.0.0.1 with a free port), varnishd processes, and [`Group`], a child process in a process
+//! group of its own whose every member is stopped when dropped. Never a system service, never a
+//! fixed port.
 
+pub use nix::sys::signal::Signal;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// A child process started as the leader of a new process group, so that whatever it forks
+/// (nginx's workers and cache manager, varnishd's cache process) is stopped with it: dropping it
+/// sends SIGTERM to the whole group, waits up to five seconds for the leader, then sends SIGKILL
+/// to what is left of the group. Killing only the leader left nginx's workers running for hours.
+pub struct Group {
+    child: Child,
+    crash_on_drop: bool,
+}
+
+impl Group {
+    /// Spawns `command` as the leader of a new process group.
+    ///
+    /// # Errors
+    /// The program cannot be started.
+    pub fn spawn(command: &mut Command) -> std::io::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        Ok(Self { child: command.process_group(0).spawn()?, crash_on_drop: false })
+    }
+
+    /// Makes dropping it kill the group at once (SIGKILL) instead of asking it to stop first: for
+    /// a process whose clean shutdown the test does not need and would only wait for.
+    #[must_use]
+    pub fn crash_on_drop(mut self) -> Self {
+        self.crash_on_drop = true;
+        self
+    }
+
+    /// The leader's process id (also the group's id).
+    #[must_use]
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The leader's exit status, if it has exited.
+    ///
+    /// # Errors
+    /// The status cannot be read.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Sends `signal` to every process of the group.
+    pub fn signal(&self, signal: Signal) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Kills the whole group at once (SIGKILL, no clean-up: a crash) and reaps the leader.
+    pub fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Stops the group: SIGTERM, up to five seconds for the leader to exit, then SIGKILL to
+    /// every member left.
+    pub fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal(Signal::SIGTERM);
+            let start = Instant::now();
+            while self.child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill9();
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if self.crash_on_drop {
+            self.kill9();
+        } else {
+            self.stop();
+        }
+    }
+}
 
 /// A free TCP port on 127.0.0.1.
 #[must_use]
@@ -173,15 +253,8 @@ impl Drop for PgCluster {
 pub struct Varnishd {
     /// Its HTTP port.
     pub port: u16,
-    child: Child,
+    child: Group,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Varnishd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Varnishd {
@@ -216,21 +289,20 @@ impl Varnishd {
         std::fs::write(&vcl_path, vcl).map_err(io)?;
         std::fs::write(dir.path().join("secret"), "testkit-secret\n").map_err(io)?;
         let log = dir.path().join("varnishd.log");
-        let child = Command::new("varnishd")
-            .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-T", &format!("127.0.0.1:{}", free_port())])
-            .arg("-S")
-            .arg(dir.path().join("secret"))
-            .arg("-f")
-            .arg(&vcl_path)
-            .arg("-n")
-            .arg(dir.path().join("work"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).map_err(io)?)
-            .spawn()
-            .map_err(|e| {
-                format!("varnishd must be installed (scripts/test.sh and scripts/bench.sh install it): {e}")
-            })?;
+        let child = Group::spawn(
+            Command::new("varnishd")
+                .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-T", &format!("127.0.0.1:{}", free_port())])
+                .arg("-S")
+                .arg(dir.path().join("secret"))
+                .arg("-f")
+                .arg(&vcl_path)
+                .arg("-n")
+                .arg(dir.path().join("work"))
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).map_err(io)?),
+        )
+        .map_err(|e| format!("varnishd must be installed (scripts/test.sh and scripts/bench.sh install it): {e}"))?;
         let mut varnishd = Self { port, child, _dir: dir };
         let start = Instant::now();
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {

@@ -35,7 +35,7 @@ async fn ok(server: &Cachectl, command: &str, args: Value) -> Value {
 }
 
 /// Sends a raw request signed like the Python SDK does (empty signed-headers field).
-async fn signed(
+pub(crate) async fn signed(
     server: &Cachectl,
     method: &str,
     path_and_query: &str,

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,16 +90,9 @@ async fn origin_handler(State(hits): State<Arc<Mutex<Vec<OriginHit>>>>, headers:
     ([("cache-control", "public, max-age=3600")], body).into_response()
 }
 
-/// A child process killed on drop.
+/// A child process in a process group of its own, the whole group stopped on drop.
 pub struct Proc {
-    pub child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    pub child: cachectl_testkit::Group,
 }
 
 /// A Varnish 7.1 cache running the project's `deploy/varnish/cachectl.vcl`.
@@ -185,12 +178,22 @@ impl Nginx {
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         let prefix = format!("{}/", dir.path().display());
-        let child = Command::new("nginx")
-            .args(["-p", &prefix, "-c", "nginx.conf", "-e", &format!("{prefix}logs/error.log"), "-g", "daemon off;"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx must be installed (scripts/test.sh installs it)");
+        let child = cachectl_testkit::Group::spawn(
+            Command::new("nginx")
+                .args([
+                    "-p",
+                    &prefix,
+                    "-c",
+                    "nginx.conf",
+                    "-e",
+                    &format!("{prefix}logs/error.log"),
+                    "-g",
+                    "daemon off;",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("nginx must be installed (scripts/test.sh installs it)");
         let proc = Proc { child };
         for port in &ports {
             wait_port(*port, "nginx").await;
@@ -269,11 +272,20 @@ impl Cachectl {
     /// Starts cachectl on `store_url` (a fresh SQLite file when `None`). The default rate limit is
     /// raised so that polling tests never meet it; tests of the limits set their own per account.
     pub async fn start_on_store(store_url: Option<&str>, extra: &str) -> Self {
+        Self::start_full(store_url, "", extra).await
+    }
+
+    /// `start` with `server_keys` (TOML lines) added to the `[server]` table.
+    pub async fn start_with_server(server_keys: &str, extra: &str) -> Self {
+        Self::start_full(None, server_keys, extra).await
+    }
+
+    async fn start_full(store_url: Option<&str>, server_keys: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let store = store_url.map_or_else(|| format!("sqlite://{}/cachectl.db", dir.path().display()), str::to_owned);
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"{store}\"\nacquire_timeout = \"1s\"\n\n[baishan]\nrate_limit_per_minute = 100000\n\n{extra}\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n{server_keys}\n\n[store]\nurl = \"{store}\"\nacquire_timeout = \"1s\"\n\n[baishan]\nrate_limit_per_minute = 100000\n\n{extra}\n"
         );
         let config_path = dir.path().join("cachectl.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -287,15 +299,17 @@ impl Cachectl {
     pub async fn restart(&mut self) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("cachectl.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cachectl"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("CACHECTL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = cachectl_testkit::Group::spawn(
+            Command::new(env!("CARGO_BIN_EXE_cachectl"))
+                .arg("serve")
+                .arg("--config")
+                .arg(&self.config_path)
+                .env("CACHECTL_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .unwrap()
+        .crash_on_drop();
         self.proc = Some(Proc { child });
         let start = Instant::now();
         loop {
@@ -315,16 +329,14 @@ impl Cachectl {
     /// `kill -9`: no shutdown, no lease release, nothing flushed.
     pub fn kill9(&mut self) {
         if let Some(mut proc) = self.proc.take() {
-            proc.child.kill().unwrap();
-            proc.child.wait().unwrap();
+            proc.child.kill9();
         }
     }
 
     /// SIGTERM, then waits for the process to exit by itself.
     pub async fn terminate(&mut self) {
         let mut proc = self.proc.take().expect("running");
-        let pid = proc.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        proc.child.signal(cachectl_testkit::Signal::SIGTERM);
         let start = Instant::now();
         loop {
             if let Some(status) = proc.child.try_wait().unwrap() {

@@ -167,14 +167,24 @@ pub fn now_ms() -> Millis {
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Reads a request body up to `MAX_BODY_BYTES`.
+/// Reads a request body up to `MAX_BODY_BYTES` (the listener bounds how long it may take).
 ///
 /// # Errors
-/// A sentence for the dialect's 400: too large, or cut short.
+/// A sentence for the dialect's 400: too large, too slow, or cut short.
 pub async fn read_body(body: Body) -> Result<bytes::Bytes, String> {
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| format!("the request body is unreadable or larger than {} MiB", MAX_BODY_BYTES / 1024 / 1024))
+    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|e| {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(error) = cause {
+            if error.is::<crate::http::BodyTimeout>() {
+                return error.to_string();
+            }
+            if error.is::<http_body_util::LengthLimitError>() {
+                return format!("the request body is larger than {} MiB", MAX_BODY_BYTES / 1024 / 1024);
+            }
+            cause = error.source();
+        }
+        format!("the request body was cut short ({e})")
+    })
 }
 
 /// `/v2/cache/prefetch` belongs to two dialects: a BCE signature makes it the Baidu CDN one,

@@ -11,6 +11,10 @@ type HmacSha256 = Hmac<Sha256>;
 /// How far in the future a signature's timestamp may be (clock skew).
 pub const MAX_FUTURE_SECS: i64 = 15 * 60;
 
+/// The longest validity a signature may claim, in seconds (seven days, as long as any SDK signs
+/// for). A larger expiry is refused as malformed, so that no arithmetic on it can overflow.
+pub const MAX_EXPIRY_SECS: i64 = 7 * 86_400;
+
 /// The parts of an `Authorization: bce-auth-v1/...` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthString {
@@ -66,8 +70,10 @@ pub fn parse(header: &str) -> Result<AuthString, AuthError> {
         })?
         .and_utc()
         .timestamp();
-    let expiry: i64 = expiry.parse().ok().filter(|e| *e > 0).ok_or_else(|| {
-        AuthError::Malformed(format!("the expiration {expiry:?} is not a positive number of seconds"))
+    let expiry: i64 = expiry.parse().ok().filter(|e| (1..=MAX_EXPIRY_SECS).contains(e)).ok_or_else(|| {
+        AuthError::Malformed(format!(
+            "the expiration {expiry:?} is not a number of seconds between 1 and {MAX_EXPIRY_SECS}"
+        ))
     })?;
     if ak.is_empty() || signature.len() != 64 {
         return Err(AuthError::Malformed("the access key id is empty or the signature is not 64 hex digits".into()));
@@ -178,13 +184,13 @@ fn candidate_header_sets(auth: &AuthString, headers: &[(String, String)]) -> Vec
 /// # Errors
 /// `Expired` outside the validity window, `Mismatch` for a wrong signature.
 pub fn verify(auth: &AuthString, sk: &str, request: &SignedRequest<'_>, now: i64) -> Result<(), AuthError> {
-    if auth.signed_at > now + MAX_FUTURE_SECS {
+    if auth.signed_at > now.saturating_add(MAX_FUTURE_SECS) {
         return Err(AuthError::Expired(format!(
             "the authentication timestamp {} is more than 15 minutes in the future",
             auth.timestamp
         )));
     }
-    if now > auth.signed_at + auth.expiry {
+    if now > auth.signed_at.saturating_add(auth.expiry) {
         return Err(AuthError::Expired(format!(
             "the signature made at {} expired after {} seconds",
             auth.timestamp, auth.expiry
@@ -324,6 +330,21 @@ mod tests {
             parse(&format!("bce-auth-v1/AK/2024-01-02T03:04:05Z/-5//{}", "a".repeat(64))),
             Err(AuthError::Malformed(_))
         ));
+    }
+
+    /// An expiry of i64::MAX once overflowed `signed_at + expiry` (a panic in debug builds); any
+    /// expiry above the documented maximum is refused before any arithmetic is done with it.
+    #[test]
+    fn huge_expiry_is_refused_and_extreme_clocks_do_not_overflow() {
+        let sig = "a".repeat(64);
+        for expiry in ["9223372036854775807", "604801", "99999999999999999999999", "0"] {
+            let header = format!("bce-auth-v1/AK/2024-01-02T03:04:05Z/{expiry}//{sig}");
+            assert!(matches!(parse(&header), Err(AuthError::Malformed(_))), "{expiry}");
+        }
+        let auth = parse(&format!("bce-auth-v1/AK/2024-01-02T03:04:05Z/{MAX_EXPIRY_SECS}//{sig}")).unwrap();
+        let request = SignedRequest { method: "GET", path: "/", query: &[], headers: &[] };
+        assert!(matches!(verify(&auth, "SK", &request, i64::MAX), Err(AuthError::Expired(_))));
+        assert!(matches!(verify(&auth, "SK", &request, i64::MIN), Err(AuthError::Expired(_))));
     }
 
     #[test]
