@@ -135,7 +135,7 @@ fn init_telemetry() {
 }
 
 /// mimalloc instead of glibc's malloc: a record page allocates and frees a few hundred small
-/// strings; glibc spent a tenth of the page's server time on them (BENCHMARKS.md round 6).
+/// strings; glibc spent a tenth of the page's server time on them (BENCHMARKS.md, "mimalloc").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -4,6 +4,7 @@
 
 pub mod model;
 pub mod policy;
+pub mod ratelimit;
 pub mod service;
 pub mod store;
 

@@ -256,8 +256,8 @@ pub struct Item {
 /// What the query pages of the dialects (Baishan's task and window pages, the Baidu record
 /// pages) show of an item: an `Item` without its task, account, host and links. The stores read
 /// only these columns for those pages; building the five others from each row (two of them
-/// strings) was a quarter of a record page's time on SQLite's reader threads (BENCHMARKS.md
-/// round 8).
+/// strings) was a quarter of a record page's time on SQLite's reader threads (BENCHMARKS.md,
+/// "Query pages read only the columns they show").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemRecord {
     /// The item's own id.

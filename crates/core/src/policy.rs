@@ -1,11 +1,12 @@
-//! The rules of CONTRACT §2 as pure functions: item status and progress from node states,
+//! The rules of a task's items (ARCHITECTURE.md, "The life of a task") as pure functions: item status and progress from node states,
 //! retry backoff, domain patterns and URL validation. Nothing here touches the clock or the network.
 
 use crate::model::{ItemStatus, ItemType, Kind, NewItem, NodeState};
 use rand::Rng;
 use std::time::Duration;
 
-/// Item status and progress derived from the states of its nodes (CONTRACT §2).
+/// Item status and progress derived from the states of its nodes: `waiting` until first sent,
+/// `failed` as soon as one node failed, `completed` when every node succeeded.
 ///
 /// `started` says whether the item was ever sent to a node: until then it is `waiting`.
 #[must_use]

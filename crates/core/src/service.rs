@@ -7,6 +7,7 @@ use crate::model::{
     PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskKind, TaskSummary,
 };
 use crate::policy::{DomainPattern, UrlError, parse_item_of};
+use crate::ratelimit::{Decision, RateLimiter};
 use crate::store::{RecordQuery, Store, StoreError, WindowQuery};
 use chrono::{FixedOffset, TimeZone};
 use std::collections::HashSet;
@@ -141,19 +142,28 @@ pub struct Service {
     store: Arc<dyn Store>,
     quota_zone: FixedOffset,
     on_submit: Arc<dyn Fn() + Send + Sync>,
+    limiter: Arc<RateLimiter>,
 }
 
 impl Service {
     /// A service over `store`; quotas reset at midnight in `quota_zone`; `on_submit` is called
     /// after each stored submission (the worker's wake-up).
     pub fn new(store: Arc<dyn Store>, quota_zone: FixedOffset, on_submit: Arc<dyn Fn() + Send + Sync>) -> Self {
-        Self { store, quota_zone, on_submit }
+        Self { store, quota_zone, on_submit, limiter: Arc::default() }
     }
 
-    /// The store behind the service.
-    #[must_use]
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// Counts one request of `credential` (a token or an access key, never stored as it is) on
+    /// the endpoint `api_id` against `limit` requests per minute; see [`RateLimiter`].
+    pub async fn admit(&self, credential: &str, api_id: u32, limit: u32, now: Millis) -> Decision {
+        self.limiter.check_shared(self.store.as_ref(), credential, api_id, limit, now).await
+    }
+
+    /// Whether the store answers (the readiness check).
+    ///
+    /// # Errors
+    /// The store is unreachable.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        self.store.ping().await
     }
 
     /// The quota day containing `now`, `YYYY-MM-DD` in the quota time zone.

@@ -3,11 +3,14 @@
 //! `Application::run_until_stopped` runs them until the shutdown token fires.
 
 pub mod api;
+pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod retention;
 pub mod webhooks;
+pub mod wire;
 pub mod worker;
 
 use anyhow::Context;
@@ -22,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 /// A built, not yet running service: the listener is bound and the store is migrated.
 pub struct Application {
     listener: TcpListener,
+    store: Arc<dyn cachectl_core::Store>,
     state: api::AppState,
     worker: worker::Worker,
     settings: Arc<Settings>,
@@ -44,9 +48,15 @@ impl Application {
         let service = Service::new(store.clone(), settings.timezone, Arc::new(move || notify.notify_one()));
         let metrics = Arc::new(metrics::Metrics::default());
         let owner = format!("{}-{}", hostname(), std::process::id());
-        let worker =
-            worker::Worker::new(store, settings.nodes.clone(), settings.worker.clone(), owner, wake, metrics.clone())?;
-        let state = api::AppState { service, settings: settings.clone(), limiter: Arc::default(), metrics };
+        let worker = worker::Worker::new(
+            store.clone(),
+            settings.nodes.clone(),
+            settings.worker.clone(),
+            owner,
+            wake,
+            metrics.clone(),
+        )?;
+        let state = api::AppState { service, settings: settings.clone(), metrics };
         let listener =
             TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
         let wanted = settings.http.max_connections as u64 + 256;
@@ -64,7 +74,7 @@ impl Application {
             edges = settings.nodes.len(),
             "Listening."
         );
-        Ok(Self { listener, state, worker, settings })
+        Ok(Self { listener, store, state, worker, settings })
     }
 
     /// The bound address (useful when the configuration asked for port 0).
@@ -80,8 +90,7 @@ impl Application {
     /// # Errors
     /// The HTTP server fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { listener, state, worker, settings } = self;
-        let store = state.service.store().clone();
+        let Self { listener, store, state, worker, settings } = self;
         let grace = settings.shutdown_grace;
         if !settings.worker.enabled {
             tracing::info!("The worker is disabled ([worker] enabled = false): this instance only takes requests.");

@@ -3,8 +3,8 @@
 //! attempt logged. Works from the store's outbox, so that several instances share the work and
 //! a restart loses no notification.
 
-use crate::api::native::TaskView;
-use crate::config::Secret;
+use crate::auth::Secret;
+use crate::wire::views::TaskView;
 use cachectl_core::{Delivery, DeliveryOutcome, Millis, Store, WebhookJob};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -61,7 +61,7 @@ pub async fn run(store: Arc<dyn Store>, targets: HashMap<String, Vec<Target>>, s
         }
     };
     loop {
-        let now = crate::api::now_ms();
+        let now = crate::clock::now_ms();
         if let Err(e) = store.dispatch_finished(&urls, now, 200).await {
             tracing::warn!(error = %e, "Queueing webhook notifications failed; retrying.");
         }
@@ -88,7 +88,7 @@ async fn deliver(
     let attempt = job.attempts + 1;
     let Some(target) = targets.get(&job.account).and_then(|t| t.iter().find(|t| t.url == job.url)) else {
         // The URL was removed from the configuration: nothing to deliver to.
-        let at = crate::api::now_ms();
+        let at = crate::clock::now_ms();
         let log = Delivery {
             task_id: job.task_id,
             url: job.url.clone(),
@@ -110,7 +110,7 @@ async fn deliver(
     };
     let body = serde_json::to_vec(&serde_json::json!({"event": "task.finished", "task": TaskView::from(&task)}))
         .unwrap_or_default();
-    let timestamp = crate::api::now_ms() / 1000;
+    let timestamp = crate::clock::now_ms() / 1000;
     let result = http
         .post(&target.url)
         .header("content-type", "application/json")
@@ -121,7 +121,7 @@ async fn deliver(
         .body(body)
         .send()
         .await;
-    let at = crate::api::now_ms();
+    let at = crate::clock::now_ms();
     let (status_code, error) = match result {
         Ok(r) if r.status().is_success() => (Some(r.status().as_u16()), None),
         Ok(r) => (Some(r.status().as_u16()), Some(format!("receiver answered HTTP {}", r.status().as_u16()))),

@@ -1,4 +1,4 @@
-//! The Baishan v2 dialect's rules (CONTRACT §3): auth, envelope, headers, limits, quotas,
+//! The Baishan v2 dialect's rules (docs/baishan.md): auth, envelope, headers, limits, quotas,
 //! submit and query validation, and the seeds' examples.
 
 use crate::support::*;

@@ -1,4 +1,4 @@
-//! The Baidu GEO and CDN dialects (CONTRACT §4–6), driven by Baidu's official `bce-python-sdk`
+//! The Baidu GEO and CDN dialects (docs/baidu.md), driven by Baidu's official `bce-python-sdk`
 //! (installed by scripts/test.sh), plus raw signed requests for what the SDK cannot send.
 
 use crate::support::*;

@@ -493,3 +493,28 @@ async fn the_client_reads_its_file_and_waits_out_rate_limits() {
     let page: Value = serde_json::from_slice(&third.stdout).unwrap();
     assert!(page["tasks"].is_array());
 }
+
+/// Every dialect's requests are counted by one layer: native calls (answered, refused, unknown
+/// paths) show in `/metrics` beside the Baishan and Baidu ones, by status.
+#[tokio::test]
+async fn native_requests_are_counted_in_the_request_metric() {
+    let server = Cachectl::start(ACCOUNTS).await;
+    let (status, _) = server.api(reqwest::Method::GET, "/api/v1/tasks", None, None).await;
+    assert_eq!(status, 200);
+    let (status, _) = server.api(reqwest::Method::GET, "/api/v1/tasks/999", None, None).await;
+    assert_eq!(status, 404);
+    let refused = server.http.get(server.url("/api/v1/tasks")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let (status, _, _) = server.get("/v2/cache/prefetchQuota").await;
+    assert_eq!(status, 200);
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let count = |dialect: &str, status: u16| {
+        let prefix = format!("cachectl_http_requests_total{{dialect=\"{dialect}\",status=\"{status}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(count("native", 200), Some(1), "{metrics}");
+    assert_eq!(count("native", 404), Some(1), "{metrics}");
+    assert_eq!(count("native", 401), Some(1), "{metrics}");
+    assert_eq!(count("baishan", 200), Some(1), "{metrics}");
+    assert!(!metrics.contains("dialect=\"operations\""), "health and metrics are not counted: {metrics}");
+}

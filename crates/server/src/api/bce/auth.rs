@@ -1,4 +1,4 @@
-//! BCE signature v1 verification (CONTRACT §6), as Baidu documents it: the signing key from the
+//! BCE signature v1 verification (docs/baidu.md, "Authentication"), as Baidu documents it: the signing key from the
 //! secret key and the auth-string prefix, the canonical request, HMAC-SHA256, constant-time
 //! comparison, timestamp and expiry checks. Pure functions; the caller looks the key up.
 
@@ -160,7 +160,7 @@ pub fn canonical_request(request: &SignedRequest<'_>, names: &[String]) -> Strin
 
 /// The header sets a client may have signed. With no list, Baidu's default set plus the
 /// `x-bce-*` headers. With a list, the list as it is (most clients), or the list plus every
-/// `x-bce-*` header present (CONTRACT §6's reading).
+/// `x-bce-*` header present (docs/baidu.md's table of signed headers).
 fn candidate_header_sets(auth: &AuthString, headers: &[(String, String)]) -> Vec<Vec<String>> {
     let bce: Vec<String> = headers
         .iter()

@@ -1,103 +1,95 @@
-//! The classic Baidu AI Cloud CDN dialect (CONTRACT §5): `/v2/cache/purge`, `/v2/cache/prefetch`
+//! The classic Baidu AI Cloud CDN dialect (docs/baidu.md): `/v2/cache/purge`, `/v2/cache/prefetch`
 //! (shared with the Baishan dialect; the auth scheme decides), `/v2/cache/quota` and
 //! `/v2/cache/records`. Like GEO without `site`: the URL's host picks the account's domain.
 
-use super::{BceError, Params, call, list_records, method_not_allowed, parse_tasks, submit};
-use crate::api::{AppState, now_ms};
-use crate::config::Credential;
+use super::{
+    BceCaller, BceError, BceOk, Params, RecordPage, body, list_records, method_not_allowed, parse_tasks, submit,
+};
+use crate::api::AppState;
+use crate::auth::Credential;
+use crate::clock::now_ms;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::Response;
+use axum::http::{StatusCode, Uri};
+use axum::routing::{MethodRouter, get};
 use cachectl_core::{Kind, QuotaBucket, RecordQuery};
-use serde_json::json;
+use serde_json::{Value, json};
 
-/// `POST|GET /v2/cache/purge`
-pub async fn purge(
+/// `/v2/cache/prefetch` as this dialect answers it (with a BCE signature).
+pub fn prefetch_routes() -> MethodRouter<AppState> {
+    get(list_prefetches).post(submit_prefetch).fallback(method_not_allowed)
+}
+
+/// `POST /v2/cache/purge`
+pub async fn submit_purge(
     State(state): State<AppState>,
-    method: Method,
+    BceCaller(credential): BceCaller,
+    raw: Body,
+) -> Result<BceOk<Value>, BceError> {
+    let (_, specs) = parse_tasks(&body(raw).await?, Kind::Refresh)?;
+    submit(&state, &credential, Kind::Refresh, specs, "cdn").await
+}
+
+/// `POST /v2/cache/prefetch` with a BCE signature.
+pub async fn submit_prefetch(
+    State(state): State<AppState>,
+    BceCaller(credential): BceCaller,
+    raw: Body,
+) -> Result<BceOk<Value>, BceError> {
+    let (_, specs) = parse_tasks(&body(raw).await?, Kind::Prefetch)?;
+    submit(&state, &credential, Kind::Prefetch, specs, "cdn").await
+}
+
+/// `GET /v2/cache/purge`
+pub async fn list_purges(
+    State(state): State<AppState>,
+    BceCaller(credential): BceCaller,
     uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    endpoint(state, Kind::Refresh, method, uri, headers, body).await
+) -> Result<BceOk<RecordPage>, BceError> {
+    list(&state, credential, Kind::Refresh, Params::new(&uri), false).await.map(|p| BceOk(StatusCode::OK, p))
 }
 
-/// `POST|GET /v2/cache/prefetch` with a BCE signature.
-pub async fn prefetch(state: AppState, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
-    endpoint(state, Kind::Prefetch, method, uri, headers, body).await
-}
-
-async fn endpoint(state: AppState, kind: Kind, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
-    match method {
-        Method::POST => {
-            let state = &state;
-            call(state, method, uri, headers, body, StatusCode::CREATED, |credential, _, body| async move {
-                let (_, specs) = parse_tasks(&body, kind)?;
-                submit(state, &credential, kind, specs, "cdn").await
-            })
-            .await
-        }
-        Method::GET | Method::HEAD => {
-            call(&state, method, uri, headers, body, StatusCode::OK, |credential, params, _| {
-                list(&state, credential, kind, params, false)
-            })
-            .await
-        }
-        _ => method_not_allowed(&state),
-    }
+/// `GET /v2/cache/prefetch` with a BCE signature.
+pub async fn list_prefetches(
+    State(state): State<AppState>,
+    BceCaller(credential): BceCaller,
+    uri: Uri,
+) -> Result<BceOk<RecordPage>, BceError> {
+    list(&state, credential, Kind::Prefetch, Params::new(&uri), false).await.map(|p| BceOk(StatusCode::OK, p))
 }
 
 /// `GET /v2/cache/quota`
-pub async fn quota(
-    State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    if !matches!(method, Method::GET | Method::HEAD) {
-        return method_not_allowed(&state);
-    }
-    let state = &state;
-    call(state, method, uri, headers, body, StatusCode::OK, |credential, _, _| async move {
-        let now = now_ms();
-        let account = &credential.account;
-        let url = state.service.quota(account, QuotaBucket::RefreshUrl, now).await?;
-        let dir = state.service.quota(account, QuotaBucket::RefreshDir, now).await?;
-        let prefetch = state.service.quota(account, QuotaBucket::PrefetchUrl, now).await?;
-        Ok(json!({
+pub async fn quota(State(state): State<AppState>, BceCaller(credential): BceCaller) -> Result<BceOk<Value>, BceError> {
+    let now = now_ms();
+    let account = &credential.account;
+    let url = state.service.quota(account, QuotaBucket::RefreshUrl, now).await?;
+    let dir = state.service.quota(account, QuotaBucket::RefreshDir, now).await?;
+    let prefetch = state.service.quota(account, QuotaBucket::PrefetchUrl, now).await?;
+    Ok(BceOk(
+        StatusCode::OK,
+        json!({
             "urlQuota": url.limit, "urlRemain": url.remaining,
             "dirQuota": dir.limit, "dirRemain": dir.remaining,
             "prefetchQuota": prefetch.limit, "prefetchRemain": prefetch.remaining,
-        }))
-    })
-    .await
+        }),
+    ))
 }
 
 /// `GET /v2/cache/records?type=purge|prefetch&startTime&endTime&url&marker`
 pub async fn records(
     State(state): State<AppState>,
-    method: Method,
+    BceCaller(credential): BceCaller,
     uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    if !matches!(method, Method::GET | Method::HEAD) {
-        return method_not_allowed(&state);
-    }
-    let state = &state;
-    call(state, method, uri, headers, body, StatusCode::OK, |credential, params, _| async move {
-        let kind = match params.get("type") {
-            None | Some("purge") => Kind::Refresh,
-            Some("prefetch") => Kind::Prefetch,
-            Some(other) => {
-                return Err(BceError::invalid(format!("type must be \"purge\" or \"prefetch\", not {other:?}")));
-            }
-        };
-        list(state, credential, kind, params, true).await
-    })
-    .await
+) -> Result<BceOk<RecordPage>, BceError> {
+    let params = Params::new(&uri);
+    let kind = match params.get("type") {
+        None | Some("purge") => Kind::Refresh,
+        Some("prefetch") => Kind::Prefetch,
+        Some(other) => {
+            return Err(BceError::invalid(format!("type must be \"purge\" or \"prefetch\", not {other:?}")));
+        }
+    };
+    list(&state, credential, kind, params, true).await.map(|p| BceOk(StatusCode::OK, p))
 }
 
 async fn list(
@@ -106,7 +98,7 @@ async fn list(
     kind: Kind,
     params: Params,
     with_reason: bool,
-) -> Result<super::RecordPage, BceError> {
+) -> Result<RecordPage, BceError> {
     let url = params.get("url").map(|u| {
         url::Url::parse(u.trim()).map_or_else(
             |_| u.to_owned(),

@@ -1,54 +1,49 @@
-//! The Baidu AI Cloud GEO dialect (CONTRACT §4): `/v2/geo/cache/purge` and `/v2/geo/cache/prefetch`,
+//! The Baidu AI Cloud GEO dialect (docs/baidu.md): `/v2/geo/cache/purge` and `/v2/geo/cache/prefetch`,
 //! submit with a `site`, list by site, task id, time window, type and marker.
 
-use super::{BceError, Params, TaskSpec, call, list_records, method_not_allowed, parse_tasks, submit};
+use super::{BceCaller, BceError, BceOk, Params, RecordPage, TaskSpec, body, list_records, parse_tasks, submit};
 use crate::api::AppState;
-use crate::config::Credential;
+use crate::auth::Credential;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::Response;
+use axum::http::{StatusCode, Uri};
 use cachectl_core::{ItemType, Kind, RecordQuery};
 use serde_json::Value;
 
-/// `POST|GET /v2/geo/cache/purge`
-pub async fn purge(
+/// `POST /v2/geo/cache/purge`
+pub async fn submit_purge(
     State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    endpoint(state, Kind::Refresh, method, uri, headers, body).await
+    BceCaller(credential): BceCaller,
+    raw: Body,
+) -> Result<BceOk<Value>, BceError> {
+    submit_site(&state, credential, Kind::Refresh, body(raw).await?).await
 }
 
-/// `POST|GET /v2/geo/cache/prefetch`
-pub async fn prefetch(
+/// `POST /v2/geo/cache/prefetch`
+pub async fn submit_prefetch(
     State(state): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    endpoint(state, Kind::Prefetch, method, uri, headers, body).await
+    BceCaller(credential): BceCaller,
+    raw: Body,
+) -> Result<BceOk<Value>, BceError> {
+    submit_site(&state, credential, Kind::Prefetch, body(raw).await?).await
 }
 
-async fn endpoint(state: AppState, kind: Kind, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
-    match method {
-        Method::POST => {
-            call(&state, method, uri, headers, body, StatusCode::CREATED, |credential, _, body| {
-                submit_site(&state, credential, kind, body)
-            })
-            .await
-        }
-        Method::GET | Method::HEAD => {
-            call(&state, method, uri, headers, body, StatusCode::OK, |credential, params, _| {
-                list(&state, credential, kind, params)
-            })
-            .await
-        }
-        _ => method_not_allowed(&state),
-    }
+/// `GET /v2/geo/cache/purge`
+pub async fn list_purges(
+    State(state): State<AppState>,
+    BceCaller(credential): BceCaller,
+    uri: Uri,
+) -> Result<BceOk<RecordPage>, BceError> {
+    list(&state, credential, Kind::Refresh, Params::new(&uri)).await.map(|p| BceOk(StatusCode::OK, p))
+}
+
+/// `GET /v2/geo/cache/prefetch`
+pub async fn list_prefetches(
+    State(state): State<AppState>,
+    BceCaller(credential): BceCaller,
+    uri: Uri,
+) -> Result<BceOk<RecordPage>, BceError> {
+    list(&state, credential, Kind::Prefetch, Params::new(&uri)).await.map(|p| BceOk(StatusCode::OK, p))
 }
 
 /// Checks that `site` is one of the account's domains (or a name under a wildcard domain).
@@ -73,7 +68,7 @@ async fn submit_site(
     credential: Credential,
     kind: Kind,
     body: bytes::Bytes,
-) -> Result<Value, BceError> {
+) -> Result<BceOk<Value>, BceError> {
     let (map, specs) = parse_tasks(&body, kind)?;
     let site = match map.get("site") {
         Some(Value::String(s)) => check_site(&credential, s)?,
@@ -88,12 +83,7 @@ async fn submit_site(
     submit(state, &credential, kind, specs, "geo").await
 }
 
-async fn list(
-    state: &AppState,
-    credential: Credential,
-    kind: Kind,
-    params: Params,
-) -> Result<super::RecordPage, BceError> {
+async fn list(state: &AppState, credential: Credential, kind: Kind, params: Params) -> Result<RecordPage, BceError> {
     let site = check_site(&credential, params.get("site").unwrap_or(""))?;
     let item_type = match (kind, params.get("type")) {
         (_, None) => None,

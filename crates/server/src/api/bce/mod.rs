@@ -1,17 +1,21 @@
-//! The Baidu AI Cloud dialects (CONTRACT §4–6): GEO (`/v2/geo/...`) and classic CDN
-//! (`/v2/cache/purge`, ...). What both share lives here: BCE v1 authentication, the error table
-//! and body, request ids, the record shape, time parsing and the opaque keyset marker.
-//! Thin adapters over `Service`, like every dialect.
+//! The Baidu AI Cloud dialects (docs/baidu.md): GEO (`/v2/geo/...`) and classic CDN
+//! (`/v2/cache/purge`, ...). What both share lives here: [`BceCaller`] (BCE v1 authentication),
+//! the error table and body, request ids, the record shape, time parsing and the opaque keyset
+//! marker. Thin adapters over `Service`, like every dialect.
 
 pub mod auth;
 pub mod cdn;
 pub mod geo;
 
-use super::{AppState, now_ms, read_body};
-use crate::config::Credential;
-use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
-use axum::response::Response;
+use super::{AppState, read_body};
+use crate::auth::Credential;
+use crate::clock::now_ms;
+use axum::Router;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
 use cachectl_core::{ItemRecord, ItemStatus, ItemType, Kind, Millis, QuotaBucket, StoreError};
 use serde_json::{Value, json};
@@ -98,21 +102,42 @@ fn request_id() -> String {
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
-/// Renders a result: the JSON body on success, the error body otherwise; `x-bce-request-id` always.
-fn respond<T: serde::Serialize>(state: &AppState, success: StatusCode, result: Result<T, BceError>) -> Response {
-    let id = request_id();
-    let mut response = match result {
-        Ok(body) => crate::api::json_response(success, &body),
-        Err(e) => crate::api::json_response(
-            e.status,
-            &json!({"code": e.code.as_str(), "message": e.message, "requestId": id}),
-        ),
-    };
-    if let Ok(value) = HeaderValue::from_str(&id) {
+impl IntoResponse for BceError {
+    fn into_response(self) -> Response {
+        let id = request_id();
+        let body = json!({"code": self.code.as_str(), "message": self.message, "requestId": id});
+        with_request_id(crate::wire::json_response(self.status, &body), &id)
+    }
+}
+
+/// A successful answer of the Baidu dialects: its status and JSON body, with a request id.
+pub struct BceOk<T>(pub StatusCode, pub T);
+
+impl<T: serde::Serialize> IntoResponse for BceOk<T> {
+    fn into_response(self) -> Response {
+        with_request_id(crate::wire::json_response(self.0, &self.1), &request_id())
+    }
+}
+
+fn with_request_id(mut response: Response, id: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(id) {
         response.headers_mut().insert("x-bce-request-id", value);
     }
-    state.metrics.request("bce", response.status().as_u16());
     response
+}
+
+/// The routes of both Baidu dialects but `/v2/cache/prefetch`, which is shared with the
+/// Baishan dialect ([`cdn::prefetch_routes`]).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v2/cache/purge", get(cdn::list_purges).post(cdn::submit_purge).fallback(method_not_allowed))
+        .route("/v2/cache/quota", get(cdn::quota).fallback(method_not_allowed))
+        .route("/v2/cache/records", get(cdn::records).fallback(method_not_allowed))
+        .route("/v2/geo/cache/purge", get(geo::list_purges).post(geo::submit_purge).fallback(method_not_allowed))
+        .route(
+            "/v2/geo/cache/prefetch",
+            get(geo::list_prefetches).post(geo::submit_prefetch).fallback(method_not_allowed),
+        )
 }
 
 /// Whether a request carries a BCE v1 signature (the `/v2/cache/prefetch` path is shared with
@@ -143,8 +168,22 @@ fn raw_query_pairs(uri: &Uri) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A caller whose request carries a valid BCE v1 signature of a configured access key. A
+/// refused request is answered with the Baidu error body (`AccessDenied`,
+/// `SignatureDoesNotMatch`, `RequestExpired`). The body is not signed, so it is read after.
+pub struct BceCaller(pub Credential);
+
+impl FromRequestParts<AppState> for BceCaller {
+    type Rejection = BceError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, BceError> {
+        authenticate(state, parts).map(Self)
+    }
+}
+
 /// Checks the BCE v1 signature and returns the access key's credential.
-fn authenticate(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Credential, BceError> {
+fn authenticate(state: &AppState, parts: &Parts) -> Result<Credential, BceError> {
+    let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
     let header = headers.get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(|| BceError {
         code: Code::AccessDenied,
         status: StatusCode::UNAUTHORIZED,
@@ -176,10 +215,11 @@ fn authenticate(state: &AppState, method: &Method, uri: &Uri, headers: &HeaderMa
 }
 
 /// Query parameters where an empty value means absent (the SDK sends `id=&marker=&type=`).
-struct Params(Vec<(String, String)>);
+pub struct Params(Vec<(String, String)>);
 
 impl Params {
-    fn new(uri: &Uri) -> Self {
+    /// The request's query parameters.
+    pub fn new(uri: &Uri) -> Self {
         Self(raw_query_pairs(uri).into_iter().filter(|(_, v)| !v.is_empty()).collect())
     }
 
@@ -192,7 +232,7 @@ impl Params {
 fn format_time(ms: Millis) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map_or_else(String::new, |t| {
         let mut text = String::with_capacity(20);
-        let _ = crate::api::write_datetime(&mut text, &t, b'T');
+        let _ = crate::wire::write_datetime(&mut text, &t, b'T');
         text.push('Z');
         text
     })
@@ -280,7 +320,7 @@ struct Time(Millis);
 
 impl serde::Serialize for Time {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let text = crate::api::instant_text(self.0, chrono::Offset::fix(&chrono::Utc), b'T');
+        let text = crate::wire::instant_text(self.0, chrono::Offset::fix(&chrono::Utc), b'T');
         match text {
             Some(text) => {
                 let mut zulu = [b'Z'; 20];
@@ -315,7 +355,7 @@ fn record(item: ItemRecord, now: Millis, with_reason: bool) -> Record {
 /// A page of records: `{details, isTruncated, nextMarker?}`.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct RecordPage {
+pub struct RecordPage {
     details: Vec<Record>,
     is_truncated: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -430,7 +470,7 @@ async fn submit(
     kind: Kind,
     specs: Vec<TaskSpec>,
     dialect: &'static str,
-) -> Result<Value, BceError> {
+) -> Result<BceOk<Value>, BceError> {
     let now = now_ms();
     let account = &credential.account;
     for spec in &specs {
@@ -456,7 +496,7 @@ async fn submit(
     match state.service.submit(account, submission, now).await {
         Ok(done) => {
             state.metrics.submitted(dialect, kind, done.accepted);
-            Ok(json!({"id": done.task_id.to_string()}))
+            Ok(BceOk(StatusCode::CREATED, json!({"id": done.task_id.to_string()})))
         }
         Err(SubmitError::NothingAccepted { rejected }) => {
             let first = rejected.first().map(|(u, e)| format!("{u}: {e}")).unwrap_or_default();
@@ -479,42 +519,19 @@ fn quota_name(bucket: QuotaBucket) -> &'static str {
     }
 }
 
-/// Reads the body, authenticates, and renders whatever `handler` answers.
-async fn call<F, Fut, T>(
-    state: &AppState,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-    success: StatusCode,
-    handler: F,
-) -> Response
-where
-    F: FnOnce(Credential, Params, bytes::Bytes) -> Fut,
-    Fut: std::future::Future<Output = Result<T, BceError>>,
-    T: serde::Serialize,
-{
-    let result = async {
-        let credential = authenticate(state, &method, &uri, &headers)?;
-        let body = read_body(body).await.map_err(BceError::invalid)?;
-        handler(credential, Params::new(&uri), body).await
-    }
-    .await;
-    respond(state, success, result)
+/// The body of a submission, or the dialect's 400.
+async fn body(body: axum::body::Body) -> Result<bytes::Bytes, BceError> {
+    read_body(body).await.map_err(BceError::invalid)
 }
 
 /// 404 in the Baidu error format.
-pub fn not_found(state: &AppState) -> Response {
-    respond::<Value>(state, StatusCode::OK, Err(BceError::new(Code::NotFound, "no such API endpoint")))
+pub fn not_found() -> Response {
+    BceError::new(Code::NotFound, "no such API endpoint").into_response()
 }
 
 /// 405 in the Baidu error format.
-fn method_not_allowed(state: &AppState) -> Response {
-    respond::<Value>(
-        state,
-        StatusCode::OK,
-        Err(BceError::new(Code::MethodNotAllowed, "this endpoint does not take this method")),
-    )
+async fn method_not_allowed() -> BceError {
+    BceError::new(Code::MethodNotAllowed, "this endpoint does not take this method")
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! reservations of up to 1 % of the limit so that a busy credential does not turn every request
 //! into a write on one row; in memory otherwise (SQLite serves one process).
 
-use cachectl_core::{Millis, Store};
+use crate::{Millis, Store};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Mutex;

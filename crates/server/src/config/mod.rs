@@ -1,0 +1,427 @@
+//! The configuration file: defaults, then the TOML file, then `CACHECTL_<SECTION>__<KEY>`
+//! environment variables (docs/configuration.md). This module holds the file's shape and its
+//! loading; [`settings`] validates it into the typed values the service runs on, so that a bad
+//! configuration fails at start with a message naming the key. Secrets never appear in `Debug`.
+
+mod settings;
+
+pub use crate::auth::{Credential, Secret};
+pub use settings::{Settings, parse_offset};
+
+use cachectl_core::Tier;
+use cachectl_edge::Driver;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP listener.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where tasks are stored.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// How the worker drives the edge nodes.
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    /// How long records are kept.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+    /// Settings of the Baishan v2 dialect.
+    #[serde(default)]
+    pub baishan: BaishanConfig,
+    /// The customers.
+    #[serde(default)]
+    pub accounts: Vec<AccountConfig>,
+    /// The cache servers.
+    #[serde(default)]
+    pub edges: Vec<EdgeConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port to listen on, such as `127.0.0.1:8080` (port 0 picks a free one).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// How long in-flight requests and node work may take to finish at shutdown.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// From the first byte of a request until its headers are complete (nginx's
+    /// `client_header_timeout`); a client slower than that has its connection closed.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a connection may stay idle between two requests (nginx's `keepalive_timeout`).
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// From the first byte of a request until its body has arrived whole; a slower body is
+    /// refused with the dialect's 400 (nginx's `client_body_timeout`, but for the whole body).
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog until one closes. Keep it
+    /// below the process's open-file limit (`ulimit -n`), with room for the store and the edges.
+    #[serde(default = "default_max_connections_http")]
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            shutdown_grace: default_grace(),
+            header_timeout: default_header_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
+            body_timeout: default_body_timeout(),
+            max_connections: default_max_connections_http(),
+        }
+    }
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(75)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections_http() -> usize {
+    4096
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://path/to/file.db` (the default, `sqlite://data/cachectl.db`) or
+    /// `postgres://user:password@host:port/database`.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+    /// Apply migrations at start (default). With `false`, run `cachectl migrate` first.
+    #[serde(default = "default_true")]
+    pub migrate_on_start: bool,
+    /// How long an operation waits for a database connection before it fails (and the API
+    /// answers 503) while PostgreSQL is unreachable.
+    #[serde(default = "default_acquire", with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// PostgreSQL: connections of each of this instance's two pools (default 8): one for the
+    /// dialects' record queries, one for everything else; requests beyond wait their turn for
+    /// one. Ignored by SQLite.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: default_store_url(),
+            migrate_on_start: true,
+            acquire_timeout: default_acquire(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_max_connections() -> u32 {
+    cachectl_store::DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_acquire() -> Duration {
+    cachectl_store::DEFAULT_ACQUIRE_TIMEOUT
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_store_url() -> String {
+    "sqlite://data/cachectl.db".to_owned()
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Whether this instance purges and prefetches at all. `false` makes an API-only instance:
+    /// it accepts and answers, and instances sharing its PostgreSQL store do the work.
+    #[serde(default = "d_enabled")]
+    pub enabled: bool,
+    /// How long an item may keep retrying, counted from when it is first sent.
+    #[serde(default = "d_deadline", with = "humantime_serde")]
+    pub item_deadline: Duration,
+    /// Timeout of one request to a node, body included.
+    #[serde(default = "d_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// TCP connect timeout to a node.
+    #[serde(default = "d_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The first retry's backoff; it doubles each attempt, with jitter.
+    #[serde(default = "d_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// The longest backoff between two attempts.
+    #[serde(default = "d_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Requests in flight to one node at most (also its kept-alive connections).
+    #[serde(default = "d_per_node")]
+    pub per_node_concurrency: usize,
+    /// Purges and bans written on one connection to a node before the first is answered
+    /// (HTTP/1.1 pipelining); 1 turns pipelining off. The node's requests in flight stay
+    /// bounded by `per_node_concurrency`, over `ceil(per_node_concurrency / pipeline_depth)`
+    /// connections.
+    #[serde(default = "d_pipeline_depth")]
+    pub pipeline_depth: usize,
+    /// Items being executed at once, over all nodes.
+    #[serde(default = "d_in_flight")]
+    pub max_items_in_flight: usize,
+    /// How long a claimed item stays leased to this instance without a renewal.
+    #[serde(default = "d_lease", with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often the queue is polled when no submission woke the worker.
+    #[serde(default = "d_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: d_enabled(),
+            item_deadline: d_deadline(),
+            request_timeout: d_request_timeout(),
+            connect_timeout: d_connect_timeout(),
+            retry_initial: d_retry_initial(),
+            retry_max: d_retry_max(),
+            per_node_concurrency: d_per_node(),
+            pipeline_depth: d_pipeline_depth(),
+            max_items_in_flight: d_in_flight(),
+            lease: d_lease(),
+            poll_interval: d_poll(),
+        }
+    }
+}
+
+fn d_enabled() -> bool {
+    true
+}
+fn d_deadline() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_retry_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn d_retry_max() -> Duration {
+    Duration::from_secs(15)
+}
+fn d_per_node() -> usize {
+    32
+}
+fn d_pipeline_depth() -> usize {
+    8
+}
+fn d_in_flight() -> usize {
+    4096
+}
+fn d_lease() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_poll() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// `[retention]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Records older than this many days are deleted.
+    #[serde(default = "d_days")]
+    pub days: u32,
+    /// How often the sweep runs.
+    #[serde(default = "d_sweep", with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Items deleted per transaction, so that the sweep never holds the store for long.
+    #[serde(default = "d_sweep_batch")]
+    pub sweep_batch: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { days: d_days(), sweep_interval: d_sweep(), sweep_batch: d_sweep_batch() }
+    }
+}
+
+fn d_days() -> u32 {
+    31
+}
+fn d_sweep() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_sweep_batch() -> u32 {
+    2000
+}
+
+/// `[baishan]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaishanConfig {
+    /// The dialect's time zone as an offset (`+08:00`): its times, its dates, and the midnight
+    /// at which daily quotas reset.
+    #[serde(default = "d_tz")]
+    pub timezone: String,
+    /// Default requests per minute per token per endpoint.
+    #[serde(default = "d_rate")]
+    pub rate_limit_per_minute: u32,
+}
+
+impl Default for BaishanConfig {
+    fn default() -> Self {
+        Self { timezone: d_tz(), rate_limit_per_minute: d_rate() }
+    }
+}
+
+fn d_tz() -> String {
+    "+08:00".to_owned()
+}
+fn d_rate() -> u32 {
+    150
+}
+
+/// A Baishan token: a bare string, or `{ name = "...", token = "..." }` to give it an operator name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TokenConfig {
+    /// Only the secret; the operator name is derived from a hash of it.
+    Bare(Secret),
+    /// A named token.
+    Named {
+        /// Operator name recorded on the tasks it submits.
+        name: String,
+        /// The secret.
+        token: Secret,
+    },
+}
+
+/// A BCE access key pair.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessKeyConfig {
+    /// Access key id (recorded as the operator).
+    pub ak: String,
+    /// Secret access key.
+    pub sk: Secret,
+}
+
+/// `[accounts.quotas]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Refreshed URLs per day (default 10,000).
+    pub refresh_urls: Option<u64>,
+    /// Refreshed directories per day (default 100).
+    pub refresh_dirs: Option<u64>,
+    /// Prefetched URLs per day (default 10,000).
+    pub prefetch_urls: Option<u64>,
+}
+
+/// `[[accounts]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// Unique name.
+    pub name: String,
+    /// Domains it owns: `www.example.com` or `*.example.com`.
+    pub domains: Vec<String>,
+    /// Baishan tokens.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// BCE access keys (Baidu dialects).
+    #[serde(default)]
+    pub access_keys: Vec<AccessKeyConfig>,
+    /// Requests per minute per token per endpoint (default: `baishan.rate_limit_per_minute`).
+    pub rate_limit_per_minute: Option<u32>,
+    /// Daily quotas.
+    #[serde(default)]
+    pub quotas: QuotaConfig,
+    /// Receivers notified when a task of this account finishes.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// `[[accounts.webhooks]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http(s)://...` to POST the task summary to.
+    pub url: String,
+    /// The HMAC-SHA256 key of the `X-Cachectl-Signature` header.
+    pub secret: Secret,
+}
+
+/// `[[edges]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Unique name, shown in results and failure reasons.
+    pub name: String,
+    /// `varnish` or `nginx`.
+    pub driver: Driver,
+    /// `host:port` of the cache's HTTP listener.
+    pub address: String,
+    /// `parent` or `edge` (default).
+    #[serde(default)]
+    pub tier: Tier,
+    /// Domains it serves (default: all).
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+/// A configuration that failed to load or validate; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Loads `path` (if given) and the `CACHECTL_` environment over the defaults.
+    ///
+    /// # Errors
+    /// The file is unreadable or a value has the wrong type; the message names the key.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError(format!("file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Only CACHECTL_<SECTION>__<KEY> variables are configuration; others with the prefix
+        // (CACHECTL_CONFIG, CACHECTL_LOG, a tool's own) are not keys.
+        figment = figment.merge(Env::prefixed("CACHECTL_").filter(|k| k.as_str().contains("__")).split("__"));
+        figment.extract().map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// Parses a configuration from TOML text alone (tests and examples).
+    ///
+    /// # Errors
+    /// As `load`.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Figment::new().merge(Toml::string(text)).extract().map_err(|e| ConfigError(e.to_string()))
+    }
+}

@@ -1,0 +1,380 @@
+//! Validation of the configuration file into [`Settings`]: every value checked, every error
+//! naming its key, accounts, credentials, webhooks and edges built into their typed forms.
+
+use super::{Config, ConfigError, RetentionConfig, TokenConfig, WorkerConfig};
+use crate::auth::{Credential, Secret};
+use cachectl_core::policy::DomainPattern;
+use cachectl_core::service::{Account, Quotas};
+use cachectl_edge::Node;
+use chrono::FixedOffset;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Config {
+    /// Checks every value and builds the typed settings the service runs on.
+    ///
+    /// # Errors
+    /// The first invalid value, named by its key.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let listen: SocketAddr = self.server.listen.parse().map_err(|e| {
+            err("server.listen".into(), format!("{:?} is not an address:port ({e})", self.server.listen))
+        })?;
+        if !cachectl_store::supported(&self.store.url) {
+            return Err(err("store.url".into(), "supported schemes are sqlite:// and postgres://".into()));
+        }
+        let http = self.http_limits()?;
+        let timezone = parse_offset(&self.baishan.timezone).ok_or_else(|| {
+            err("baishan.timezone".into(), format!("{:?} is not an offset like +08:00", self.baishan.timezone))
+        })?;
+        self.check_limits()?;
+        let Credentials { accounts, tokens, access_keys, webhooks } = self.credentials()?;
+        let nodes = self.nodes()?;
+        Ok(Settings {
+            listen,
+            store_url: self.store.url.clone(),
+            migrate_on_start: self.store.migrate_on_start,
+            store_connections: cachectl_store::Connections {
+                acquire_timeout: self.store.acquire_timeout,
+                max_connections: self.store.max_connections,
+            },
+            shutdown_grace: self.server.shutdown_grace,
+            http,
+            worker: self.worker.clone(),
+            retention: self.retention.clone(),
+            timezone,
+            accounts,
+            tokens,
+            access_keys,
+            nodes,
+            default_rate_limit: self.baishan.rate_limit_per_minute,
+            webhooks,
+        })
+    }
+
+    /// `[server]`'s timeouts and connection cap.
+    fn http_limits(&self) -> Result<crate::http::Limits, ConfigError> {
+        let http = crate::http::Limits {
+            header_timeout: self.server.header_timeout,
+            keepalive_timeout: self.server.keepalive_timeout,
+            body_timeout: self.server.body_timeout,
+            max_connections: self.server.max_connections,
+        };
+        for (key, value) in [
+            ("header_timeout", http.header_timeout),
+            ("keepalive_timeout", http.keepalive_timeout),
+            ("body_timeout", http.body_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(err(format!("server.{key}"), "must be longer than 0".into()));
+            }
+        }
+        if http.max_connections == 0 {
+            return Err(err("server.max_connections".into(), "must be at least 1".into()));
+        }
+        Ok(http)
+    }
+
+    /// The worker's, the store's and the retention's numeric limits.
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        let w = &self.worker;
+        for (key, value) in [
+            ("per_node_concurrency", w.per_node_concurrency),
+            ("pipeline_depth", w.pipeline_depth),
+            ("max_items_in_flight", w.max_items_in_flight),
+        ] {
+            if value == 0 {
+                return Err(err(format!("worker.{key}"), "must be at least 1".into()));
+            }
+        }
+        if w.retry_initial.is_zero() || w.retry_max < w.retry_initial {
+            return Err(err(
+                "worker.retry_max".into(),
+                "must be at least worker.retry_initial, which must be > 0".into(),
+            ));
+        }
+        if w.lease < Duration::from_secs(3) {
+            return Err(err("worker.lease".into(), "must be at least 3s".into()));
+        }
+        if self.store.max_connections == 0 {
+            return Err(err("store.max_connections".into(), "must be at least 1".into()));
+        }
+        if self.retention.days == 0 || self.retention.sweep_batch == 0 {
+            return Err(err("retention".into(), "days and sweep_batch must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Every account with its tokens, access keys and webhook receivers.
+    fn credentials(&self) -> Result<Credentials, ConfigError> {
+        let mut accounts = Vec::new();
+        let mut tokens = HashMap::new();
+        let mut access_keys = HashMap::new();
+        let mut webhooks = HashMap::new();
+        let mut names = HashSet::new();
+        for (i, a) in self.accounts.iter().enumerate() {
+            let key = |field: &str| format!("accounts[{i}].{field}");
+            if a.name.trim().is_empty() || !names.insert(a.name.clone()) {
+                return Err(err(key("name"), format!("{:?} is empty or used twice", a.name)));
+            }
+            if a.domains.is_empty() {
+                return Err(err(key("domains"), "an account needs at least one domain".into()));
+            }
+            let domains = a
+                .domains
+                .iter()
+                .enumerate()
+                .map(|(j, d)| DomainPattern::parse(d).map_err(|e| err(format!("accounts[{i}].domains[{j}]"), e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let defaults = Quotas::default();
+            let account = Arc::new(Account {
+                name: a.name.clone(),
+                domains,
+                quotas: Quotas {
+                    refresh_urls: a.quotas.refresh_urls.unwrap_or(defaults.refresh_urls),
+                    refresh_dirs: a.quotas.refresh_dirs.unwrap_or(defaults.refresh_dirs),
+                    prefetch_urls: a.quotas.prefetch_urls.unwrap_or(defaults.prefetch_urls),
+                },
+                rate_limit_per_minute: a.rate_limit_per_minute.unwrap_or(self.baishan.rate_limit_per_minute),
+            });
+            if account.rate_limit_per_minute == 0 {
+                return Err(err(key("rate_limit_per_minute"), "must be at least 1".into()));
+            }
+            for (j, t) in a.tokens.iter().enumerate() {
+                let (secret, name) = match t {
+                    TokenConfig::Bare(secret) => (secret, format!("token-{:08x}", fnv(secret.expose()))),
+                    TokenConfig::Named { name, token } => (token, name.clone()),
+                };
+                if secret.expose().len() < 8 {
+                    return Err(err(
+                        format!("accounts[{i}].tokens[{j}]"),
+                        "a token needs at least 8 characters".into(),
+                    ));
+                }
+                if tokens
+                    .insert(secret.expose().to_owned(), Credential { account: account.clone(), operator: name })
+                    .is_some()
+                {
+                    return Err(err(format!("accounts[{i}].tokens[{j}]"), "the same token is configured twice".into()));
+                }
+            }
+            for (j, k) in a.access_keys.iter().enumerate() {
+                if k.ak.is_empty() || k.sk.expose().is_empty() {
+                    return Err(err(format!("accounts[{i}].access_keys[{j}]"), "ak and sk must not be empty".into()));
+                }
+                let value = (Credential { account: account.clone(), operator: k.ak.clone() }, k.sk.clone());
+                if access_keys.insert(k.ak.clone(), value).is_some() {
+                    return Err(err(
+                        format!("accounts[{i}].access_keys[{j}].ak"),
+                        "the same access key is configured twice".into(),
+                    ));
+                }
+            }
+            let targets = webhook_targets(i, a)?;
+            if !targets.is_empty() {
+                webhooks.insert(a.name.clone(), targets);
+            }
+            accounts.push(account);
+        }
+        Ok(Credentials { accounts, tokens, access_keys, webhooks })
+    }
+
+    /// Every edge node.
+    fn nodes(&self) -> Result<Vec<Node>, ConfigError> {
+        let mut nodes = Vec::new();
+        let mut node_names = HashSet::new();
+        for (i, e) in self.edges.iter().enumerate() {
+            let key = |field: &str| format!("edges[{i}].{field}");
+            if e.name.trim().is_empty() || !node_names.insert(e.name.clone()) {
+                return Err(err(key("name"), format!("{:?} is empty or used twice", e.name)));
+            }
+            let valid_address = e.address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !valid_address {
+                return Err(err(key("address"), format!("{:?} is not host:port", e.address)));
+            }
+            let domains = e
+                .domains
+                .iter()
+                .enumerate()
+                .map(|(j, d)| DomainPattern::parse(d).map_err(|m| err(format!("edges[{i}].domains[{j}]"), m)))
+                .collect::<Result<Vec<_>, _>>()?;
+            nodes.push(Node {
+                name: e.name.clone(),
+                driver: e.driver,
+                address: e.address.clone(),
+                tier: e.tier,
+                domains,
+            });
+        }
+        Ok(nodes)
+    }
+}
+
+/// What `credentials` builds from `[[accounts]]`.
+struct Credentials {
+    accounts: Vec<Arc<Account>>,
+    tokens: HashMap<String, Credential>,
+    access_keys: HashMap<String, (Credential, Secret)>,
+    webhooks: HashMap<String, Vec<crate::webhooks::Target>>,
+}
+
+fn err(key: String, msg: String) -> ConfigError {
+    ConfigError(format!("{key}: {msg}"))
+}
+
+/// The webhook receivers of account `i`.
+fn webhook_targets(i: usize, a: &super::AccountConfig) -> Result<Vec<crate::webhooks::Target>, ConfigError> {
+    let mut targets = Vec::new();
+    for (j, w) in a.webhooks.iter().enumerate() {
+        if !matches!(url::Url::parse(&w.url).map(|u| u.scheme().to_owned()).as_deref(), Ok("http" | "https")) {
+            return Err(err(format!("accounts[{i}].webhooks[{j}].url"), format!("{:?} is not an http(s) URL", w.url)));
+        }
+        if w.secret.expose().len() < 16 {
+            return Err(err(format!("accounts[{i}].webhooks[{j}].secret"), "needs at least 16 characters".into()));
+        }
+        targets.push(crate::webhooks::Target { url: w.url.clone(), secret: w.secret.clone() });
+    }
+    Ok(targets)
+}
+
+/// The validated configuration the service runs on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Store URL.
+    pub store_url: String,
+    /// Whether to migrate at start.
+    pub migrate_on_start: bool,
+    /// How the store holds its connections (`acquire_timeout`, `max_connections`).
+    pub store_connections: cachectl_store::Connections,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+    /// The listener's timeouts and connection cap.
+    pub http: crate::http::Limits,
+    /// Worker settings.
+    pub worker: WorkerConfig,
+    /// Retention settings.
+    pub retention: RetentionConfig,
+    /// The Baishan dialect's (and the quotas') time zone.
+    pub timezone: FixedOffset,
+    /// Every account.
+    pub accounts: Vec<Arc<Account>>,
+    /// Baishan token → credential.
+    pub tokens: HashMap<String, Credential>,
+    /// BCE access key → credential and secret key.
+    pub access_keys: HashMap<String, (Credential, Secret)>,
+    /// Every edge node.
+    pub nodes: Vec<Node>,
+    /// The Baishan rate limit reported to requests without a valid token.
+    pub default_rate_limit: u32,
+    /// Account name → webhook receivers.
+    pub webhooks: HashMap<String, Vec<crate::webhooks::Target>>,
+}
+
+/// Parses `+08:00`, `-05:30`, `+0800` or `Z`/`UTC`.
+#[must_use]
+pub fn parse_offset(text: &str) -> Option<FixedOffset> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("z") || t.eq_ignore_ascii_case("utc") {
+        return FixedOffset::east_opt(0);
+    }
+    let (sign, rest) = match t.as_bytes().first()? {
+        b'+' => (1, &t[1..]),
+        b'-' => (-1, &t[1..]),
+        _ => return None,
+    };
+    let digits: String = rest.chars().filter(|c| *c != ':').collect();
+    if digits.len() != 4 || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let hours: i32 = digits[..2].parse().ok()?;
+    let minutes: i32 = digits[2..].parse().ok()?;
+    if hours > 14 || minutes > 59 {
+        return None;
+    }
+    FixedOffset::east_opt(sign * (hours * 3600 + minutes * 60))
+}
+
+/// FNV-1a, to name a bare token without revealing it.
+fn fnv(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cachectl_core::Tier;
+
+    const MINIMAL: &str = r#"
+        [server]
+        listen = "127.0.0.1:8080"
+        [store]
+        url = "sqlite://data/cachectl.db"
+        [[accounts]]
+        name = "acme"
+        domains = ["example.com", "*.example.com"]
+        tokens = ["acme-secret-token"]
+        access_keys = [{ ak = "AK_ACME", sk = "SK_ACME" }]
+        [[edges]]
+        name = "varnish-1"
+        driver = "varnish"
+        address = "127.0.0.1:6081"
+    "#;
+
+    #[test]
+    fn the_contract_example_loads() {
+        let settings = Config::from_toml(MINIMAL).unwrap().validate().unwrap();
+        assert_eq!(settings.accounts.len(), 1);
+        assert_eq!(settings.nodes[0].tier, Tier::Edge);
+        assert!(settings.tokens.contains_key("acme-secret-token"));
+        assert_eq!(settings.timezone, FixedOffset::east_opt(8 * 3600).unwrap());
+        assert_eq!(settings.store_connections, cachectl_store::Connections::default());
+        assert_eq!(settings.store_connections.max_connections, 8);
+    }
+
+    #[test]
+    fn the_postgres_pool_size_is_set_and_checked() {
+        let sized = MINIMAL.replace("[store]", "[store]\nmax_connections = 4");
+        let settings = Config::from_toml(&sized).unwrap().validate().unwrap();
+        assert_eq!(settings.store_connections.max_connections, 4);
+        let zero = MINIMAL.replace("[store]", "[store]\nmax_connections = 0");
+        let e = Config::from_toml(&zero).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("store.max_connections") && e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        let printed = format!("{config:?} {:?}", config.validate().unwrap().access_keys);
+        assert!(!printed.contains("acme-secret-token"), "{printed}");
+        assert!(!printed.contains("SK_ACME"), "{printed}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let bad = MINIMAL.replace("127.0.0.1:6081", "nowhere");
+        let e = Config::from_toml(&bad).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("edges[0].address"), "{e}");
+        let bad = MINIMAL.replace("driver = \"varnish\"", "driver = \"squidx\"");
+        let e = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("driver"), "{e}");
+        let bad = MINIMAL.replace("[server]", "[server]\nlisten_typo = 1");
+        let e = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("listen_typo"), "{e}");
+        let bad = MINIMAL.replace("\"*.example.com\"", "\"*.\"");
+        let e = Config::from_toml(&bad).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("accounts[0].domains[1]"), "{e}");
+    }
+
+    #[test]
+    fn offsets() {
+        assert_eq!(parse_offset("+08:00"), FixedOffset::east_opt(28800));
+        assert_eq!(parse_offset("-0530"), FixedOffset::east_opt(-19800));
+        assert_eq!(parse_offset("UTC"), FixedOffset::east_opt(0));
+        assert_eq!(parse_offset("8"), None);
+    }
+}
