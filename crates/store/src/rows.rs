@@ -1,8 +1,8 @@
 //! Mapping between rows and domain types, shared by the backends. Values the store wrote itself
 //! are trusted; an unknown enum name (a newer writer) degrades to a safe default instead of panicking.
 
+use crate::sql::{Db, Get as _};
 use cachectl_core::{Item, ItemRecord, ItemStatus, ItemType, Kind, NodeResult, NodeState};
-use sqlx::Row;
 
 /// The item columns every item query selects, in this order and together (`item_at` reads them
 /// by position from the `id` column on).
@@ -24,106 +24,79 @@ pub(crate) fn item_enums(kind: &str, item_type: &str, status: &str, progress: i6
     )
 }
 
-/// The row mappers for one backend's row type (the column types are the same on both).
-macro_rules! mappers {
-    ($module:ident, $row:ty) => {
-        pub(crate) mod $module {
-            use super::*;
-
-            /// An item from a row whose `ITEM_COLUMNS` start at its `id` column.
-            pub(crate) fn item_from_row(row: &$row) -> Item {
-                item_at(row, item_columns_at(row))
-            }
-
-            /// Where the `ITEM_COLUMNS` of a result start: the position of its `id` column, to
-            /// look up once per result rather than once per row.
-            pub(crate) fn item_columns_at(row: &$row) -> usize {
-                use sqlx::Column as _;
-                row.try_column("id").map_or(0, |c| c.ordinal())
-            }
-
-            /// An item from the `ITEM_COLUMNS` of `row` that start at column `base`, by
-            /// position. The profile of a PostgreSQL page put a fifth of the server's time in
-            /// building items from rows, part of it looking each column up by name (a hash
-            /// lookup and a name comparison per column and row); by position, and without the
-            /// type check (`at`), only the decoding remains.
-            pub(crate) fn item_at(row: &$row, base: usize) -> Item {
-                let (kind, item_type, status, progress) = item_enums(
-                    at::<&str>(row, base + 3),
-                    at::<&str>(row, base + 6),
-                    at::<&str>(row, base + 7),
-                    at(row, base + 8),
-                );
-                Item {
-                    id: at(row, base),
-                    task_id: at(row, base + 1),
-                    account: at(row, base + 2),
-                    kind,
-                    url: at(row, base + 4),
-                    host: at(row, base + 5),
-                    item_type,
-                    status,
-                    progress,
-                    operator: at(row, base + 9),
-                    created_at: at(row, base + 10),
-                    not_before: at(row, base + 11),
-                    finished_at: at(row, base + 12),
-                    reason: at(row, base + 13),
-                    follows: at(row, base + 14),
-                    depends_on: at(row, base + 15),
-                }
-            }
-
-            /// The column at `index` decoded without sqlx's check that its database type suits
-            /// `T` (a comparison of type descriptions per value, with their clone and drop,
-            /// about a fifth of decoding a page on PostgreSQL): the columns are `ITEM_COLUMNS` of
-            /// the store's own schema. A value that does not decode is read again through the
-            /// checked `get`, which panics with sqlx's message as before.
-            pub(crate) fn at<'r, T>(row: &'r $row, index: usize) -> T
-            where
-                T: sqlx::Decode<'r, <$row as sqlx::Row>::Database> + sqlx::Type<<$row as sqlx::Row>::Database>,
-            {
-                row.try_get_unchecked(index).unwrap_or_else(|_| row.get(index))
-            }
-
-            pub(crate) fn node_from_row(row: &$row) -> NodeResult {
-                let state: String = row.get("state");
-                let attempts: i64 = row.get("attempts");
-                let code: Option<i64> = row.get("status_code");
-                NodeResult {
-                    node: row.get("node"),
-                    state: state.parse().unwrap_or(NodeState::Pending),
-                    attempts: u32::try_from(attempts).unwrap_or(0),
-                    status_code: code.and_then(|c| u16::try_from(c).ok()),
-                    error: row.get("error"),
-                    updated_at: row.get("updated_at"),
-                    instance: row.get("instance"),
-                }
-            }
-        }
-    };
+/// An item from a row whose `ITEM_COLUMNS` start at its `id` column.
+pub(crate) fn item_from_row<DB: Db>(row: &DB::Row) -> Item {
+    item_at::<DB>(row, item_columns_at::<DB>(row))
 }
 
-mappers!(sqlite, sqlx::sqlite::SqliteRow);
-mappers!(postgres, sqlx::postgres::PgRow);
+/// Where the `ITEM_COLUMNS` (or `RECORD_COLUMNS`) of a result start: the position of its `id`
+/// column, to look up once per result rather than once per row.
+pub(crate) fn item_columns_at<DB: Db>(row: &DB::Row) -> usize {
+    DB::position(row, "id").unwrap_or(0)
+}
 
-/// An item record from the `RECORD_COLUMNS` of a PostgreSQL row that start at column `base`, by
-/// position, as `item_at` reads an item. (SQLite's record pages are read through rusqlite.)
-pub(crate) fn record_at(row: &sqlx::postgres::PgRow, base: usize) -> ItemRecord {
-    use postgres::at;
+/// Where the columns of an `ItemRecord` stand among `ITEM_COLUMNS`.
+const RECORD_IN_ITEM: [usize; 11] = [0, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13];
+
+/// An item from the `ITEM_COLUMNS` of `row` that start at column `base`, by position: looking
+/// each column up by name is a hash lookup and a name comparison per column and row (see
+/// BENCHMARKS.md, "PostgreSQL row decoding").
+pub(crate) fn item_at<DB: Db>(row: &DB::Row, base: usize) -> Item {
+    let record = record_from::<DB>(row, RECORD_IN_ITEM.map(|column| base + column));
+    Item {
+        id: record.id,
+        task_id: DB::int(row, base + 1),
+        account: DB::text(row, base + 2),
+        kind: record.kind,
+        url: record.url,
+        host: DB::text(row, base + 5),
+        item_type: record.item_type,
+        status: record.status,
+        progress: record.progress,
+        operator: record.operator,
+        created_at: record.created_at,
+        not_before: record.not_before,
+        finished_at: record.finished_at,
+        reason: record.reason,
+        follows: DB::opt_int(row, base + 14),
+        depends_on: DB::opt_int(row, base + 15),
+    }
+}
+
+/// An item record from the `RECORD_COLUMNS` of `row` that start at column `base`, by position,
+/// as `item_at` reads an item. (SQLite's record pages are read through rusqlite.)
+pub(crate) fn record_at<DB: Db>(row: &DB::Row, base: usize) -> ItemRecord {
+    record_from::<DB>(row, std::array::from_fn(|column| base + column))
+}
+
+/// An item record from the columns of `row` at `at`, in the order of `RECORD_COLUMNS`.
+fn record_from<DB: Db>(row: &DB::Row, at: [usize; 11]) -> ItemRecord {
     let (kind, item_type, status, progress) =
-        item_enums(at::<&str>(row, base + 1), at::<&str>(row, base + 3), at::<&str>(row, base + 4), at(row, base + 5));
+        item_enums(DB::str(row, at[1]), DB::str(row, at[3]), DB::str(row, at[4]), DB::int(row, at[5]));
     ItemRecord {
-        id: at(row, base),
+        id: DB::int(row, at[0]),
         kind,
-        url: at(row, base + 2),
+        url: DB::text(row, at[2]),
         item_type,
         status,
         progress,
-        operator: at(row, base + 6),
-        created_at: at(row, base + 7),
-        not_before: at(row, base + 8),
-        finished_at: at(row, base + 9),
-        reason: at(row, base + 10),
+        operator: DB::text(row, at[6]),
+        created_at: DB::int(row, at[7]),
+        not_before: DB::int(row, at[8]),
+        finished_at: DB::opt_int(row, at[9]),
+        reason: DB::opt_text(row, at[10]),
+    }
+}
+
+/// A node result from a row of `node_results` columns, by name.
+pub(crate) fn node_from_row<DB: Db>(row: &DB::Row) -> NodeResult {
+    NodeResult {
+        node: row.text("node"),
+        state: row.text("state").parse().unwrap_or(NodeState::Pending),
+        attempts: u32::try_from(row.int("attempts")).unwrap_or(0),
+        status_code: row.opt_int("status_code").and_then(|c| u16::try_from(c).ok()),
+        error: row.opt_text("error"),
+        updated_at: row.int("updated_at"),
+        instance: row.text("instance"),
     }
 }

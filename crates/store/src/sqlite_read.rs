@@ -1,14 +1,14 @@
 //! The SQLite read path of the record queries (Baishan by task and by window, the Baidu record
 //! pages), on `rusqlite` connections, each owned by a reader thread of its own (see `Readers`),
 //! however many statements and rows a query has. Through sqlx every statement is a message to
-//! the connection's worker thread and every row a message back, which the profile of
-//! BENCHMARKS.md showed to be most of a page's cost.
+//! the connection's worker thread and every row a message back, most of a page's cost (see
+//! BENCHMARKS.md, "SQLite record queries on rusqlite").
 //!
-//! The statements are the ones `SqliteStore::explain` checks (`statements` in `sqlite.rs`);
-//! writes stay on sqlx's single writer connection.
+//! The statements are those of `records::sqlite`, which `SqliteStore::explain` checks; writes
+//! stay on sqlx's single writer connection.
 
-use crate::rows::RECORD_COLUMNS;
-use cachectl_core::{ItemRecord, Kind, Millis, RecordQuery, StoreError, StoreResult, WindowQuery};
+use crate::records::sqlite as statements;
+use cachectl_core::{ItemRecord, Kind, Millis, Page, PageRequest, RecordQuery, StoreError, StoreResult, WindowQuery};
 use rusqlite::OpenFlags;
 use rusqlite::types::Value;
 use std::time::Duration;
@@ -24,10 +24,9 @@ type Job = Box<dyn FnOnce(&rusqlite::Connection) + Send>;
 /// Dropping the last clone closes the queue and the threads end.
 ///
 /// Threads of their own rather than the runtime's: `spawn_blocking` costs a blocking-pool
-/// hand-off per query, `block_in_place` a worker hand-off (its locks and thread wake-ups were
-/// 12 % of the query profile), and running on a worker unannounced would let a cold read stall
-/// it. Under load the reader threads take one query after another without sleeping (+15–50 %
-/// queries a second over `block_in_place`, BENCHMARKS.md round 5).
+/// hand-off per query, `block_in_place` a worker hand-off, and running on a worker unannounced
+/// would let a cold read stall it. Under load the reader threads take one query after another
+/// without sleeping (see BENCHMARKS.md, "SQLite reader threads").
 #[derive(Clone)]
 pub(crate) struct Readers {
     jobs: flume::Sender<Job>,
@@ -98,41 +97,35 @@ impl Readers {
     }
 
     /// One page of a task's items, newest first, and how many it has.
-    pub(crate) async fn task_items(
+    pub(crate) async fn task_page(
         &self,
-        account: &str,
+        account: String,
         kind: Kind,
         task_id: i64,
-        limit: i64,
-        offset: i64,
-    ) -> StoreResult<(i64, Vec<ItemRecord>)> {
-        let account = account.to_owned();
+        page: PageRequest,
+    ) -> StoreResult<Page<ItemRecord>> {
+        let (limit, offset) = (i64::from(page.size), i64::try_from(page.offset()).unwrap_or(i64::MAX));
         self.run(move |conn| {
             let tx = conn.unchecked_transaction()?;
             let total: i64 = tx
-                .prepare_cached(super::sqlite::statements::TASK_COUNT)?
+                .prepare_cached(statements::TASK_COUNT)?
                 .query_row((task_id, &account, kind.as_str()), |r| r.get(0))?;
-            let rows: Vec<ItemRecord> = tx
-                .prepare_cached(&super::sqlite::statements::task_page())?
-                .query_map((task_id, &account, kind.as_str(), limit, offset), record_from_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            tx.commit()?;
-            Ok((total, rows))
+            page_of(tx, total, &statements::task_page(), (task_id, &account, kind.as_str(), limit, offset))
         })
         .await
     }
 
     /// One page of an account's items in a window, newest first, and how many there are.
-    pub(crate) async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<(i64, Vec<ItemRecord>)> {
-        let total = window_total(query);
-        let page_sql = super::sqlite::statements::window_page(query.url.is_some());
+    pub(crate) async fn window_page(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>> {
+        let total = statements::window_total(query);
+        let page_sql = statements::window_page(query.url.is_some());
         let (account, kind, url) = (query.account.to_owned(), query.kind, query.url.map(str::to_owned));
         let (from, to, size) = (query.from, query.to, i64::from(query.page.size));
         let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
         self.run(move |conn| {
             // One snapshot for the total, the skip and the page.
             let tx = conn.unchecked_transaction()?;
-            let deep = if url.is_none() && offset >= crate::DEEP_PAGE {
+            let deep = if url.is_none() && offset >= crate::counters::DEEP_PAGE {
                 deep_page(&tx, &account, kind, (from, to), offset)?
             } else {
                 None
@@ -149,30 +142,37 @@ impl Readers {
             let mut args: Vec<Value> = vec![account.into(), kind.as_str().to_owned().into()];
             args.extend(url.map(Value::from));
             args.extend([from.into(), upper.into(), size.into(), rest.into()]);
-            let rows: Vec<ItemRecord> = tx
-                .prepare_cached(&page_sql)?
-                .query_map(rusqlite::params_from_iter(args), record_from_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            tx.commit()?;
-            Ok((total, rows))
+            page_of(tx, total, &page_sql, rusqlite::params_from_iter(args))
         })
         .await
     }
 
     /// The Baidu dialects' record page.
     pub(crate) async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>> {
-        let (sql, args) = records_query(query);
+        let statement = statements::records_query(query);
         self.run(move |conn| {
-            let mut select = conn.prepare_cached(&sql)?;
-            let rows = select.query_map(rusqlite::params_from_iter(args), record_from_row)?;
+            let mut select = conn.prepare_cached(&statement.sql)?;
+            let rows = select.query_map(rusqlite::params_from_iter(statement.args), record_from_row)?;
             rows.collect::<rusqlite::Result<_>>()
         })
         .await
     }
 }
 
+/// The page of records `sql` selects with `params`, of `total` in all, read in `tx`, which ends.
+fn page_of(
+    tx: rusqlite::Transaction<'_>,
+    total: i64,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<Page<ItemRecord>> {
+    let records = tx.prepare_cached(sql)?.query_map(params, record_from_row)?.collect::<rusqlite::Result<_>>()?;
+    tx.commit()?;
+    Ok(Page { total: u64::try_from(total).unwrap_or(0), records })
+}
+
 /// A deep page of the window `[from, to)`: its exact total and where the page starts
-/// (`crate::skip_hours`), both from one reading of the counters: the partial hours at the two
+/// (`counters::skip_hours`), both from one reading of the counters: the partial hours at the two
 /// edges counted on the index, the whole hours from their hourly counters — what
 /// `window_total` adds up, read once instead of twice. `None` when the window holds no whole
 /// hour to skip by.
@@ -183,25 +183,25 @@ fn deep_page(
     (from, to): (Millis, Millis),
     offset: i64,
 ) -> rusqlite::Result<Option<(i64, Millis, i64)>> {
-    let (Some((first, end)), _) = crate::split_window(from, to) else {
+    let (Some((first, end)), _) = crate::counters::split_window(from, to) else {
         return Ok(None);
     };
     let edge = |start: Millis, end: Millis| -> rusqlite::Result<i64> {
         if start >= end {
             return Ok(0);
         }
-        conn.prepare_cached(super::sqlite::statements::WINDOW_EDGE_COUNT)?
+        conn.prepare_cached(statements::WINDOW_EDGE_COUNT)?
             .query_row((account, kind.as_str(), start, end), |r| r.get(0))
     };
-    let top_start = end * crate::HOUR_MS;
+    let top_start = end * crate::counters::HOUR_MS;
     let top = if top_start < to { Some((top_start, edge(top_start, to)?)) } else { None };
-    let bottom = edge(from, first * crate::HOUR_MS)?;
+    let bottom = edge(from, first * crate::counters::HOUR_MS)?;
     let hours: Vec<(i64, i64)> = conn
-        .prepare_cached(super::sqlite::statements::WINDOW_HOURS)?
+        .prepare_cached(statements::WINDOW_HOURS)?
         .query_map((account, kind.as_str(), first, end), |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let total = bottom + top.map_or(0, |(_, n)| n) + hours.iter().map(|(_, n)| n).sum::<i64>();
-    let (upper, rest) = crate::skip_hours(to, top, hours, offset);
+    let (upper, rest) = crate::counters::skip_hours(to, top, hours, offset);
     Ok(Some((total, upper, rest)))
 }
 
@@ -229,77 +229,4 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRecord> {
         finished_at: row.get(9)?,
         reason: row.get(10)?,
     })
-}
-
-/// A statement for rusqlite: SQL with `?` placeholders and their values, in order.
-#[derive(Default)]
-pub(crate) struct Statement {
-    pub(crate) sql: String,
-    pub(crate) args: Vec<Value>,
-}
-
-impl<'a> crate::SqlWriter<'a> for Statement {
-    fn sql(&mut self, text: &str) -> &mut Self {
-        self.sql.push_str(text);
-        self
-    }
-    fn int(&mut self, value: i64) -> &mut Self {
-        self.sql.push('?');
-        self.args.push(value.into());
-        self
-    }
-    fn text(&mut self, value: &'a str) -> &mut Self {
-        self.sql.push('?');
-        self.args.push(value.to_owned().into());
-        self
-    }
-}
-
-/// The exact number of items in a window, in one statement (`crate::write_window_total`).
-pub(crate) fn window_total(query: &WindowQuery<'_>) -> Statement {
-    let mut statement = Statement { sql: "SELECT ".into(), args: Vec::new() };
-    crate::write_window_total(&mut statement, query);
-    statement
-}
-
-/// The Baidu dialects' record query, ascending by `(created_at, id)`.
-pub(crate) fn records_query(query: &RecordQuery<'_>) -> (String, Vec<Value>) {
-    let index = if query.task_id.is_some() { " INDEXED BY items_task" } else { "" };
-    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM items{index} WHERE account = ? AND kind = ?");
-    let mut args: Vec<Value> = vec![query.account.to_owned().into(), query.kind.as_str().to_owned().into()];
-    if let Some(task_id) = query.task_id {
-        sql.push_str(" AND task_id = ?");
-        args.push(task_id.into());
-    } else {
-        // After a marker the index range starts at the marker, not at the window's start: SQLite
-        // does not derive a range bound from the keyset condition below.
-        let lower = query.after.map_or(query.from, |(created_at, _)| created_at.max(query.from));
-        sql.push_str(" AND created_at >= ? AND created_at < ?");
-        args.extend([lower.into(), query.to.into()]);
-    }
-    if let Some(site) = query.site {
-        // The host is the site or ends in `.site`. Not `host LIKE ?`: SQLite prepares a statement
-        // again on every new binding of a LIKE pattern (the pattern may allow an index), which
-        // was 16 % of a GEO page's server time (BENCHMARKS.md round 6). Hosts and sites are
-        // stored and validated in lower case, so this matches exactly what PostgreSQL's
-        // case-sensitive `LIKE '%.site'` matches.
-        let suffix = format!(".{site}");
-        sql.push_str(" AND (host = ? OR substr(host, -length(?)) = ?)");
-        args.extend([site.to_owned().into(), suffix.clone().into(), suffix.into()]);
-    }
-    if let Some(url) = query.url {
-        sql.push_str(" AND url = ?");
-        args.push(url.to_owned().into());
-    }
-    if let Some(item_type) = query.item_type {
-        sql.push_str(" AND item_type = ?");
-        args.push(item_type.as_str().to_owned().into());
-    }
-    if let Some((created_at, id)) = query.after {
-        sql.push_str(" AND (created_at > ? OR (created_at = ? AND id > ?))");
-        args.extend([created_at.into(), created_at.into(), id.into()]);
-    }
-    sql.push_str(" ORDER BY created_at, id LIMIT ?");
-    args.push(i64::from(query.limit).into());
-    (sql, args)
 }

@@ -55,6 +55,11 @@ fn url_host(u: &str) -> String {
     u.split('/').nth(2).unwrap_or("").to_owned()
 }
 
+/// acme's refreshes created in `[from, to)`, newest first.
+fn acme_window(from: i64, to: i64, page: PageRequest) -> WindowQuery<'static> {
+    WindowQuery { account: "acme", kind: Kind::Refresh, from, to, url: None, page }
+}
+
 fn page(number: u32, size: u32) -> PageRequest {
     PageRequest { number, size }
 }
@@ -113,14 +118,7 @@ async fn quotas_are_charged_atomically_with_the_task() {
             .await;
         assert!(too_big.is_err(), "{name}");
         assert_eq!(store.quota_used("acme", QuotaBucket::RefreshUrl, "2024-01-01").await.unwrap(), 2, "{name}");
-        let window = WindowQuery {
-            account: "acme",
-            kind: Kind::Refresh,
-            from: T0 - H,
-            to: T0 + H,
-            url: None,
-            page: page(1, 50),
-        };
+        let window = acme_window(T0 - H, T0 + H, page(1, 50));
         assert_eq!(store.window_items(&window).await.unwrap().total, 2, "{name}: a refused task stored nothing");
         store.create_task(&task("acme", Kind::Refresh, T0, &["http://a/6"]), &[charge(1)]).await.unwrap();
         assert_eq!(store.quota_used("acme", QuotaBucket::RefreshUrl, "2024-01-01").await.unwrap(), 3, "{name}");
@@ -152,19 +150,7 @@ async fn window_totals_are_exact_across_hours_and_edges() {
         store.create_task(&task("acme", Kind::Prefetch, T0 + H, &["http://a.example.com/p"]), &[]).await.unwrap();
         let total = |from: i64, to: i64| {
             let store = store.clone();
-            async move {
-                store
-                    .window_items(&WindowQuery {
-                        account: "acme",
-                        kind: Kind::Refresh,
-                        from,
-                        to,
-                        url: None,
-                        page: page(1, 500),
-                    })
-                    .await
-                    .unwrap()
-            }
+            async move { store.window_items(&acme_window(from, to, page(1, 500))).await.unwrap() }
         };
         let cases = [
             (T0, T0 + 10 * H, 30),                   // whole hours only
@@ -180,17 +166,7 @@ async fn window_totals_are_exact_across_hours_and_edges() {
         }
         let p = total(T0, T0 + 10 * H).await;
         assert_eq!(p.records[0].url, "http://a.example.com/9/40", "{name}: newest first");
-        let paged = store
-            .window_items(&WindowQuery {
-                account: "acme",
-                kind: Kind::Refresh,
-                from: T0,
-                to: T0 + 10 * H,
-                url: None,
-                page: page(3, 7),
-            })
-            .await
-            .unwrap();
+        let paged = store.window_items(&acme_window(T0, T0 + 10 * H, page(3, 7))).await.unwrap();
         assert_eq!(paged.records.len(), 7, "{name}");
         assert_eq!(paged.records[0].url, p.records[14].url, "{name}: offset paging");
         let one = store
@@ -406,14 +382,7 @@ async fn the_sweep_deletes_old_records_and_keeps_totals_exact() {
         assert_eq!(store.sweep(T0 + H, 10).await.unwrap(), 1, "{name}");
         assert_eq!(store.sweep(T0 + H, 10).await.unwrap(), 0, "{name}");
         assert_eq!(store.task_items("acme", Kind::Refresh, old, page(1, 5)).await.unwrap().total, 0, "{name}");
-        let window = WindowQuery {
-            account: "acme",
-            kind: Kind::Refresh,
-            from: T0,
-            to: T0 + 3 * H,
-            url: None,
-            page: page(1, 50),
-        };
+        let window = acme_window(T0, T0 + 3 * H, page(1, 50));
         let p = store.window_items(&window).await.unwrap();
         assert_eq!((p.total, p.records.len()), (1, 1), "{name}: the hourly counters followed the sweep");
     }
@@ -444,31 +413,34 @@ async fn request_counters_are_shared_only_where_instances_share_the_store() {
     }
 }
 
+/// Opens and migrates the store at `url`, then records in its database (through `insert`, on a
+/// pool of sqlx database `DB`) a migration newer than this cachectl knows: opening the store
+/// again is refused.
+async fn refused_once_newer<DB>(url: &str, insert: &str)
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
+    drop(cachectl_store::open(url, true).await.unwrap());
+    let pool = sqlx::Pool::<DB>::connect(url).await.unwrap();
+    sqlx::query(insert).execute(&pool).await.unwrap();
+    pool.close().await;
+    let err = cachectl_store::open(url, true).await.err().expect("refused");
+    assert!(err.to_string().contains("newer"), "{err}");
+}
+
 #[tokio::test]
 async fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite_url = format!("sqlite://{}/c.db", dir.path().display());
-    drop(cachectl_store::open(&sqlite_url, true).await.unwrap());
-    let pool = sqlx::SqlitePool::connect(&sqlite_url).await.unwrap();
-    sqlx::query("INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time) VALUES (9999, 'future', CURRENT_TIMESTAMP, 1, x'00', 0)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    let err = cachectl_store::open(&sqlite_url, true).await.err().expect("refused");
-    assert!(err.to_string().contains("newer"), "{err}");
+    let future = "INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time) VALUES (9999, 'future', CURRENT_TIMESTAMP, 1, x'00', 0)";
+    refused_once_newer::<sqlx::Sqlite>(&sqlite_url, future).await;
 
     let pg = PgCluster::start();
     let pg_url = pg.database("future").await;
-    drop(cachectl_store::open(&pg_url, true).await.unwrap());
-    let pool = sqlx::PgPool::connect(&pg_url).await.unwrap();
-    sqlx::query("INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', true, '\\x00', 0)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    let err = cachectl_store::open(&pg_url, true).await.err().expect("refused");
-    assert!(err.to_string().contains("newer"), "{err}");
+    let future = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', true, '\\x00', 0)";
+    refused_once_newer::<sqlx::Postgres>(&pg_url, future).await;
     // Without migrating, a database that was never migrated is refused with a hint.
     let empty = pg.database("empty").await;
     let err = cachectl_store::open(&empty, false).await.err().expect("refused");
@@ -489,6 +461,16 @@ fn record_query() -> RecordQuery<'static> {
         after: None,
         limit: 10,
     }
+}
+
+/// A private cluster (keep it alive) with database `name`, its URL, and the store on it with at
+/// most `max_connections` per pool.
+async fn postgres_store(name: &str, max_connections: u32) -> (PgCluster, String, Arc<dyn Store>) {
+    let pg = PgCluster::start();
+    let url = pg.database(name).await;
+    let connections = cachectl_store::Connections { max_connections, ..Default::default() };
+    let store = cachectl_store::open_with(&url, true, connections).await.unwrap();
+    (pg, url, store)
 }
 
 const WAITING_ON_LOCK: &str =
@@ -521,10 +503,7 @@ async fn wait_for_lock_waiters(conn: &mut sqlx::PgConnection, n: i64) -> i64 {
 #[tokio::test]
 async fn a_postgres_instance_holds_at_most_max_connections_per_pool() {
     use cachectl_core::ItemFilter;
-    let pg = PgCluster::start();
-    let url = pg.database("pool").await;
-    let connections = cachectl_store::Connections { max_connections: 3, ..Default::default() };
-    let store = cachectl_store::open_with(&url, true, connections).await.unwrap();
+    let (_pg, url, store) = postgres_store("pool", 3).await;
     // Another session locks the items table: every read then waits inside PostgreSQL, holding
     // its connection, and the queries beyond a pool's size wait for one in cachectl. Ten record
     // queries (their own pool) and ten native item lists (the pool of everything else).
@@ -551,10 +530,7 @@ async fn a_postgres_instance_holds_at_most_max_connections_per_pool() {
 
 #[tokio::test]
 async fn a_cancelled_postgres_record_query_leaves_its_connection_usable() {
-    let pg = PgCluster::start();
-    let url = pg.database("cancel").await;
-    let connections = cachectl_store::Connections { max_connections: 2, ..Default::default() };
-    let store = cachectl_store::open_with(&url, true, connections).await.unwrap();
+    let (_pg, url, store) = postgres_store("cancel", 2).await;
     let id = store.create_task(&task("acme", Kind::Refresh, T0 + 5, &["http://a.example.com/1"]), &[]).await.unwrap();
     // Both record connections send a query that waits on the lock, and the requests are dropped
     // (a client that went away): each connection has a query in flight whose answer nobody read.
@@ -804,17 +780,7 @@ async fn deep_window_pages_hold_the_same_records_as_a_walk() {
             }
         }
         for (size, number) in [(50_u32, 21_u32), (50, 25), (100, 11), (500, 3), (70, 17), (50, 200)] {
-            let p = store
-                .window_items(&WindowQuery {
-                    account: "acme",
-                    kind: Kind::Refresh,
-                    from,
-                    to,
-                    url: None,
-                    page: page(number, size),
-                })
-                .await
-                .unwrap();
+            let p = store.window_items(&acme_window(from, to, page(number, size))).await.unwrap();
             assert_eq!(p.total, expected.len() as u64, "{name}");
             let start = ((number - 1) * size) as usize;
             let want: Vec<&String> = expected.iter().skip(start).take(size as usize).collect();
