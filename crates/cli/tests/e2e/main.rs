@@ -4,9 +4,13 @@
 mod baishan;
 mod bce;
 mod cluster;
+mod diskfull;
 mod durability;
 mod edges;
+mod failover;
+mod faults;
 mod native;
+mod soak;
 mod support;
 
 /// Milliseconds since the epoch.
