@@ -76,12 +76,10 @@ pub struct RecordQuery<'a> {
     pub limit: u32,
 }
 
-/// Persistent storage of tasks, items, node results and quota counters.
+/// Tasks, their items and node results, the records the dialects read, and the daily quotas a
+/// submission charges: what `Service` reads and writes for the dialects.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Checks that the store answers (for `/readyz`).
-    async fn ping(&self) -> StoreResult<()>;
-
+pub trait TaskStore: Send + Sync + 'static {
     /// Stores a task and its items, and charges the quotas, atomically: either all of it is
     /// durable when this returns, or none of it. Returns the new task id.
     async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64>;
@@ -104,25 +102,6 @@ pub trait Store: Send + Sync + 'static {
     /// The items matching `query`, ascending by `(created_at, id)`, at most `query.limit`.
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>>;
 
-    /// Leases up to `limit` runnable items (waiting or processing, due, lease free or expired)
-    /// to `owner` until `lease_until`, with the node results stored so far.
-    async fn claim_items(
-        &self,
-        owner: &str,
-        now: Millis,
-        lease_until: Millis,
-        limit: u32,
-    ) -> StoreResult<Vec<ClaimedItem>>;
-
-    /// Extends every lease `owner` holds on an unfinished item. Returns how many.
-    async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64>;
-
-    /// Gives up every lease `owner` holds, so that another worker may claim the items at once.
-    async fn release_leases(&self, owner: &str) -> StoreResult<()>;
-
-    /// Applies worker updates in one transaction, in order.
-    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()>;
-
     /// One task of the account with its status counts.
     async fn task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>>;
 
@@ -143,6 +122,36 @@ pub trait Store: Send + Sync + 'static {
     /// Returns how many.
     async fn retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64>;
 
+    /// The webhook delivery log of one of the account's tasks, oldest first.
+    async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>>;
+}
+
+/// The work queue: runnable items leased to workers, and the results they report (the worker).
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Leases up to `limit` runnable items (waiting or processing, due, lease free or expired)
+    /// to `owner` until `lease_until`, with the node results stored so far.
+    async fn claim_items(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<ClaimedItem>>;
+
+    /// Extends every lease `owner` holds on an unfinished item. Returns how many.
+    async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64>;
+
+    /// Gives up every lease `owner` holds, so that another worker may claim the items at once.
+    async fn release_leases(&self, owner: &str) -> StoreResult<()>;
+
+    /// Applies worker updates in one transaction, in order.
+    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()>;
+}
+
+/// The webhook outbox of finished tasks (the webhook sender).
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
     /// Queues a webhook job per URL for every finished task not yet dispatched (`urls` maps an
     /// account to its webhook URLs), and marks those tasks dispatched. Returns how many tasks.
     async fn dispatch_finished(
@@ -157,10 +166,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Logs a delivery attempt and moves the job on.
     async fn record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()>;
+}
 
-    /// The delivery log of one of the account's tasks, oldest first.
-    async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>>;
-
+/// Request counters of rate-limited credentials (the rate limiter).
+#[async_trait]
+pub trait Counters: Send + Sync + 'static {
     /// Adds `n` requests of a rate-limited credential on an endpoint in an epoch minute to the
     /// shared count, for backends shared by several instances; returns the count including them.
     /// `None` (the default) means the backend serves one process, which counts in memory instead.
@@ -168,8 +178,25 @@ pub trait Store: Send + Sync + 'static {
         let _ = (credential, api_id, minute, n);
         Ok(None)
     }
+}
 
+/// Deleting what is older than the retention (the retention sweep).
+#[async_trait]
+pub trait Retention: Send + Sync + 'static {
     /// Deletes up to `batch` items created before `before` (with their node results and emptied
     /// tasks). Returns how many items went; the caller repeats while it is `batch`.
     async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64>;
 }
+
+/// Whether the store answers (readiness).
+#[async_trait]
+pub trait Health: Send + Sync + 'static {
+    /// Checks that the store answers (for `/readyz`).
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+/// Persistent storage of tasks, items, node results and quota counters: every role at once, for
+/// what opens a store and hands each part of the server the role it uses.
+pub trait Store: TaskStore + Queue + Outbox + Counters + Retention + Health {}
+
+impl<T: TaskStore + Queue + Outbox + Counters + Retention + Health> Store for T {}

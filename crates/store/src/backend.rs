@@ -1,9 +1,12 @@
-//! What differs between the SQLite and the PostgreSQL backend beyond the spelling of SQL
-//! (`sql::Dialect`): their connections, the read path of the dialects' record queries, and how a
-//! sweep deletes items. Everything else is written once, over `Backend`, in the modules of the
-//! aggregates (`tasks`, `quotas`, `queue`, `outbox`, `counters`, `records`, `retention`).
+//! The store over one backend (`SqlStore`), and what differs between the SQLite and the
+//! PostgreSQL backend beyond the spelling of SQL (`sql::Dialect`): the read path of the dialects'
+//! record queries, how a sweep deletes items, and whether instances share the rate counters.
+//! Everything else is written once, in the modules of the aggregates (`tasks`, `quotas`, `queue`,
+//! `outbox`, `counters`, `records`, `retention`), each implementing its role trait of
+//! `cachectl_core::store` for `SqlStore`.
 
 use crate::sql::{Db, Sql, SqlWriter as _, unavailable};
+use cachectl_core::store::Health;
 use cachectl_core::{ItemRecord, Kind, Page, PageRequest, RecordQuery, StoreError, StoreResult, WindowQuery};
 use std::time::Duration;
 
@@ -14,16 +17,16 @@ pub(crate) trait Backend: Send + Sync + 'static {
     type Db: Db;
 
     /// Whether several instances share the database, and with it the rate counters
-    /// (`Store::count_requests`); a database of one process leaves them to it.
+    /// (`Counters::count_requests`); a database of one process leaves them to it.
     const SHARED_COUNTERS: bool;
 
-    /// One page of task `id`'s items, newest first, with how many it has (`Store::task_items`).
+    /// One page of task `id`'s items, newest first, with how many it has (`TaskStore::task_items`).
     async fn task_page(&self, account: &str, kind: Kind, id: i64, page: PageRequest) -> StoreResult<Page<ItemRecord>>;
 
-    /// One page of a window, newest first, with its exact total (`Store::window_items`).
+    /// One page of a window, newest first, with its exact total (`TaskStore::window_items`).
     async fn window_page(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>>;
 
-    /// The Baidu dialects' record page (`Store::records`).
+    /// The Baidu dialects' record page (`TaskStore::records`).
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>>;
 
     /// Deletes the items `ids` found by the sweep, with their node results, and takes them off
@@ -39,7 +42,18 @@ pub struct SqlStore<DB: sqlx::Database, B> {
     pub(crate) reader: sqlx::Pool<DB>,
     /// Writes and transactions.
     pub(crate) writer: sqlx::Pool<DB>,
+    /// What the backend does its own way.
     pub(crate) backend: B,
+}
+
+/// Whether the database answers.
+#[async_trait::async_trait]
+impl<DB: Db, B: Backend<Db = DB>> Health for SqlStore<DB, B> {
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.reader.acquire().await.map_err(unavailable)?;
+        Sql::<DB>::new().sql("SELECT 1").execute(&mut conn).await?;
+        Ok(())
+    }
 }
 
 /// Refuses to run on a database migrated by a newer cachectl: its schema may mean something this

@@ -4,6 +4,7 @@
 
 use crate::backend::{Backend, SqlStore};
 use crate::sql::{Db, Sql, SqlWriter, unavailable};
+use cachectl_core::store::Counters;
 use cachectl_core::{Kind, StoreResult, WindowQuery};
 
 /// The bucket of the `item_counts` table: one hour.
@@ -35,22 +36,19 @@ pub(crate) async fn count_items<DB: Db>(
     Ok(())
 }
 
-/// `Store::count_requests`: on a database that instances share, the count including these `n`.
-pub(crate) async fn count_requests<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    credential: &str,
-    api_id: u32,
-    minute: i64,
-    n: u32,
-) -> StoreResult<Option<u64>> {
-    if !B::SHARED_COUNTERS {
-        return Ok(None);
+/// On a database that instances share, the count including these `n`.
+#[async_trait::async_trait]
+impl<DB: Db, B: Backend<Db = DB>> Counters for SqlStore<DB, B> {
+    async fn count_requests(&self, credential: &str, api_id: u32, minute: i64, n: u32) -> StoreResult<Option<u64>> {
+        if !B::SHARED_COUNTERS {
+            return Ok(None);
+        }
+        let mut conn = self.writer.acquire().await.map_err(unavailable)?;
+        let args = [credential.into(), i64::from(api_id).into(), minute.into(), i64::from(n).into()];
+        let row = Sql::<DB>::new().template(COUNT_REQUESTS, &args).row(&mut conn).await?;
+        let count = row.map_or(0, |row| DB::int(&row, 0));
+        Ok(Some(u64::try_from(count).unwrap_or(0)))
     }
-    let mut conn = store.writer.acquire().await.map_err(unavailable)?;
-    let args = [credential.into(), i64::from(api_id).into(), minute.into(), i64::from(n).into()];
-    let row = Sql::<B::Db>::new().template(COUNT_REQUESTS, &args).row(&mut conn).await?;
-    let count = row.map_or(0, |row| B::Db::int(&row, 0));
-    Ok(Some(u64::try_from(count).unwrap_or(0)))
 }
 
 /// From this offset on, a window page first skips whole hours by their counters

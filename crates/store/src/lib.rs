@@ -1,5 +1,13 @@
 //! Storage backends behind `cachectl_core::Store`. The backend is chosen by the scheme of
-//! `store.url`; each backend owns its SQL and its migrations, and knows nothing of dialects.
+//! `store.url`; it knows nothing of dialects.
+//!
+//! The store is written by aggregate, each module implementing its role trait of
+//! `cachectl_core::store` once for both backends: `tasks` (tasks, items, the native API's reads),
+//! `quotas`, `queue` (leases and worker reports), `outbox` (webhooks), `counters` (hourly item
+//! counters and shared rate counters), `records` (the dialects' record pages, each backend's own
+//! read path) and `retention` (the sweep). `sql` writes and runs the statements, `backend` holds
+//! what the two backends do their own way, `sqlite` and `postgres` open them, each with its own
+//! migrations (`migrations/<backend>/`).
 
 mod backend;
 mod counters;
@@ -15,7 +23,6 @@ mod rows;
 mod sql;
 pub mod sqlite;
 mod sqlite_read;
-mod store;
 mod tasks;
 
 use cachectl_core::{Store, StoreError};

@@ -2,7 +2,8 @@
 //! and the log of its delivery attempts.
 
 use crate::backend::{Backend, SqlStore};
-use crate::sql::{Get as _, Sql, SqlWriter as _, unavailable};
+use crate::sql::{Db, Get as _, Sql, SqlWriter as _, unavailable};
+use cachectl_core::store::Outbox;
 use cachectl_core::{Delivery, DeliveryOutcome, Millis, StoreResult, WebhookJob};
 use std::collections::HashMap;
 
@@ -31,88 +32,79 @@ const MOVE_JOB: &str =
 const DELIVERIES: &str = "SELECT task_id, url, attempt, status_code, error, at FROM webhook_deliveries \
      WHERE account = ?1 AND task_id = ?2 ORDER BY id";
 
-/// `Store::dispatch_finished`.
-pub(crate) async fn dispatch_finished<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    urls: &HashMap<String, Vec<String>>,
-    now: Millis,
-    limit: u32,
-) -> StoreResult<u64> {
-    let mut tx = store.writer.begin().await.map_err(unavailable)?;
-    let rows = Sql::<B::Db>::new().template(FINISHED, &[i64::from(limit).into()]).rows(&mut tx).await?;
-    for row in &rows {
-        let task_id = row.int("id");
-        let account = row.text("account");
-        for url in urls.get(&account).into_iter().flatten() {
-            let args = [task_id.into(), (&account).into(), url.into(), now.into()];
-            Sql::<B::Db>::new().template(QUEUE_JOB, &args).execute(&mut tx).await?;
+/// The webhook outbox.
+#[async_trait::async_trait]
+impl<DB: Db, B: Backend<Db = DB>> Outbox for SqlStore<DB, B> {
+    async fn dispatch_finished(
+        &self,
+        urls: &HashMap<String, Vec<String>>,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let rows = Sql::<DB>::new().template(FINISHED, &[i64::from(limit).into()]).rows(&mut tx).await?;
+        for row in &rows {
+            let task_id = row.int("id");
+            let account = row.text("account");
+            for url in urls.get(&account).into_iter().flatten() {
+                let args = [task_id.into(), (&account).into(), url.into(), now.into()];
+                Sql::<DB>::new().template(QUEUE_JOB, &args).execute(&mut tx).await?;
+            }
+            Sql::<DB>::new().template(NOTIFIED, &[task_id.into()]).execute(&mut tx).await?;
         }
-        Sql::<B::Db>::new().template(NOTIFIED, &[task_id.into()]).execute(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(rows.len() as u64)
     }
-    tx.commit().await.map_err(unavailable)?;
-    Ok(rows.len() as u64)
+
+    async fn claim_webhook_jobs(&self, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<WebhookJob>> {
+        let mut conn = self.writer.acquire().await.map_err(unavailable)?;
+        let args = [lease_until.into(), now.into(), now.into(), i64::from(limit).into()];
+        let rows = Sql::<DB>::new().template(CLAIM_JOBS, &args).rows(&mut conn).await?;
+        Ok(rows
+            .iter()
+            .map(|r| WebhookJob {
+                id: r.int("id"),
+                task_id: r.int("task_id"),
+                account: r.text("account"),
+                url: r.text("url"),
+                attempts: u32::try_from(r.int("attempts")).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let args = [
+            job.id.into(),
+            job.task_id.into(),
+            (&job.account).into(),
+            (&job.url).into(),
+            i64::from(attempt.attempt).into(),
+            attempt.status_code.map(i64::from).into(),
+            attempt.error.as_deref().into(),
+            attempt.at.into(),
+        ];
+        Sql::<DB>::new().template(LOG_DELIVERY, &args).execute(&mut tx).await?;
+        let (state, next_at) = match outcome {
+            DeliveryOutcome::Delivered => ("delivered", attempt.at),
+            DeliveryOutcome::RetryAt(at) => ("pending", at),
+            DeliveryOutcome::GaveUp => ("failed", attempt.at),
+        };
+        let args = [state.into(), i64::from(attempt.attempt).into(), next_at.into(), job.id.into()];
+        Sql::<DB>::new().template(MOVE_JOB, &args).execute(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
 }
 
-/// `Store::claim_webhook_jobs`.
-pub(crate) async fn claim_jobs<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    now: Millis,
-    lease_until: Millis,
-    limit: u32,
-) -> StoreResult<Vec<WebhookJob>> {
-    let mut conn = store.writer.acquire().await.map_err(unavailable)?;
-    let args = [lease_until.into(), now.into(), now.into(), i64::from(limit).into()];
-    let rows = Sql::<B::Db>::new().template(CLAIM_JOBS, &args).rows(&mut conn).await?;
-    Ok(rows
-        .iter()
-        .map(|r| WebhookJob {
-            id: r.int("id"),
-            task_id: r.int("task_id"),
-            account: r.text("account"),
-            url: r.text("url"),
-            attempts: u32::try_from(r.int("attempts")).unwrap_or(0),
-        })
-        .collect())
-}
-
-/// `Store::record_delivery`.
-pub(crate) async fn record_delivery<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    job: &WebhookJob,
-    attempt: &Delivery,
-    outcome: DeliveryOutcome,
-) -> StoreResult<()> {
-    let mut tx = store.writer.begin().await.map_err(unavailable)?;
-    let args = [
-        job.id.into(),
-        job.task_id.into(),
-        (&job.account).into(),
-        (&job.url).into(),
-        i64::from(attempt.attempt).into(),
-        attempt.status_code.map(i64::from).into(),
-        attempt.error.as_deref().into(),
-        attempt.at.into(),
-    ];
-    Sql::<B::Db>::new().template(LOG_DELIVERY, &args).execute(&mut tx).await?;
-    let (state, next_at) = match outcome {
-        DeliveryOutcome::Delivered => ("delivered", attempt.at),
-        DeliveryOutcome::RetryAt(at) => ("pending", at),
-        DeliveryOutcome::GaveUp => ("failed", attempt.at),
-    };
-    let args = [state.into(), i64::from(attempt.attempt).into(), next_at.into(), job.id.into()];
-    Sql::<B::Db>::new().template(MOVE_JOB, &args).execute(&mut tx).await?;
-    tx.commit().await.map_err(unavailable)?;
-    Ok(())
-}
-
-/// `Store::deliveries`.
-pub(crate) async fn deliveries<B: Backend>(
-    store: &SqlStore<B::Db, B>,
+/// `TaskStore::deliveries`: the log of task `task_id` of `account`, read on `pool`.
+pub(crate) async fn deliveries<DB: Db>(
+    pool: &sqlx::Pool<DB>,
     account: &str,
     task_id: i64,
 ) -> StoreResult<Vec<Delivery>> {
-    let mut conn = store.reader.acquire().await.map_err(unavailable)?;
-    let rows = Sql::<B::Db>::new().template(DELIVERIES, &[account.into(), task_id.into()]).rows(&mut conn).await?;
+    let mut conn = pool.acquire().await.map_err(unavailable)?;
+    let rows = Sql::<DB>::new().template(DELIVERIES, &[account.into(), task_id.into()]).rows(&mut conn).await?;
     Ok(rows
         .iter()
         .map(|r| Delivery {

@@ -3,7 +3,8 @@
 
 use crate::backend::{Backend, SqlStore};
 use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
-use crate::sql::{Arg, Db, Dialect as _, Get as _, Sql, SqlWriter, unavailable};
+use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter, unavailable};
+use cachectl_core::store::Queue;
 use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, StoreResult};
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,12 +16,14 @@ const ITEM_CHUNK: usize = 500;
 
 /// Leases to owner `?1` until `?2` up to `?4` runnable items at `?3`, followed by the columns
 /// returned. An item is runnable when it is waiting or processing, due, not coalesced with
-/// another, its refresh (if any) completed, and its lease free or expired.
+/// another, its refresh (if any) completed, and its lease free or expired. (The text, line breaks
+/// included, is the statement's; the `\` only keeps a line within the width.)
 const CLAIM: &str = "UPDATE items SET lease_owner = ?1, lease_until = ?2
              WHERE id IN (SELECT id FROM items
                           WHERE status IN ('waiting', 'processing') AND not_before <= ?3
                             AND follows IS NULL
-                            AND (depends_on IS NULL OR EXISTS (SELECT 1 FROM items d WHERE d.id = items.depends_on AND d.status = 'completed'))
+                            AND (depends_on IS NULL OR EXISTS (SELECT 1 FROM items d \
+                              WHERE d.id = items.depends_on AND d.status = 'completed'))
                             AND (lease_until IS NULL OR lease_until < ?3)
                           ORDER BY not_before, id LIMIT ?4
                           {lock})
@@ -71,38 +74,121 @@ const FAIL_DEPENDENTS: &str =
 const FAIL_DEPENDENTS_TAIL: &str = ") AND items.depends_on = u.column1 AND items.status = 'waiting' \
      RETURNING items.task_id, items.depends_on";
 
-/// `Store::claim_items`: the claimed items, by id, with the node results of those started before.
-pub(crate) async fn claim<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    owner: &str,
-    now: Millis,
-    lease_until: Millis,
-    limit: u32,
-) -> StoreResult<Vec<ClaimedItem>> {
-    let mut tx = store.writer.begin().await.map_err(unavailable)?;
-    let rows = claim_statement(&mut Sql::<B::Db>::new(), owner, now, lease_until, limit).rows(&mut tx).await?;
-    let mut claimed: Vec<ClaimedItem> = rows
-        .iter()
-        .map(|row| ClaimedItem {
-            item: item_from_row::<B::Db>(row),
-            started_at: row.opt_int("started_at"),
-            nodes: Vec::new(),
-        })
-        .collect();
-    let resumed: Vec<i64> = claimed.iter().filter(|c| c.started_at.is_some()).map(|c| c.item.id).collect();
-    for chunk in resumed.chunks(B::Db::INSERT_CHUNK) {
-        let mut q = Sql::<B::Db>::new();
-        q.sql(CLAIMED_NODES).list(chunk.iter().map(|id| Arg::Int(*id))).sql(")");
-        for row in q.rows(&mut tx).await? {
-            let item_id = row.int("item_id");
-            if let Some(c) = claimed.iter_mut().find(|c| c.item.id == item_id) {
-                c.nodes.push(node_from_row::<B::Db>(&row));
+/// The work queue.
+#[async_trait::async_trait]
+impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
+    /// The claimed items, by id, with the node results of those started before.
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn claim_items(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_until: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<ClaimedItem>> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let rows = claim_statement(&mut Sql::<DB>::new(), owner, now, lease_until, limit).rows(&mut tx).await?;
+        let mut claimed: Vec<ClaimedItem> = rows
+            .iter()
+            .map(|row| ClaimedItem {
+                item: item_from_row::<DB>(row),
+                started_at: row.opt_int("started_at"),
+                nodes: Vec::new(),
+            })
+            .collect();
+        let resumed: Vec<i64> = claimed.iter().filter(|c| c.started_at.is_some()).map(|c| c.item.id).collect();
+        for chunk in resumed.chunks(DB::INSERT_CHUNK) {
+            let mut q = Sql::<DB>::new();
+            q.sql(CLAIMED_NODES).list(chunk.iter().map(|id| Arg::Int(*id))).sql(")");
+            for row in q.rows(&mut tx).await? {
+                let item_id = row.int("item_id");
+                if let Some(c) = claimed.iter_mut().find(|c| c.item.id == item_id) {
+                    c.nodes.push(node_from_row::<DB>(&row));
+                }
             }
         }
+        tx.commit().await.map_err(unavailable)?;
+        claimed.sort_by_key(|c| c.item.id);
+        Ok(claimed)
     }
-    tx.commit().await.map_err(unavailable)?;
-    claimed.sort_by_key(|c| c.item.id);
-    Ok(claimed)
+
+    async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64> {
+        let mut conn = self.writer.acquire().await.map_err(unavailable)?;
+        Sql::<DB>::new().template(RENEW, &[lease_until.into(), owner.into()]).execute(&mut conn).await
+    }
+
+    async fn release_leases(&self, owner: &str) -> StoreResult<()> {
+        let mut conn = self.writer.acquire().await.map_err(unavailable)?;
+        Sql::<DB>::new().template(RELEASE, &[owner.into()]).execute(&mut conn).await?;
+        Ok(())
+    }
+
+    /// One transaction for the batch. One row per item and one per (item, node): a batch often
+    /// holds several reports of the same item, and only its latest state needs writing. The
+    /// items, their coalesced followers and their dependent prefetches are written each in
+    /// statements of up to `ITEM_CHUNK` rows. Within a batch every item appears once, and
+    /// followers and dependents are never claimed themselves, so no row is written twice.
+    #[tracing::instrument(level = "debug", skip_all, fields(updates = updates.len()))]
+    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
+        let updates = merge_updates(updates);
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let nodes: Vec<(i64, &NodeResult)> =
+            updates.iter().flat_map(|u| u.nodes.iter().map(move |n| (u.item_id, n))).collect();
+        for chunk in nodes.chunks(NODE_CHUNK) {
+            let rows = chunk.iter().map(|(item_id, node)| {
+                [
+                    (*item_id).into(),
+                    (&node.node).into(),
+                    node.state.as_str().into(),
+                    i64::from(node.attempts).into(),
+                    node.status_code.map(i64::from).into(),
+                    node.error.as_deref().into(),
+                    node.updated_at.into(),
+                    (&node.instance).into(),
+                ]
+            });
+            Sql::<DB>::new().sql(UPSERT_NODES).values(rows).sql(UPSERT_NODES_TAIL).execute(&mut tx).await?;
+        }
+        let by_id: HashMap<i64, &ItemUpdate> = updates.iter().map(|u| (u.item_id, u)).collect();
+        // The reports their items took, with each item's task.
+        let mut moved: Vec<(&ItemUpdate, i64)> = Vec::new();
+        for chunk in updates.chunks(ITEM_CHUNK) {
+            let rows = items_update(&mut Sql::<DB>::new(), chunk).rows(&mut tx).await?;
+            moved.extend(pairs::<DB>(&rows).filter_map(|(id, task)| Some((*by_id.get(&id)?, task))));
+        }
+        // (task id, the report that made it final) of every item that became final.
+        let mut finished: Vec<(i64, &ItemUpdate)> =
+            moved.iter().filter(|(u, _)| is_transition(u)).map(|(u, task)| (*task, *u)).collect();
+        // Items coalesced with a moved item mirror it: when it starts and when it ends.
+        let mirrored: Vec<&ItemUpdate> =
+            moved.iter().map(|(u, _)| *u).filter(|u| is_transition(u) || u.nodes.is_empty()).collect();
+        for chunk in mirrored.chunks(ITEM_CHUNK) {
+            let rows = followers_update(&mut Sql::<DB>::new(), chunk).rows(&mut tx).await?;
+            finished.extend(pairs::<DB>(&rows).filter_map(|(task, leader)| {
+                by_id.get(&leader).copied().filter(|u| is_transition(u)).map(|u| (task, u))
+            }));
+        }
+        // A prefetch never runs after its refresh failed.
+        let failed: Vec<&ItemUpdate> =
+            moved.iter().map(|(u, _)| *u).filter(|u| is_transition(u) && u.status == ItemStatus::Failed).collect();
+        for chunk in failed.chunks(ITEM_CHUNK) {
+            let rows = dependents_update(&mut Sql::<DB>::new(), chunk).rows(&mut tx).await?;
+            finished.extend(pairs::<DB>(&rows).filter_map(|(task, refresh)| Some((task, *by_id.get(&refresh)?))));
+        }
+        // Task counters are settled last, one statement per task in id order: instances sharing a
+        // database then lock task rows in the same order and cannot deadlock.
+        let mut settle: BTreeMap<i64, (i64, Millis)> = BTreeMap::new();
+        for (task, update) in finished {
+            let entry = settle.entry(task).or_insert((0, 0));
+            entry.0 += 1;
+            entry.1 = entry.1.max(update.finished_at.unwrap_or_default());
+        }
+        for (task, (n, at)) in settle {
+            crate::tasks::settle_task::<DB>(&mut tx, task, n, at).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 /// Writes `CLAIM` into `q`, returning the claimed items with when they started.
@@ -115,91 +201,6 @@ pub(crate) fn claim_statement<'q, 'a, W: SqlWriter<'a>>(
 ) -> &'q mut W {
     q.template(CLAIM, &[owner.into(), lease_until.into(), now.into(), i64::from(limit).into()]);
     q.sql(ITEM_COLUMNS).sql(", started_at")
-}
-
-/// `Store::renew_leases`.
-pub(crate) async fn renew<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    owner: &str,
-    lease_until: Millis,
-) -> StoreResult<u64> {
-    let mut conn = store.writer.acquire().await.map_err(unavailable)?;
-    Sql::<B::Db>::new().template(RENEW, &[lease_until.into(), owner.into()]).execute(&mut conn).await
-}
-
-/// `Store::release_leases`.
-pub(crate) async fn release<B: Backend>(store: &SqlStore<B::Db, B>, owner: &str) -> StoreResult<()> {
-    let mut conn = store.writer.acquire().await.map_err(unavailable)?;
-    Sql::<B::Db>::new().template(RELEASE, &[owner.into()]).execute(&mut conn).await?;
-    Ok(())
-}
-
-/// `Store::apply_updates`: one transaction for the batch. One row per item and one per (item,
-/// node): a batch often holds several reports of the same item, and only its latest state needs
-/// writing. The items, their coalesced followers and their dependent prefetches are written each
-/// in statements of up to `ITEM_CHUNK` rows. Within a batch every item appears once, and
-/// followers and dependents are never claimed themselves, so no row is written twice.
-pub(crate) async fn apply_updates<B: Backend>(store: &SqlStore<B::Db, B>, updates: &[ItemUpdate]) -> StoreResult<()> {
-    let updates = merge_updates(updates);
-    let mut tx = store.writer.begin().await.map_err(unavailable)?;
-    let nodes: Vec<(i64, &NodeResult)> =
-        updates.iter().flat_map(|u| u.nodes.iter().map(move |n| (u.item_id, n))).collect();
-    for chunk in nodes.chunks(NODE_CHUNK) {
-        let rows = chunk.iter().map(|(item_id, node)| {
-            [
-                (*item_id).into(),
-                (&node.node).into(),
-                node.state.as_str().into(),
-                i64::from(node.attempts).into(),
-                node.status_code.map(i64::from).into(),
-                node.error.as_deref().into(),
-                node.updated_at.into(),
-                (&node.instance).into(),
-            ]
-        });
-        Sql::<B::Db>::new().sql(UPSERT_NODES).values(rows).sql(UPSERT_NODES_TAIL).execute(&mut tx).await?;
-    }
-    let by_id: HashMap<i64, &ItemUpdate> = updates.iter().map(|u| (u.item_id, u)).collect();
-    // The reports their items took, with each item's task.
-    let mut moved: Vec<(&ItemUpdate, i64)> = Vec::new();
-    for chunk in updates.chunks(ITEM_CHUNK) {
-        let rows = items_update(&mut Sql::<B::Db>::new(), chunk).rows(&mut tx).await?;
-        moved.extend(pairs::<B::Db>(&rows).filter_map(|(id, task)| Some((*by_id.get(&id)?, task))));
-    }
-    // (task id, the report that made it final) of every item that became final.
-    let mut finished: Vec<(i64, &ItemUpdate)> =
-        moved.iter().filter(|(u, _)| is_transition(u)).map(|(u, task)| (*task, *u)).collect();
-    // Items coalesced with a moved item mirror it: when it starts and when it ends.
-    let mirrored: Vec<&ItemUpdate> =
-        moved.iter().map(|(u, _)| *u).filter(|u| is_transition(u) || u.nodes.is_empty()).collect();
-    for chunk in mirrored.chunks(ITEM_CHUNK) {
-        let rows = followers_update(&mut Sql::<B::Db>::new(), chunk).rows(&mut tx).await?;
-        finished.extend(
-            pairs::<B::Db>(&rows).filter_map(|(task, leader)| {
-                by_id.get(&leader).copied().filter(|u| is_transition(u)).map(|u| (task, u))
-            }),
-        );
-    }
-    // A prefetch never runs after its refresh failed.
-    let failed: Vec<&ItemUpdate> =
-        moved.iter().map(|(u, _)| *u).filter(|u| is_transition(u) && u.status == ItemStatus::Failed).collect();
-    for chunk in failed.chunks(ITEM_CHUNK) {
-        let rows = dependents_update(&mut Sql::<B::Db>::new(), chunk).rows(&mut tx).await?;
-        finished.extend(pairs::<B::Db>(&rows).filter_map(|(task, refresh)| Some((task, *by_id.get(&refresh)?))));
-    }
-    // Task counters are settled last, one statement per task in id order: instances sharing a
-    // database then lock task rows in the same order and cannot deadlock.
-    let mut settle: BTreeMap<i64, (i64, Millis)> = BTreeMap::new();
-    for (task, update) in finished {
-        let entry = settle.entry(task).or_insert((0, 0));
-        entry.0 += 1;
-        entry.1 = entry.1.max(update.finished_at.unwrap_or_default());
-    }
-    for (task, (n, at)) in settle {
-        crate::tasks::settle_task::<B::Db>(&mut tx, task, n, at).await?;
-    }
-    tx.commit().await.map_err(unavailable)?;
-    Ok(())
 }
 
 /// The two integer columns of each row.

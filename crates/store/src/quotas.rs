@@ -1,7 +1,6 @@
 //! Daily quotas: what a task charges, in the transaction that stores it, and what is spent.
 
-use crate::backend::{Backend, SqlStore};
-use crate::sql::{Db, Sql, SqlWriter as _, unavailable};
+use crate::sql::{Db, Sql, SqlWriter as _};
 use cachectl_core::{QuotaBucket, QuotaCharge, StoreError, StoreResult};
 
 /// Adds `?4` to quota `?2` of account `?1` on day `?3`, unless that takes it beyond `?5`: a
@@ -40,18 +39,13 @@ pub(crate) async fn charge<DB: Db>(
     Ok(())
 }
 
-/// `Store::quota_used`.
-pub(crate) async fn quota_used<B: Backend>(
-    store: &SqlStore<B::Db, B>,
+/// How much of quota `bucket` `account` spent on `day`.
+pub(crate) async fn used<DB: Db>(
+    conn: &mut DB::Connection,
     account: &str,
     bucket: QuotaBucket,
     day: &str,
 ) -> StoreResult<u64> {
-    let mut conn = store.reader.acquire().await.map_err(unavailable)?;
-    used::<B::Db>(&mut conn, account, bucket, day).await
-}
-
-async fn used<DB: Db>(conn: &mut DB::Connection, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64> {
     let row = Sql::<DB>::new().template(USED, &[account.into(), bucket.as_str().into(), day.into()]).row(conn).await?;
     Ok(row.map_or(0, |row| u64::try_from(DB::int(&row, 0)).unwrap_or(0)))
 }

@@ -3,7 +3,8 @@
 //! webhook log, finished jobs, old quota rows and rate counters go with them.
 
 use crate::backend::{Backend, SqlStore};
-use crate::sql::{Arg, Db, Dialect as _, Get as _, Sql, SqlWriter as _, unavailable};
+use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter as _, unavailable};
+use cachectl_core::store::Retention;
 use cachectl_core::{Millis, StoreResult};
 
 /// Up to `?2` items created before `?1`, oldest first.
@@ -39,26 +40,30 @@ const UNCOUNT_ARRAY: &str = "UPDATE item_counts c SET n = c.n - d.n
                        FROM items WHERE id = ANY($1) GROUP BY 1, 2, 3) d
                  WHERE c.account = d.account AND c.kind = d.kind AND c.hour = d.hour";
 
-/// `Store::sweep`: deletes up to `batch` items created before `before`; returns how many.
-pub(crate) async fn sweep<B: Backend>(store: &SqlStore<B::Db, B>, before: Millis, batch: u32) -> StoreResult<u64> {
-    let mut tx = store.writer.begin().await.map_err(unavailable)?;
-    let batch = i64::from(batch);
-    let rows = Sql::<B::Db>::new().template(SWEEP_SELECT, &[before.into(), batch.into()]).rows(&mut tx).await?;
-    let ids: Vec<i64> = rows.iter().map(|r| B::Db::int(r, 0)).collect();
-    if !ids.is_empty() {
-        B::delete_items(&mut tx, &ids).await?;
+/// Deletes up to `batch` items created before `before`; returns how many.
+#[async_trait::async_trait]
+impl<DB: Db, B: Backend<Db = DB>> Retention for SqlStore<DB, B> {
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let batch = i64::from(batch);
+        let rows = Sql::<DB>::new().template(SWEEP_SELECT, &[before.into(), batch.into()]).rows(&mut tx).await?;
+        let ids: Vec<i64> = rows.iter().map(|r| DB::int(r, 0)).collect();
+        if !ids.is_empty() {
+            B::delete_items(&mut tx, &ids).await?;
+        }
+        Sql::<DB>::new().template(EMPTY_TASKS, &[before.into(), batch.into()]).execute(&mut tx).await?;
+        Sql::<DB>::new().sql(EMPTY_COUNTS).execute(&mut tx).await?;
+        Sql::<DB>::new().template(OLD_DELIVERIES, &[before.into()]).execute(&mut tx).await?;
+        Sql::<DB>::new().template(OLD_JOBS, &[before.into()]).execute(&mut tx).await?;
+        let mut quotas = Sql::<DB>::new();
+        quotas.sql(OLD_QUOTAS).template(DB::TWO_DAYS_BEFORE, &[before.into()]).execute(&mut tx).await?;
+        if B::SHARED_COUNTERS {
+            Sql::<DB>::new().sql(OLD_RATE_WINDOWS).execute(&mut tx).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(ids.len() as u64)
     }
-    Sql::<B::Db>::new().template(EMPTY_TASKS, &[before.into(), batch.into()]).execute(&mut tx).await?;
-    Sql::<B::Db>::new().sql(EMPTY_COUNTS).execute(&mut tx).await?;
-    Sql::<B::Db>::new().template(OLD_DELIVERIES, &[before.into()]).execute(&mut tx).await?;
-    Sql::<B::Db>::new().template(OLD_JOBS, &[before.into()]).execute(&mut tx).await?;
-    let mut quotas = Sql::<B::Db>::new();
-    quotas.sql(OLD_QUOTAS).template(B::Db::TWO_DAYS_BEFORE, &[before.into()]).execute(&mut tx).await?;
-    if B::SHARED_COUNTERS {
-        Sql::<B::Db>::new().sql(OLD_RATE_WINDOWS).execute(&mut tx).await?;
-    }
-    tx.commit().await.map_err(unavailable)?;
-    Ok(ids.len() as u64)
 }
 
 /// `Backend::delete_items` with `IN` lists of `Dialect::INSERT_CHUNK` ids (SQLite).

@@ -6,7 +6,8 @@ use cachectl_core::{Item, ItemRecord, ItemStatus, ItemType, Kind, NodeResult, No
 
 /// The item columns every item query selects, in this order and together (`item_at` reads them
 /// by position from the `id` column on).
-pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, created_at, not_before, finished_at, reason, follows, depends_on";
+pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, \
+     created_at, not_before, finished_at, reason, follows, depends_on";
 
 /// The columns of an `ItemRecord`, what the dialects' query pages read (`record_at` and
 /// `sqlite_read::record_from_row` read them by position from the `id` column on).

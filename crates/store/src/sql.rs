@@ -1,8 +1,8 @@
 //! How the store writes and runs SQL, the same way for every statement: fixed statements are named
 //! constants written as templates (`?1`, `?2` for the values, `{lock}` for the row lock of a
-//! claim), and a statement is written through `SqlWriter`, which spells each backend's
-//! placeholders (`$1` on PostgreSQL, `?` on SQLite) exactly as the statement's text has always been.
-//! `Db` holds the few sqlx operations the shared code runs, so that sqlx's bounds are stated once.
+//! claim), and every statement is written through `SqlWriter`, which spells each backend's
+//! placeholders (`$1` on PostgreSQL, `?` on SQLite). `Db` holds the few sqlx operations the
+//! shared code runs, so that sqlx's bounds are stated once.
 
 use cachectl_core::{StoreError, StoreResult};
 use sqlx::{Arguments as _, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
@@ -57,11 +57,17 @@ impl Dialect for sqlx::Postgres {
 /// A value bound to a statement: the types the store's columns hold.
 #[derive(Debug, Clone)]
 pub(crate) enum Arg<'a> {
+    /// An integer (every number and time the store keeps).
     Int(i64),
+    /// An integer or NULL.
     OptInt(Option<i64>),
+    /// A text.
     Text(&'a str),
+    /// A text or NULL.
     OptText(Option<&'a str>),
+    /// A text made for the statement (a pattern, a suffix).
     Owned(String),
+    /// A truth value.
     Flag(bool),
 }
 
@@ -385,6 +391,17 @@ impl<'a, DB: Db> Sql<'a, DB> {
         &self.text
     }
 
+    /// Appends the placeholder of the statement's `number`-th value.
+    fn placeholder(&mut self, number: usize) -> &mut Self {
+        if DB::NUMBERED_PARAMS {
+            use std::fmt::Write as _;
+            let _ = write!(self.text, "${number}");
+        } else {
+            self.text.push('?');
+        }
+        self
+    }
+
     /// Runs the statement on `conn`, and returns its rows.
     pub(crate) async fn rows(&self, conn: &mut DB::Connection) -> StoreResult<Vec<DB::Row>> {
         DB::rows(conn, &self.text, &self.args).await.map_err(unavailable)
@@ -409,12 +426,7 @@ impl<'a, DB: Db> SqlWriter<'a> for Sql<'a, DB> {
 
     fn bind(&mut self, value: Arg<'a>) -> &mut Self {
         self.args.push(value);
-        if DB::NUMBERED_PARAMS {
-            let number = self.args.len();
-            self.rebind(number, Arg::Flag(false))
-        } else {
-            self.sql("?")
-        }
+        self.placeholder(self.args.len())
     }
 
     fn bound(&self) -> usize {
@@ -422,13 +434,7 @@ impl<'a, DB: Db> SqlWriter<'a> for Sql<'a, DB> {
     }
 
     fn rebind(&mut self, number: usize, value: Arg<'a>) -> &mut Self {
-        if DB::NUMBERED_PARAMS {
-            use std::fmt::Write as _;
-            let _ = write!(self.text, "${number}");
-            self
-        } else {
-            self.bind(value)
-        }
+        if DB::NUMBERED_PARAMS { self.placeholder(number) } else { self.bind(value) }
     }
 
     fn lock(&self) -> &'static str {

@@ -5,9 +5,11 @@
 use crate::backend::{Backend, SqlStore};
 use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
 use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter, unavailable};
+use cachectl_core::store::TaskStore;
 use cachectl_core::{
-    Item, ItemFilter, ItemStatus, ItemType, Kind, Millis, NewItem, NewTask, NodeResult, QuotaCharge, StatusCounts,
-    StoreError, StoreResult, TaskFilter, TaskKind, TaskState, TaskSummary,
+    Delivery, Item, ItemFilter, ItemRecord, ItemStatus, ItemType, Kind, Millis, NewItem, NewTask, NodeResult, Page,
+    PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, StoreError, StoreResult, TaskFilter, TaskKind,
+    TaskState, TaskSummary, WindowQuery,
 };
 use std::collections::HashMap;
 
@@ -66,47 +68,154 @@ const CLEAR_NODES: &str = "DELETE FROM node_results WHERE item_id IN (";
 /// `?1` items of task `?2` are pending again.
 const REOPEN: &str = "UPDATE tasks SET pending = pending + ?1, finished_at = NULL, notified = 0 WHERE id = ?2";
 
-/// `Store::create_task`: idempotency check, quota charges, the task, its hourly counts, its
-/// items, in one transaction.
-pub(crate) async fn create_task<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    task: &NewTask,
-    charges: &[QuotaCharge],
-) -> StoreResult<i64> {
-    let mut tx = store.writer.begin().await.map_err(unavailable)?;
-    if let Some(idem) = &task.idempotency {
-        let args = [(&task.account).into(), (&idem.key).into()];
-        if let Some(row) = Sql::<B::Db>::new().template(IDEMPOTENT, &args).row(&mut tx).await? {
-            return if row.opt_text("request_hash").as_deref() == Some(idem.request_hash.as_str()) {
-                Ok(row.int("id"))
-            } else {
-                Err(StoreError::IdempotencyConflict)
-            };
+/// Tasks, their items and the dialects' records.
+#[async_trait::async_trait]
+impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
+    /// Idempotency check, quota charges, the task, its hourly counts and its items, in one
+    /// transaction.
+    #[tracing::instrument(level = "debug", skip_all, fields(account = %task.account, items = task.items.len()))]
+    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        if let Some(idem) = &task.idempotency {
+            let args = [(&task.account).into(), (&idem.key).into()];
+            if let Some(row) = Sql::<DB>::new().template(IDEMPOTENT, &args).row(&mut tx).await? {
+                return if row.opt_text("request_hash").as_deref() == Some(idem.request_hash.as_str()) {
+                    Ok(row.int("id"))
+                } else {
+                    Err(StoreError::IdempotencyConflict)
+                };
+            }
         }
-    }
-    crate::quotas::charge::<B::Db>(&mut tx, &task.account, charges).await?;
-    let args = [
-        (&task.account).into(),
-        task.kind.as_str().into(),
-        (&task.operator).into(),
-        (&task.dialect).into(),
-        task.created_at.into(),
-        i64::try_from(task.items.len()).unwrap_or(i64::MAX).into(),
-        task.idempotency.as_ref().map(|i| i.key.as_str()).into(),
-        task.idempotency.as_ref().map(|i| i.request_hash.as_str()).into(),
-    ];
-    let row = Sql::<B::Db>::new().template(INSERT_TASK, &args).row(&mut tx).await?;
-    let task_id = row.map_or(0, |row| B::Db::int(&row, 0));
-    for kind in [Kind::Refresh, Kind::Prefetch] {
-        let n = task.items.iter().filter(|i| i.kind == kind).count();
-        if n > 0 {
-            let n = i64::try_from(n).unwrap_or(i64::MAX);
-            crate::counters::count_items::<B::Db>(&mut tx, &task.account, kind, task.created_at, n).await?;
+        crate::quotas::charge::<DB>(&mut tx, &task.account, charges).await?;
+        let args = [
+            (&task.account).into(),
+            task.kind.as_str().into(),
+            (&task.operator).into(),
+            (&task.dialect).into(),
+            task.created_at.into(),
+            i64::try_from(task.items.len()).unwrap_or(i64::MAX).into(),
+            task.idempotency.as_ref().map(|i| i.key.as_str()).into(),
+            task.idempotency.as_ref().map(|i| i.request_hash.as_str()).into(),
+        ];
+        let row = Sql::<DB>::new().template(INSERT_TASK, &args).row(&mut tx).await?;
+        let task_id = row.map_or(0, |row| DB::int(&row, 0));
+        for kind in [Kind::Refresh, Kind::Prefetch] {
+            let n = task.items.iter().filter(|i| i.kind == kind).count();
+            if n > 0 {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                crate::counters::count_items::<DB>(&mut tx, &task.account, kind, task.created_at, n).await?;
+            }
         }
+        insert_task_items::<DB>(&mut tx, task, task_id).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(task_id)
     }
-    insert_task_items::<B::Db>(&mut tx, task, task_id).await?;
-    tx.commit().await.map_err(unavailable)?;
-    Ok(task_id)
+
+    async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64> {
+        let mut conn = self.reader.acquire().await.map_err(unavailable)?;
+        crate::quotas::used::<DB>(&mut conn, account, bucket, day).await
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn task_items(
+        &self,
+        account: &str,
+        kind: Kind,
+        task_id: i64,
+        page: PageRequest,
+    ) -> StoreResult<Page<ItemRecord>> {
+        self.backend.task_page(account, kind, task_id, page).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
+    async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>> {
+        self.backend.window_page(query).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
+    async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>> {
+        self.backend.records(query).await
+    }
+
+    async fn task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>> {
+        let mut tasks = tasks_where(&self.reader, account, &TaskFilter::default(), Some(task_id), 1).await?;
+        Ok(tasks.pop())
+    }
+
+    async fn list_tasks(&self, account: &str, filter: &TaskFilter<'_>, limit: u32) -> StoreResult<Vec<TaskSummary>> {
+        tasks_where(&self.reader, account, filter, None, limit).await
+    }
+
+    async fn list_items(&self, account: &str, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>> {
+        let mut q = Sql::<DB>::new();
+        q.sql("SELECT ").sql(ITEM_COLUMNS).sql(" FROM items WHERE account = ").text(account);
+        q.and([
+            ("task_id = ", filter.task_id.map(Arg::Int)),
+            ("kind = ", filter.kind.map(|kind| Arg::Text(kind.as_str()))),
+            ("status = ", filter.status.map(|status| Arg::Text(status.as_str()))),
+            ("url = ", filter.url.map(Arg::Text)),
+        ]);
+        if let Some(domain) = filter.domain {
+            host_filter(q.sql(" AND "), "host", domain);
+        }
+        q.and([
+            ("created_at >= ", filter.since.map(Arg::Int)),
+            ("created_at < ", filter.until.map(Arg::Int)),
+            ("id < ", filter.before_id.map(Arg::Int)),
+        ]);
+        q.sql(" ORDER BY id DESC LIMIT ").int(i64::from(limit));
+        let mut conn = self.reader.acquire().await.map_err(unavailable)?;
+        Ok(q.rows(&mut conn).await?.iter().map(item_from_row::<DB>).collect())
+    }
+
+    async fn node_results(&self, account: &str, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>> {
+        let mut out = Vec::new();
+        let mut conn = self.reader.acquire().await.map_err(unavailable)?;
+        for chunk in item_ids.chunks(ID_CHUNK) {
+            let mut q = Sql::<DB>::new();
+            q.template(NODE_RESULTS, &[account.into()]).list(chunk.iter().map(|id| Arg::Int(*id)));
+            for row in q.sql(") ORDER BY r.item_id, r.node").rows(&mut conn).await? {
+                out.push((row.int("item_id"), node_from_row::<DB>(&row)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Items of other tasks that followed a cancelled one now run on their own.
+    async fn cancel_waiting(&self, account: &str, task_id: i64, now: Millis) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let args = [now.into(), task_id.into(), account.into()];
+        let rows = Sql::<DB>::new().template(CANCEL, &args).rows(&mut tx).await?;
+        let cancelled: Vec<i64> = rows.iter().map(|r| DB::int(r, 0)).collect();
+        for chunk in cancelled.chunks(ID_CHUNK) {
+            Sql::<DB>::new().sql(UNFOLLOW).list(chunk.iter().map(|id| Arg::Int(*id))).sql(")").execute(&mut tx).await?;
+        }
+        if !cancelled.is_empty() {
+            settle_task::<DB>(&mut tx, task_id, i64::try_from(cancelled.len()).unwrap_or(0), now).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(cancelled.len() as u64)
+    }
+
+    async fn retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let rows = Sql::<DB>::new().template(RETRY, &[task_id.into(), account.into()]).rows(&mut tx).await?;
+        let retried: Vec<i64> = rows.iter().map(|r| DB::int(r, 0)).collect();
+        for chunk in retried.chunks(ID_CHUNK) {
+            let mut q = Sql::<DB>::new();
+            q.sql(CLEAR_NODES).list(chunk.iter().map(|id| Arg::Int(*id))).sql(")").execute(&mut tx).await?;
+        }
+        if !retried.is_empty() {
+            let args = [i64::try_from(retried.len()).unwrap_or(0).into(), task_id.into()];
+            Sql::<DB>::new().template(REOPEN, &args).execute(&mut tx).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(retried.len() as u64)
+    }
+
+    async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>> {
+        crate::outbox::deliveries(&self.reader, account, task_id).await
+    }
 }
 
 /// Inserts the task's items: those without a dependency first, each joining an identical
@@ -210,35 +319,15 @@ pub(crate) async fn settle_task<DB: Db>(
     Ok(())
 }
 
-/// `Store::task`.
-pub(crate) async fn task<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    account: &str,
-    task_id: i64,
-) -> StoreResult<Option<TaskSummary>> {
-    let mut tasks = tasks_where(store, account, &TaskFilter::default(), Some(task_id), 1).await?;
-    Ok(tasks.pop())
-}
-
-/// `Store::list_tasks`.
-pub(crate) async fn list_tasks<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    account: &str,
-    filter: &TaskFilter<'_>,
-    limit: u32,
-) -> StoreResult<Vec<TaskSummary>> {
-    tasks_where(store, account, filter, None, limit).await
-}
-
 /// The account's tasks matching `filter` (and `id`), newest first, with their status counts.
-async fn tasks_where<B: Backend>(
-    store: &SqlStore<B::Db, B>,
+async fn tasks_where<DB: Db>(
+    pool: &sqlx::Pool<DB>,
     account: &str,
     filter: &TaskFilter<'_>,
     id: Option<i64>,
     limit: u32,
 ) -> StoreResult<Vec<TaskSummary>> {
-    let mut q = Sql::<B::Db>::new();
+    let mut q = Sql::<DB>::new();
     q.template(TASKS, &[account.into()]);
     q.and([
         ("id = ", id.map(Arg::Int)),
@@ -261,12 +350,12 @@ async fn tasks_where<B: Backend>(
         host_filter(&mut q, "items.host", domain).sql(")");
     }
     q.sql(" ORDER BY id DESC LIMIT ").int(i64::from(limit));
-    let mut conn = store.reader.acquire().await.map_err(unavailable)?;
-    let mut tasks: Vec<TaskSummary> = q.rows(&mut conn).await?.iter().map(task_from_row::<B::Db>).collect();
+    let mut conn = pool.acquire().await.map_err(unavailable)?;
+    let mut tasks: Vec<TaskSummary> = q.rows(&mut conn).await?.iter().map(task_from_row::<DB>).collect();
     if tasks.is_empty() {
         return Ok(tasks);
     }
-    let mut q = Sql::<B::Db>::new();
+    let mut q = Sql::<DB>::new();
     q.sql(TASK_COUNTS).list(tasks.iter().map(|t| Arg::Int(t.id))).sql(") GROUP BY task_id, status");
     for row in q.rows(&mut conn).await? {
         let task_id = row.int("task_id");
@@ -301,93 +390,4 @@ fn host_filter<'q, 'a, W: SqlWriter<'a>>(q: &'q mut W, column: &str, domain: &'a
     q.sql("(").sql(column).sql(" = ").text(domain);
     q.sql(" OR substr(").sql(column).sql(", length(").sql(column).sql(") - length(").bind(suffix.clone().into());
     q.sql(") + 1) = ").bind(suffix.into()).sql(")")
-}
-
-/// `Store::list_items`.
-pub(crate) async fn list_items<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    account: &str,
-    filter: &ItemFilter<'_>,
-    limit: u32,
-) -> StoreResult<Vec<Item>> {
-    let mut q = Sql::<B::Db>::new();
-    q.sql("SELECT ").sql(ITEM_COLUMNS).sql(" FROM items WHERE account = ").text(account);
-    q.and([
-        ("task_id = ", filter.task_id.map(Arg::Int)),
-        ("kind = ", filter.kind.map(|kind| Arg::Text(kind.as_str()))),
-        ("status = ", filter.status.map(|status| Arg::Text(status.as_str()))),
-        ("url = ", filter.url.map(Arg::Text)),
-    ]);
-    if let Some(domain) = filter.domain {
-        host_filter(q.sql(" AND "), "host", domain);
-    }
-    q.and([
-        ("created_at >= ", filter.since.map(Arg::Int)),
-        ("created_at < ", filter.until.map(Arg::Int)),
-        ("id < ", filter.before_id.map(Arg::Int)),
-    ]);
-    q.sql(" ORDER BY id DESC LIMIT ").int(i64::from(limit));
-    let mut conn = store.reader.acquire().await.map_err(unavailable)?;
-    Ok(q.rows(&mut conn).await?.iter().map(item_from_row::<B::Db>).collect())
-}
-
-/// `Store::node_results`.
-pub(crate) async fn node_results<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    account: &str,
-    item_ids: &[i64],
-) -> StoreResult<Vec<(i64, NodeResult)>> {
-    let mut out = Vec::new();
-    let mut conn = store.reader.acquire().await.map_err(unavailable)?;
-    for chunk in item_ids.chunks(ID_CHUNK) {
-        let mut q = Sql::<B::Db>::new();
-        q.template(NODE_RESULTS, &[account.into()]).list(chunk.iter().map(|id| Arg::Int(*id)));
-        for row in q.sql(") ORDER BY r.item_id, r.node").rows(&mut conn).await? {
-            out.push((row.int("item_id"), node_from_row::<B::Db>(&row)));
-        }
-    }
-    Ok(out)
-}
-
-/// `Store::cancel_waiting`: items of other tasks that followed a cancelled one now run on their
-/// own.
-pub(crate) async fn cancel_waiting<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    account: &str,
-    task_id: i64,
-    now: Millis,
-) -> StoreResult<u64> {
-    let mut tx = store.writer.begin().await.map_err(unavailable)?;
-    let args = [now.into(), task_id.into(), account.into()];
-    let rows = Sql::<B::Db>::new().template(CANCEL, &args).rows(&mut tx).await?;
-    let cancelled: Vec<i64> = rows.iter().map(|r| B::Db::int(r, 0)).collect();
-    for chunk in cancelled.chunks(ID_CHUNK) {
-        Sql::<B::Db>::new().sql(UNFOLLOW).list(chunk.iter().map(|id| Arg::Int(*id))).sql(")").execute(&mut tx).await?;
-    }
-    if !cancelled.is_empty() {
-        settle_task::<B::Db>(&mut tx, task_id, i64::try_from(cancelled.len()).unwrap_or(0), now).await?;
-    }
-    tx.commit().await.map_err(unavailable)?;
-    Ok(cancelled.len() as u64)
-}
-
-/// `Store::retry_failed`.
-pub(crate) async fn retry_failed<B: Backend>(
-    store: &SqlStore<B::Db, B>,
-    account: &str,
-    task_id: i64,
-) -> StoreResult<u64> {
-    let mut tx = store.writer.begin().await.map_err(unavailable)?;
-    let rows = Sql::<B::Db>::new().template(RETRY, &[task_id.into(), account.into()]).rows(&mut tx).await?;
-    let retried: Vec<i64> = rows.iter().map(|r| B::Db::int(r, 0)).collect();
-    for chunk in retried.chunks(ID_CHUNK) {
-        let mut q = Sql::<B::Db>::new();
-        q.sql(CLEAR_NODES).list(chunk.iter().map(|id| Arg::Int(*id))).sql(")").execute(&mut tx).await?;
-    }
-    if !retried.is_empty() {
-        let args = [i64::try_from(retried.len()).unwrap_or(0).into(), task_id.into()];
-        Sql::<B::Db>::new().template(REOPEN, &args).execute(&mut tx).await?;
-    }
-    tx.commit().await.map_err(unavailable)?;
-    Ok(retried.len() as u64)
 }
