@@ -74,13 +74,29 @@ impl SubmittedUrl {
     }
 }
 
+/// A submission's URLs after [`Service::validate`]: the accepted ones parsed and normalized
+/// once (duplicates merged) into items, and the refused ones with why, in submission order.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    kind: TaskKind,
+    items: Vec<NewItem>,
+    /// The URLs refused, with why, in submission order.
+    pub rejected: Vec<(String, UrlError)>,
+}
+
+impl Validated {
+    /// How many distinct URLs were accepted.
+    #[must_use]
+    pub fn accepted(&self) -> usize {
+        self.items.len()
+    }
+}
+
 /// One submission as a dialect hands it over.
 #[derive(Debug, Clone)]
 pub struct Submission {
-    /// Refresh, prefetch, or both in order.
-    pub kind: TaskKind,
-    /// The URLs as sent.
-    pub urls: Vec<SubmittedUrl>,
+    /// The URLs, validated for the account (which also fixes the task's kind).
+    pub urls: Validated,
     /// Who submitted: a token's name or an access key id.
     pub operator: String,
     /// The dialect's name.
@@ -185,30 +201,12 @@ impl Service {
         submission: Submission,
         now: Millis,
     ) -> Result<Submitted, SubmitError> {
-        let mut seen = HashSet::new();
-        let mut items: Vec<NewItem> = Vec::new();
-        let mut rejected = Vec::new();
-        let first_kind = if submission.kind == TaskKind::Prefetch { Kind::Prefetch } else { Kind::Refresh };
-        for SubmittedUrl { url: raw, item_type, not_before } in submission.urls {
-            if submission.kind == TaskKind::RefreshThenPrefetch && item_type == ItemType::Dir {
-                rejected.push((raw, UrlError::DirNotPrefetchable));
-                continue;
-            }
-            match parse_item_of(first_kind, &raw, item_type, &account.domains) {
-                Ok(mut item) => {
-                    item.not_before = not_before.filter(|t| *t > now);
-                    if seen.insert((item.url.clone(), item.item_type)) {
-                        items.push(item);
-                    }
-                }
-                Err(e) => rejected.push((raw, e)),
-            }
-        }
+        let Validated { kind, mut items, rejected } = submission.urls;
         if items.is_empty() {
             return Err(SubmitError::NothingAccepted { rejected });
         }
         let accepted = items.len();
-        if submission.kind == TaskKind::RefreshThenPrefetch {
+        if kind == TaskKind::RefreshThenPrefetch {
             // Each URL's prefetch waits for its refresh, which sits at the same position.
             let prefetches: Vec<NewItem> = items
                 .iter()
@@ -233,7 +231,7 @@ impl Service {
         }
         let task = NewTask {
             account: account.name.clone(),
-            kind: submission.kind,
+            kind,
             operator: submission.operator,
             dialect: submission.dialect.to_owned(),
             created_at: now,
@@ -249,6 +247,34 @@ impl Service {
         })?;
         (self.on_submit)();
         Ok(Submitted { task_id, accepted, rejected })
+    }
+
+    /// Checks each URL of a `kind` submission against the account's domains and the URL rules
+    /// (`policy::parse_item_of`), once for every dialect: the accepted URLs become items
+    /// (duplicates after normalization merged, a `not_before` in the past dropped), the others
+    /// are returned with why.
+    #[must_use]
+    pub fn validate(&self, account: &Account, kind: TaskKind, urls: Vec<SubmittedUrl>, now: Millis) -> Validated {
+        let mut seen = HashSet::new();
+        let mut items: Vec<NewItem> = Vec::new();
+        let mut rejected = Vec::new();
+        let first_kind = if kind == TaskKind::Prefetch { Kind::Prefetch } else { Kind::Refresh };
+        for SubmittedUrl { url: raw, item_type, not_before } in urls {
+            if kind == TaskKind::RefreshThenPrefetch && item_type == ItemType::Dir {
+                rejected.push((raw, UrlError::DirNotPrefetchable));
+                continue;
+            }
+            match parse_item_of(first_kind, &raw, item_type, &account.domains) {
+                Ok(mut item) => {
+                    item.not_before = not_before.filter(|t| *t > now);
+                    if seen.insert((item.url.clone(), item.item_type)) {
+                        items.push(item);
+                    }
+                }
+                Err(e) => rejected.push((raw, e)),
+            }
+        }
+        Validated { kind, items, rejected }
     }
 
     /// Today's state of one of an account's quotas.

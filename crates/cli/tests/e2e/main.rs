@@ -9,6 +9,7 @@ mod durability;
 mod edges;
 mod failover;
 mod faults;
+mod hostile;
 mod native;
 mod soak;
 mod support;

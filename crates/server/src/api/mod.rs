@@ -16,6 +16,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use cachectl_core::QuotaBucket;
 use cachectl_core::service::Service;
 use std::sync::Arc;
 use tower::ServiceExt as _;
@@ -70,6 +71,17 @@ pub async fn read_body(body: Body) -> Result<bytes::Bytes, String> {
         }
         format!("the request body was cut short ({e})")
     })
+}
+
+/// The sentence of a refused submission over a daily quota; `refresh` is the dialect's word for
+/// a refresh ("refresh", "purge").
+pub(crate) fn quota_exceeded(bucket: QuotaBucket, refresh: &str, limit: u64, remaining: u64) -> String {
+    let what = match bucket {
+        QuotaBucket::RefreshUrl => format!("{refresh} URL"),
+        QuotaBucket::RefreshDir => format!("{refresh} directory"),
+        QuotaBucket::PrefetchUrl => "prefetch URL".to_owned(),
+    };
+    format!("daily {what} quota exceeded: {remaining} of {limit} left today")
 }
 
 /// `/v2/cache/prefetch` belongs to two dialects: a BCE signature makes it the Baidu CDN one,

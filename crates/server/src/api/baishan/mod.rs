@@ -335,9 +335,9 @@ async fn submit(
             urls.len()
         )));
     }
+    let urls = urls.into_iter().map(|u| SubmittedUrl::now(u, item_type)).collect();
     let submission = Submission {
-        kind: kind.into(),
-        urls: urls.into_iter().map(|u| SubmittedUrl::now(u, item_type)).collect(),
+        urls: state.service.validate(&credential.account, kind.into(), urls, now),
         operator: credential.operator.clone(),
         dialect: "baishan",
         idempotency: None,
@@ -357,20 +357,11 @@ async fn submit(
                 data: json!({"err_urls": err_urls}),
             })
         }
-        Err(SubmitError::Quota { bucket, limit, remaining }) => Err(BaishanError::bad(format!(
-            "daily {} quota exceeded: {remaining} of {limit} left today",
-            quota_name(bucket)
-        ))),
+        Err(SubmitError::Quota { bucket, limit, remaining }) => {
+            Err(BaishanError::bad(super::quota_exceeded(bucket, "refresh", limit, remaining)))
+        }
         Err(SubmitError::Store(e)) => Err(e.into()),
         Err(SubmitError::IdempotencyConflict) => Err(BaishanError::bad("idempotency conflict")),
-    }
-}
-
-fn quota_name(bucket: QuotaBucket) -> &'static str {
-    match bucket {
-        QuotaBucket::RefreshUrl => "refresh URL",
-        QuotaBucket::RefreshDir => "refresh directory",
-        QuotaBucket::PrefetchUrl => "prefetch URL",
     }
 }
 

@@ -3,7 +3,8 @@
 //! `/v2/cache/records`. Like GEO without `site`: the URL's host picks the account's domain.
 
 use super::{
-    BceCaller, BceError, BceOk, Params, RecordPage, body, list_records, method_not_allowed, parse_tasks, submit,
+    BceCaller, BceError, BceOk, Filters, Params, RecordPage, body, list_records, method_not_allowed, parse_tasks,
+    submit,
 };
 use crate::api::AppState;
 use crate::auth::Credential;
@@ -12,7 +13,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::routing::{MethodRouter, get};
-use cachectl_core::{Kind, QuotaBucket, RecordQuery};
+use cachectl_core::{Kind, QuotaBucket};
 use serde_json::{Value, json};
 
 /// `/v2/cache/prefetch` as this dialect answers it (with a BCE signature).
@@ -108,17 +109,6 @@ async fn list(
             },
         )
     });
-    let filters = RecordQuery {
-        account: "",
-        kind,
-        task_id: None,
-        from: 0,
-        to: 0,
-        site: None,
-        url: url.as_deref(),
-        item_type: None,
-        after: None,
-        limit: 0,
-    };
-    list_records(state, &credential, filters, &params, with_reason).await
+    let filters = Filters { url: url.as_deref(), ..Filters::default() };
+    list_records(state, &credential, kind, filters, &params, with_reason).await
 }

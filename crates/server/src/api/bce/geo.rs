@@ -1,13 +1,15 @@
 //! The Baidu AI Cloud GEO dialect (docs/baidu.md): `/v2/geo/cache/purge` and `/v2/geo/cache/prefetch`,
 //! submit with a `site`, list by site, task id, time window, type and marker.
 
-use super::{BceCaller, BceError, BceOk, Params, RecordPage, TaskSpec, body, list_records, parse_tasks, submit};
+use super::{
+    BceCaller, BceError, BceOk, Filters, Params, RecordPage, TaskSpec, body, list_records, parse_tasks, submit,
+};
 use crate::api::AppState;
 use crate::auth::Credential;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
-use cachectl_core::{ItemType, Kind, RecordQuery};
+use cachectl_core::{ItemType, Kind};
 use serde_json::Value;
 
 /// `POST /v2/geo/cache/purge`
@@ -93,17 +95,6 @@ async fn list(state: &AppState, credential: Credential, kind: Kind, params: Para
             return Err(BceError::invalid(format!("type must be \"url\" or \"directory\", not {other:?}")));
         }
     };
-    let filters = RecordQuery {
-        account: "",
-        kind,
-        task_id: None,
-        from: 0,
-        to: 0,
-        site: Some(&site),
-        url: None,
-        item_type,
-        after: None,
-        limit: 0,
-    };
-    list_records(state, &credential, filters, &params, false).await
+    let filters = Filters { site: Some(&site), item_type, url: None };
+    list_records(state, &credential, kind, filters, &params, false).await
 }

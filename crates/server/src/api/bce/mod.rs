@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
-use cachectl_core::{ItemRecord, ItemStatus, ItemType, Kind, Millis, QuotaBucket, StoreError};
+use cachectl_core::{ItemRecord, ItemStatus, ItemType, Kind, Millis, StoreError};
 use serde_json::{Value, json};
 
 /// The error codes of the Baidu dialects, one table: code, HTTP status.
@@ -378,12 +378,24 @@ fn page(mut items: Vec<ItemRecord>, limit: u32, now: Millis, with_reason: bool) 
 async fn list_records(
     state: &AppState,
     credential: &Credential,
-    filters: cachectl_core::RecordQuery<'_>,
+    kind: Kind,
+    filters: Filters<'_>,
     params: &Params,
     with_reason: bool,
 ) -> Result<RecordPage, BceError> {
     let now = now_ms();
-    let base = cachectl_core::RecordQuery { account: &credential.account.name, limit: PAGE + 1, ..filters };
+    let base = cachectl_core::RecordQuery {
+        account: &credential.account.name,
+        kind,
+        task_id: None,
+        from: 0,
+        to: 0,
+        site: filters.site,
+        url: filters.url,
+        item_type: filters.item_type,
+        after: None,
+        limit: PAGE + 1,
+    };
     if let Some(id) = params.get("id") {
         let task_id = parse_id(id)?;
         let query = cachectl_core::RecordQuery { task_id: Some(task_id), limit: TASK_RECORDS, ..base };
@@ -395,6 +407,14 @@ async fn list_records(
     let items =
         state.service.records(&credential.account, cachectl_core::RecordQuery { from, to, after, ..base }).await?;
     Ok(page(items, PAGE, now, with_reason))
+}
+
+/// The filters only one of the two dialects has: GEO's `site` and `type`, CDN's `url`.
+#[derive(Default)]
+struct Filters<'a> {
+    site: Option<&'a str>,
+    url: Option<&'a str>,
+    item_type: Option<ItemType>,
 }
 
 /// A task id parameter: a positive integer.
@@ -474,25 +494,21 @@ async fn submit(
     let now = now_ms();
     let account = &credential.account;
     for spec in &specs {
-        if let Err(e) = cachectl_core::policy::parse_item(&spec.url, spec.item_type, &account.domains) {
-            return Err(BceError::invalid(format!("{}: {e}", spec.url)));
-        }
         if let Some(start) = spec.start_time
-            && start > now + 86_400_000
+            && start > now.saturating_add(86_400_000)
         {
             return Err(BceError::invalid(format!("{}: startTime may be at most 24 hours ahead", spec.url)));
         }
     }
-    let submission = Submission {
-        kind: kind.into(),
-        idempotency: None,
-        urls: specs
-            .into_iter()
-            .map(|s| SubmittedUrl { url: s.url, item_type: s.item_type, not_before: s.start_time })
-            .collect(),
-        operator: credential.operator.clone(),
-        dialect,
-    };
+    let urls = specs
+        .into_iter()
+        .map(|s| SubmittedUrl { url: s.url, item_type: s.item_type, not_before: s.start_time })
+        .collect();
+    let urls = state.service.validate(account, kind.into(), urls, now);
+    if let Some((url, e)) = urls.rejected.first() {
+        return Err(BceError::invalid(format!("{url}: {e}")));
+    }
+    let submission = Submission { idempotency: None, urls, operator: credential.operator.clone(), dialect };
     match state.service.submit(account, submission, now).await {
         Ok(done) => {
             state.metrics.submitted(dialect, kind, done.accepted);
@@ -502,20 +518,11 @@ async fn submit(
             let first = rejected.first().map(|(u, e)| format!("{u}: {e}")).unwrap_or_default();
             Err(BceError::invalid(first))
         }
-        Err(SubmitError::Quota { bucket, limit, remaining }) => Err(BceError::new(
-            Code::QuotaExceeded,
-            format!("daily {} quota exceeded: {remaining} of {limit} left today", quota_name(bucket)),
-        )),
+        Err(SubmitError::Quota { bucket, limit, remaining }) => {
+            Err(BceError::new(Code::QuotaExceeded, super::quota_exceeded(bucket, "purge", limit, remaining)))
+        }
         Err(SubmitError::Store(e)) => Err(e.into()),
         Err(SubmitError::IdempotencyConflict) => Err(BceError::invalid("idempotency conflict")),
-    }
-}
-
-fn quota_name(bucket: QuotaBucket) -> &'static str {
-    match bucket {
-        QuotaBucket::RefreshUrl => "purge URL",
-        QuotaBucket::RefreshDir => "purge directory",
-        QuotaBucket::PrefetchUrl => "prefetch URL",
     }
 }
 

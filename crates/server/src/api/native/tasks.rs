@@ -71,14 +71,14 @@ pub async fn submit(
         }
         Some(_) => return Err(ApiError::invalid("Idempotency-Key must be 1 to 255 visible characters")),
     };
+    let now = now_ms();
+    let urls = request.urls.into_iter().map(|u| SubmittedUrl::now(u, item_type)).collect();
     let submission = Submission {
-        kind,
-        urls: request.urls.into_iter().map(|u| SubmittedUrl::now(u, item_type)).collect(),
+        urls: state.service.validate(&credential.account, kind, urls, now),
         operator: credential.operator.clone(),
         dialect: "native",
         idempotency,
     };
-    let now = now_ms();
     let done = match state.service.submit(&credential.account, submission, now).await {
         Ok(done) => done,
         Err(SubmitError::NothingAccepted { rejected }) => {
