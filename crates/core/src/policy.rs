@@ -187,6 +187,11 @@ pub fn parse_item_of(
         return Err(UrlError::BadPort);
     }
     url.set_fragment(None);
+    // Percent-encoding can make the normalized URL longer than the one submitted; the limit is
+    // on what is stored and sent (found by fuzzing).
+    if url.as_str().len() > MAX_URL_LEN {
+        return Err(UrlError::TooLong);
+    }
     if item_type == ItemType::Dir {
         if !url.path().ends_with('/') {
             return Err(UrlError::DirWithoutSlash);

@@ -29,16 +29,18 @@ pub fn parse_u32(
 #[doc(hidden)]
 pub fn parse_time(text: &str, zone: FixedOffset, name: &str) -> Result<(Millis, Millis), BaishanError> {
     let t = text.trim();
+    // `checked_add_signed`: the day after chrono's last one (year 262142) does not exist, and
+    // adding to it panicked (found by fuzzing).
     let local = if let Ok(day) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
         let start = day.and_hms_opt(0, 0, 0).unwrap_or_default();
-        (start, start + chrono::Duration::days(1))
+        (start, start.checked_add_signed(chrono::Duration::days(1)))
     } else if let Ok(at) = NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S") {
-        (at, at + chrono::Duration::seconds(1))
+        (at, at.checked_add_signed(chrono::Duration::seconds(1)))
     } else {
         return Err(BaishanError::bad(format!("{name} must be YYYY-MM-DD or YYYY-MM-DD HH:MM:SS, not {text:?}")));
     };
     let to_ms = |naive: NaiveDateTime| zone.from_local_datetime(&naive).single().map(|d| d.timestamp_millis());
-    match (to_ms(local.0), to_ms(local.1)) {
+    match (to_ms(local.0), local.1.and_then(to_ms)) {
         (Some(a), Some(b)) => Ok((a, b)),
         _ => Err(BaishanError::bad(format!("{name} is out of range"))),
     }
@@ -212,5 +214,7 @@ mod tests {
         assert_eq!(Time(a, zone).to_string(), "2018-02-23 10:11:12");
         assert!(parse_time("2018-02-30", zone, "start_time").is_err());
         assert!(parse_time("yesterday", zone, "start_time").is_err());
+        assert!(parse_time("+262142-12-31", zone, "end_time").is_err(), "the last day has no end");
+        assert!(parse_time("+262142-12-31 23:59:59", zone, "end_time").is_err());
     }
 }
