@@ -3,7 +3,7 @@
 # installs what the tests start when missing (Varnish, nginx with the cache-purge module,
 # PostgreSQL, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
 # formatting and lints,
-# then runs every test with cargo-nextest. Tests start their own caches, origin, PostgreSQL
+# then runs every test with cargo-nextest, then a short run of every fuzz target (cargo-fuzz). Tests start their own caches, origin, PostgreSQL
 # clusters and cachectl instances on 127.0.0.1 with free ports; no system service is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,4 +62,7 @@ if [ -n "$left" ]; then
 else
     echo "==> no process started by the tests is left running"
 fi
+# A short run of every fuzz target over its committed corpus (docs/reliability.md, "Fuzzing").
+echo "==> fuzzing (10 s per target)"
+scripts/fuzz.sh 10 || status=$?
 exit "$status"

@@ -142,7 +142,7 @@ pub fn regex_escape(text: &str) -> String {
     out
 }
 
-/// What an HTTP status from a node means (CONTRACT §2).
+/// What an HTTP status from a node means.
 ///
 /// Refresh: 2xx, 404 and 412 ("was not cached") succeed; other 4xx fail (the node refuses, which a
 /// retry cannot change); 5xx are retried. Prefetch: 2xx succeeds once the body is read; 502, 503 and

@@ -8,7 +8,10 @@
 //! A connection the node closes (keep-alive limit, idle timeout, restart) costs nothing: the
 //! requests it had not answered are written again on a new connection, at most [`MAX_RESENDS`]
 //! times each (purges and bans are idempotent); after that, and for every other failure, the
-//! caller gets a transport error and retries the item with its backoff.
+//! caller gets a transport error naming the node's address and retries the item with its
+//! backoff. A kept-alive connection found closed while idle is replaced without counting; a new
+//! connection closed before its first answer counts like any other close, so that a node that
+//! closes every connection at once fails each request after three connections.
 
 use bytes::{Buf, BytesMut};
 use std::collections::VecDeque;
@@ -59,6 +62,7 @@ struct Connection {
 /// the last clone is dropped and their outstanding requests are answered.
 #[derive(Clone)]
 pub struct Lane {
+    address: Arc<str>,
     connections: Arc<[Connection]>,
 }
 
@@ -82,7 +86,7 @@ impl Lane {
                 Connection { jobs: tx, outstanding }
             })
             .collect();
-        Self { connections }
+        Self { address, connections }
     }
 
     /// Sends `request` (a complete HTTP/1.1 request without a body) on the least busy
@@ -99,11 +103,12 @@ impl Lane {
             .expect("a lane has at least one connection");
         let (reply, answer) = oneshot::channel();
         connection.outstanding.fetch_add(1, Ordering::Relaxed);
+        let stopped = || format!("request error: {}: the connection task has stopped", self.address);
         if connection.jobs.send(Job { request, reply, resends: 0 }).is_err() {
             connection.outstanding.fetch_sub(1, Ordering::Relaxed);
-            return Err("request error: the connection task has stopped".to_owned());
+            return Err(stopped());
         }
-        answer.await.unwrap_or_else(|_| Err("request error: the connection task has stopped".to_owned()))
+        answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
@@ -128,6 +133,12 @@ async fn run_connection(
     // False once a write failed: the node may still have answered what it had read, so the
     // connection is read to its end before what it left unanswered is sent again.
     let mut writable = true;
+    // True until the first write on a new connection. Only a connection that has carried
+    // requests is checked for a close while idle (and replaced without counting it): a new one
+    // the node closed is a refusal, counted against the requests written on it. Otherwise a node
+    // that closes every connection at once, seen by a busy process only after the close, was
+    // connected to again and again without end, and the request never answered.
+    let mut fresh = false;
     // When the oldest unanswered request times out: set when the first goes out on an empty
     // connection, moved on only by a final answer (not by new requests, interim answers or bytes
     // trickling in). A lost connection leaves nothing in flight, so the next write sets it anew.
@@ -154,6 +165,7 @@ async fn run_connection(
                 Ok(s) => {
                     read.clear();
                     writable = true;
+                    fresh = true;
                     stream = Some(s);
                 }
                 Err(error) => {
@@ -172,7 +184,7 @@ async fn run_connection(
             continue;
         }
         let Some(conn) = stream.as_mut() else { continue };
-        if in_flight.is_empty() && !waiting.is_empty() && idle_connection_closed(conn) {
+        if !fresh && in_flight.is_empty() && !waiting.is_empty() && idle_connection_closed(conn) {
             // The node closed it (or answered nothing asked, such as a 408) while it was idle:
             // a new connection, without counting it against the requests.
             stream = None;
@@ -182,6 +194,7 @@ async fn run_connection(
             if in_flight.is_empty() {
                 deadline = Some(Instant::now() + settings.request_timeout);
             }
+            fresh = false;
             write.clear();
             while in_flight.len() < depth {
                 let Some(job) = waiting.pop_front() else { break };
@@ -212,7 +225,7 @@ async fn run_connection(
             }
             Event::Read(Err(e)) => {
                 stream = None;
-                requeue(&mut in_flight, &mut waiting, &format!("request error: {e}"), &answer);
+                requeue(&mut in_flight, &mut waiting, &format!("request error: {address}: {e}"), &answer);
             }
             Event::Read(Ok(n)) => {
                 let eof = n == 0;
@@ -307,7 +320,7 @@ fn requeue(
 async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, TransportError> {
     match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(Ok(stream)) => {
-            stream.set_nodelay(true).map_err(|e| format!("connect error: {e}"))?;
+            stream.set_nodelay(true).map_err(|e| format!("connect error: {address}: {e}"))?;
             Ok(stream)
         }
         Ok(Err(e)) => Err(format!("connect error: {address}: {e}")),
@@ -316,20 +329,23 @@ async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, Transpor
 }
 
 /// One complete answer at the start of a buffer.
+#[doc(hidden)]
 #[derive(Debug, PartialEq, Eq)]
-struct Parsed {
-    status: u16,
+pub struct Parsed {
+    /// The status code.
+    pub status: u16,
     /// Bytes of head and body.
-    length: usize,
+    pub length: usize,
     /// The node closes the connection after it.
-    close: bool,
+    pub close: bool,
     /// A 1xx answer, followed by the real one.
-    interim: bool,
+    pub interim: bool,
 }
 
 /// Parses the answer at the start of `buf`: `None` until it is complete. `eof`: the node closed
 /// the connection, which ends a body without a length.
-fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
+#[doc(hidden)]
+pub fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let head = match response.parse(buf) {

@@ -10,6 +10,7 @@ mod edges;
 mod failover;
 mod faults;
 mod hostile;
+mod misbehaving;
 mod native;
 mod soak;
 mod support;
