@@ -2,8 +2,8 @@
 # Runs the whole test suite on a fresh Debian 12 machine with the Rust toolchain:
 # installs what the tests start when missing (Varnish, nginx with the cache-purge module,
 # PostgreSQL, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
-# formatting and lints,
-# then runs every test with cargo-nextest, then a short run of every fuzz target (cargo-fuzz). Tests start their own caches, origin, PostgreSQL
+# formatting and lints, then runs every test with cargo-nextest, then a short run of every fuzz
+# target (cargo-fuzz, installed when missing). Tests start their own caches, origin, PostgreSQL
 # clusters and cachectl instances on 127.0.0.1 with free ports; no system service is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
