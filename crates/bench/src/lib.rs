@@ -7,6 +7,7 @@ pub mod fixtures;
 pub mod geo;
 pub mod load;
 pub mod loader;
+pub mod mixed;
 pub mod pgbench;
 pub mod report;
 pub mod scenarios;

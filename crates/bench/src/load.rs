@@ -191,7 +191,7 @@ pub(crate) async fn gather(
 }
 
 /// How late tokio's timer may fire a paced request without the lateness counting as latency.
-const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+pub(crate) const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
 /// One request of the paced client, prepared before the load: its URL and headers.
 #[derive(Debug, Clone)]
@@ -211,15 +211,17 @@ impl Prepared {
 }
 
 /// A prepared request as the paced client sends it: its target and headers, parsed once.
-struct Target {
-    path: http::uri::PathAndQuery,
-    headers: http::HeaderMap,
+pub(crate) struct Target {
+    pub(crate) path: http::uri::PathAndQuery,
+    pub(crate) headers: http::HeaderMap,
 }
 
-type Body = http_body_util::Empty<hyper::body::Bytes>;
+pub(crate) type Body = http_body_util::Empty<hyper::body::Bytes>;
 
 /// One HTTP/1.1 connection of the paced client.
-async fn connect(address: std::net::SocketAddr) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Body>> {
+pub(crate) async fn connect(
+    address: std::net::SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Body>> {
     let stream = tokio::net::TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
     let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -231,7 +233,10 @@ async fn connect(address: std::net::SocketAddr) -> anyhow::Result<hyper::client:
 }
 
 /// Sends `target` on `sender` and reads the whole answer; `Ok(false)` for a status other than 2xx.
-async fn exchange(sender: &mut hyper::client::conn::http1::SendRequest<Body>, target: &Target) -> anyhow::Result<bool> {
+pub(crate) async fn exchange(
+    sender: &mut hyper::client::conn::http1::SendRequest<Body>,
+    target: &Target,
+) -> anyhow::Result<bool> {
     use http_body_util::BodyExt as _;
     let mut request = http::Request::new(Body::new());
     *request.uri_mut() = http::Uri::from(target.path.clone());

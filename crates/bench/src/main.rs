@@ -88,6 +88,28 @@ struct RunFlags {
     /// Use the built-in load client even when wrk is installed.
     #[arg(long)]
     no_wrk: bool,
+    /// Run only the mixed-load scenario (a reliability run, not part of the full benchmark):
+    /// refreshes submitted and queries sent at fixed rates against real Varnish nodes, reporting
+    /// errors, the server's RSS over time and the queue depth at the end. Its figures go to
+    /// `mixed.json` beside `--out`. Uses `--nodes`, `--accounts`, `--query-connections` and the
+    /// worker flags.
+    #[arg(long)]
+    mixed: bool,
+    /// Seconds of the mixed load.
+    #[arg(long, default_value_t = 600)]
+    mixed_seconds: u64,
+    /// URLs submitted a second in the mixed load (refreshes of 100 URLs).
+    #[arg(long, default_value_t = 1_000.0)]
+    mixed_submit_rate: f64,
+    /// Queries offered a second in the mixed load.
+    #[arg(long, default_value_t = 5_000.0)]
+    mixed_query_rate: f64,
+    /// Seconds between two samples of RSS and queue depth in the mixed load.
+    #[arg(long, default_value_t = 10)]
+    mixed_sample_seconds: u64,
+    /// Seconds of the mixed load after which RSS is expected to stay flat.
+    #[arg(long, default_value_t = 60)]
+    mixed_warmup_seconds: u64,
 }
 
 /// mimalloc instead of glibc's malloc: a record page allocates and frees a few hundred small
@@ -104,6 +126,9 @@ async fn main() -> anyhow::Result<()> {
         return cachectl_bench::serve(&config).await;
     }
     let f = cli.run;
+    if f.mixed {
+        return mixed(f).await;
+    }
     // Checked before anything starts, not when the first paced load runs minutes later.
     anyhow::ensure!(
         f.paced_rate.is_finite() && f.paced_rate > 0.0,
@@ -147,6 +172,42 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&f.out, serde_json::to_string_pretty(&results)?)?;
     eprintln!("figures written to {}", f.out.display());
+    Ok(())
+}
+
+/// `--mixed`: the mixed-load scenario alone.
+async fn mixed(f: RunFlags) -> anyhow::Result<()> {
+    for (flag, rate) in [("--mixed-submit-rate", f.mixed_submit_rate), ("--mixed-query-rate", f.mixed_query_rate)] {
+        anyhow::ensure!(rate.is_finite() && rate > 0.0, "{flag} must be a number a second above 0, not {rate}");
+    }
+    anyhow::ensure!(f.mixed_seconds > 0, "--mixed-seconds must be above 0");
+    let worker = cachectl_bench::fixtures::WorkerSettings {
+        per_node_concurrency: f.per_node_concurrency,
+        pipeline_depth: f.pipeline_depth,
+        max_items_in_flight: f.max_items_in_flight,
+        enabled: true,
+        max_connections: f.store_max_connections,
+    };
+    let mut options = cachectl_bench::mixed::MixedOptions::full(std::env::current_exe()?, f.nodes, f.accounts, worker);
+    options.seconds = f.mixed_seconds;
+    options.submit_rate = f.mixed_submit_rate;
+    options.query_rate = f.mixed_query_rate;
+    options.query_connections = f.query_connections;
+    options.sample_seconds = f.mixed_sample_seconds;
+    options.warmup_seconds = f.mixed_warmup_seconds;
+    let figures = tokio::select! {
+        figures = cachectl_bench::mixed::run(options, |step| eprintln!("==> {step}")) => figures?,
+        signal = stop_signal() => {
+            anyhow::bail!("stopped by {signal}; the Varnish nodes and the server it started are stopped")
+        }
+    };
+    print!("{}", cachectl_bench::mixed::table(&figures));
+    let out = f.out.with_file_name("mixed.json");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&figures)?)?;
+    eprintln!("figures written to {}", out.display());
     Ok(())
 }
 

@@ -23,7 +23,7 @@ fn http() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().no_proxy().build()?)
 }
 
-async fn sqlite_reader(store_url: &str) -> anyhow::Result<sqlx::SqliteConnection> {
+pub(crate) async fn sqlite_reader(store_url: &str) -> anyhow::Result<sqlx::SqliteConnection> {
     use sqlx::sqlite::SqliteConnectOptions;
     use std::str::FromStr;
     let options = SqliteConnectOptions::from_str(store_url)?.busy_timeout(Duration::from_secs(10));
@@ -505,7 +505,7 @@ pub struct QueryBackendFigures {
 }
 
 /// The Baishan day (`+08:00`) of `at`, and that day's midnight.
-fn baishan_day(at: Millis) -> chrono::NaiveDate {
+pub(crate) fn baishan_day(at: Millis) -> chrono::NaiveDate {
     let zone = chrono::FixedOffset::east_opt(8 * 3600).expect("a valid offset");
     chrono::DateTime::from_timestamp_millis(at).expect("a valid time").with_timezone(&zone).date_naive()
 }

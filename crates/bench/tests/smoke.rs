@@ -1,10 +1,11 @@
-//! The harness's smoke run: every scenario at tiny sizes, so that CI builds and exercises the
-//! benchmark and it cannot rot. It asserts that each scenario produced figures and that every
-//! query's `total` was exact — never a speed. It needs Varnish, PostgreSQL, curl and xargs (as
-//! the e2e suite does, and pgbench, which comes with PostgreSQL), not wrk: the built-in Rust client drives the direct baseline and the
-//! queries here.
+//! The harness's smoke run: every scenario at tiny sizes (the mixed load in a test of its own), so
+//! that CI builds and exercises the benchmark and it cannot rot. It asserts that each scenario
+//! produced figures and that every query's `total` was exact — never a speed. It needs Varnish,
+//! PostgreSQL, curl and xargs (as the e2e suite does, and pgbench, which comes with PostgreSQL),
+//! not wrk: the built-in Rust client drives the direct baseline and the queries here.
 
 use cachectl_bench::fixtures::WorkerSettings;
+use cachectl_bench::mixed::MixedOptions;
 use cachectl_bench::{Options, run};
 use std::path::PathBuf;
 
@@ -87,4 +88,39 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
     }
     assert!(results.queries_sqlite.queries.iter().all(|q| q.database_alone.is_none()));
     assert!(!results.targets.is_empty());
+}
+
+/// The mixed-load scenario (`--mixed`, a 10-minute reliability run when asked for) for four
+/// seconds: it submits and queries on schedule, samples RSS and the queue, and accounts for
+/// every URL it submitted. Asserts counts and errors, never a speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mixed_load_runs_at_tiny_sizes() {
+    let worker = WorkerSettings {
+        per_node_concurrency: 8,
+        pipeline_depth: 4,
+        max_items_in_flight: 256,
+        enabled: true,
+        max_connections: 4,
+    };
+    let mut options = MixedOptions::full(PathBuf::from(env!("CARGO_BIN_EXE_cachectl-bench")), 1, 2, worker);
+    options.seconds = 4;
+    options.submit_rate = 200.0;
+    options.query_rate = 100.0;
+    options.query_connections = 4;
+    options.sample_seconds = 1;
+    options.warmup_seconds = 1;
+    options.drain_seconds = 60;
+    let f = cachectl_bench::mixed::run(options, |step| eprintln!("==> {step}")).await.expect("the mixed load runs");
+    eprintln!("{}", cachectl_bench::mixed::table(&f));
+
+    assert_eq!(f.submissions, 8, "two refreshes of 100 URLs a second for four seconds");
+    assert_eq!(f.submit_errors, 0);
+    assert_eq!(f.submitted_urls, 1_000, "the eight and one seed refresh per account, 100 URLs each");
+    assert_eq!(f.queries.iter().map(|q| q.requests).sum::<u64>(), 400, "the query schedule was sent");
+    assert!(f.queries.iter().all(|q| q.requests > 0 && q.errors == 0), "every kind asked, all 2xx: {:?}", f.queries);
+    assert!(f.samples.len() >= 4 && f.samples.iter().all(|s| s.rss_mib > 0.0), "{:?}", f.samples);
+    assert!(f.drained_after_s.is_some(), "the queue drained: {} left", f.queue_depth_at_end);
+    assert_eq!((f.items_completed, f.items_failed), (1_000, 0), "{:?}", f.failure_reasons);
+    assert_eq!(f.errors, 0, "{:?}", f.server_log_sample);
+    assert!(f.rss.peak_mib > 0.0 && f.rss.idle_after_drain_mib > 0.0);
 }
