@@ -26,10 +26,14 @@ struct Fixture {
 
 impl Fixture {
     async fn start(name: &str) -> Self {
+        Self::start_with_worker(name, worker()).await
+    }
+
+    async fn start_with_worker(name: &str, worker: String) -> Self {
         let pg = PgCluster::start();
         let db = pg.database(name).await;
         let nodes = Nodes::start(LATENCY).await;
-        let config = format!("{}{}{}", accounts(), worker(), nodes.edges());
+        let config = format!("{}{}{}", accounts(), worker, nodes.edges());
         let mut instances = Vec::new();
         for _ in 0..2 {
             instances.push(Cachectl::start_on_store(Some(&db), &config).await);
@@ -135,7 +139,11 @@ async fn postgres_restarts_under_load_lose_nothing() {
 
 #[tokio::test]
 async fn postgres_stopped_for_60_s_under_load_loses_nothing() {
-    let f = Fixture::start("stopped").await;
+    // A lease longer than the outage, as docs/reliability.md advises: with the fault tests' 3 s
+    // lease, the other instance takes over items whose results the first one still holds in
+    // memory, and an item can be purged once more after the late result made it final (a known
+    // worker defect, "Known issues" in docs/reliability.md; harmless, purges being idempotent).
+    let f = Fixture::start_with_worker("stopped", worker().replace("lease = \"3s\"", "lease = \"90s\"")).await;
     let load = Load::start(&f.ports(), "pg-stopped", SHAPE);
     load.wait_acked(20, Duration::from_secs(30), &|| f.logs()).await;
     fan_out_under_way(&f.http, f.instances[0].port, &|| f.logs()).await;
