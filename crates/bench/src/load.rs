@@ -193,6 +193,30 @@ pub(crate) async fn gather(
 /// How late tokio's timer may fire a paced request without the lateness counting as latency.
 pub(crate) const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
+/// Waits until request `index` of a load paced at `rate` a second from `start` is due, and
+/// returns the moment its latency counts from: its scheduled moment when the client is late (so
+/// that a server falling behind is charged for the wait), else when the timer fired, at most
+/// `TIMER_RESOLUTION` after it. `None` once the request would fall past `duration`.
+pub(crate) async fn paced_slot(
+    start: tokio::time::Instant,
+    index: usize,
+    rate: f64,
+    duration: Duration,
+) -> Option<tokio::time::Instant> {
+    #[allow(clippy::cast_precision_loss)]
+    let at = Duration::from_secs_f64(index as f64 / rate);
+    if at >= duration {
+        return None;
+    }
+    let scheduled = start + at;
+    if tokio::time::Instant::now() < scheduled {
+        tokio::time::sleep_until(scheduled).await;
+        Some(tokio::time::Instant::now().min(scheduled + TIMER_RESOLUTION))
+    } else {
+        Some(scheduled)
+    }
+}
+
 /// One request of the paced client, prepared before the load: its URL and headers.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -328,18 +352,7 @@ async fn paced(
             let (mut samples, mut errors) = (Vec::new(), 0u64);
             for n in 0.. {
                 let index = k + n * connections;
-                #[allow(clippy::cast_precision_loss)]
-                let at = Duration::from_secs_f64(index as f64 / rate);
-                if at >= duration {
-                    break;
-                }
-                let scheduled = start + at;
-                let from = if tokio::time::Instant::now() < scheduled {
-                    tokio::time::sleep_until(scheduled).await;
-                    tokio::time::Instant::now().min(scheduled + TIMER_RESOLUTION)
-                } else {
-                    scheduled
-                };
+                let Some(from) = paced_slot(start, index, rate, duration).await else { break };
                 match exchange(&mut sender, &targets[index % targets.len()]).await {
                     Ok(true) => {}
                     Ok(false) => errors += 1,

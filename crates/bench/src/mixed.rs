@@ -12,7 +12,7 @@
 //! the queue depth) instead of slowing the clients down.
 
 use crate::fixtures::{Origin, Server, Varnish, WorkerSettings, account_name, token};
-use crate::load::{TIMER_RESOLUTION, Target, connect, exchange, percentile_ms};
+use crate::load::{Target, connect, exchange, paced_slot, percentile_ms};
 use crate::scenarios::{baishan_day, now_ms, sqlite_reader};
 use anyhow::{Context, ensure};
 use serde::Serialize;
@@ -523,18 +523,7 @@ async fn query_load(
             let mut errors = vec![0_u64; MIX.len()];
             for i in 0.. {
                 let index = c + i * connections;
-                #[allow(clippy::cast_precision_loss)]
-                let at = Duration::from_secs_f64(index as f64 / rate);
-                if at >= duration {
-                    break;
-                }
-                let scheduled = start + at;
-                let from = if tokio::time::Instant::now() < scheduled {
-                    tokio::time::sleep_until(scheduled).await;
-                    tokio::time::Instant::now().min(scheduled + TIMER_RESOLUTION)
-                } else {
-                    scheduled
-                };
+                let Some(from) = paced_slot(start, index, rate, duration).await else { break };
                 let Ok((kind, target)) = query(index, &recents, port) else { break };
                 let ok = match exchange(&mut sender, &target).await {
                     Ok(ok) => ok,
