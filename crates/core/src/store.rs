@@ -145,8 +145,10 @@ pub trait Queue: Send + Sync + 'static {
     /// Gives up every lease `owner` holds, so that another worker may claim the items at once.
     async fn release_leases(&self, owner: &str) -> StoreResult<()>;
 
-    /// Applies worker updates in one transaction, in order.
-    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()>;
+    /// Applies the updates of worker `owner` in one transaction, in order, to the items it still
+    /// leases; the updates of items whose lease another worker took are dropped. Returns how many
+    /// items' updates were dropped.
+    async fn apply_updates(&self, owner: &str, updates: &[ItemUpdate]) -> StoreResult<u64>;
 }
 
 /// The webhook outbox of finished tasks (the webhook sender).

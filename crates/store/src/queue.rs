@@ -6,7 +6,7 @@ use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
 use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter, unavailable};
 use cachectl_core::store::Queue;
 use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, StoreResult};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Node results upserted per statement (8 values each).
 const NODE_CHUNK: usize = 500;
@@ -39,6 +39,13 @@ pub(crate) const RENEW: &str =
 
 /// Gives up every lease owner `?1` holds.
 pub(crate) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1";
+
+/// Followed by the ids of a batch of reports: those of its items that owner `?1` still leases,
+/// then `Dialect::WAIT_LOCK`: locked until the reports are written, and a row that a claim (or
+/// this owner's lease renewal) is changing at this moment is read once that commits. Skipping
+/// locked rows instead would count the owner's own items as lost while it renews them.
+const HELD: &str = "SELECT id FROM items WHERE lease_owner = ?1 AND id IN (";
+const HELD_TAIL: &str = ") ORDER BY id";
 
 /// Followed by `VALUES`, one row per node result.
 const UPSERT_NODES: &str =
@@ -123,15 +130,29 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
         Ok(())
     }
 
-    /// One transaction for the batch. One row per item and one per (item, node): a batch often
-    /// holds several reports of the same item, and only its latest state needs writing. The
+    /// One transaction for the batch. Reports on items whose lease `owner` lost (another worker
+    /// claimed them after the lease ran out) are dropped: that worker's results count, and an
+    /// item never becomes final while another worker may still be executing it. One row per item
+    /// and one per (item, node): a batch often holds several reports of the same item, and only
+    /// its latest state needs writing. The
     /// items, their coalesced followers and their dependent prefetches are written each in
     /// statements of up to `ITEM_CHUNK` rows. Within a batch every item appears once, and
     /// followers and dependents are never claimed themselves, so no row is written twice.
     #[tracing::instrument(level = "debug", skip_all, fields(updates = updates.len()))]
-    async fn apply_updates(&self, updates: &[ItemUpdate]) -> StoreResult<()> {
-        let updates = merge_updates(updates);
+    async fn apply_updates(&self, owner: &str, updates: &[ItemUpdate]) -> StoreResult<u64> {
+        let mut updates = merge_updates(updates);
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let mut held = HashSet::with_capacity(updates.len());
+        for chunk in updates.chunks(DB::INSERT_CHUNK) {
+            let mut q = Sql::<DB>::new();
+            q.template(HELD, &[owner.into()])
+                .list(chunk.iter().map(|u| Arg::Int(u.item_id)))
+                .sql(HELD_TAIL)
+                .sql(DB::WAIT_LOCK);
+            held.extend(q.rows(&mut tx).await?.iter().map(|row| DB::int(row, 0)));
+        }
+        let lost = updates.len() - held.len();
+        updates.retain(|u| held.contains(&u.item_id));
         let nodes: Vec<(i64, &NodeResult)> =
             updates.iter().flat_map(|u| u.nodes.iter().map(move |n| (u.item_id, n))).collect();
         for chunk in nodes.chunks(NODE_CHUNK) {
@@ -187,7 +208,7 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
             crate::tasks::settle_task::<DB>(&mut tx, task, n, at).await?;
         }
         tx.commit().await.map_err(unavailable)?;
-        Ok(())
+        Ok(u64::try_from(lost).unwrap_or(u64::MAX))
     }
 }
 

@@ -22,6 +22,10 @@ pub(crate) trait Dialect: Database {
     /// database (`FOR UPDATE SKIP LOCKED`: instances claiming at the same moment take disjoint
     /// rows instead of waiting on each other's locks); empty where one writer serializes claims.
     const LOCK: &'static str;
+    /// Ends a query that locks the rows it reads until the transaction ends, waiting for other
+    /// transactions' locks (`FOR UPDATE`: a row another transaction is changing is read as that
+    /// transaction leaves it); empty where one writer serializes every change.
+    const WAIT_LOCK: &'static str;
     /// Items per multi-row insert, and ids per `IN` list of the queue and the sweep: far below
     /// the database's limit on bound values.
     const INSERT_CHUNK: usize;
@@ -35,6 +39,7 @@ pub(crate) trait Dialect: Database {
 impl Dialect for sqlx::Sqlite {
     const NUMBERED_PARAMS: bool = false;
     const LOCK: &'static str = "";
+    const WAIT_LOCK: &'static str = "";
     const INSERT_CHUNK: usize = 500;
     const TWO_DAYS_BEFORE: &'static str = "date(?1 / 1000, 'unixepoch', '-2 days')";
 
@@ -46,6 +51,7 @@ impl Dialect for sqlx::Sqlite {
 impl Dialect for sqlx::Postgres {
     const NUMBERED_PARAMS: bool = true;
     const LOCK: &'static str = "FOR UPDATE SKIP LOCKED";
+    const WAIT_LOCK: &'static str = " FOR UPDATE";
     const INSERT_CHUNK: usize = 1000;
     const TWO_DAYS_BEFORE: &'static str = "to_char(to_timestamp(?1 / 1000.0) - interval '2 days', 'YYYY-MM-DD')";
 

@@ -277,18 +277,38 @@ async fn the_queue_hands_out_items_under_leases() {
         let c = store.claim_items("C", now + 40_000, now + 70_000, 10).await.unwrap();
         assert_eq!(c.iter().map(|x| x.item.id).collect::<Vec<_>>(), vec![b[0].item.id], "{name}");
 
+        // B's late result is dropped: C holds the lease and may still be executing the item.
+        let late = ItemUpdate {
+            item_id: b[0].item.id,
+            status: ItemStatus::Completed,
+            progress: 100,
+            started_at: Some(now),
+            finished_at: Some(now + 45_000),
+            reason: None,
+            nodes: vec![node("n1", NodeState::Succeeded, now + 45_000)],
+        };
+        assert_eq!(store.apply_updates("B", std::slice::from_ref(&late)).await.unwrap(), 1, "{name}: lost lease");
+        let kept = store.task_items("acme", Kind::Refresh, b[0].item.task_id, page(1, 50)).await.unwrap();
+        let kept = kept.records.iter().find(|i| i.id == b[0].item.id).unwrap();
+        assert_eq!(kept.status, ItemStatus::Waiting, "{name}: B's result did not finish the item");
+        assert!(store.node_results("acme", &[kept.id]).await.unwrap().is_empty(), "{name}: nor stored its nodes");
+        assert_eq!(store.apply_updates("C", &[late]).await.unwrap(), 0, "{name}: the holder's result counts");
+
         // Progress is stored and comes back with a later claim.
         let id = a[0].item.id;
         store
-            .apply_updates(&[ItemUpdate {
-                item_id: id,
-                status: ItemStatus::Processing,
-                progress: 50,
-                started_at: Some(now),
-                finished_at: None,
-                reason: None,
-                nodes: vec![node("n1", NodeState::Succeeded, now)],
-            }])
+            .apply_updates(
+                "A",
+                &[ItemUpdate {
+                    item_id: id,
+                    status: ItemStatus::Processing,
+                    progress: 50,
+                    started_at: Some(now),
+                    finished_at: None,
+                    reason: None,
+                    nodes: vec![node("n1", NodeState::Succeeded, now)],
+                }],
+            )
             .await
             .unwrap();
         store.release_leases("A").await.unwrap();
@@ -301,15 +321,18 @@ async fn the_queue_hands_out_items_under_leases() {
 
         // A final item leaves the queue and keeps its result.
         store
-            .apply_updates(&[ItemUpdate {
-                item_id: id,
-                status: ItemStatus::Failed,
-                progress: 100,
-                started_at: Some(now),
-                finished_at: Some(now + 5),
-                reason: Some("node n2: HTTP 403".into()),
-                nodes: vec![node("n2", NodeState::Failed, now + 5)],
-            }])
+            .apply_updates(
+                "D",
+                &[ItemUpdate {
+                    item_id: id,
+                    status: ItemStatus::Failed,
+                    progress: 100,
+                    started_at: Some(now),
+                    finished_at: Some(now + 5),
+                    reason: Some("node n2: HTTP 403".into()),
+                    nodes: vec![node("n2", NodeState::Failed, now + 5)],
+                }],
+            )
             .await
             .unwrap();
         assert!(
@@ -366,16 +389,21 @@ async fn the_sweep_deletes_old_records_and_keeps_totals_exact() {
             .await
             .unwrap();
         store.create_task(&task("acme", Kind::Refresh, T0 + 2 * H, &["http://a/new"]), &[]).await.unwrap();
+        let first = store.claim_items("w", T0, T0 + 60_000, 1).await.unwrap();
+        assert_eq!(first[0].item.task_id, old, "{name}");
         store
-            .apply_updates(&[ItemUpdate {
-                item_id: store.task_items("acme", Kind::Refresh, old, page(1, 5)).await.unwrap().records[0].id,
-                status: ItemStatus::Completed,
-                progress: 100,
-                started_at: Some(T0),
-                finished_at: Some(T0),
-                reason: None,
-                nodes: vec![node("n1", NodeState::Succeeded, T0)],
-            }])
+            .apply_updates(
+                "w",
+                &[ItemUpdate {
+                    item_id: first[0].item.id,
+                    status: ItemStatus::Completed,
+                    progress: 100,
+                    started_at: Some(T0),
+                    finished_at: Some(T0),
+                    reason: None,
+                    nodes: vec![node("n1", NodeState::Succeeded, T0)],
+                }],
+            )
             .await
             .unwrap();
         assert_eq!(store.sweep(T0 + H, 1).await.unwrap(), 1, "{name}: batches");
@@ -624,7 +652,7 @@ async fn native_operations_behave_the_same_on_both_backends() {
         };
         let r1 = claimed.iter().find(|c| c.item.url.ends_with("/r1")).unwrap().item.id;
         let r2 = claimed.iter().find(|c| c.item.url.ends_with("/r2")).unwrap().item.id;
-        store.apply_updates(&[done(r1, ItemStatus::Completed), done(r2, ItemStatus::Failed)]).await.unwrap();
+        store.apply_updates("w", &[done(r1, ItemStatus::Completed), done(r2, ItemStatus::Failed)]).await.unwrap();
         let follower = &store
             .list_items("acme", &ItemFilter { task_id: Some(follower_task), ..ItemFilter::default() }, 10)
             .await
@@ -643,7 +671,7 @@ async fn native_operations_behave_the_same_on_both_backends() {
         assert!(store.task("other", rtp_id).await.unwrap().is_none(), "{name}: ownership");
 
         // Finishing the last item stamps the task; the webhook outbox picks it up once.
-        store.apply_updates(&[done(next[0].item.id, ItemStatus::Completed)]).await.unwrap();
+        store.apply_updates("w", &[done(next[0].item.id, ItemStatus::Completed)]).await.unwrap();
         let summary = store.task("acme", rtp_id).await.unwrap().unwrap();
         assert_eq!(summary.finished_at, Some(T0 + 20), "{name}");
         assert_eq!(summary.state(), TaskState::Failed);

@@ -120,7 +120,7 @@ async fn sqlite_disk_full_during_submissions() {
         );
     }
     wait_all_final(&http, server.port, Duration::from_secs(90), &context).await;
-    let figures = check_promises(server.port, &report, &nodes, AfterFinal::InStore, &context).await;
+    let figures = check_promises(server.port, &report, &nodes, &context).await;
     assert!(!server.log().contains("panicked"), "{}", server.log());
     println!(
         "disk full {full_after:?} after the filler ({filled} bytes); {refused} submissions refused with 503 \

@@ -48,7 +48,7 @@ async fn kill_9_soak_on_sqlite() {
     wait_all_final(&http, server.port, Duration::from_secs(60), &context).await;
 
     assert!(report.unexpected.is_empty(), "answers other than success or the dialect's 503: {:?}", report.unexpected);
-    let figures = check_promises(server.port, &report, &nodes, AfterFinal::FinishedAt, &context).await;
+    let figures = check_promises(server.port, &report, &nodes, &context).await;
     assert!(!server.log().contains("panicked"), "{}", server.log());
     println!(
         "{kills} kills in {:?}: {} requests ({} without an answer, {:?} 503s); {figures}",
@@ -106,7 +106,7 @@ async fn kill_9_soak_on_postgres_with_three_instances() {
     wait_all_final(&http, ports[0], Duration::from_secs(60), &context).await;
 
     assert!(report.unexpected.is_empty(), "answers other than success or the dialect's 503: {:?}", report.unexpected);
-    let figures = check_promises(ports[0], &report, &nodes, AfterFinal::FinishedAt, &context).await;
+    let figures = check_promises(ports[0], &report, &nodes, &context).await;
     for (i, instance) in instances.iter().enumerate() {
         assert!(!instance.log().contains("panicked"), "instance {i}:\n{}", instance.log());
     }

@@ -9,6 +9,7 @@ use cachectl_core::policy::{backoff, derive};
 use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, NodeState, Store, Tier};
 use cachectl_edge::{ClientSettings, EdgeClient, Lane, Node, Outcome};
 use prometheus_client::metrics::counter::Counter;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -30,14 +31,37 @@ struct NodeSlot {
     fail: Counter,
 }
 
+/// What the writer is handed, in order.
+enum Report {
+    /// A change of an item.
+    Update(ItemUpdate),
+    /// The item's execution ended: once the reports before this one are written (or given up
+    /// on), the item may be executed again if a claim hands it out.
+    Done(i64),
+}
+
 /// Everything an item's execution needs, shared by all of them.
 struct Shared {
     client: EdgeClient,
     nodes: Vec<NodeSlot>,
     config: WorkerConfig,
-    updates: mpsc::UnboundedSender<ItemUpdate>,
+    updates: mpsc::UnboundedSender<Report>,
     metrics: Arc<Metrics>,
     owner: String,
+    /// Items executing here or whose reports are not written yet. A claim that hands one out
+    /// again (its lease ran out while the store was unavailable) does not start it twice: its
+    /// pending result would otherwise make it final while the second execution is on its way.
+    busy: Mutex<HashSet<i64>>,
+}
+
+impl Shared {
+    fn send(&self, update: ItemUpdate) {
+        let _ = self.updates.send(Report::Update(update));
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+        self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// The worker of one instance.
@@ -46,7 +70,7 @@ pub struct Worker {
     owner: String,
     wake: Arc<Notify>,
     shared: Arc<Shared>,
-    updates: mpsc::UnboundedReceiver<ItemUpdate>,
+    updates: mpsc::UnboundedReceiver<Report>,
 }
 
 impl Worker {
@@ -84,7 +108,15 @@ impl Worker {
             store,
             owner: owner.clone(),
             wake,
-            shared: Arc::new(Shared { client, nodes, config, updates: tx, metrics, owner }),
+            shared: Arc::new(Shared {
+                client,
+                nodes,
+                config,
+                updates: tx,
+                metrics,
+                owner,
+                busy: Mutex::new(HashSet::new()),
+            }),
             updates: rx,
         })
     }
@@ -93,7 +125,8 @@ impl Worker {
     /// writes what it knows and releases its leases so that the items resume at once elsewhere.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
         let Self { store, owner, wake, shared, updates } = self;
-        let writer = tokio::spawn(write_updates(store.clone(), updates, wake.clone()));
+        let writer =
+            tokio::spawn(write_updates(store.clone(), owner.clone(), updates, wake.clone(), Arc::downgrade(&shared)));
         let renewer = tokio::spawn(renew_leases(store.clone(), owner.clone(), shared.config.lease, shutdown.clone()));
         let capacity = Arc::new(Semaphore::new(shared.config.max_items_in_flight));
         let mut running = JoinSet::new();
@@ -110,12 +143,18 @@ impl Worker {
                     Ok(items) => {
                         claimed_full_batch = items.len() == free;
                         for claimed in items {
+                            if !shared.busy().insert(claimed.item.id) {
+                                continue;
+                            }
                             let Ok(permit) = capacity.clone().try_acquire_owned() else {
+                                shared.busy().remove(&claimed.item.id);
                                 break;
                             };
                             let shared = shared.clone();
                             running.spawn(async move {
+                                let id = claimed.item.id;
                                 execute_item(&shared, claimed).await;
+                                let _ = shared.updates.send(Report::Done(id));
                                 drop(permit);
                             });
                         }
@@ -160,22 +199,55 @@ fn millis(d: Duration) -> Millis {
 
 /// Writes updates in batches, in order. A failing store is retried; after that the batch is
 /// dropped: the items' leases lapse and another claim redoes them (purges are idempotent).
-async fn write_updates(store: Arc<dyn Store>, mut updates: mpsc::UnboundedReceiver<ItemUpdate>, wake: Arc<Notify>) {
+/// An item whose lease another worker took meanwhile keeps that worker's results, not these.
+async fn write_updates(
+    store: Arc<dyn Store>,
+    owner: String,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    wake: Arc<Notify>,
+    // Weak: `Shared` holds the sending half, and the channel closes when the last execution
+    // has ended and `run` dropped its own.
+    shared: std::sync::Weak<Shared>,
+) {
+    let mut received = Vec::with_capacity(WRITE_BATCH);
     let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while updates.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+    let mut done = Vec::new();
+    while reports.recv_many(&mut received, WRITE_BATCH).await > 0 {
+        for report in received.drain(..) {
+            match report {
+                Report::Update(update) => batch.push(update),
+                Report::Done(id) => done.push(id),
+            }
+        }
         // A completed refresh may release the prefetch that waits for it: claim again at once.
         let completed = batch.iter().any(|u| u.status == ItemStatus::Completed && u.finished_at.is_some());
         let mut attempt = 0;
-        while let Err(e) = store.apply_updates(&batch).await {
-            attempt += 1;
-            if attempt >= 20 {
-                tracing::error!(error = %e, updates = batch.len(), "Giving up on writing results; the items will be redone.");
-                break;
+        while !batch.is_empty() {
+            match store.apply_updates(&owner, &batch).await {
+                Ok(0) => break,
+                Ok(lost) => {
+                    tracing::info!(items = lost, "Results dropped: another worker took these items' leases.");
+                    break;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= 20 {
+                        tracing::error!(error = %e, updates = batch.len(), "Giving up on writing results; the items will be redone.");
+                        break;
+                    }
+                    tracing::warn!(error = %e, attempt, "Writing results failed; retrying.");
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                }
             }
-            tracing::warn!(error = %e, attempt, "Writing results failed; retrying.");
-            tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
         }
         batch.clear();
+        if let Some(shared) = shared.upgrade() {
+            let mut busy = shared.busy();
+            for id in done.drain(..) {
+                busy.remove(&id);
+            }
+        }
+        done.clear();
         if completed {
             wake.notify_one();
         }
@@ -222,7 +294,7 @@ impl Progress {
         if finished_now {
             shared.metrics.item_finished(kind, status);
         }
-        let _ = shared.updates.send(ItemUpdate {
+        shared.send(ItemUpdate {
             item_id: self.item_id,
             status,
             progress,
@@ -241,7 +313,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
     let nodes: Vec<&NodeSlot> = shared.nodes.iter().filter(|slot| slot.node.serves(&item.host)).collect();
     if nodes.is_empty() {
         shared.metrics.item_finished(item.kind, ItemStatus::Failed);
-        let _ = shared.updates.send(ItemUpdate {
+        shared.send(ItemUpdate {
             item_id: item.id,
             status: ItemStatus::Failed,
             progress: 0,
@@ -272,7 +344,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
     if claimed.started_at.is_none() {
         let states: Vec<NodeState> = initial.iter().map(|r| r.state).collect();
         let (status, pct) = derive(&states, true);
-        let _ = shared.updates.send(ItemUpdate {
+        shared.send(ItemUpdate {
             item_id: item.id,
             status,
             progress: pct,
