@@ -1,7 +1,8 @@
 //! Edge cache drivers: for each kind of cache, the HTTP request that purges, bans or prefetches
 //! a URL, and what the cache's answer means. Drivers only ever connect to a configured node's
 //! address; the submitted URL gives the `Host` header and the path, never a destination.
-//! Nothing here knows the store or a dialect.
+//! Purges and bans are sent by a node's [`Transport`] (pipelined or plain, see [`transport`]),
+//! prefetches by [`EdgeClient`]'s reqwest pool. Nothing here knows the store or a dialect.
 
 use cachectl_core::policy::DomainPattern;
 use cachectl_core::{ItemType, Kind, Tier};
@@ -10,7 +11,11 @@ use serde::Deserialize;
 use std::time::Duration;
 
 pub mod pipeline;
+pub mod transport;
 pub use pipeline::Lane;
+pub use transport::{NodeTransport, Plain, Request, Transport, TransportError, TransportKind};
+
+use transport::describe;
 
 /// The kinds of cache cachectl drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -169,11 +174,14 @@ pub struct ClientSettings {
     pub request_timeout: Duration,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
-    /// Requests in flight to one node at most: prefetches over reqwest's keep-alive pool, and
-    /// purges and bans over `ceil(per_node / pipeline_depth)` pipelined connections.
+    /// Requests in flight to one node at most: prefetches (and plain purges and bans) over
+    /// reqwest's keep-alive pool, pipelined purges and bans over `ceil(per_node / pipeline_depth)`
+    /// connections.
     pub per_node: usize,
-    /// Purges and bans written on one connection before the first is answered (1: none).
+    /// Purges and bans written on one pipelined connection before the first is answered (1: none).
     pub pipeline_depth: usize,
+    /// What carries purges and bans: the pipelined lane or reqwest's pool.
+    pub transport: TransportKind,
 }
 
 /// Sends driver requests to nodes over kept-alive connections.
@@ -202,41 +210,58 @@ impl EdgeClient {
         Ok(Self { http, settings })
     }
 
-    /// The pipelined connections for `node`'s purges and bans (see [`pipeline`]). Starts their
-    /// tasks: call it within a Tokio runtime, once per node.
+    /// The transport of `node`'s purges and bans, as `settings.transport` says: the pipelined
+    /// connections (see [`pipeline`]), whose tasks it starts (call it within a Tokio runtime,
+    /// once per node), or this client's keep-alive pool.
     #[must_use]
-    pub fn lane(&self, node: &Node) -> Lane {
-        let depth = self.settings.pipeline_depth.max(1);
-        Lane::spawn(
-            &node.address,
-            pipeline::LaneSettings {
-                connections: self.settings.per_node.max(1).div_ceil(depth),
-                depth,
-                connect_timeout: self.settings.connect_timeout,
-                request_timeout: self.settings.request_timeout,
-            },
-        )
+    pub fn transport(&self, node: &Node) -> NodeTransport {
+        match self.settings.transport {
+            TransportKind::Pipelined => {
+                let depth = self.settings.pipeline_depth.max(1);
+                NodeTransport::Pipelined(Lane::spawn(
+                    &node.address,
+                    pipeline::LaneSettings {
+                        connections: self.settings.per_node.max(1).div_ceil(depth),
+                        depth,
+                        connect_timeout: self.settings.connect_timeout,
+                        request_timeout: self.settings.request_timeout,
+                    },
+                ))
+            }
+            TransportKind::Plain => NodeTransport::Plain(Plain::new(self.http.clone(), &node.address)),
+        }
     }
 
     /// Does `kind`/`item_type` of `url` on `node` once and says what came of it. Purges and
-    /// bans go through `lane` (from [`EdgeClient::lane`] for this node), prefetches through
-    /// the keep-alive pool.
-    pub async fn execute(&self, node: &Node, lane: &Lane, kind: Kind, item_type: ItemType, url: &str) -> Outcome {
+    /// bans go through `transport` (from [`EdgeClient::transport`] for this node, or any other
+    /// [`Transport`] to it), prefetches through the keep-alive pool.
+    pub async fn execute(
+        &self,
+        node: &Node,
+        transport: &impl Transport,
+        kind: Kind,
+        item_type: ItemType,
+        url: &str,
+    ) -> Outcome {
         let plan = match plan(node.driver, kind, item_type, url) {
             Ok(plan) => plan,
             Err(error) => return Outcome::Fail { code: None, error },
         };
-        if !plan.read_body {
-            let request =
-                match pipeline::request_bytes(plan.method.as_str(), &plan.path_and_query, &plan.host, &plan.headers) {
-                    Ok(request) => request,
-                    Err(error) => return Outcome::Fail { code: None, error },
-                };
-            return match lane.send(request).await {
-                Ok(code) => classify(kind, code),
-                Err(error) => Outcome::Retry { code: None, error },
-            };
+        if plan.read_body {
+            return self.prefetch(node, kind, plan).await;
         }
+        let request = match Request::new(plan) {
+            Ok(request) => request,
+            Err(error) => return Outcome::Fail { code: None, error },
+        };
+        match transport.send(request).await {
+            Ok(code) => classify(kind, code),
+            Err(error) => Outcome::Retry { code: None, error },
+        }
+    }
+
+    /// Sends a prefetch's GET and reads its body to the end.
+    async fn prefetch(&self, node: &Node, kind: Kind, plan: Plan) -> Outcome {
         let target = format!("http://{}{}", node.address, plan.path_and_query);
         let mut request = self.http.request(plan.method, &target).header(reqwest::header::HOST, &plan.host);
         for (name, value) in &plan.headers {
@@ -244,13 +269,11 @@ impl EdgeClient {
         }
         let mut response = match request.send().await {
             Ok(r) => r,
-            Err(e) => {
-                return Outcome::Retry { code: None, error: describe(&e) };
-            }
+            Err(e) => return Outcome::Retry { code: None, error: describe(&node.address, &e) },
         };
         let code = response.status().as_u16();
         let outcome = classify(kind, code);
-        if !plan.read_body || !matches!(outcome, Outcome::Success { .. }) {
+        if !matches!(outcome, Outcome::Success { .. }) {
             // Reading (and discarding) the short answer keeps the connection reusable.
             let _ = response.bytes().await;
             return outcome;
@@ -260,27 +283,12 @@ impl EdgeClient {
                 Ok(Some(_)) => {}
                 Ok(None) => return outcome,
                 Err(e) => {
-                    return Outcome::Retry { code: Some(code), error: format!("body cut short: {}", describe(&e)) };
+                    let error = format!("body cut short: {}", describe(&node.address, &e));
+                    return Outcome::Retry { code: Some(code), error };
                 }
             }
         }
     }
-}
-
-/// A one-line description of a transport error, with its root cause.
-fn describe(error: &reqwest::Error) -> String {
-    let kind = if error.is_timeout() {
-        "timeout"
-    } else if error.is_connect() {
-        "connect error"
-    } else {
-        "request error"
-    };
-    let mut root: &dyn std::error::Error = error;
-    while let Some(next) = root.source() {
-        root = next;
-    }
-    format!("{kind}: {root}")
 }
 
 #[cfg(test)]

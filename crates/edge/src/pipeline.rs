@@ -1,9 +1,11 @@
-//! Pipelined HTTP/1.1 for the short requests of a refresh (PURGE, BAN): a few kept-alive
-//! connections per node, each owned by one task that writes every queued request in one write and
-//! reads the answers in order (RFC 9112 §9.3.2). hyper's client sends one request per connection
-//! at a time; at tens of thousands of purges a second its per-request dispatch, pool and timer
-//! cost more CPU than the caches spend answering (BENCHMARKS.md). Answers are parsed by
-//! `httparse`, hyper's own parser. Prefetches (GET, bodies of any size) stay on reqwest.
+//! Pipelined HTTP/1.1 for the short requests of a refresh (PURGE, BAN), the default
+//! [`Transport`] (`[worker] edge_transport = "pipelined"`): a few kept-alive connections per node,
+//! each owned by one task that writes every queued request in one write and reads the answers in
+//! order (RFC 9112 §9.3.2). hyper's client, which the other transport
+//! ([`Plain`](crate::transport::Plain)) uses, sends one request per connection at a time; at tens
+//! of thousands of purges a second its per-request dispatch, pool and timer cost more CPU than the
+//! caches spend answering (BENCHMARKS.md). Answers are parsed by `httparse`, hyper's own parser.
+//! Prefetches (GET, bodies of any size) stay on reqwest.
 //!
 //! A connection the node closes (keep-alive limit, idle timeout, restart) costs nothing: the
 //! requests it had not answered are written again on a new connection, at most [`MAX_RESENDS`]
@@ -22,6 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+use crate::transport::{Request, Transport};
 
 /// Times one request is written again after its connection closed before answering it.
 pub const MAX_RESENDS: u8 = 2;
@@ -44,8 +48,7 @@ pub struct LaneSettings {
     pub request_timeout: Duration,
 }
 
-/// A failed exchange: what went wrong, in one line ("connect error: …", "timeout: …").
-pub type TransportError = String;
+pub use crate::transport::TransportError;
 
 struct Job {
     request: Vec<u8>,
@@ -90,12 +93,13 @@ impl Lane {
     }
 
     /// Sends `request` (a complete HTTP/1.1 request without a body) on the least busy
-    /// connection and waits for the answer's status code.
+    /// connection and waits for the answer's status code. [`Transport::send`] does the same
+    /// with a checked [`Request`].
     ///
     /// # Errors
     /// The node could not be reached, closed the connection too often, timed out, or answered
     /// something that is not HTTP/1.x.
-    pub async fn send(&self, request: Vec<u8>) -> Result<u16, TransportError> {
+    pub async fn send_bytes(&self, request: Vec<u8>) -> Result<u16, TransportError> {
         let connection = self
             .connections
             .iter()
@@ -109,6 +113,13 @@ impl Lane {
             return Err(stopped());
         }
         answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// The pipelined implementation of the node transport.
+impl Transport for Lane {
+    async fn send(&self, request: Request) -> Result<u16, TransportError> {
+        self.send_bytes(request.to_bytes()).await
     }
 }
 
@@ -456,41 +467,10 @@ fn chunked_length(buf: &[u8]) -> Result<Option<usize>, String> {
     }
 }
 
-/// The bytes of an HTTP/1.1 request without a body.
-///
-/// # Errors
-/// A part would break the request's framing (whitespace or control characters where HTTP
-/// allows none): the reason.
-pub fn request_bytes(method: &str, target: &str, host: &str, headers: &[(&str, String)]) -> Result<Vec<u8>, String> {
-    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
-    let value = |s: &str| s.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f));
-    if !token(method) || !token(target) || !token(host) {
-        return Err(format!("cannot send {method} {target} to host {host}: invalid characters"));
-    }
-    let mut request = Vec::with_capacity(64 + target.len() + host.len());
-    for part in [method, " ", target, " HTTP/1.1\r\nhost: ", host, "\r\n"] {
-        request.extend_from_slice(part.as_bytes());
-    }
-    for (name, v) in headers {
-        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-        let framing = ["host", "content-length", "transfer-encoding", "connection"];
-        if name.is_empty() || !name.bytes().all(tchar) || framing.iter().any(|f| name.eq_ignore_ascii_case(f)) {
-            return Err(format!("cannot send header {name:?}: not a header a purge may carry"));
-        }
-        if !value(v) {
-            return Err(format!("cannot send header {name}: invalid characters"));
-        }
-        for part in [*name, ": ", v.as_str(), "\r\n"] {
-            request.extend_from_slice(part.as_bytes());
-        }
-    }
-    request.extend_from_slice(b"\r\n");
-    Ok(request)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::request_bytes;
     use tokio::io::AsyncBufReadExt;
     use tokio::net::TcpListener;
 
@@ -549,17 +529,6 @@ mod tests {
         assert!(parse_answer(mixed, false).unwrap().unwrap().close, "close wins");
         let old_keep = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
         assert!(!parse_answer(old_keep, false).unwrap().unwrap().close);
-    }
-
-    #[test]
-    fn refuses_requests_that_break_framing() {
-        let r = request_bytes("PURGE", "/a?b=1", "www.example.com", &[("x-cachectl-ban", "/a\\.b".into())]).unwrap();
-        assert_eq!(r, b"PURGE /a?b=1 HTTP/1.1\r\nhost: www.example.com\r\nx-cachectl-ban: /a\\.b\r\n\r\n");
-        assert!(request_bytes("PURGE", "/a b", "h", &[]).is_err());
-        assert!(request_bytes("PURGE", "/a", "h\r\nx: y", &[]).is_err());
-        assert!(request_bytes("PURGE", "/a", "h", &[("x", "a\r\nb".into())]).is_err());
-        assert!(request_bytes("PURGE", "/a", "h", &[("x:y", "1".into())]).is_err());
-        assert!(request_bytes("PURGE", "/a", "h", &[("Content-Length", "5".into())]).is_err());
     }
 
     /// A node on a free port that runs `serve` on every connection it accepts; returns its
@@ -621,7 +590,7 @@ mod tests {
         let (address, connections) = closing_node(3).await;
         let lane = Lane::spawn(&address, settings(1, 8));
         let request = request_bytes("PURGE", "/x", "h", &[]).unwrap();
-        let answers = futures::future::join_all((0..20).map(|_| lane.send(request.clone()))).await;
+        let answers = futures::future::join_all((0..20).map(|_| lane.send_bytes(request.clone()))).await;
         assert!(answers.iter().all(|a| a == &Ok(200)), "{answers:?}");
         assert!(connections.load(Ordering::SeqCst) >= 7, "a new connection after every third answer");
     }
@@ -633,7 +602,7 @@ mod tests {
         let address = listener.local_addr().unwrap().to_string();
         drop(listener);
         let lane = Lane::spawn(&address, settings(2, 4));
-        let error = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+        let error = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
         assert!(error.starts_with("connect error:"), "{error}");
 
         // A node that accepts and never answers.
@@ -645,7 +614,7 @@ mod tests {
         let mut quick = settings(1, 4);
         quick.request_timeout = Duration::from_millis(200);
         let lane = Lane::spawn(&address, quick);
-        let error = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+        let error = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
         assert!(error.starts_with("timeout:"), "{error}");
     }
 
@@ -653,7 +622,7 @@ mod tests {
     async fn a_node_that_closes_at_once_fails_after_the_resends() {
         let (address, accepted) = node(|stream| async move { drop(stream) }).await;
         let lane = Lane::spawn(&address, settings(1, 4));
-        let error = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+        let error = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
         assert!(error.starts_with("request error:"), "{error}");
         // The listener task counts the last connection after the lane has given up on it.
         for _ in 0..100 {
@@ -680,7 +649,7 @@ mod tests {
         })
         .await;
         let lane = Lane::spawn(&address, settings(1, 4));
-        let answer = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await;
+        let answer = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await;
         assert_eq!(answer, Ok(404), "the node handled the request and said so");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
     }
@@ -718,9 +687,9 @@ mod tests {
         let address = node_timing_out_idle_connections().await;
         let lane = Lane::spawn(&address, settings(1, 4));
         let request = request_bytes("PURGE", "/x", "h", &[]).unwrap();
-        assert_eq!(lane.send(request.clone()).await, Ok(200));
+        assert_eq!(lane.send_bytes(request.clone()).await, Ok(200));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(lane.send(request).await, Ok(200), "not the 408 sent to nobody");
+        assert_eq!(lane.send_bytes(request).await, Ok(200), "not the 408 sent to nobody");
     }
 
     #[tokio::test]
@@ -734,7 +703,7 @@ mod tests {
         let mut quick = settings(1, 4);
         quick.request_timeout = Duration::from_millis(300);
         let lane = Lane::spawn(&address, quick);
-        let send = lane.send(request_bytes("PURGE", "/x", "h", &[]).unwrap());
+        let send = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap());
         let error = tokio::time::timeout(Duration::from_secs(5), send)
             .await
             .expect("the request times out instead of waiting on interim answers")

@@ -1,8 +1,10 @@
 //! Test fixtures shared by the test suites and the benchmark harness: a private PostgreSQL
 //! cluster (Debian's postgresql package, `initdb` into a temporary directory, listening on
-//! 127.0.0.1 with a free port), varnishd processes, and [`Group`], a child process in a process
-//! group of its own whose every member is stopped when dropped. Never a system service, never a
-//! fixed port.
+//! 127.0.0.1 with a free port), varnishd processes, the caches of the shipped edge configuration
+//! and their origin ([`caches`]), and [`Group`], a child process in a process group of its own
+//! whose every member is stopped when dropped. Never a system service, never a fixed port.
+
+pub mod caches;
 
 pub use nix::sys::signal::Signal;
 use std::net::TcpListener;

@@ -151,6 +151,56 @@ async fn pipelined_purges_survive_nginx_closing_connections() {
     );
 }
 
+/// `[worker] edge_transport` picks what carries purges and bans. With `per_node_concurrency = 8`
+/// and `pipeline_depth = 8`, `pipelined` sends them all on one connection; `plain` (reqwest's
+/// pool, one request per connection at a time) on several, at most `per_node_concurrency`. nginx
+/// logs each request's connection serial number. Either way every purge is done at its first
+/// attempt.
+#[tokio::test]
+async fn the_edge_transport_setting_picks_pipelined_or_plain_purges() {
+    let origin = Origin::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("connections.log");
+    let directives =
+        format!("log_format conn '$connection $request_method $request_uri';\n    access_log {} conn;", log.display());
+    let nginx = Nginx::start_with(origin.port, &[free_port()], &directives).await;
+    let host = "www.example.com";
+    for transport in ["pipelined", "plain"] {
+        let keys =
+            format!("[worker]\nper_node_concurrency = 8\npipeline_depth = 8\nedge_transport = \"{transport}\"\n");
+        let worker = fast_worker("20s").replace("[worker]\n", &keys);
+        let server =
+            Cachectl::start(&format!("{ACCOUNTS}{worker}{}", edge("n1", "nginx", &nginx.address(0), "edge"))).await;
+        let cached = format!("/{transport}/0.css");
+        cache_status(&nginx.address(0), host, &cached).await;
+        assert_eq!(cache_status(&nginx.address(0), host, &cached).await, "HIT");
+
+        let urls: Vec<String> = (0..100).map(|i| format!("http://{host}/{transport}/{i}.css")).collect();
+        let task = server.submit(REFRESH, json!({ "urls": urls })).await;
+        let items = server.wait_final(REFRESH, task, WAIT).await;
+
+        assert!(items.iter().all(|i| i["status"] == "completed"), "{transport}: {items:?}");
+        assert_eq!(cache_status(&nginx.address(0), host, &cached).await, "MISS", "{transport}");
+        let attempts: Vec<i64> =
+            sqlx::query_scalar("SELECT attempts FROM node_results").fetch_all(&server.db().await).await.unwrap();
+        assert!(attempts.len() == 100 && attempts.iter().all(|a| *a == 1), "{transport}: {attempts:?}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        let connections: std::collections::HashSet<&str> = text
+            .lines()
+            .filter_map(|line| line.split_once(' '))
+            .filter(|(_, request)| request.starts_with(&format!("PURGE /{transport}/")))
+            .map(|(connection, _)| connection)
+            .collect();
+        match transport {
+            "pipelined" => assert_eq!(connections.len(), 1, "8 deep on ceil(8 / 8) connection"),
+            _ => assert!(
+                (2..=8).contains(&connections.len()),
+                "one request per connection at a time, per_node_concurrency connections at most: {connections:?}"
+            ),
+        }
+    }
+}
+
 #[tokio::test]
 async fn nginx_dir_refresh_fails_with_a_reason() {
     let origin = Origin::start().await;

@@ -9,7 +9,7 @@ pub use crate::auth::{Credential, Secret};
 pub use settings::{Settings, parse_offset};
 
 use cachectl_core::Tier;
-use cachectl_edge::Driver;
+use cachectl_edge::{Driver, TransportKind};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
@@ -184,6 +184,11 @@ pub struct WorkerConfig {
     /// connections.
     #[serde(default = "d_pipeline_depth")]
     pub pipeline_depth: usize,
+    /// What carries purges and bans to the nodes: `pipelined` (default), the pipelined lane
+    /// above, or `plain`, reqwest's keep-alive pool like prefetches (one request per connection
+    /// at a time, up to `per_node_concurrency` connections; `pipeline_depth` is then unused).
+    #[serde(default)]
+    pub edge_transport: TransportKind,
     /// Items being executed at once, over all nodes.
     #[serde(default = "d_in_flight")]
     pub max_items_in_flight: usize,
@@ -206,6 +211,7 @@ impl Default for WorkerConfig {
             retry_max: d_retry_max(),
             per_node_concurrency: d_per_node(),
             pipeline_depth: d_pipeline_depth(),
+            edge_transport: TransportKind::default(),
             max_items_in_flight: d_in_flight(),
             lease: d_lease(),
             poll_interval: d_poll(),

@@ -347,6 +347,19 @@ mod tests {
     }
 
     #[test]
+    fn the_edge_transport_is_pipelined_unless_set_to_plain() {
+        use cachectl_edge::TransportKind;
+        let settings = Config::from_toml(MINIMAL).unwrap().validate().unwrap();
+        assert_eq!(settings.worker.edge_transport, TransportKind::Pipelined);
+        let plain = format!("[worker]\nedge_transport = \"plain\"\n{MINIMAL}");
+        let settings = Config::from_toml(&plain).unwrap().validate().unwrap();
+        assert_eq!(settings.worker.edge_transport, TransportKind::Plain);
+        let bad = format!("[worker]\nedge_transport = \"http2\"\n{MINIMAL}");
+        let e = Config::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("edge_transport") && e.contains("pipelined") && e.contains("plain"), "{e}");
+    }
+
+    #[test]
     fn secrets_are_not_printed() {
         let config = Config::from_toml(MINIMAL).unwrap();
         let printed = format!("{config:?} {:?}", config.validate().unwrap().access_keys);

@@ -7,7 +7,7 @@ use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
 use cachectl_core::policy::{backoff, derive};
 use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, NodeState, Store, Tier};
-use cachectl_edge::{ClientSettings, EdgeClient, Lane, Node, Outcome};
+use cachectl_edge::{ClientSettings, EdgeClient, Node, NodeTransport, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ const CLAIM_BATCH: usize = 1024;
 /// A node with its own concurrency limit and request counters.
 struct NodeSlot {
     node: Node,
-    lane: Lane,
+    transport: NodeTransport,
     permits: Semaphore,
     success: Counter,
     retry: Counter,
@@ -91,6 +91,7 @@ impl Worker {
             connect_timeout: config.connect_timeout,
             per_node: config.per_node_concurrency,
             pipeline_depth: config.pipeline_depth,
+            transport: config.edge_transport,
         })?;
         let nodes = nodes
             .into_iter()
@@ -99,7 +100,7 @@ impl Worker {
                 retry: metrics.node_counter(&node.name, "retry"),
                 fail: metrics.node_counter(&node.name, "fail"),
                 permits: Semaphore::new(config.per_node_concurrency),
-                lane: client.lane(&node),
+                transport: client.transport(&node),
                 node,
             })
             .collect();
@@ -388,7 +389,7 @@ async fn run_node(
     loop {
         let outcome = {
             let _permit = slot.permits.acquire().await;
-            shared.client.execute(&slot.node, &slot.lane, item.kind, item.item_type, &item.url).await
+            shared.client.execute(&slot.node, &slot.transport, item.kind, item.item_type, &item.url).await
         };
         result.attempts += 1;
         result.updated_at = crate::api::now_ms();
