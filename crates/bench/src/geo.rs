@@ -3,7 +3,7 @@
 //! signing functions). wrk cannot sign per request, so GEO is always measured with this client.
 
 use crate::load::{LoadFigures, gather};
-use crate::loader::Millis;
+use crate::loader::Timestamp;
 use anyhow::{Context, ensure};
 use cachectl_server::api::bce::auth;
 use std::time::{Duration, Instant};
@@ -20,14 +20,14 @@ pub struct GeoWindow {
     end: String,
 }
 
-fn rfc3339(at: Millis) -> String {
+fn rfc3339(at: Timestamp) -> String {
     chrono::DateTime::from_timestamp_millis(at).expect("a valid time").format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 impl GeoWindow {
     /// The window `[from, to]` (seconds, `to` inclusive as the dialect reads it).
     #[must_use]
-    pub fn new(port: u16, from: Millis, to: Millis) -> Self {
+    pub fn new(port: u16, from: Timestamp, to: Timestamp) -> Self {
         Self { port, start: rfc3339(from), end: rfc3339(to) }
     }
 

@@ -12,10 +12,10 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 /// Milliseconds since the epoch.
-pub type Millis = i64;
+pub type Timestamp = i64;
 
-const HOUR_MS: Millis = 3_600_000;
-const DAY_MS: Millis = 86_400_000;
+const HOUR_MS: Timestamp = 3_600_000;
+const DAY_MS: Timestamp = 86_400_000;
 /// Items per loaded task (a task the Baishan dialect accepts holds up to 1,000).
 pub const TASK_SIZE: u64 = 100;
 /// Distinct directories per account: every URL recurs about every 50 tasks of its account.
@@ -33,7 +33,7 @@ pub struct Dataset {
     /// Days the tasks are spread over, ending at `end`.
     pub days: u32,
     /// The creation time of the last task.
-    pub end: Millis,
+    pub end: Timestamp,
 }
 
 /// One loaded task, as the generator defines it.
@@ -44,7 +44,7 @@ pub struct TaskDef {
     /// Its account index.
     pub account: usize,
     /// Its creation time (all its items share it, as in the service).
-    pub created_at: Millis,
+    pub created_at: Timestamp,
     /// Its item count.
     pub size: u64,
     /// The id of its first item.
@@ -58,8 +58,8 @@ impl Dataset {
         self.items.div_ceil(TASK_SIZE)
     }
 
-    fn span(&self) -> Millis {
-        Millis::from(self.days) * DAY_MS - 60_000
+    fn span(&self) -> Timestamp {
+        Timestamp::from(self.days) * DAY_MS - 60_000
     }
 
     /// Task `t` (0-based).
@@ -91,7 +91,7 @@ impl Dataset {
 
     /// Items of `account` created in `[from, to)`.
     #[must_use]
-    pub fn count_window(&self, account: usize, from: Millis, to: Millis) -> u64 {
+    pub fn count_window(&self, account: usize, from: Timestamp, to: Timestamp) -> u64 {
         (0..self.tasks())
             .map(|t| self.task(t))
             .filter(|d| d.account == account && d.created_at >= from && d.created_at < to)
@@ -101,7 +101,7 @@ impl Dataset {
 
     /// Records of one URL of `account` created in `[from, to)`.
     #[must_use]
-    pub fn count_url(&self, account: usize, url: &str, from: Millis, to: Millis) -> u64 {
+    pub fn count_url(&self, account: usize, url: &str, from: Timestamp, to: Timestamp) -> u64 {
         (0..self.tasks())
             .filter(|&t| {
                 let d = self.task(t);
@@ -113,7 +113,7 @@ impl Dataset {
 
     /// The first task of `account` created at or after `at`.
     #[must_use]
-    pub fn task_of(&self, account: usize, at: Millis) -> Option<TaskDef> {
+    pub fn task_of(&self, account: usize, at: Timestamp) -> Option<TaskDef> {
         (0..self.tasks()).map(|t| self.task(t)).find(|d| d.account == account && d.created_at >= at)
     }
 }
@@ -153,7 +153,7 @@ fn figures(backend: &str, dataset: &Dataset, start: Instant, bytes: u64) -> Load
 }
 
 /// Item counts per (account, hour), as `item_counts` must hold them.
-fn hourly_counts(dataset: &Dataset) -> BTreeMap<(usize, Millis), u64> {
+fn hourly_counts(dataset: &Dataset) -> BTreeMap<(usize, Timestamp), u64> {
     let mut counts = BTreeMap::new();
     for t in 0..dataset.tasks() {
         let d = dataset.task(t);
@@ -382,7 +382,7 @@ mod tests {
         assert_eq!((0..d.tasks()).map(|t| d.task(t).size).sum::<u64>(), 5_050);
         assert_eq!(d.task(50).size, 50);
         assert_eq!(d.task(50).first_item, 5_001);
-        let all: u64 = (0..3).map(|a| d.count_window(a, 0, Millis::MAX)).sum();
+        let all: u64 = (0..3).map(|a| d.count_window(a, 0, Timestamp::MAX)).sum();
         assert_eq!(all, 5_050);
         assert!(d.task(0).created_at >= d.end - 31 * DAY_MS);
         assert!(d.task(50).created_at <= d.end);

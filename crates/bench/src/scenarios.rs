@@ -4,7 +4,7 @@
 
 use crate::fixtures::{Server, Varnish, token};
 use crate::load::{LoadFigures, MakeRequest, Prepared, paced_load, percentile_ms, rust_load, wrk};
-use crate::loader::{Dataset, Millis};
+use crate::loader::{Dataset, Timestamp};
 use anyhow::{Context, bail, ensure};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// Now, in milliseconds since the epoch.
 #[must_use]
-pub fn now_ms() -> Millis {
+pub fn now_ms() -> Timestamp {
     chrono::Utc::now().timestamp_millis()
 }
 
@@ -152,7 +152,7 @@ pub async fn fanout(
 
 /// Writes one refresh task of `urls` URLs of account 0 into the running server's SQLite store,
 /// as `Store::create_task` would (task, items, hourly count, one transaction).
-async fn insert_task(store_url: &str, urls: u64, created_at: Millis) -> anyhow::Result<i64> {
+async fn insert_task(store_url: &str, urls: u64, created_at: Timestamp) -> anyhow::Result<i64> {
     let mut conn = sqlite_reader(store_url).await?;
     let mut tx = conn.begin().await?;
     let task_id: i64 = sqlx::query_scalar(
@@ -505,12 +505,12 @@ pub struct QueryBackendFigures {
 }
 
 /// The Baishan day (`+08:00`) of `at`, and that day's midnight.
-pub(crate) fn baishan_day(at: Millis) -> chrono::NaiveDate {
+pub(crate) fn baishan_day(at: Timestamp) -> chrono::NaiveDate {
     let zone = chrono::FixedOffset::east_opt(8 * 3600).expect("a valid offset");
     chrono::DateTime::from_timestamp_millis(at).expect("a valid time").with_timezone(&zone).date_naive()
 }
 
-fn baishan_midnight(day: chrono::NaiveDate) -> Millis {
+fn baishan_midnight(day: chrono::NaiveDate) -> Timestamp {
     day.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp_millis() - 8 * 3_600_000
 }
 

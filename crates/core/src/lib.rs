@@ -7,6 +7,8 @@ pub mod policy;
 pub mod ratelimit;
 pub mod service;
 pub mod store;
+pub mod types;
 
 pub use model::*;
 pub use store::{RecordQuery, Store, StoreError, StoreResult, WindowQuery};
+pub use types::{AccountName, ItemUrl, QuotaDay, TaskId, Timestamp};

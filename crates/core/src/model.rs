@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Milliseconds since the Unix epoch, UTC. Every time in the store and the domain uses it.
-pub type Millis = i64;
+pub use crate::types::Timestamp;
+use crate::types::{AccountName, ItemUrl, QuotaDay, TaskId};
 
 /// What a task does to its URLs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -138,14 +138,12 @@ string_enum!(NodeState { Pending => "pending", Succeeded => "succeeded", Failed 
 pub struct NewItem {
     /// Refresh or prefetch.
     pub kind: Kind,
-    /// The normalized URL (fragment removed).
-    pub url: String,
-    /// The URL's host, lowercase, without port: what domains and edge nodes are matched against.
-    pub host: String,
+    /// The normalized URL and its host.
+    pub url: ItemUrl,
     /// URL or directory.
     pub item_type: ItemType,
     /// Not executed before this time (a scheduled prefetch); `None` means at once.
-    pub not_before: Option<Millis>,
+    pub not_before: Option<Timestamp>,
     /// The position, in the same task, of the item that must complete first (refresh-then-prefetch).
     pub depends_on: Option<usize>,
 }
@@ -163,7 +161,7 @@ pub struct Idempotency {
 #[derive(Debug, Clone)]
 pub struct NewTask {
     /// The owning account's name.
-    pub account: String,
+    pub account: AccountName,
     /// What the task does.
     pub kind: TaskKind,
     /// Who submitted it: a token's name or an access key id, never a secret.
@@ -171,7 +169,7 @@ pub struct NewTask {
     /// The API the task came through (`baishan`, `geo`, `cdn`, `native`).
     pub dialect: String,
     /// Creation time.
-    pub created_at: Millis,
+    pub created_at: Timestamp,
     /// The items, in submission order, without duplicates.
     pub items: Vec<NewItem>,
     /// Set for idempotent native submits.
@@ -183,8 +181,8 @@ pub struct NewTask {
 pub struct QuotaCharge {
     /// The quota bucket, such as `refresh_url`.
     pub bucket: QuotaBucket,
-    /// The day the charge counts against, `YYYY-MM-DD` in the quota time zone.
-    pub day: String,
+    /// The day the charge counts against.
+    pub day: QuotaDay,
     /// The account's daily limit for this bucket.
     pub limit: u64,
     /// How much this submission spends.
@@ -222,7 +220,7 @@ pub struct Item {
     /// The item's own id.
     pub id: i64,
     /// The task it belongs to.
-    pub task_id: i64,
+    pub task_id: TaskId,
     /// The owning account.
     pub account: String,
     /// Refresh or prefetch.
@@ -240,11 +238,11 @@ pub struct Item {
     /// Who submitted it.
     pub operator: String,
     /// Submission time.
-    pub created_at: Millis,
+    pub created_at: Timestamp,
     /// Not executed before this time (a scheduled prefetch); usually `created_at`.
-    pub not_before: Millis,
+    pub not_before: Timestamp,
     /// When the item reached a final status.
-    pub finished_at: Option<Millis>,
+    pub finished_at: Option<Timestamp>,
     /// Why it failed, naming the node and the last error.
     pub reason: Option<String>,
     /// The waiting item this one was coalesced with: it mirrors that item's state.
@@ -275,11 +273,11 @@ pub struct ItemRecord {
     /// Who submitted it.
     pub operator: String,
     /// Submission time.
-    pub created_at: Millis,
+    pub created_at: Timestamp,
     /// Not executed before this time (a scheduled prefetch); usually `created_at`.
-    pub not_before: Millis,
+    pub not_before: Timestamp,
     /// When the item reached a final status.
-    pub finished_at: Option<Millis>,
+    pub finished_at: Option<Timestamp>,
     /// Why it failed, naming the node and the last error.
     pub reason: Option<String>,
 }
@@ -319,7 +317,7 @@ impl StatusCounts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TaskSummary {
     /// The task id.
-    pub id: i64,
+    pub id: TaskId,
     /// The owning account.
     pub account: String,
     /// What it does.
@@ -329,9 +327,9 @@ pub struct TaskSummary {
     /// The API it came through.
     pub dialect: String,
     /// Submission time.
-    pub created_at: Millis,
+    pub created_at: Timestamp,
     /// When its last item became final.
-    pub finished_at: Option<Millis>,
+    pub finished_at: Option<Timestamp>,
     /// Its items by status.
     pub counts: StatusCounts,
 }
@@ -348,9 +346,9 @@ pub struct TaskFilter<'a> {
     /// Only tasks with an item of this exact URL.
     pub url: Option<&'a str>,
     /// Created at or after.
-    pub since: Option<Millis>,
+    pub since: Option<Timestamp>,
     /// Created before.
-    pub until: Option<Millis>,
+    pub until: Option<Timestamp>,
     /// Only tasks with an id below this (the cursor: the last id of the previous page).
     pub before_id: Option<i64>,
 }
@@ -387,7 +385,7 @@ impl TaskSummary {
 #[derive(Debug, Clone, Default)]
 pub struct ItemFilter<'a> {
     /// Only items of this task.
-    pub task_id: Option<i64>,
+    pub task_id: Option<TaskId>,
     /// Only this kind.
     pub kind: Option<Kind>,
     /// Only this status.
@@ -397,9 +395,9 @@ pub struct ItemFilter<'a> {
     /// Only this exact URL.
     pub url: Option<&'a str>,
     /// Created at or after.
-    pub since: Option<Millis>,
+    pub since: Option<Timestamp>,
     /// Created before.
-    pub until: Option<Millis>,
+    pub until: Option<Timestamp>,
     /// Only items with an id below this (the cursor).
     pub before_id: Option<i64>,
 }
@@ -410,9 +408,9 @@ pub struct WebhookJob {
     /// Job id.
     pub id: i64,
     /// The finished task.
-    pub task_id: i64,
+    pub task_id: TaskId,
     /// Its account.
-    pub account: String,
+    pub account: AccountName,
     /// Where to POST.
     pub url: String,
     /// Attempts made so far.
@@ -423,7 +421,7 @@ pub struct WebhookJob {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Delivery {
     /// The task notified.
-    pub task_id: i64,
+    pub task_id: TaskId,
     /// The receiver.
     pub url: String,
     /// Which attempt (from 1).
@@ -433,7 +431,7 @@ pub struct Delivery {
     /// What went wrong, if anything.
     pub error: Option<String>,
     /// When.
-    pub at: Millis,
+    pub at: Timestamp,
 }
 
 /// What came of a delivery attempt.
@@ -442,7 +440,7 @@ pub enum DeliveryOutcome {
     /// The receiver answered 2xx.
     Delivered,
     /// Try again at this time.
-    RetryAt(Millis),
+    RetryAt(Timestamp),
     /// No more attempts.
     GaveUp,
 }
@@ -461,7 +459,7 @@ pub struct NodeResult {
     /// The last error, if the last attempt did not succeed.
     pub error: Option<String>,
     /// When this result last changed.
-    pub updated_at: Millis,
+    pub updated_at: Timestamp,
     /// The instance (worker lease owner) that produced this result.
     pub instance: String,
 }
@@ -472,7 +470,7 @@ pub struct ClaimedItem {
     /// The item.
     pub item: Item,
     /// When it was first sent to a node; its deadline counts from here.
-    pub started_at: Option<Millis>,
+    pub started_at: Option<Timestamp>,
     /// The node results stored so far.
     pub nodes: Vec<NodeResult>,
 }
@@ -487,9 +485,9 @@ pub struct ItemUpdate {
     /// Its derived progress after the change.
     pub progress: u8,
     /// Set once, when the item is first sent.
-    pub started_at: Option<Millis>,
+    pub started_at: Option<Timestamp>,
     /// Set when the status becomes final.
-    pub finished_at: Option<Millis>,
+    pub finished_at: Option<Timestamp>,
     /// Set when the item failed.
     pub reason: Option<String>,
     /// The node results that changed.

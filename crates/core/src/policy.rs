@@ -2,6 +2,7 @@
 //! retry backoff, domain patterns and URL validation. Nothing here touches the clock or the network.
 
 use crate::model::{ItemStatus, ItemType, Kind, NewItem, NodeState};
+use crate::types::ItemUrl;
 use rand::Rng;
 use std::time::Duration;
 
@@ -203,7 +204,7 @@ pub fn parse_item_of(
     if !any_matches(domains, &host) {
         return Err(UrlError::ForeignDomain);
     }
-    Ok(NewItem { kind, url: url.to_string(), host, item_type, not_before: None, depends_on: None })
+    Ok(NewItem { kind, url: ItemUrl::accepted(url.to_string(), host), item_type, not_before: None, depends_on: None })
 }
 
 /// Whether `host` (lowercase ASCII, as the URL parser gives it after IDNA) is a DNS name:
@@ -262,8 +263,8 @@ mod tests {
         let domains =
             vec![DomainPattern::parse("example.com").unwrap(), DomainPattern::parse("*.example.com").unwrap()];
         let item = parse_item("http://WWW.example.com/a?b=1#frag", ItemType::Url, &domains).unwrap();
-        assert_eq!(item.url, "http://www.example.com/a?b=1");
-        assert_eq!(item.host, "www.example.com");
+        assert_eq!(item.url.as_str(), "http://www.example.com/a?b=1");
+        assert_eq!(item.url.host(), "www.example.com");
         assert_eq!(parse_item("ftp://example.com/", ItemType::Url, &domains), Err(UrlError::Malformed));
         assert_eq!(parse_item("/relative", ItemType::Url, &domains), Err(UrlError::Malformed));
         assert_eq!(parse_item("http://1.2.3.4/", ItemType::Url, &domains), Err(UrlError::Malformed));

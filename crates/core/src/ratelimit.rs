@@ -4,7 +4,7 @@
 //! reservations of up to 1 % of the limit so that a busy credential does not turn every request
 //! into a write on one row; in memory otherwise (SQLite serves one process).
 
-use crate::{Millis, Store};
+use crate::{Store, Timestamp};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,12 +22,12 @@ pub struct Decision {
     pub reset_secs: u64,
 }
 
-const WINDOW_MS: Millis = 60_000;
+const WINDOW_MS: i64 = 60_000;
 
 /// Counts requests per key in the current minute.
 #[derive(Debug, Default)]
 pub struct RateLimiter {
-    windows: Mutex<HashMap<(String, u32), (Millis, u32)>>,
+    windows: Mutex<HashMap<(String, u32), (i64, u32)>>,
     reserved: Mutex<HashMap<(String, u32), Reserved>>,
 }
 
@@ -35,7 +35,7 @@ pub struct RateLimiter {
 #[derive(Debug, Clone, Copy)]
 struct Reserved {
     /// The minute (epoch minutes) they belong to.
-    window: Millis,
+    window: i64,
     /// Reserved and not used yet.
     left: u64,
     /// The store's count after the latest reservation.
@@ -45,8 +45,8 @@ struct Reserved {
 impl RateLimiter {
     /// Seconds until the window containing `now` ends.
     #[must_use]
-    pub fn reset_secs(now: Millis) -> u64 {
-        let left = WINDOW_MS - now.rem_euclid(WINDOW_MS);
+    pub fn reset_secs(now: Timestamp) -> u64 {
+        let left = WINDOW_MS - now.millis().rem_euclid(WINDOW_MS);
         u64::try_from((left + 999) / 1000).unwrap_or(60).max(1)
     }
 
@@ -69,9 +69,9 @@ impl RateLimiter {
         credential: &str,
         api_id: u32,
         limit: u32,
-        now: Millis,
+        now: Timestamp,
     ) -> Decision {
-        let window = now.div_euclid(WINDOW_MS);
+        let window = now.millis().div_euclid(WINDOW_MS);
         let reset_secs = Self::reset_secs(now);
         let decision = |allowed: bool, used: u64| Decision {
             allowed,
@@ -122,8 +122,8 @@ impl RateLimiter {
     }
 
     /// Counts one request of `credential` on endpoint `api_id` against `limit` per minute, in memory.
-    pub fn check(&self, credential: &str, api_id: u32, limit: u32, now: Millis) -> Decision {
-        let window = now.div_euclid(WINDOW_MS);
+    pub fn check(&self, credential: &str, api_id: u32, limit: u32, now: Timestamp) -> Decision {
+        let window = now.millis().div_euclid(WINDOW_MS);
         let reset_secs = Self::reset_secs(now);
         let mut windows = self.windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if windows.len() > 100_000 {
@@ -156,7 +156,7 @@ mod tests {
     #[test]
     fn limits_per_key_and_window() {
         let limiter = RateLimiter::default();
-        let t0 = 1_700_000_020_000; // 40 s into a minute
+        let t0 = Timestamp::from_millis(1_700_000_020_000); // 40 s into a minute
         for i in 0..3 {
             let d = limiter.check("tok", 1, 3, t0);
             assert!(d.allowed);
@@ -166,6 +166,6 @@ mod tests {
         assert!(!limiter.check("tok", 1, 3, t0).allowed);
         assert!(limiter.check("tok", 2, 3, t0).allowed, "another endpoint has its own budget");
         assert!(limiter.check("other", 1, 3, t0).allowed, "another token has its own budget");
-        assert!(limiter.check("tok", 1, 3, t0 + 20_000).allowed, "a new minute starts afresh");
+        assert!(limiter.check("tok", 1, 3, t0.plus_millis(20_000)).allowed, "a new minute starts afresh");
     }
 }

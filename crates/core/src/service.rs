@@ -3,13 +3,14 @@
 //! (validation, duplicates, quotas, ownership) live here once.
 
 use crate::model::{
-    Delivery, Idempotency, Item, ItemFilter, ItemRecord, ItemType, Kind, Millis, NewItem, NewTask, NodeResult, Page,
-    PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskKind, TaskSummary,
+    Delivery, Idempotency, Item, ItemFilter, ItemRecord, ItemType, Kind, NewItem, NewTask, NodeResult, Page,
+    PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskKind, TaskSummary, Timestamp,
 };
 use crate::policy::{DomainPattern, UrlError, parse_item_of};
 use crate::ratelimit::{Decision, RateLimiter};
 use crate::store::{RecordQuery, Store, StoreError, WindowQuery};
-use chrono::{FixedOffset, TimeZone};
+use crate::types::{AccountName, QuotaDay, TaskId};
+use chrono::FixedOffset;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct Account {
     /// Unique name.
-    pub name: String,
+    pub name: AccountName,
     /// The domains whose URLs it may submit.
     pub domains: Vec<DomainPattern>,
     /// Daily quotas.
@@ -63,7 +64,7 @@ pub struct SubmittedUrl {
     /// URL or directory.
     pub item_type: ItemType,
     /// Do not execute before this time (a scheduled prefetch).
-    pub not_before: Option<Millis>,
+    pub not_before: Option<Timestamp>,
 }
 
 impl SubmittedUrl {
@@ -109,7 +110,7 @@ pub struct Submission {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Submitted {
     /// The new task's id.
-    pub task_id: i64,
+    pub task_id: TaskId,
     /// How many distinct URLs were accepted.
     pub accepted: usize,
     /// The URLs refused, with why, in submission order.
@@ -170,7 +171,7 @@ impl Service {
 
     /// Counts one request of `credential` (a token or an access key, never stored as it is) on
     /// the endpoint `api_id` against `limit` requests per minute; see [`RateLimiter`].
-    pub async fn admit(&self, credential: &str, api_id: u32, limit: u32, now: Millis) -> Decision {
+    pub async fn admit(&self, credential: &str, api_id: u32, limit: u32, now: Timestamp) -> Decision {
         self.limiter.check_shared(self.store.as_ref(), credential, api_id, limit, now).await
     }
 
@@ -184,11 +185,8 @@ impl Service {
 
     /// The quota day containing `now`, `YYYY-MM-DD` in the quota time zone.
     #[must_use]
-    pub fn quota_day(&self, now: Millis) -> String {
-        self.quota_zone
-            .timestamp_millis_opt(now)
-            .single()
-            .map_or_else(String::new, |t| t.format("%Y-%m-%d").to_string())
+    pub fn quota_day(&self, now: Timestamp) -> QuotaDay {
+        QuotaDay::of(now, &self.quota_zone)
     }
 
     /// Validates, deduplicates, charges the quotas and durably stores a submission.
@@ -199,7 +197,7 @@ impl Service {
         &self,
         account: &Account,
         submission: Submission,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<Submitted, SubmitError> {
         let Validated { kind, mut items, rejected } = submission.urls;
         if items.is_empty() {
@@ -254,7 +252,7 @@ impl Service {
     /// (duplicates after normalization merged, a `not_before` in the past dropped), the others
     /// are returned with why.
     #[must_use]
-    pub fn validate(&self, account: &Account, kind: TaskKind, urls: Vec<SubmittedUrl>, now: Millis) -> Validated {
+    pub fn validate(&self, account: &Account, kind: TaskKind, urls: Vec<SubmittedUrl>, now: Timestamp) -> Validated {
         let mut seen = HashSet::new();
         let mut items: Vec<NewItem> = Vec::new();
         let mut rejected = Vec::new();
@@ -281,7 +279,12 @@ impl Service {
     ///
     /// # Errors
     /// The store failing.
-    pub async fn quota(&self, account: &Account, bucket: QuotaBucket, now: Millis) -> Result<QuotaState, StoreError> {
+    pub async fn quota(
+        &self,
+        account: &Account,
+        bucket: QuotaBucket,
+        now: Timestamp,
+    ) -> Result<QuotaState, StoreError> {
         let used = self.store.quota_used(&account.name, bucket, &self.quota_day(now)).await?;
         let limit = account.quotas.limit(bucket);
         Ok(QuotaState { limit, remaining: limit.saturating_sub(used) })
@@ -295,7 +298,7 @@ impl Service {
         &self,
         account: &Account,
         kind: Kind,
-        task_id: i64,
+        task_id: TaskId,
         page: PageRequest,
     ) -> Result<Page<ItemRecord>, StoreError> {
         self.store.task_items(&account.name, kind, task_id, page).await
@@ -305,7 +308,7 @@ impl Service {
     ///
     /// # Errors
     /// The store failing.
-    pub async fn task(&self, account: &Account, task_id: i64) -> Result<Option<TaskSummary>, StoreError> {
+    pub async fn task(&self, account: &Account, task_id: TaskId) -> Result<Option<TaskSummary>, StoreError> {
         self.store.task(&account.name, task_id).await
     }
 
@@ -351,7 +354,7 @@ impl Service {
     ///
     /// # Errors
     /// The store failing.
-    pub async fn cancel(&self, account: &Account, task_id: i64, now: Millis) -> Result<u64, StoreError> {
+    pub async fn cancel(&self, account: &Account, task_id: TaskId, now: Timestamp) -> Result<u64, StoreError> {
         self.store.cancel_waiting(&account.name, task_id, now).await
     }
 
@@ -359,7 +362,7 @@ impl Service {
     ///
     /// # Errors
     /// The store failing.
-    pub async fn retry(&self, account: &Account, task_id: i64) -> Result<u64, StoreError> {
+    pub async fn retry(&self, account: &Account, task_id: TaskId) -> Result<u64, StoreError> {
         let n = self.store.retry_failed(&account.name, task_id).await?;
         if n > 0 {
             (self.on_submit)();
@@ -371,7 +374,7 @@ impl Service {
     ///
     /// # Errors
     /// The store failing.
-    pub async fn deliveries(&self, account: &Account, task_id: i64) -> Result<Vec<Delivery>, StoreError> {
+    pub async fn deliveries(&self, account: &Account, task_id: TaskId) -> Result<Vec<Delivery>, StoreError> {
         self.store.deliveries(&account.name, task_id).await
     }
 
@@ -391,7 +394,7 @@ impl Service {
         &self,
         account: &Account,
         kind: Kind,
-        (from, to): (Millis, Millis),
+        (from, to): (Timestamp, Timestamp),
         url: Option<&str>,
         page: PageRequest,
     ) -> Result<Page<ItemRecord>, StoreError> {

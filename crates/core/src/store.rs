@@ -2,9 +2,10 @@
 //! nothing here knows SQL, and nothing in a backend knows a dialect.
 
 use crate::model::{
-    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemRecord, ItemType, ItemUpdate, Kind, Millis, NewTask,
-    NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskSummary, WebhookJob,
+    ClaimedItem, Delivery, DeliveryOutcome, Item, ItemFilter, ItemRecord, ItemType, ItemUpdate, Kind, NewTask,
+    NodeResult, Page, PageRequest, QuotaBucket, QuotaCharge, TaskFilter, TaskSummary, Timestamp, WebhookJob,
 };
+use crate::types::{AccountName, QuotaDay, TaskId};
 use async_trait::async_trait;
 
 /// What can go wrong in a store.
@@ -20,15 +21,22 @@ pub enum StoreError {
         /// The daily limit.
         limit: u64,
     },
-    /// The database cannot be reached or answered with an error.
+    /// The database cannot be reached or answered with an error (kept as the source).
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An `Idempotency-Key` was reused with another request; nothing was stored.
     #[error("idempotency key reused with a different request")]
     IdempotencyConflict,
     /// The stored schema is newer than this binary knows.
     #[error("store schema: {0}")]
     Schema(String),
+}
+
+impl StoreError {
+    /// The store is unavailable because of `error`.
+    pub fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable(error.into())
+    }
 }
 
 /// The result type of store operations.
@@ -38,13 +46,13 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[derive(Debug, Clone)]
 pub struct WindowQuery<'a> {
     /// The account.
-    pub account: &'a str,
+    pub account: &'a AccountName,
     /// Refresh or prefetch.
     pub kind: Kind,
     /// Items created at or after this time.
-    pub from: Millis,
+    pub from: Timestamp,
     /// Items created before this time.
-    pub to: Millis,
+    pub to: Timestamp,
     /// Only the records of this exact URL.
     pub url: Option<&'a str>,
     /// Which page, newest first.
@@ -55,15 +63,15 @@ pub struct WindowQuery<'a> {
 #[derive(Debug, Clone)]
 pub struct RecordQuery<'a> {
     /// The account.
-    pub account: &'a str,
+    pub account: &'a AccountName,
     /// Refresh or prefetch.
     pub kind: Kind,
     /// Only this task's items; the time window is then ignored.
-    pub task_id: Option<i64>,
+    pub task_id: Option<TaskId>,
     /// Items created at or after this time.
-    pub from: Millis,
+    pub from: Timestamp,
     /// Items created before this time.
-    pub to: Millis,
+    pub to: Timestamp,
     /// Only items whose host is this site or a name under it.
     pub site: Option<&'a str>,
     /// Only this exact URL.
@@ -71,7 +79,7 @@ pub struct RecordQuery<'a> {
     /// Only URLs or only directories.
     pub item_type: Option<ItemType>,
     /// Only items after this `(created_at, id)` position: the previous page's last record.
-    pub after: Option<(Millis, i64)>,
+    pub after: Option<(Timestamp, i64)>,
     /// At most this many records.
     pub limit: u32,
 }
@@ -82,17 +90,17 @@ pub struct RecordQuery<'a> {
 pub trait TaskStore: Send + Sync + 'static {
     /// Stores a task and its items, and charges the quotas, atomically: either all of it is
     /// durable when this returns, or none of it. Returns the new task id.
-    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64>;
+    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<TaskId>;
 
     /// How much of a daily quota is spent.
-    async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64>;
+    async fn quota_used(&self, account: &AccountName, bucket: QuotaBucket, day: &QuotaDay) -> StoreResult<u64>;
 
     /// The items of one task of one account and kind, newest first. Another account's task is empty.
     async fn task_items(
         &self,
-        account: &str,
+        account: &AccountName,
         kind: Kind,
-        task_id: i64,
+        task_id: TaskId,
         page: PageRequest,
     ) -> StoreResult<Page<ItemRecord>>;
 
@@ -103,27 +111,32 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>>;
 
     /// One task of the account with its status counts.
-    async fn task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>>;
+    async fn task(&self, account: &AccountName, task_id: TaskId) -> StoreResult<Option<TaskSummary>>;
 
     /// The account's tasks matching `filter`, newest first, at most `limit`.
-    async fn list_tasks(&self, account: &str, filter: &TaskFilter<'_>, limit: u32) -> StoreResult<Vec<TaskSummary>>;
+    async fn list_tasks(
+        &self,
+        account: &AccountName,
+        filter: &TaskFilter<'_>,
+        limit: u32,
+    ) -> StoreResult<Vec<TaskSummary>>;
 
     /// The account's items matching `filter`, newest first, at most `limit`.
-    async fn list_items(&self, account: &str, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>>;
+    async fn list_items(&self, account: &AccountName, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>>;
 
     /// The node results of these items, if they are the account's.
-    async fn node_results(&self, account: &str, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>>;
+    async fn node_results(&self, account: &AccountName, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>>;
 
     /// Fails the task's items that are waiting and unclaimed, with the reason "cancelled";
     /// items that followed them run on their own. Returns how many were cancelled.
-    async fn cancel_waiting(&self, account: &str, task_id: i64, now: Millis) -> StoreResult<u64>;
+    async fn cancel_waiting(&self, account: &AccountName, task_id: TaskId, now: Timestamp) -> StoreResult<u64>;
 
     /// Puts the task's failed items back in the queue with their node results cleared.
     /// Returns how many.
-    async fn retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64>;
+    async fn retry_failed(&self, account: &AccountName, task_id: TaskId) -> StoreResult<u64>;
 
     /// The webhook delivery log of one of the account's tasks, oldest first.
-    async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>>;
+    async fn deliveries(&self, account: &AccountName, task_id: TaskId) -> StoreResult<Vec<Delivery>>;
 }
 
 /// The work queue: runnable items leased to workers, and the results they report (the worker).
@@ -134,13 +147,13 @@ pub trait Queue: Send + Sync + 'static {
     async fn claim_items(
         &self,
         owner: &str,
-        now: Millis,
-        lease_until: Millis,
+        now: Timestamp,
+        lease_until: Timestamp,
         limit: u32,
     ) -> StoreResult<Vec<ClaimedItem>>;
 
     /// Extends every lease `owner` holds on an unfinished item. Returns how many.
-    async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64>;
+    async fn renew_leases(&self, owner: &str, lease_until: Timestamp) -> StoreResult<u64>;
 
     /// Gives up every lease `owner` holds, so that another worker may claim the items at once.
     async fn release_leases(&self, owner: &str) -> StoreResult<()>;
@@ -159,12 +172,17 @@ pub trait Outbox: Send + Sync + 'static {
     async fn dispatch_finished(
         &self,
         urls: &std::collections::HashMap<String, Vec<String>>,
-        now: Millis,
+        now: Timestamp,
         limit: u32,
     ) -> StoreResult<u64>;
 
     /// Leases due webhook jobs.
-    async fn claim_webhook_jobs(&self, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<WebhookJob>>;
+    async fn claim_webhook_jobs(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookJob>>;
 
     /// Logs a delivery attempt and moves the job on.
     async fn record_delivery(&self, job: &WebhookJob, attempt: &Delivery, outcome: DeliveryOutcome) -> StoreResult<()>;
@@ -187,7 +205,7 @@ pub trait Counters: Send + Sync + 'static {
 pub trait Retention: Send + Sync + 'static {
     /// Deletes up to `batch` items created before `before` (with their node results and emptied
     /// tasks). Returns how many items went; the caller repeats while it is `batch`.
-    async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64>;
+    async fn sweep(&self, before: Timestamp, batch: u32) -> StoreResult<u64>;
 }
 
 /// Whether the store answers (readiness).

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 /// # Errors
 /// The store failing; what was deleted stays deleted.
 pub async fn sweep_once(store: &dyn Store, days: u32, batch: u32) -> Result<u64, cachectl_core::StoreError> {
-    let before = crate::clock::now_ms() - i64::from(days) * 86_400_000;
+    let before = crate::clock::now_ms().plus_millis(-i64::from(days) * 86_400_000);
     let mut total = 0;
     loop {
         let deleted = store.sweep(before, batch).await?;

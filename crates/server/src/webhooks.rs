@@ -5,7 +5,7 @@
 
 use crate::auth::Secret;
 use crate::wire::views::TaskView;
-use cachectl_core::{Delivery, DeliveryOutcome, Millis, Store, WebhookJob};
+use cachectl_core::{Delivery, DeliveryOutcome, Store, WebhookJob};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::HashMap;
@@ -25,7 +25,7 @@ pub struct Target {
 /// Attempts per notification before giving up.
 pub const MAX_ATTEMPTS: u32 = 8;
 /// How long a claimed job stays with this instance.
-const LEASE_MS: Millis = 60_000;
+const LEASE: Duration = Duration::from_secs(60);
 
 /// `sha256=<hex HMAC-SHA256(secret, "{timestamp}.{body}")>`: the `X-Cachectl-Signature` header.
 #[must_use]
@@ -38,7 +38,7 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 }
 
 /// The wait before attempt `attempts + 1`: 1 s, 2 s, 4 s, … at most 5 minutes.
-fn backoff(attempts: u32) -> Millis {
+fn backoff(attempts: u32) -> i64 {
     (1000_i64 << attempts.saturating_sub(1).min(20)).min(300_000)
 }
 
@@ -65,7 +65,7 @@ pub async fn run(store: Arc<dyn Store>, targets: HashMap<String, Vec<Target>>, s
         if let Err(e) = store.dispatch_finished(&urls, now, 200).await {
             tracing::warn!(error = %e, "Queueing webhook notifications failed; retrying.");
         }
-        match store.claim_webhook_jobs(now, now + LEASE_MS, 32).await {
+        match store.claim_webhook_jobs(now, now.after(LEASE), 32).await {
             Ok(jobs) => {
                 let deliveries = jobs.into_iter().map(|job| deliver(&store, &http, &targets, job));
                 futures::future::join_all(deliveries).await;
@@ -86,7 +86,7 @@ async fn deliver(
     job: WebhookJob,
 ) {
     let attempt = job.attempts + 1;
-    let Some(target) = targets.get(&job.account).and_then(|t| t.iter().find(|t| t.url == job.url)) else {
+    let Some(target) = targets.get(job.account.as_str()).and_then(|t| t.iter().find(|t| t.url == job.url)) else {
         // The URL was removed from the configuration: nothing to deliver to.
         let at = crate::clock::now_ms();
         let log = Delivery {
@@ -110,7 +110,7 @@ async fn deliver(
     };
     let body = serde_json::to_vec(&serde_json::json!({"event": "task.finished", "task": TaskView::from(&task)}))
         .unwrap_or_default();
-    let timestamp = crate::clock::now_ms() / 1000;
+    let timestamp = crate::clock::now_ms().millis() / 1000;
     let result = http
         .post(&target.url)
         .header("content-type", "application/json")
@@ -132,9 +132,9 @@ async fn deliver(
     } else if attempt >= MAX_ATTEMPTS {
         DeliveryOutcome::GaveUp
     } else {
-        DeliveryOutcome::RetryAt(at + backoff(attempt))
+        DeliveryOutcome::RetryAt(at.plus_millis(backoff(attempt)))
     };
-    tracing::debug!(task = job.task_id, url = %job.url, attempt, ?outcome, "Webhook delivery attempted.");
+    tracing::debug!(task = job.task_id.get(), url = %job.url, attempt, ?outcome, "Webhook delivery attempted.");
     let log = Delivery { task_id: job.task_id, url: job.url.clone(), attempt, status_code, error, at };
     if let Err(e) = store.record_delivery(&job, &log, outcome).await {
         tracing::warn!(error = %e, "Recording a webhook delivery failed.");

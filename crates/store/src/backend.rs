@@ -7,6 +7,7 @@
 
 use crate::sql::{Db, Sql, SqlWriter as _, unavailable};
 use cachectl_core::store::Health;
+use cachectl_core::{AccountName, TaskId};
 use cachectl_core::{ItemRecord, Kind, Page, PageRequest, RecordQuery, StoreError, StoreResult, WindowQuery};
 use std::time::Duration;
 
@@ -21,7 +22,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
     const SHARED_COUNTERS: bool;
 
     /// One page of task `id`'s items, newest first, with how many it has (`TaskStore::task_items`).
-    async fn task_page(&self, account: &str, kind: Kind, id: i64, page: PageRequest) -> StoreResult<Page<ItemRecord>>;
+    async fn task_page(
+        &self,
+        account: &AccountName,
+        kind: Kind,
+        id: TaskId,
+        page: PageRequest,
+    ) -> StoreResult<Page<ItemRecord>>;
 
     /// One page of a window, newest first, with its exact total (`TaskStore::window_items`).
     async fn window_page(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>>;

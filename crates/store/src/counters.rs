@@ -4,6 +4,7 @@
 
 use crate::backend::{Backend, SqlStore};
 use crate::sql::{Db, Sql, SqlWriter, unavailable};
+use cachectl_core::AccountName;
 use cachectl_core::store::Counters;
 use cachectl_core::{Kind, StoreResult, WindowQuery};
 
@@ -26,7 +27,7 @@ const COUNT_REQUESTS: &str = "INSERT INTO rate_windows (credential, api_id, minu
 /// Counts `n` new items of `account` and `kind` created at `created_at`.
 pub(crate) async fn count_items<DB: Db>(
     conn: &mut DB::Connection,
-    account: &str,
+    account: &AccountName,
     kind: Kind,
     created_at: i64,
     n: i64,
@@ -60,7 +61,7 @@ pub(crate) const DEEP_PAGE: i64 = 1_000;
 /// index).
 pub(crate) fn write_window_total<'a, W: SqlWriter<'a>>(w: &mut W, query: &'a WindowQuery<'a>) {
     let count = |w: &mut W, from: i64, to: i64| {
-        w.sql("(SELECT COUNT(*) FROM items WHERE account = ").text(query.account).sql(" AND kind = ");
+        w.sql("(SELECT COUNT(*) FROM items WHERE account = ").text(query.account.as_str()).sql(" AND kind = ");
         w.text(query.kind.as_str());
         if let Some(url) = query.url {
             w.sql(" AND url = ").text(url);
@@ -68,13 +69,13 @@ pub(crate) fn write_window_total<'a, W: SqlWriter<'a>>(w: &mut W, query: &'a Win
         w.sql(" AND created_at >= ").int(from).sql(" AND created_at < ").int(to).sql(")");
     };
     if query.url.is_some() {
-        count(w, query.from, query.to);
+        count(w, query.from.millis(), query.to.millis());
         return;
     }
-    let (hours, edges) = split_window(query.from, query.to);
+    let (hours, edges) = split_window(query.from.millis(), query.to.millis());
     let mut parts = 0;
     if let Some((first, end)) = hours {
-        w.sql("COALESCE((SELECT SUM(n) FROM item_counts WHERE account = ").text(query.account);
+        w.sql("COALESCE((SELECT SUM(n) FROM item_counts WHERE account = ").text(query.account.as_str());
         w.sql(" AND kind = ").text(query.kind.as_str());
         w.sql(" AND hour >= ").int(first).sql(" AND hour < ").int(end).sql("), 0)");
         parts += 1;

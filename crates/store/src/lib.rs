@@ -53,7 +53,7 @@ pub async fn open_with(url: &str, migrate: bool, connections: Connections) -> Re
     if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         return Ok(Arc::new(PgStore::open(url, migrate, connections).await?));
     }
-    Err(StoreError::Unavailable("store.url: unsupported scheme; use sqlite:// or postgres://".into()))
+    Err(StoreError::unavailable("store.url: unsupported scheme; use sqlite:// or postgres://"))
 }
 
 /// Whether `url` names a backend this build supports.

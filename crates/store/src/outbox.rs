@@ -4,7 +4,8 @@
 use crate::backend::{Backend, SqlStore};
 use crate::sql::{Db, Get as _, Sql, SqlWriter as _, unavailable};
 use cachectl_core::store::Outbox;
-use cachectl_core::{Delivery, DeliveryOutcome, Millis, StoreResult, WebhookJob};
+use cachectl_core::{AccountName, TaskId};
+use cachectl_core::{Delivery, DeliveryOutcome, StoreResult, Timestamp, WebhookJob};
 use std::collections::HashMap;
 
 /// Up to `?1` finished tasks whose notifications are not queued yet.
@@ -38,7 +39,7 @@ impl<DB: Db, B: Backend<Db = DB>> Outbox for SqlStore<DB, B> {
     async fn dispatch_finished(
         &self,
         urls: &HashMap<String, Vec<String>>,
-        now: Millis,
+        now: Timestamp,
         limit: u32,
     ) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
@@ -56,7 +57,12 @@ impl<DB: Db, B: Backend<Db = DB>> Outbox for SqlStore<DB, B> {
         Ok(rows.len() as u64)
     }
 
-    async fn claim_webhook_jobs(&self, now: Millis, lease_until: Millis, limit: u32) -> StoreResult<Vec<WebhookJob>> {
+    async fn claim_webhook_jobs(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookJob>> {
         let mut conn = self.writer.acquire().await.map_err(unavailable)?;
         let args = [lease_until.into(), now.into(), now.into(), i64::from(limit).into()];
         let rows = Sql::<DB>::new().template(CLAIM_JOBS, &args).rows(&mut conn).await?;
@@ -64,8 +70,8 @@ impl<DB: Db, B: Backend<Db = DB>> Outbox for SqlStore<DB, B> {
             .iter()
             .map(|r| WebhookJob {
                 id: r.int("id"),
-                task_id: r.int("task_id"),
-                account: r.text("account"),
+                task_id: r.task_id("task_id"),
+                account: AccountName::new(r.text("account")),
                 url: r.text("url"),
                 attempts: u32::try_from(r.int("attempts")).unwrap_or(0),
             })
@@ -100,20 +106,20 @@ impl<DB: Db, B: Backend<Db = DB>> Outbox for SqlStore<DB, B> {
 /// `TaskStore::deliveries`: the log of task `task_id` of `account`, read on `pool`.
 pub(crate) async fn deliveries<DB: Db>(
     pool: &sqlx::Pool<DB>,
-    account: &str,
-    task_id: i64,
+    account: &AccountName,
+    task_id: TaskId,
 ) -> StoreResult<Vec<Delivery>> {
     let mut conn = pool.acquire().await.map_err(unavailable)?;
     let rows = Sql::<DB>::new().template(DELIVERIES, &[account.into(), task_id.into()]).rows(&mut conn).await?;
     Ok(rows
         .iter()
         .map(|r| Delivery {
-            task_id: r.int("task_id"),
+            task_id: r.task_id("task_id"),
             url: r.text("url"),
             attempt: u32::try_from(r.int("attempt")).unwrap_or(0),
             status_code: r.opt_int("status_code").and_then(|c| u16::try_from(c).ok()),
             error: r.opt_text("error"),
-            at: r.int("at"),
+            at: r.time("at"),
         })
         .collect())
 }

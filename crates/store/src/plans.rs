@@ -10,14 +10,19 @@ use crate::records::{postgres, sqlite};
 use crate::retention::SWEEP_SELECT;
 use crate::sql::{Db as _, Get as _, Sql, SqlWriter, unavailable};
 use crate::sqlite::SqliteBackend;
-use cachectl_core::{ItemStatus, ItemUpdate, Kind, Millis, PageRequest, RecordQuery, StoreResult, WindowQuery};
+use cachectl_core::{
+    AccountName, ItemStatus, ItemUpdate, Kind, PageRequest, RecordQuery, StoreResult, TaskId, Timestamp, WindowQuery,
+};
 use sqlx::{Postgres, Sqlite};
 
 /// The lease owner in the plans of the queue's statements.
 const OWNER: &str = "owner";
 
 /// The record queries whose plans are checked: every filter the Baidu dialects use.
-fn sample_record_queries(account: &str, (from, to): (i64, i64)) -> Vec<(&'static str, RecordQuery<'_>)> {
+fn sample_record_queries(
+    account: &AccountName,
+    (from, to): (Timestamp, Timestamp),
+) -> Vec<(&'static str, RecordQuery<'_>)> {
     let base = RecordQuery {
         account,
         kind: Kind::Refresh,
@@ -31,10 +36,10 @@ fn sample_record_queries(account: &str, (from, to): (i64, i64)) -> Vec<(&'static
         limit: 101,
     };
     vec![
-        ("records: window and marker", RecordQuery { after: Some((0, 0)), ..base.clone() }),
+        ("records: window and marker", RecordQuery { after: Some((Timestamp::EPOCH, 0)), ..base.clone() }),
         ("records: site", RecordQuery { site: Some("example.com"), ..base.clone() }),
-        ("records: task id", RecordQuery { task_id: Some(1), site: Some("example.com"), ..base.clone() }),
-        ("records: one URL", RecordQuery { url: Some("http://x/"), after: Some((0, 0)), ..base }),
+        ("records: task id", RecordQuery { task_id: Some(TaskId::new(1)), site: Some("example.com"), ..base.clone() }),
+        ("records: one URL", RecordQuery { url: Some("http://x/"), after: Some((Timestamp::EPOCH, 0)), ..base }),
     ]
 }
 
@@ -45,8 +50,8 @@ fn sample_update() -> ItemUpdate {
         item_id: 1,
         status: ItemStatus::Failed,
         progress: 50,
-        started_at: Some(1),
-        finished_at: Some(2),
+        started_at: Some(Timestamp::from_millis(1)),
+        finished_at: Some(Timestamp::from_millis(2)),
         reason: Some("node a: 500".into()),
         nodes: Vec::new(),
     }
@@ -55,7 +60,7 @@ fn sample_update() -> ItemUpdate {
 /// The statements of the queue and the sweep that both backends run, by name, each written
 /// into a statement that `new` starts.
 fn queue_statements<'a, W: SqlWriter<'a>>(
-    from: Millis,
+    from: Timestamp,
     update: &'a ItemUpdate,
     updates: &'a [&'a ItemUpdate],
     new: impl Fn() -> W,
@@ -66,7 +71,7 @@ fn queue_statements<'a, W: SqlWriter<'a>>(
             .chain(["apply: dependents"])
             .map(|name| (name, new()))
             .collect();
-    claim_statement(&mut statements[0].1, OWNER, 0, 1, 100);
+    claim_statement(&mut statements[0].1, OWNER, Timestamp::EPOCH, Timestamp::from_millis(1), 100);
     statements[1].1.template(RENEW, &[1.into(), OWNER.into()]);
     statements[2].1.template(RELEASE, &[OWNER.into()]);
     statements[3].1.template(SWEEP_SELECT, &[from.into(), 2000.into()]);
@@ -96,9 +101,13 @@ impl SqlStore<Sqlite, SqliteBackend> {
     ///
     /// # Errors
     /// The store failing.
-    pub async fn explain(&self, account: &str, window: (Millis, Millis)) -> StoreResult<Vec<(String, String)>> {
+    pub async fn explain(
+        &self,
+        account: &AccountName,
+        window: (Timestamp, Timestamp),
+    ) -> StoreResult<Vec<(String, String)>> {
         // A window with partial hours at both ends, so that the total uses every part.
-        let (from, to) = (window.0 + 60_000, window.1 - 60_000);
+        let (from, to) = (window.0.plus_millis(60_000), window.1.plus_millis(-60_000));
         let page = PageRequest { number: 100, size: 50 };
         let total = |url| {
             let query = WindowQuery { account, kind: Kind::Refresh, from, to, url, page };
@@ -140,16 +149,20 @@ impl SqlStore<Postgres, PgBackend> {
     ///
     /// # Errors
     /// The store failing.
-    pub async fn explain(&self, account: &str, (from, to): (Millis, Millis)) -> StoreResult<Vec<(String, String)>> {
+    pub async fn explain(
+        &self,
+        account: &AccountName,
+        (from, to): (Timestamp, Timestamp),
+    ) -> StoreResult<Vec<(String, String)>> {
         let mut conn = self.writer.acquire().await.map_err(unavailable)?;
         Sql::<Postgres>::new().sql("ANALYZE items").execute(&mut conn).await?;
         Sql::<Postgres>::new().sql("SET enable_seqscan = off").execute(&mut conn).await?;
         let first = PageRequest { number: 1, size: 50 };
         let mut statements = vec![explained("task id: count and page", |q| {
-            postgres::write_task_page(q, account, Kind::Refresh, 1, first)
+            postgres::write_task_page(q, account, Kind::Refresh, TaskId::new(1), first)
         })];
         // A window with partial hours at both ends, so that the total uses every part.
-        let (total_from, total_to) = (from + 60_000, to - 60_000);
+        let (total_from, total_to) = (from.plus_millis(60_000), to.plus_millis(-60_000));
         let page = PageRequest { number: 100, size: 50 };
         let windows = [None, Some("http://x/")].map(|url| {
             let what = if url.is_some() { "one URL" } else { "window" };
@@ -161,7 +174,7 @@ impl SqlStore<Postgres, PgBackend> {
             statements
                 .push(explained(format!("{what}: total and first page"), |q| postgres::write_window_page(q, query, 0)));
             if query.url.is_none()
-                && let (Some(hours), _) = split_window(query.from, query.to)
+                && let (Some(hours), _) = split_window(query.from.millis(), query.to.millis())
             {
                 let name = format!("{what}: deep page, hourly counters");
                 statements.push(explained(name, |q| postgres::write_deep_window_page(q, query, hours, 4950)));

@@ -5,6 +5,7 @@
 use crate::backend::{Backend, SqlStore, check_schema_version, newest_migration};
 use crate::records::postgres::{self as records, PING_WHEN_IDLE, Reads};
 use crate::sql::unavailable;
+use cachectl_core::{AccountName, TaskId};
 use cachectl_core::{ItemRecord, Kind, Page, PageRequest, RecordQuery, StoreError, StoreResult, WindowQuery};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgPool, Postgres};
@@ -82,7 +83,13 @@ impl Backend for PgBackend {
     type Db = Postgres;
     const SHARED_COUNTERS: bool = true;
 
-    async fn task_page(&self, account: &str, kind: Kind, id: i64, page: PageRequest) -> StoreResult<Page<ItemRecord>> {
+    async fn task_page(
+        &self,
+        account: &AccountName,
+        kind: Kind,
+        id: TaskId,
+        page: PageRequest,
+    ) -> StoreResult<Page<ItemRecord>> {
         records::task_page(&self.reads, account, kind, id, page).await
     }
 

@@ -5,7 +5,7 @@ use crate::backend::{Backend, SqlStore};
 use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
 use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter, unavailable};
 use cachectl_core::store::Queue;
-use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, StoreResult};
+use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, NodeResult, StoreResult, TaskId, Timestamp};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Node results upserted per statement (8 values each).
@@ -89,8 +89,8 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
     async fn claim_items(
         &self,
         owner: &str,
-        now: Millis,
-        lease_until: Millis,
+        now: Timestamp,
+        lease_until: Timestamp,
         limit: u32,
     ) -> StoreResult<Vec<ClaimedItem>> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
@@ -99,7 +99,7 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
             .iter()
             .map(|row| ClaimedItem {
                 item: item_from_row::<DB>(row),
-                started_at: row.opt_int("started_at"),
+                started_at: row.opt_time("started_at"),
                 nodes: Vec::new(),
             })
             .collect();
@@ -119,7 +119,7 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
         Ok(claimed)
     }
 
-    async fn renew_leases(&self, owner: &str, lease_until: Millis) -> StoreResult<u64> {
+    async fn renew_leases(&self, owner: &str, lease_until: Timestamp) -> StoreResult<u64> {
         let mut conn = self.writer.acquire().await.map_err(unavailable)?;
         Sql::<DB>::new().template(RENEW, &[lease_until.into(), owner.into()]).execute(&mut conn).await
     }
@@ -198,14 +198,14 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
         }
         // Task counters are settled last, one statement per task in id order: instances sharing a
         // database then lock task rows in the same order and cannot deadlock.
-        let mut settle: BTreeMap<i64, (i64, Millis)> = BTreeMap::new();
+        let mut settle: BTreeMap<i64, (i64, Timestamp)> = BTreeMap::new();
         for (task, update) in finished {
-            let entry = settle.entry(task).or_insert((0, 0));
+            let entry = settle.entry(task).or_insert((0, Timestamp::EPOCH));
             entry.0 += 1;
             entry.1 = entry.1.max(update.finished_at.unwrap_or_default());
         }
         for (task, (n, at)) in settle {
-            crate::tasks::settle_task::<DB>(&mut tx, task, n, at).await?;
+            crate::tasks::settle_task::<DB>(&mut tx, TaskId::new(task), n, at).await?;
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(u64::try_from(lost).unwrap_or(u64::MAX))
@@ -216,8 +216,8 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
 pub(crate) fn claim_statement<'q, 'a, W: SqlWriter<'a>>(
     q: &'q mut W,
     owner: &'a str,
-    now: Millis,
-    lease_until: Millis,
+    now: Timestamp,
+    lease_until: Timestamp,
     limit: u32,
 ) -> &'q mut W {
     q.template(CLAIM, &[owner.into(), lease_until.into(), now.into(), i64::from(limit).into()]);
@@ -323,13 +323,22 @@ mod tests {
             attempts: 1,
             status_code: None,
             error: None,
-            updated_at: 0,
+            updated_at: Timestamp::EPOCH,
             instance: String::new(),
         }
     }
 
     fn update(id: i64, status: ItemStatus, finished: Option<i64>, nodes: Vec<NodeResult>) -> ItemUpdate {
-        ItemUpdate { item_id: id, status, progress: 0, started_at: Some(1), finished_at: finished, reason: None, nodes }
+        let finished_at = finished.map(Timestamp::from_millis);
+        ItemUpdate {
+            item_id: id,
+            status,
+            progress: 0,
+            started_at: Some(Timestamp::EPOCH),
+            finished_at,
+            reason: None,
+            nodes,
+        }
     }
 
     #[test]
@@ -343,7 +352,11 @@ mod tests {
         ]);
         assert_eq!(merged.len(), 2);
         assert_eq!(merged[0].item_id, 1, "first-seen order");
-        assert_eq!((merged[0].status, merged[0].finished_at), (ItemStatus::Failed, Some(9)), "the transition is kept");
+        assert_eq!(
+            (merged[0].status, merged[0].finished_at),
+            (ItemStatus::Failed, Some(Timestamp::from_millis(9))),
+            "the transition is kept"
+        );
         assert_eq!(merged[0].nodes.len(), 2, "one result per node");
         assert_eq!(merged[1].nodes, vec![node("a", NodeState::Pending)]);
     }

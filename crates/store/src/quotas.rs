@@ -1,6 +1,7 @@
 //! Daily quotas: what a task charges, in the transaction that stores it, and what is spent.
 
 use crate::sql::{Db, Sql, SqlWriter as _};
+use cachectl_core::{AccountName, QuotaDay};
 use cachectl_core::{QuotaBucket, QuotaCharge, StoreError, StoreResult};
 
 /// Adds `?4` to quota `?2` of account `?1` on day `?3`, unless that takes it beyond `?5`: a
@@ -18,7 +19,7 @@ const USED: &str = "SELECT used FROM quota_usage WHERE account = ?1 AND bucket =
 /// limit, fails with what is spent already, and the caller rolls back.
 pub(crate) async fn charge<DB: Db>(
     conn: &mut DB::Connection,
-    account: &str,
+    account: &AccountName,
     charges: &[QuotaCharge],
 ) -> StoreResult<()> {
     for charge in charges {
@@ -42,9 +43,9 @@ pub(crate) async fn charge<DB: Db>(
 /// How much of quota `bucket` `account` spent on `day`.
 pub(crate) async fn used<DB: Db>(
     conn: &mut DB::Connection,
-    account: &str,
+    account: &AccountName,
     bucket: QuotaBucket,
-    day: &str,
+    day: &QuotaDay,
 ) -> StoreResult<u64> {
     let row = Sql::<DB>::new().template(USED, &[account.into(), bucket.as_str().into(), day.into()]).row(conn).await?;
     Ok(row.map_or(0, |row| u64::try_from(DB::int(&row, 0)).unwrap_or(0)))

@@ -5,7 +5,7 @@
 use crate::backend::{Backend, SqlStore};
 use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter as _, unavailable};
 use cachectl_core::store::Retention;
-use cachectl_core::{Millis, StoreResult};
+use cachectl_core::{StoreResult, Timestamp};
 
 /// Up to `?2` items created before `?1`, oldest first.
 pub(crate) const SWEEP_SELECT: &str = "SELECT id FROM items WHERE created_at < ?1 ORDER BY created_at LIMIT ?2";
@@ -44,7 +44,7 @@ const UNCOUNT_ARRAY: &str = "UPDATE item_counts c SET n = c.n - d.n
 #[async_trait::async_trait]
 impl<DB: Db, B: Backend<Db = DB>> Retention for SqlStore<DB, B> {
     #[tracing::instrument(level = "debug", skip(self))]
-    async fn sweep(&self, before: Millis, batch: u32) -> StoreResult<u64> {
+    async fn sweep(&self, before: Timestamp, batch: u32) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
         let batch = i64::from(batch);
         let rows = Sql::<DB>::new().template(SWEEP_SELECT, &[before.into(), batch.into()]).rows(&mut tx).await?;

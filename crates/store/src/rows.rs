@@ -2,7 +2,7 @@
 //! are trusted; an unknown enum name (a newer writer) degrades to a safe default instead of panicking.
 
 use crate::sql::{Db, Get as _};
-use cachectl_core::{Item, ItemRecord, ItemStatus, ItemType, Kind, NodeResult, NodeState};
+use cachectl_core::{Item, ItemRecord, ItemStatus, ItemType, Kind, NodeResult, NodeState, TaskId, Timestamp};
 
 /// The item columns every item query selects, in this order and together (`item_at` reads them
 /// by position from the `id` column on).
@@ -46,7 +46,7 @@ pub(crate) fn item_at<DB: Db>(row: &DB::Row, base: usize) -> Item {
     let record = record_from::<DB>(row, RECORD_IN_ITEM.map(|column| base + column));
     Item {
         id: record.id,
-        task_id: DB::int(row, base + 1),
+        task_id: TaskId::new(DB::int(row, base + 1)),
         account: DB::text(row, base + 2),
         kind: record.kind,
         url: record.url,
@@ -82,9 +82,9 @@ fn record_from<DB: Db>(row: &DB::Row, at: [usize; 11]) -> ItemRecord {
         status,
         progress,
         operator: DB::text(row, at[6]),
-        created_at: DB::int(row, at[7]),
-        not_before: DB::int(row, at[8]),
-        finished_at: DB::opt_int(row, at[9]),
+        created_at: Timestamp::from_millis(DB::int(row, at[7])),
+        not_before: Timestamp::from_millis(DB::int(row, at[8])),
+        finished_at: DB::opt_int(row, at[9]).map(Timestamp::from_millis),
         reason: DB::opt_text(row, at[10]),
     }
 }
@@ -97,7 +97,7 @@ pub(crate) fn node_from_row<DB: Db>(row: &DB::Row) -> NodeResult {
         attempts: u32::try_from(row.int("attempts")).unwrap_or(0),
         status_code: row.opt_int("status_code").and_then(|c| u16::try_from(c).ok()),
         error: row.opt_text("error"),
-        updated_at: row.int("updated_at"),
+        updated_at: row.time("updated_at"),
         instance: row.text("instance"),
     }
 }

@@ -4,13 +4,13 @@
 //! placeholders (`$1` on PostgreSQL, `?` on SQLite). `Db` holds the few sqlx operations the
 //! shared code runs, so that sqlx's bounds are stated once.
 
-use cachectl_core::{StoreError, StoreResult};
+use cachectl_core::{AccountName, QuotaDay, StoreError, StoreResult, TaskId, Timestamp};
 use sqlx::{Arguments as _, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
 use std::future::Future;
 
 /// A database error, as the store reports it.
-pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+pub(crate) fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+    StoreError::unavailable(e)
 }
 
 /// How a database spells what the statements shared by both backends need.
@@ -86,6 +86,36 @@ impl From<i64> for Arg<'_> {
 impl From<Option<i64>> for Arg<'_> {
     fn from(value: Option<i64>) -> Self {
         Self::OptInt(value)
+    }
+}
+
+impl From<Timestamp> for Arg<'_> {
+    fn from(value: Timestamp) -> Self {
+        Self::Int(value.millis())
+    }
+}
+
+impl From<Option<Timestamp>> for Arg<'_> {
+    fn from(value: Option<Timestamp>) -> Self {
+        Self::OptInt(value.map(Timestamp::millis))
+    }
+}
+
+impl From<TaskId> for Arg<'_> {
+    fn from(value: TaskId) -> Self {
+        Self::Int(value.get())
+    }
+}
+
+impl<'a> From<&'a AccountName> for Arg<'a> {
+    fn from(value: &'a AccountName) -> Self {
+        Self::Text(value.as_str())
+    }
+}
+
+impl<'a> From<&'a QuotaDay> for Arg<'a> {
+    fn from(value: &'a QuotaDay) -> Self {
+        Self::Text(value.as_str())
     }
 }
 
@@ -345,6 +375,21 @@ pub(crate) trait Get {
     fn text(&self, name: &str) -> String;
     /// The text or NULL in column `name`.
     fn opt_text(&self, name: &str) -> Option<String>;
+
+    /// The time in column `name`.
+    fn time(&self, name: &str) -> Timestamp {
+        Timestamp::from_millis(self.int(name))
+    }
+
+    /// The time or NULL in column `name`.
+    fn opt_time(&self, name: &str) -> Option<Timestamp> {
+        self.opt_int(name).map(Timestamp::from_millis)
+    }
+
+    /// The task id in column `name`.
+    fn task_id(&self, name: &str) -> TaskId {
+        TaskId::new(self.int(name))
+    }
 }
 
 impl<R: Row> Get for R

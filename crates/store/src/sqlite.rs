@@ -5,6 +5,7 @@
 use crate::backend::{Backend, SqlStore, check_schema_version};
 use crate::sql::unavailable;
 use crate::sqlite_read::Readers;
+use cachectl_core::{AccountName, TaskId};
 use cachectl_core::{ItemRecord, Kind, Page, PageRequest, RecordQuery, StoreError, StoreResult, WindowQuery};
 use sqlx::Sqlite;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -66,7 +67,7 @@ impl SqlStore<Sqlite, SqliteBackend> {
         if let Some(dir) = options.get_filename().parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(format!("{}: {e}", dir.display())))?;
         }
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -101,8 +102,14 @@ impl Backend for SqliteBackend {
     type Db = Sqlite;
     const SHARED_COUNTERS: bool = false;
 
-    async fn task_page(&self, account: &str, kind: Kind, id: i64, page: PageRequest) -> StoreResult<Page<ItemRecord>> {
-        self.read.task_page(account.to_owned(), kind, id, page).await
+    async fn task_page(
+        &self,
+        account: &AccountName,
+        kind: Kind,
+        id: TaskId,
+        page: PageRequest,
+    ) -> StoreResult<Page<ItemRecord>> {
+        self.read.task_page(account.as_str().to_owned(), kind, id, page).await
     }
 
     async fn window_page(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>> {

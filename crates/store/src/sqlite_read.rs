@@ -8,7 +8,10 @@
 //! stay on sqlx's single writer connection.
 
 use crate::records::sqlite as statements;
-use cachectl_core::{ItemRecord, Kind, Millis, Page, PageRequest, RecordQuery, StoreError, StoreResult, WindowQuery};
+use cachectl_core::TaskId;
+use cachectl_core::{
+    ItemRecord, Kind, Page, PageRequest, RecordQuery, StoreError, StoreResult, Timestamp, WindowQuery,
+};
 use rusqlite::OpenFlags;
 use rusqlite::types::Value;
 use std::time::Duration;
@@ -39,8 +42,8 @@ impl std::fmt::Debug for Readers {
     }
 }
 
-fn failed(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+    StoreError::unavailable(e)
 }
 
 impl Readers {
@@ -101,10 +104,11 @@ impl Readers {
         &self,
         account: String,
         kind: Kind,
-        task_id: i64,
+        task_id: TaskId,
         page: PageRequest,
     ) -> StoreResult<Page<ItemRecord>> {
         let (limit, offset) = (i64::from(page.size), i64::try_from(page.offset()).unwrap_or(i64::MAX));
+        let task_id = task_id.get();
         self.run(move |conn| {
             let tx = conn.unchecked_transaction()?;
             let total: i64 = tx
@@ -119,8 +123,8 @@ impl Readers {
     pub(crate) async fn window_page(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>> {
         let total = statements::window_total(query);
         let page_sql = statements::window_page(query.url.is_some());
-        let (account, kind, url) = (query.account.to_owned(), query.kind, query.url.map(str::to_owned));
-        let (from, to, size) = (query.from, query.to, i64::from(query.page.size));
+        let (account, kind, url) = (query.account.as_str().to_owned(), query.kind, query.url.map(str::to_owned));
+        let (from, to, size) = (query.from.millis(), query.to.millis(), i64::from(query.page.size));
         let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
         self.run(move |conn| {
             // One snapshot for the total, the skip and the page.
@@ -180,13 +184,13 @@ fn deep_page(
     conn: &rusqlite::Connection,
     account: &str,
     kind: Kind,
-    (from, to): (Millis, Millis),
+    (from, to): (i64, i64),
     offset: i64,
-) -> rusqlite::Result<Option<(i64, Millis, i64)>> {
+) -> rusqlite::Result<Option<(i64, i64, i64)>> {
     let (Some((first, end)), _) = crate::counters::split_window(from, to) else {
         return Ok(None);
     };
-    let edge = |start: Millis, end: Millis| -> rusqlite::Result<i64> {
+    let edge = |start: i64, end: i64| -> rusqlite::Result<i64> {
         if start >= end {
             return Ok(0);
         }
@@ -224,9 +228,9 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRecord> {
         status,
         progress,
         operator: row.get(6)?,
-        created_at: row.get(7)?,
-        not_before: row.get(8)?,
-        finished_at: row.get(9)?,
+        created_at: Timestamp::from_millis(row.get(7)?),
+        not_before: Timestamp::from_millis(row.get(8)?),
+        finished_at: row.get::<_, Option<i64>>(9)?.map(Timestamp::from_millis),
         reason: row.get(10)?,
     })
 }

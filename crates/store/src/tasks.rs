@@ -6,10 +6,11 @@ use crate::backend::{Backend, SqlStore};
 use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
 use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter, unavailable};
 use cachectl_core::store::TaskStore;
+use cachectl_core::{AccountName, QuotaDay, TaskId};
 use cachectl_core::{
-    Delivery, Item, ItemFilter, ItemRecord, ItemStatus, ItemType, Kind, Millis, NewItem, NewTask, NodeResult, Page,
+    Delivery, Item, ItemFilter, ItemRecord, ItemStatus, ItemType, Kind, NewItem, NewTask, NodeResult, Page,
     PageRequest, QuotaBucket, QuotaCharge, RecordQuery, StatusCounts, StoreError, StoreResult, TaskFilter, TaskKind,
-    TaskState, TaskSummary, WindowQuery,
+    TaskState, TaskSummary, Timestamp, WindowQuery,
 };
 use std::collections::HashMap;
 
@@ -74,13 +75,13 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
     /// Idempotency check, quota charges, the task, its hourly counts and its items, in one
     /// transaction.
     #[tracing::instrument(level = "debug", skip_all, fields(account = %task.account, items = task.items.len()))]
-    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<i64> {
+    async fn create_task(&self, task: &NewTask, charges: &[QuotaCharge]) -> StoreResult<TaskId> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
         if let Some(idem) = &task.idempotency {
             let args = [(&task.account).into(), (&idem.key).into()];
             if let Some(row) = Sql::<DB>::new().template(IDEMPOTENT, &args).row(&mut tx).await? {
                 return if row.opt_text("request_hash").as_deref() == Some(idem.request_hash.as_str()) {
-                    Ok(row.int("id"))
+                    Ok(row.task_id("id"))
                 } else {
                     Err(StoreError::IdempotencyConflict)
                 };
@@ -98,12 +99,12 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
             task.idempotency.as_ref().map(|i| i.request_hash.as_str()).into(),
         ];
         let row = Sql::<DB>::new().template(INSERT_TASK, &args).row(&mut tx).await?;
-        let task_id = row.map_or(0, |row| DB::int(&row, 0));
+        let task_id = TaskId::new(row.map_or(0, |row| DB::int(&row, 0)));
         for kind in [Kind::Refresh, Kind::Prefetch] {
             let n = task.items.iter().filter(|i| i.kind == kind).count();
             if n > 0 {
                 let n = i64::try_from(n).unwrap_or(i64::MAX);
-                crate::counters::count_items::<DB>(&mut tx, &task.account, kind, task.created_at, n).await?;
+                crate::counters::count_items::<DB>(&mut tx, &task.account, kind, task.created_at.millis(), n).await?;
             }
         }
         insert_task_items::<DB>(&mut tx, task, task_id).await?;
@@ -111,7 +112,7 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
         Ok(task_id)
     }
 
-    async fn quota_used(&self, account: &str, bucket: QuotaBucket, day: &str) -> StoreResult<u64> {
+    async fn quota_used(&self, account: &AccountName, bucket: QuotaBucket, day: &QuotaDay) -> StoreResult<u64> {
         let mut conn = self.reader.acquire().await.map_err(unavailable)?;
         crate::quotas::used::<DB>(&mut conn, account, bucket, day).await
     }
@@ -119,38 +120,43 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
     #[tracing::instrument(level = "debug", skip(self))]
     async fn task_items(
         &self,
-        account: &str,
+        account: &AccountName,
         kind: Kind,
-        task_id: i64,
+        task_id: TaskId,
         page: PageRequest,
     ) -> StoreResult<Page<ItemRecord>> {
         self.backend.task_page(account, kind, task_id, page).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
+    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account.as_str()))]
     async fn window_items(&self, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>> {
         self.backend.window_page(query).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account))]
+    #[tracing::instrument(level = "debug", skip_all, fields(account = query.account.as_str()))]
     async fn records(&self, query: &RecordQuery<'_>) -> StoreResult<Vec<ItemRecord>> {
         self.backend.records(query).await
     }
 
-    async fn task(&self, account: &str, task_id: i64) -> StoreResult<Option<TaskSummary>> {
+    async fn task(&self, account: &AccountName, task_id: TaskId) -> StoreResult<Option<TaskSummary>> {
         let mut tasks = tasks_where(&self.reader, account, &TaskFilter::default(), Some(task_id), 1).await?;
         Ok(tasks.pop())
     }
 
-    async fn list_tasks(&self, account: &str, filter: &TaskFilter<'_>, limit: u32) -> StoreResult<Vec<TaskSummary>> {
+    async fn list_tasks(
+        &self,
+        account: &AccountName,
+        filter: &TaskFilter<'_>,
+        limit: u32,
+    ) -> StoreResult<Vec<TaskSummary>> {
         tasks_where(&self.reader, account, filter, None, limit).await
     }
 
-    async fn list_items(&self, account: &str, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>> {
+    async fn list_items(&self, account: &AccountName, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>> {
         let mut q = Sql::<DB>::new();
-        q.sql("SELECT ").sql(ITEM_COLUMNS).sql(" FROM items WHERE account = ").text(account);
+        q.sql("SELECT ").sql(ITEM_COLUMNS).sql(" FROM items WHERE account = ").text(account.as_str());
         q.and([
-            ("task_id = ", filter.task_id.map(Arg::Int)),
+            ("task_id = ", filter.task_id.map(Arg::from)),
             ("kind = ", filter.kind.map(|kind| Arg::Text(kind.as_str()))),
             ("status = ", filter.status.map(|status| Arg::Text(status.as_str()))),
             ("url = ", filter.url.map(Arg::Text)),
@@ -159,8 +165,8 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
             host_filter(q.sql(" AND "), "host", domain);
         }
         q.and([
-            ("created_at >= ", filter.since.map(Arg::Int)),
-            ("created_at < ", filter.until.map(Arg::Int)),
+            ("created_at >= ", filter.since.map(Arg::from)),
+            ("created_at < ", filter.until.map(Arg::from)),
             ("id < ", filter.before_id.map(Arg::Int)),
         ]);
         q.sql(" ORDER BY id DESC LIMIT ").int(i64::from(limit));
@@ -168,7 +174,7 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
         Ok(q.rows(&mut conn).await?.iter().map(item_from_row::<DB>).collect())
     }
 
-    async fn node_results(&self, account: &str, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>> {
+    async fn node_results(&self, account: &AccountName, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>> {
         let mut out = Vec::new();
         let mut conn = self.reader.acquire().await.map_err(unavailable)?;
         for chunk in item_ids.chunks(ID_CHUNK) {
@@ -182,7 +188,7 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
     }
 
     /// Items of other tasks that followed a cancelled one now run on their own.
-    async fn cancel_waiting(&self, account: &str, task_id: i64, now: Millis) -> StoreResult<u64> {
+    async fn cancel_waiting(&self, account: &AccountName, task_id: TaskId, now: Timestamp) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
         let args = [now.into(), task_id.into(), account.into()];
         let rows = Sql::<DB>::new().template(CANCEL, &args).rows(&mut tx).await?;
@@ -197,7 +203,7 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
         Ok(cancelled.len() as u64)
     }
 
-    async fn retry_failed(&self, account: &str, task_id: i64) -> StoreResult<u64> {
+    async fn retry_failed(&self, account: &AccountName, task_id: TaskId) -> StoreResult<u64> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
         let rows = Sql::<DB>::new().template(RETRY, &[task_id.into(), account.into()]).rows(&mut tx).await?;
         let retried: Vec<i64> = rows.iter().map(|r| DB::int(r, 0)).collect();
@@ -213,7 +219,7 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
         Ok(retried.len() as u64)
     }
 
-    async fn deliveries(&self, account: &str, task_id: i64) -> StoreResult<Vec<Delivery>> {
+    async fn deliveries(&self, account: &AccountName, task_id: TaskId) -> StoreResult<Vec<Delivery>> {
         crate::outbox::deliveries(&self.reader, account, task_id).await
     }
 }
@@ -221,7 +227,7 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
 /// Inserts the task's items: those without a dependency first, each joining an identical
 /// waiting item if there is one; then the prefetches, linked to the refreshes they wait for,
 /// whose ids are read back by URL.
-async fn insert_task_items<DB: Db>(conn: &mut DB::Connection, task: &NewTask, task_id: i64) -> StoreResult<()> {
+async fn insert_task_items<DB: Db>(conn: &mut DB::Connection, task: &NewTask, task_id: TaskId) -> StoreResult<()> {
     let (independent, dependent): (Vec<&NewItem>, Vec<&NewItem>) =
         task.items.iter().partition(|i| i.depends_on.is_none());
     let waiting = waiting_items::<DB>(conn, task, &independent).await?;
@@ -229,7 +235,7 @@ async fn insert_task_items<DB: Db>(conn: &mut DB::Connection, task: &NewTask, ta
         .iter()
         .map(|item| {
             waiting
-                .get(&(item.kind, item.item_type, item.url.clone()))
+                .get(&(item.kind, item.item_type, item.url.as_str().to_owned()))
                 .filter(|(_, due)| *due <= item.not_before.unwrap_or(task.created_at))
                 .map(|(id, _)| *id)
         })
@@ -240,8 +246,9 @@ async fn insert_task_items<DB: Db>(conn: &mut DB::Connection, task: &NewTask, ta
     }
     let rows = Sql::<DB>::new().template(REFRESHES, &[task_id.into()]).rows(conn).await?;
     let ids: HashMap<String, i64> = rows.iter().map(|r| (r.text("url"), r.int("id"))).collect();
-    let depends =
-        |i: usize| dependent[i].depends_on.and_then(|d| task.items.get(d)).and_then(|r| ids.get(&r.url).copied());
+    let depends = |i: usize| {
+        dependent[i].depends_on.and_then(|d| task.items.get(d)).and_then(|r| ids.get(r.url.as_str()).copied())
+    };
     insert_items::<DB>(conn, task, task_id, &dependent, |_| None, depends).await
 }
 
@@ -253,8 +260,8 @@ async fn waiting_items<DB: Db>(
     conn: &mut DB::Connection,
     task: &NewTask,
     items: &[&NewItem],
-) -> StoreResult<HashMap<(Kind, ItemType, String), (i64, Millis)>> {
-    let mut waiting: HashMap<(Kind, ItemType, String), (i64, Millis)> = HashMap::new();
+) -> StoreResult<HashMap<(Kind, ItemType, String), (i64, Timestamp)>> {
+    let mut waiting: HashMap<(Kind, ItemType, String), (i64, Timestamp)> = HashMap::new();
     for kind in [Kind::Refresh, Kind::Prefetch] {
         for item_type in [ItemType::Url, ItemType::Dir] {
             let urls: Vec<&str> =
@@ -263,9 +270,12 @@ async fn waiting_items<DB: Db>(
                 let mut q = Sql::<DB>::new();
                 q.template(COALESCE_HEAD, &[(&task.account).into(), kind.as_str().into()]);
                 q.list(chunk.iter().map(|url| Arg::Text(url)));
-                q.template(COALESCE_TAIL, &[(task.created_at - COALESCE_WINDOW_MS).into(), item_type.as_str().into()]);
+                q.template(
+                    COALESCE_TAIL,
+                    &[task.created_at.plus_millis(-COALESCE_WINDOW_MS).into(), item_type.as_str().into()],
+                );
                 for row in q.rows(conn).await? {
-                    let found: (i64, Millis) = (row.int("id"), row.int("not_before"));
+                    let found: (i64, Timestamp) = (row.int("id"), row.time("not_before"));
                     let entry = waiting.entry((kind, item_type, row.text("url"))).or_insert(found);
                     if found.0 < entry.0 {
                         *entry = found;
@@ -281,7 +291,7 @@ async fn waiting_items<DB: Db>(
 async fn insert_items<DB: Db>(
     conn: &mut DB::Connection,
     task: &NewTask,
-    task_id: i64,
+    task_id: TaskId,
     items: &[&NewItem],
     follows: impl Fn(usize) -> Option<i64>,
     depends: impl Fn(usize) -> Option<i64>,
@@ -293,8 +303,8 @@ async fn insert_items<DB: Db>(
                 task_id.into(),
                 (&task.account).into(),
                 item.kind.as_str().into(),
-                (&item.url).into(),
-                (&item.host).into(),
+                item.url.as_str().into(),
+                item.url.host().into(),
                 item.item_type.as_str().into(),
                 (&task.operator).into(),
                 task.created_at.into(),
@@ -311,9 +321,9 @@ async fn insert_items<DB: Db>(
 /// `n` more of the task's items became final: count them down, and record when the last one did.
 pub(crate) async fn settle_task<DB: Db>(
     conn: &mut DB::Connection,
-    task_id: i64,
+    task_id: TaskId,
     n: i64,
-    now: Millis,
+    now: Timestamp,
 ) -> StoreResult<()> {
     Sql::<DB>::new().template(SETTLE, &[n.into(), n.into(), now.into(), task_id.into()]).execute(conn).await?;
     Ok(())
@@ -322,19 +332,19 @@ pub(crate) async fn settle_task<DB: Db>(
 /// The account's tasks matching `filter` (and `id`), newest first, with their status counts.
 async fn tasks_where<DB: Db>(
     pool: &sqlx::Pool<DB>,
-    account: &str,
+    account: &AccountName,
     filter: &TaskFilter<'_>,
-    id: Option<i64>,
+    id: Option<TaskId>,
     limit: u32,
 ) -> StoreResult<Vec<TaskSummary>> {
     let mut q = Sql::<DB>::new();
     q.template(TASKS, &[account.into()]);
     q.and([
-        ("id = ", id.map(Arg::Int)),
+        ("id = ", id.map(Arg::from)),
         ("kind = ", filter.kind.map(|kind| Arg::Text(kind.as_str()))),
         ("id < ", filter.before_id.map(Arg::Int)),
-        ("created_at >= ", filter.since.map(Arg::Int)),
-        ("created_at < ", filter.until.map(Arg::Int)),
+        ("created_at >= ", filter.since.map(Arg::from)),
+        ("created_at < ", filter.until.map(Arg::from)),
     ]);
     match filter.state {
         Some(TaskState::Running) => q.sql(" AND pending > 0"),
@@ -356,9 +366,9 @@ async fn tasks_where<DB: Db>(
         return Ok(tasks);
     }
     let mut q = Sql::<DB>::new();
-    q.sql(TASK_COUNTS).list(tasks.iter().map(|t| Arg::Int(t.id))).sql(") GROUP BY task_id, status");
+    q.sql(TASK_COUNTS).list(tasks.iter().map(|t| Arg::from(t.id))).sql(") GROUP BY task_id, status");
     for row in q.rows(&mut conn).await? {
-        let task_id = row.int("task_id");
+        let task_id = row.task_id("task_id");
         let status: ItemStatus = row.text("status").parse().unwrap_or(ItemStatus::Processing);
         if let Some(t) = tasks.iter_mut().find(|t| t.id == task_id) {
             t.counts.add(status, u64::try_from(row.int("n")).unwrap_or(0));
@@ -370,13 +380,13 @@ async fn tasks_where<DB: Db>(
 /// A task from a row of `TASKS`, without its counts.
 fn task_from_row<DB: Db>(row: &DB::Row) -> TaskSummary {
     TaskSummary {
-        id: row.int("id"),
+        id: row.task_id("id"),
         account: row.text("account"),
         kind: row.text("kind").parse().unwrap_or(TaskKind::Refresh),
         operator: row.text("operator"),
         dialect: row.text("dialect"),
-        created_at: row.int("created_at"),
-        finished_at: row.opt_int("finished_at"),
+        created_at: row.time("created_at"),
+        finished_at: row.opt_time("finished_at"),
         counts: StatusCounts::default(),
     }
 }

@@ -1,6 +1,7 @@
 //! One conformance suite for every store backend: each test runs the same operations and
 //! assertions against SQLite and against a private PostgreSQL cluster.
 
+use cachectl_core::{AccountName, ItemUrl, QuotaDay, Timestamp};
 use cachectl_core::{
     ItemStatus, ItemType, ItemUpdate, Kind, NewItem, NewTask, NodeResult, NodeState, PageRequest, QuotaBucket,
     QuotaCharge, RecordQuery, Store, StoreError, WindowQuery,
@@ -31,24 +32,43 @@ async fn backends() -> Backends {
 
 fn task(account: &str, kind: Kind, created_at: i64, urls: &[&str]) -> NewTask {
     NewTask {
-        account: account.into(),
+        account: acct(account),
         kind: kind.into(),
         operator: "op".into(),
         dialect: "test".into(),
-        created_at,
+        created_at: at(created_at),
         idempotency: None,
         items: urls
             .iter()
             .map(|u| NewItem {
                 kind,
                 depends_on: None,
-                url: (*u).into(),
-                host: url_host(u),
+                url: ItemUrl::accepted((*u).into(), url_host(u)),
                 item_type: if u.ends_with('/') { ItemType::Dir } else { ItemType::Url },
                 not_before: None,
             })
             .collect(),
     }
+}
+
+fn at(ms: i64) -> Timestamp {
+    Timestamp::from_millis(ms)
+}
+
+/// A quota day written `YYYY-MM-DD` (UTC).
+fn day(text: &str) -> QuotaDay {
+    let days = match text {
+        "2024-01-01" => 0,
+        "2024-01-02" => 1,
+        _ => panic!("no test charges {text}"),
+    };
+    let day = QuotaDay::of(at(T0 + days * 24 * H), &chrono::FixedOffset::east_opt(0).unwrap());
+    assert_eq!(day.as_str(), text);
+    day
+}
+
+fn acct(name: &str) -> AccountName {
+    AccountName::new(name)
 }
 
 fn url_host(u: &str) -> String {
@@ -57,7 +77,8 @@ fn url_host(u: &str) -> String {
 
 /// acme's refreshes created in `[from, to)`, newest first.
 fn acme_window(from: i64, to: i64, page: PageRequest) -> WindowQuery<'static> {
-    WindowQuery { account: "acme", kind: Kind::Refresh, from, to, url: None, page }
+    static ACME: std::sync::LazyLock<AccountName> = std::sync::LazyLock::new(|| acct("acme"));
+    WindowQuery { account: &ACME, kind: Kind::Refresh, from: at(from), to: at(to), url: None, page }
 }
 
 fn page(number: u32, size: u32) -> PageRequest {
@@ -83,30 +104,33 @@ async fn tasks_are_stored_and_read_back_by_id() {
             store.create_task(&task("acme", Kind::Refresh, T0 + 5, &["http://a.example.com/x"]), &[]).await.unwrap();
         assert!(other > id, "{name}: ids increase");
 
-        let p = store.task_items("acme", Kind::Refresh, id, page(1, 2)).await.unwrap();
+        let p = store.task_items(&acct("acme"), Kind::Refresh, id, page(1, 2)).await.unwrap();
         assert_eq!(p.total, 3, "{name}");
         assert_eq!(p.records.len(), 2, "{name}");
         assert_eq!(p.records[0].url, "http://a.example.com/d/", "{name}: newest (highest id) first");
         assert_eq!(p.records[0].item_type, ItemType::Dir);
         assert_eq!(p.records[0].status, ItemStatus::Waiting);
-        assert_eq!(p.records[0].not_before, T0);
-        let p2 = store.task_items("acme", Kind::Refresh, id, page(2, 2)).await.unwrap();
+        assert_eq!(p.records[0].not_before, at(T0));
+        let p2 = store.task_items(&acct("acme"), Kind::Refresh, id, page(2, 2)).await.unwrap();
         assert_eq!(p2.records.len(), 1, "{name}");
-        assert!(store.task_items("acme", Kind::Refresh, id, page(3, 2)).await.unwrap().records.is_empty());
+        assert!(store.task_items(&acct("acme"), Kind::Refresh, id, page(3, 2)).await.unwrap().records.is_empty());
         assert_eq!(
-            store.task_items("other", Kind::Refresh, id, page(1, 50)).await.unwrap().total,
+            store.task_items(&acct("other"), Kind::Refresh, id, page(1, 50)).await.unwrap().total,
             0,
             "{name}: ownership"
         );
-        assert_eq!(store.task_items("acme", Kind::Prefetch, id, page(1, 50)).await.unwrap().total, 0, "{name}: kind");
+        assert_eq!(
+            store.task_items(&acct("acme"), Kind::Prefetch, id, page(1, 50)).await.unwrap().total,
+            0,
+            "{name}: kind"
+        );
     }
 }
 
 #[tokio::test]
 async fn quotas_are_charged_atomically_with_the_task() {
     for (name, store) in backends().await.stores {
-        let charge =
-            |amount| QuotaCharge { bucket: QuotaBucket::RefreshUrl, day: "2024-01-01".into(), limit: 3, amount };
+        let charge = |amount| QuotaCharge { bucket: QuotaBucket::RefreshUrl, day: day("2024-01-01"), limit: 3, amount };
         store.create_task(&task("acme", Kind::Refresh, T0, &["http://a/1", "http://a/2"]), &[charge(2)]).await.unwrap();
         let err = store
             .create_task(&task("acme", Kind::Refresh, T0, &["http://a/3", "http://a/4"]), &[charge(2)])
@@ -117,13 +141,21 @@ async fn quotas_are_charged_atomically_with_the_task() {
             .create_task(&task("acme", Kind::Refresh, T0, &["http://a/5"]), &[QuotaCharge { amount: 9, ..charge(1) }])
             .await;
         assert!(too_big.is_err(), "{name}");
-        assert_eq!(store.quota_used("acme", QuotaBucket::RefreshUrl, "2024-01-01").await.unwrap(), 2, "{name}");
+        assert_eq!(
+            store.quota_used(&acct("acme"), QuotaBucket::RefreshUrl, &day("2024-01-01")).await.unwrap(),
+            2,
+            "{name}"
+        );
         let window = acme_window(T0 - H, T0 + H, page(1, 50));
         assert_eq!(store.window_items(&window).await.unwrap().total, 2, "{name}: a refused task stored nothing");
         store.create_task(&task("acme", Kind::Refresh, T0, &["http://a/6"]), &[charge(1)]).await.unwrap();
-        assert_eq!(store.quota_used("acme", QuotaBucket::RefreshUrl, "2024-01-01").await.unwrap(), 3, "{name}");
         assert_eq!(
-            store.quota_used("acme", QuotaBucket::RefreshUrl, "2024-01-02").await.unwrap(),
+            store.quota_used(&acct("acme"), QuotaBucket::RefreshUrl, &day("2024-01-01")).await.unwrap(),
+            3,
+            "{name}"
+        );
+        assert_eq!(
+            store.quota_used(&acct("acme"), QuotaBucket::RefreshUrl, &day("2024-01-02")).await.unwrap(),
             0,
             "{name}: per day"
         );
@@ -171,10 +203,10 @@ async fn window_totals_are_exact_across_hours_and_edges() {
         assert_eq!(paged.records[0].url, p.records[14].url, "{name}: offset paging");
         let one = store
             .window_items(&WindowQuery {
-                account: "acme",
+                account: &acct("acme"),
                 kind: Kind::Refresh,
-                from: T0,
-                to: T0 + 10 * H,
+                from: at(T0),
+                to: at(T0 + 10 * H),
                 url: Some("http://a.example.com/4/20"),
                 page: page(1, 50),
             })
@@ -201,11 +233,11 @@ async fn records_walk_by_keyset_with_filters() {
             .await
             .unwrap();
         let base = RecordQuery {
-            account: "acme",
+            account: &acct("acme"),
             kind: Kind::Refresh,
             task_id: None,
-            from: T0,
-            to: T0 + H,
+            from: at(T0),
+            to: at(T0 + H),
             site: Some("example.com"),
             url: None,
             item_type: None,
@@ -230,7 +262,7 @@ async fn records_walk_by_keyset_with_filters() {
         let dirs = store.records(&RecordQuery { item_type: Some(ItemType::Dir), ..base.clone() }).await.unwrap();
         assert_eq!(dirs.len(), 1, "{name}");
         let by_task = store
-            .records(&RecordQuery { task_id: Some(ids[3]), from: 0, to: 0, limit: 1000, ..base.clone() })
+            .records(&RecordQuery { task_id: Some(ids[3]), from: at(0), to: at(0), limit: 1000, ..base.clone() })
             .await
             .unwrap();
         assert_eq!(by_task.len(), 50, "{name}: a task ignores the window");
@@ -241,14 +273,14 @@ async fn records_walk_by_keyset_with_filters() {
     }
 }
 
-fn node(name: &str, state: NodeState, at: i64) -> NodeResult {
+fn node(name: &str, state: NodeState, when: i64) -> NodeResult {
     NodeResult {
         node: name.into(),
         state,
         attempts: 1,
         status_code: Some(200),
         error: None,
-        updated_at: at,
+        updated_at: at(when),
         instance: "w1".into(),
     }
 }
@@ -261,20 +293,20 @@ async fn the_queue_hands_out_items_under_leases() {
             .await
             .unwrap();
         let mut later = task("acme", Kind::Prefetch, T0, &["http://a/later"]);
-        later.items[0].not_before = Some(T0 + H);
+        later.items[0].not_before = Some(at(T0 + H));
         store.create_task(&later, &[]).await.unwrap();
 
         let now = T0 + 1000;
-        let a = store.claim_items("A", now, now + 30_000, 2).await.unwrap();
+        let a = store.claim_items("A", at(now), at(now + 30_000), 2).await.unwrap();
         assert_eq!(a.len(), 2, "{name}");
-        let b = store.claim_items("B", now, now + 30_000, 10).await.unwrap();
+        let b = store.claim_items("B", at(now), at(now + 30_000), 10).await.unwrap();
         assert_eq!(b.len(), 1, "{name}: leased items and future items are not handed out");
         assert!(a.iter().all(|c| b.iter().all(|d| d.item.id != c.item.id)), "{name}");
-        assert!(store.claim_items("C", now, now + 30_000, 10).await.unwrap().is_empty(), "{name}");
+        assert!(store.claim_items("C", at(now), at(now + 30_000), 10).await.unwrap().is_empty(), "{name}");
 
         // A renews; B does not. After B's lease ran out, C takes B's item, not A's.
-        assert_eq!(store.renew_leases("A", now + 60_000).await.unwrap(), 2, "{name}");
-        let c = store.claim_items("C", now + 40_000, now + 70_000, 10).await.unwrap();
+        assert_eq!(store.renew_leases("A", at(now + 60_000)).await.unwrap(), 2, "{name}");
+        let c = store.claim_items("C", at(now + 40_000), at(now + 70_000), 10).await.unwrap();
         assert_eq!(c.iter().map(|x| x.item.id).collect::<Vec<_>>(), vec![b[0].item.id], "{name}");
 
         // B's late result is dropped: C holds the lease and may still be executing the item.
@@ -282,16 +314,19 @@ async fn the_queue_hands_out_items_under_leases() {
             item_id: b[0].item.id,
             status: ItemStatus::Completed,
             progress: 100,
-            started_at: Some(now),
-            finished_at: Some(now + 45_000),
+            started_at: Some(at(now)),
+            finished_at: Some(at(now + 45_000)),
             reason: None,
             nodes: vec![node("n1", NodeState::Succeeded, now + 45_000)],
         };
         assert_eq!(store.apply_updates("B", std::slice::from_ref(&late)).await.unwrap(), 1, "{name}: lost lease");
-        let kept = store.task_items("acme", Kind::Refresh, b[0].item.task_id, page(1, 50)).await.unwrap();
+        let kept = store.task_items(&acct("acme"), Kind::Refresh, b[0].item.task_id, page(1, 50)).await.unwrap();
         let kept = kept.records.iter().find(|i| i.id == b[0].item.id).unwrap();
         assert_eq!(kept.status, ItemStatus::Waiting, "{name}: B's result did not finish the item");
-        assert!(store.node_results("acme", &[kept.id]).await.unwrap().is_empty(), "{name}: nor stored its nodes");
+        assert!(
+            store.node_results(&acct("acme"), &[kept.id]).await.unwrap().is_empty(),
+            "{name}: nor stored its nodes"
+        );
         assert_eq!(store.apply_updates("C", &[late]).await.unwrap(), 0, "{name}: the holder's result counts");
 
         // Progress is stored and comes back with a later claim.
@@ -303,7 +338,7 @@ async fn the_queue_hands_out_items_under_leases() {
                     item_id: id,
                     status: ItemStatus::Processing,
                     progress: 50,
-                    started_at: Some(now),
+                    started_at: Some(at(now)),
                     finished_at: None,
                     reason: None,
                     nodes: vec![node("n1", NodeState::Succeeded, now)],
@@ -312,9 +347,9 @@ async fn the_queue_hands_out_items_under_leases() {
             .await
             .unwrap();
         store.release_leases("A").await.unwrap();
-        let again = store.claim_items("D", now + 41_000, now + 80_000, 10).await.unwrap();
+        let again = store.claim_items("D", at(now + 41_000), at(now + 80_000), 10).await.unwrap();
         let resumed = again.iter().find(|x| x.item.id == id).expect("released items are claimable at once");
-        assert_eq!(resumed.started_at, Some(now), "{name}");
+        assert_eq!(resumed.started_at, Some(at(now)), "{name}");
         assert_eq!(resumed.nodes, vec![node("n1", NodeState::Succeeded, now)], "{name}");
         assert_eq!(resumed.item.status, ItemStatus::Processing);
         assert_eq!(resumed.item.progress, 50);
@@ -327,8 +362,8 @@ async fn the_queue_hands_out_items_under_leases() {
                     item_id: id,
                     status: ItemStatus::Failed,
                     progress: 100,
-                    started_at: Some(now),
-                    finished_at: Some(now + 5),
+                    started_at: Some(at(now)),
+                    finished_at: Some(at(now + 5)),
                     reason: Some("node n2: HTTP 403".into()),
                     nodes: vec![node("n2", NodeState::Failed, now + 5)],
                 }],
@@ -336,19 +371,24 @@ async fn the_queue_hands_out_items_under_leases() {
             .await
             .unwrap();
         assert!(
-            store.claim_items("E", now + 200_000, now + 300_000, 10).await.unwrap().iter().all(|x| x.item.id != id),
+            store
+                .claim_items("E", at(now + 200_000), at(now + 300_000), 10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|x| x.item.id != id),
             "{name}"
         );
-        let items = store.task_items("acme", Kind::Refresh, resumed.item.task_id, page(1, 50)).await.unwrap();
+        let items = store.task_items(&acct("acme"), Kind::Refresh, resumed.item.task_id, page(1, 50)).await.unwrap();
         let done = items.records.iter().find(|i| i.id == id).unwrap();
         assert_eq!(
             (done.status, done.finished_at, done.reason.as_deref()),
-            (ItemStatus::Failed, Some(now + 5), Some("node n2: HTTP 403")),
+            (ItemStatus::Failed, Some(at(now + 5)), Some("node n2: HTTP 403")),
             "{name}"
         );
 
         // The future item becomes claimable at its time.
-        let due = store.claim_items("F", T0 + H, T0 + 2 * H, 10).await.unwrap();
+        let due = store.claim_items("F", at(T0 + H), at(T0 + 2 * H), 10).await.unwrap();
         assert!(due.iter().any(|x| x.item.url == "http://a/later"), "{name}");
     }
 }
@@ -364,7 +404,7 @@ async fn concurrent_claims_never_overlap() {
             tokio::spawn(async move {
                 let mut mine = Vec::new();
                 loop {
-                    let got = store.claim_items(&format!("w{w}"), T0, T0 + 60_000, 25).await.unwrap();
+                    let got = store.claim_items(&format!("w{w}"), at(T0), at(T0 + 60_000), 25).await.unwrap();
                     if got.is_empty() {
                         return mine;
                     }
@@ -389,7 +429,7 @@ async fn the_sweep_deletes_old_records_and_keeps_totals_exact() {
             .await
             .unwrap();
         store.create_task(&task("acme", Kind::Refresh, T0 + 2 * H, &["http://a/new"]), &[]).await.unwrap();
-        let first = store.claim_items("w", T0, T0 + 60_000, 1).await.unwrap();
+        let first = store.claim_items("w", at(T0), at(T0 + 60_000), 1).await.unwrap();
         assert_eq!(first[0].item.task_id, old, "{name}");
         store
             .apply_updates(
@@ -398,18 +438,18 @@ async fn the_sweep_deletes_old_records_and_keeps_totals_exact() {
                     item_id: first[0].item.id,
                     status: ItemStatus::Completed,
                     progress: 100,
-                    started_at: Some(T0),
-                    finished_at: Some(T0),
+                    started_at: Some(at(T0)),
+                    finished_at: Some(at(T0)),
                     reason: None,
                     nodes: vec![node("n1", NodeState::Succeeded, T0)],
                 }],
             )
             .await
             .unwrap();
-        assert_eq!(store.sweep(T0 + H, 1).await.unwrap(), 1, "{name}: batches");
-        assert_eq!(store.sweep(T0 + H, 10).await.unwrap(), 1, "{name}");
-        assert_eq!(store.sweep(T0 + H, 10).await.unwrap(), 0, "{name}");
-        assert_eq!(store.task_items("acme", Kind::Refresh, old, page(1, 5)).await.unwrap().total, 0, "{name}");
+        assert_eq!(store.sweep(at(T0 + H), 1).await.unwrap(), 1, "{name}: batches");
+        assert_eq!(store.sweep(at(T0 + H), 10).await.unwrap(), 1, "{name}");
+        assert_eq!(store.sweep(at(T0 + H), 10).await.unwrap(), 0, "{name}");
+        assert_eq!(store.task_items(&acct("acme"), Kind::Refresh, old, page(1, 5)).await.unwrap().total, 0, "{name}");
         let window = acme_window(T0, T0 + 3 * H, page(1, 50));
         let p = store.window_items(&window).await.unwrap();
         assert_eq!((p.total, p.records.len()), (1, 1), "{name}: the hourly counters followed the sweep");
@@ -477,12 +517,13 @@ async fn a_newer_schema_is_refused() {
 
 /// A record query of the dialects (the PostgreSQL store runs them on connections of their own).
 fn record_query() -> RecordQuery<'static> {
+    static ACME: std::sync::LazyLock<AccountName> = std::sync::LazyLock::new(|| acct("acme"));
     RecordQuery {
-        account: "acme",
+        account: &ACME,
         kind: Kind::Refresh,
         task_id: None,
-        from: T0,
-        to: T0 + H,
+        from: at(T0),
+        to: at(T0 + H),
         site: None,
         url: None,
         item_type: None,
@@ -541,7 +582,7 @@ async fn a_postgres_instance_holds_at_most_max_connections_per_pool() {
         let (reads, lists) = (store.clone(), store.clone());
         queries.push(tokio::spawn(async move { reads.records(&record_query()).await.map(|page| page.len()) }));
         queries.push(tokio::spawn(async move {
-            lists.list_items("acme", &ItemFilter::default(), 10).await.map(|items| items.len())
+            lists.list_items(&acct("acme"), &ItemFilter::default(), 10).await.map(|items| items.len())
         }));
     }
     let waiting = wait_for_lock_waiters(&mut lock, 6).await;
@@ -566,7 +607,9 @@ async fn a_cancelled_postgres_record_query_leaves_its_connection_usable() {
     let cancelled: Vec<_> = (0..2)
         .map(|_| {
             let store = store.clone();
-            tokio::spawn(async move { store.records(&RecordQuery { account: "nobody", ..record_query() }).await })
+            tokio::spawn(
+                async move { store.records(&RecordQuery { account: &acct("nobody"), ..record_query() }).await },
+            )
         })
         .collect();
     let waiting = wait_for_lock_waiters(&mut lock, 2).await;
@@ -590,7 +633,7 @@ async fn a_cancelled_postgres_record_query_leaves_its_connection_usable() {
         let records = store.records(&record_query()).await.unwrap();
         assert_eq!(records.len(), 1, "the record of acme, not the empty answer meant for the dropped query");
         assert_eq!(records[0].url, "http://a.example.com/1");
-        let task = store.task_items("acme", Kind::Refresh, id, page(1, 50)).await.unwrap();
+        let task = store.task_items(&acct("acme"), Kind::Refresh, id, page(1, 50)).await.unwrap();
         assert_eq!((task.total, task.records.len()), (1, 1));
     }
 }
@@ -614,12 +657,12 @@ async fn native_operations_behave_the_same_on_both_backends() {
         let follower_task =
             store.create_task(&task("acme", Kind::Refresh, T0 + 1, &["http://www.example.com/r1"]), &[]).await.unwrap();
         let items = store
-            .list_items("acme", &ItemFilter { task_id: Some(follower_task), ..ItemFilter::default() }, 10)
+            .list_items(&acct("acme"), &ItemFilter { task_id: Some(follower_task), ..ItemFilter::default() }, 10)
             .await
             .unwrap();
         let leader = store
             .list_items(
-                "acme",
+                &acct("acme"),
                 &ItemFilter {
                     task_id: Some(rtp_id),
                     kind: Some(Kind::Refresh),
@@ -633,7 +676,7 @@ async fn native_operations_behave_the_same_on_both_backends() {
         assert_eq!(items[0].follows, Some(leader[0].id), "{name}: coalesced");
 
         // Only the two refreshes are runnable: prefetches wait, the follower mirrors.
-        let claimed = store.claim_items("w", T0 + 10, T0 + 60_000, 10).await.unwrap();
+        let claimed = store.claim_items("w", at(T0 + 10), at(T0 + 60_000), 10).await.unwrap();
         let claimed_urls: Vec<(Kind, &str)> = claimed.iter().map(|c| (c.item.kind, c.item.url.as_str())).collect();
         assert_eq!(claimed.len(), 2, "{name}: {claimed_urls:?}");
         assert!(claimed.iter().all(|c| c.item.kind == Kind::Refresh), "{name}");
@@ -641,8 +684,8 @@ async fn native_operations_behave_the_same_on_both_backends() {
             item_id: id,
             status,
             progress: 100,
-            started_at: Some(T0 + 10),
-            finished_at: Some(T0 + 20),
+            started_at: Some(at(T0 + 10)),
+            finished_at: Some(at(T0 + 20)),
             reason: (status == ItemStatus::Failed).then(|| "node n: HTTP 403".to_owned()),
             nodes: vec![node(
                 "n",
@@ -654,33 +697,33 @@ async fn native_operations_behave_the_same_on_both_backends() {
         let r2 = claimed.iter().find(|c| c.item.url.ends_with("/r2")).unwrap().item.id;
         store.apply_updates("w", &[done(r1, ItemStatus::Completed), done(r2, ItemStatus::Failed)]).await.unwrap();
         let follower = &store
-            .list_items("acme", &ItemFilter { task_id: Some(follower_task), ..ItemFilter::default() }, 10)
+            .list_items(&acct("acme"), &ItemFilter { task_id: Some(follower_task), ..ItemFilter::default() }, 10)
             .await
             .unwrap()[0];
         assert_eq!(follower.status, ItemStatus::Completed, "{name}: the follower mirrors its leader");
-        let next = store.claim_items("w", T0 + 30, T0 + 60_000, 10).await.unwrap();
+        let next = store.claim_items("w", at(T0 + 30), at(T0 + 60_000), 10).await.unwrap();
         assert_eq!(next.len(), 1, "{name}: only the prefetch whose refresh completed");
         assert_eq!((next[0].item.kind, next[0].item.url.as_str()), (Kind::Prefetch, "http://www.example.com/r1"));
-        let summary = store.task("acme", rtp_id).await.unwrap().unwrap();
+        let summary = store.task(&acct("acme"), rtp_id).await.unwrap().unwrap();
         assert_eq!(
             (summary.counts.completed, summary.counts.failed, summary.counts.waiting),
             (1, 2, 1),
             "{name}: {summary:?}"
         );
         assert!(summary.finished_at.is_none());
-        assert!(store.task("other", rtp_id).await.unwrap().is_none(), "{name}: ownership");
+        assert!(store.task(&acct("other"), rtp_id).await.unwrap().is_none(), "{name}: ownership");
 
         // Finishing the last item stamps the task; the webhook outbox picks it up once.
         store.apply_updates("w", &[done(next[0].item.id, ItemStatus::Completed)]).await.unwrap();
-        let summary = store.task("acme", rtp_id).await.unwrap().unwrap();
-        assert_eq!(summary.finished_at, Some(T0 + 20), "{name}");
+        let summary = store.task(&acct("acme"), rtp_id).await.unwrap().unwrap();
+        assert_eq!(summary.finished_at, Some(at(T0 + 20)), "{name}");
         assert_eq!(summary.state(), TaskState::Failed);
         let urls = std::collections::HashMap::from([("acme".to_owned(), vec!["http://hook/".to_owned()])]);
-        assert!(store.dispatch_finished(&urls, T0 + 40, 10).await.unwrap() >= 2, "{name}: both finished tasks");
-        assert_eq!(store.dispatch_finished(&urls, T0 + 41, 10).await.unwrap(), 0, "{name}: once");
-        let jobs = store.claim_webhook_jobs(T0 + 50, T0 + 60_000, 10).await.unwrap();
+        assert!(store.dispatch_finished(&urls, at(T0 + 40), 10).await.unwrap() >= 2, "{name}: both finished tasks");
+        assert_eq!(store.dispatch_finished(&urls, at(T0 + 41), 10).await.unwrap(), 0, "{name}: once");
+        let jobs = store.claim_webhook_jobs(at(T0 + 50), at(T0 + 60_000), 10).await.unwrap();
         assert_eq!(jobs.len(), 2, "{name}");
-        assert!(store.claim_webhook_jobs(T0 + 51, T0 + 60_000, 10).await.unwrap().is_empty(), "{name}: leased");
+        assert!(store.claim_webhook_jobs(at(T0 + 51), at(T0 + 60_000), 10).await.unwrap().is_empty(), "{name}: leased");
         let job = jobs.iter().find(|j| j.task_id == rtp_id).unwrap();
         let attempt = cachectl_core::Delivery {
             task_id: rtp_id,
@@ -688,26 +731,33 @@ async fn native_operations_behave_the_same_on_both_backends() {
             attempt: 1,
             status_code: Some(500),
             error: Some("HTTP 500".into()),
-            at: T0 + 52,
+            at: at(T0 + 52),
         };
-        store.record_delivery(job, &attempt, DeliveryOutcome::RetryAt(T0 + 1000)).await.unwrap();
-        assert!(store.claim_webhook_jobs(T0 + 999, T0 + 60_000, 10).await.unwrap().is_empty(), "{name}: not yet due");
-        let again = store.claim_webhook_jobs(T0 + 1000, T0 + 60_000, 10).await.unwrap();
+        store.record_delivery(job, &attempt, DeliveryOutcome::RetryAt(at(T0 + 1000))).await.unwrap();
+        assert!(
+            store.claim_webhook_jobs(at(T0 + 999), at(T0 + 60_000), 10).await.unwrap().is_empty(),
+            "{name}: not yet due"
+        );
+        let again = store.claim_webhook_jobs(at(T0 + 1000), at(T0 + 60_000), 10).await.unwrap();
         assert_eq!((again.len(), again[0].attempts), (1, 1), "{name}");
         let ok = cachectl_core::Delivery {
             attempt: 2,
             status_code: Some(204),
             error: None,
-            at: T0 + 1001,
+            at: at(T0 + 1001),
             ..attempt.clone()
         };
         store.record_delivery(&again[0], &ok, DeliveryOutcome::Delivered).await.unwrap();
-        let log = store.deliveries("acme", rtp_id).await.unwrap();
+        let log = store.deliveries(&acct("acme"), rtp_id).await.unwrap();
         assert_eq!(log.iter().map(|d| d.attempt).collect::<Vec<_>>(), vec![1, 2], "{name}");
 
         // Retry requeues the failed items; the task runs again.
-        assert_eq!(store.retry_failed("acme", rtp_id).await.unwrap(), 2, "{name}: the failed refresh and its prefetch");
-        let summary = store.task("acme", rtp_id).await.unwrap().unwrap();
+        assert_eq!(
+            store.retry_failed(&acct("acme"), rtp_id).await.unwrap(),
+            2,
+            "{name}: the failed refresh and its prefetch"
+        );
+        let summary = store.task(&acct("acme"), rtp_id).await.unwrap().unwrap();
         assert_eq!((summary.state(), summary.finished_at), (TaskState::Running, None), "{name}");
 
         // Cancel fails what is waiting and unclaimed.
@@ -718,56 +768,67 @@ async fn native_operations_behave_the_same_on_both_backends() {
             )
             .await
             .unwrap();
-        assert_eq!(store.cancel_waiting("acme", waiting, T0 + 3).await.unwrap(), 2, "{name}");
-        assert_eq!(store.cancel_waiting("other", rtp_id, T0 + 3).await.unwrap(), 0, "{name}: ownership");
-        let cancelled = store.task("acme", waiting).await.unwrap().unwrap();
-        assert_eq!((cancelled.state(), cancelled.finished_at), (TaskState::Failed, Some(T0 + 3)), "{name}");
+        assert_eq!(store.cancel_waiting(&acct("acme"), waiting, at(T0 + 3)).await.unwrap(), 2, "{name}");
+        assert_eq!(store.cancel_waiting(&acct("other"), rtp_id, at(T0 + 3)).await.unwrap(), 0, "{name}: ownership");
+        let cancelled = store.task(&acct("acme"), waiting).await.unwrap().unwrap();
+        assert_eq!((cancelled.state(), cancelled.finished_at), (TaskState::Failed, Some(at(T0 + 3))), "{name}");
 
         // Task lists: filters and the cursor.
-        let all = store.list_tasks("acme", &TaskFilter::default(), 10).await.unwrap();
+        let all = store.list_tasks(&acct("acme"), &TaskFilter::default(), 10).await.unwrap();
         assert_eq!(
             all.iter().map(|t| t.id).collect::<Vec<_>>(),
             vec![waiting, follower_task, rtp_id],
             "{name}: newest first"
         );
         let page = store
-            .list_tasks("acme", &TaskFilter { before_id: Some(follower_task), ..TaskFilter::default() }, 10)
+            .list_tasks(
+                &acct("acme"),
+                &TaskFilter { before_id: Some(follower_task.get()), ..TaskFilter::default() },
+                10,
+            )
             .await
             .unwrap();
         assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), vec![rtp_id], "{name}: cursor");
         let failed = store
-            .list_tasks("acme", &TaskFilter { state: Some(TaskState::Failed), ..TaskFilter::default() }, 10)
+            .list_tasks(&acct("acme"), &TaskFilter { state: Some(TaskState::Failed), ..TaskFilter::default() }, 10)
             .await
             .unwrap();
         assert_eq!(failed.iter().map(|t| t.id).collect::<Vec<_>>(), vec![waiting], "{name}");
         let by_url = store
-            .list_tasks("acme", &TaskFilter { url: Some("http://www.example.com/r2"), ..TaskFilter::default() }, 10)
+            .list_tasks(
+                &acct("acme"),
+                &TaskFilter { url: Some("http://www.example.com/r2"), ..TaskFilter::default() },
+                10,
+            )
             .await
             .unwrap();
         assert_eq!(by_url.iter().map(|t| t.id).collect::<Vec<_>>(), vec![rtp_id], "{name}");
         let by_domain = store
-            .list_tasks("acme", &TaskFilter { domain: Some("example.com"), ..TaskFilter::default() }, 10)
+            .list_tasks(&acct("acme"), &TaskFilter { domain: Some("example.com"), ..TaskFilter::default() }, 10)
             .await
             .unwrap();
         assert_eq!(by_domain.len(), 3, "{name}: names under the domain");
         for (domain, expected) in [("www.example.com", 3), ("ample.com", 0), ("w.example.com", 0)] {
             let filter = TaskFilter { domain: Some(domain), ..TaskFilter::default() };
             assert_eq!(
-                store.list_tasks("acme", &filter, 10).await.unwrap().len(),
+                store.list_tasks(&acct("acme"), &filter, 10).await.unwrap().len(),
                 expected,
                 "{name}: tasks of {domain}"
             );
         }
         let filter = ItemFilter { domain: Some("example.com"), ..ItemFilter::default() };
-        let items = store.list_items("acme", &filter, 100).await.unwrap();
+        let items = store.list_items(&acct("acme"), &filter, 100).await.unwrap();
         assert!(!items.is_empty() && items.iter().all(|i| i.host.ends_with(".example.com")), "{name}: {items:?}");
         for domain in ["ample.com", "w.example.com", "example.co"] {
             let filter = ItemFilter { domain: Some(domain), ..ItemFilter::default() };
-            assert!(store.list_items("acme", &filter, 100).await.unwrap().is_empty(), "{name}: no item of {domain}");
+            assert!(
+                store.list_items(&acct("acme"), &filter, 100).await.unwrap().is_empty(),
+                "{name}: no item of {domain}"
+            );
         }
-        let results = store.node_results("acme", &[r1, r2]).await.unwrap();
+        let results = store.node_results(&acct("acme"), &[r1, r2]).await.unwrap();
         assert_eq!(results.len(), 1, "{name}: the retried item's result was cleared");
-        assert!(store.node_results("other", &[r1]).await.unwrap().is_empty(), "{name}: ownership");
+        assert!(store.node_results(&acct("other"), &[r1]).await.unwrap().is_empty(), "{name}: ownership");
     }
 }
 
@@ -776,10 +837,10 @@ async fn native_operations_behave_the_same_on_both_backends() {
 async fn an_in_memory_sqlite_store_reads_what_it_wrote() {
     let store = cachectl_store::open("sqlite::memory:", true).await.unwrap();
     let id = store.create_task(&task("acme", Kind::Refresh, T0, &["http://a.example.com/1"]), &[]).await.unwrap();
-    let p = store.task_items("acme", Kind::Refresh, id, page(1, 50)).await.unwrap();
+    let p = store.task_items(&acct("acme"), Kind::Refresh, id, page(1, 50)).await.unwrap();
     assert_eq!((p.total, p.records.len()), (1, 1));
     assert_eq!(p.records[0].url, "http://a.example.com/1");
-    assert!(store.task("acme", id).await.unwrap().is_some());
+    assert!(store.task(&acct("acme"), id).await.unwrap().is_some());
 }
 
 /// Pages deep in a window (offset 1,000 and beyond, where SQLite skips whole hours by their

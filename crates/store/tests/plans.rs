@@ -1,11 +1,12 @@
 //! Every query of the dialects, the work queue and the retention sweep is served by an index:
 //! the plans of the statements that run must never scan the items table from end to end.
 
-use cachectl_core::{ItemType, Kind, NewItem, NewTask, Store, TaskKind};
+use cachectl_core::{AccountName, ItemType, ItemUrl, Kind, NewItem, NewTask, Store, TaskKind, Timestamp};
 use cachectl_store::{PgStore, SqliteStore};
 use cachectl_testkit::PgCluster;
 
-const T0: i64 = 1_704_067_200_000;
+const T0: Timestamp = Timestamp::from_millis(1_704_067_200_000);
+const WEEK: i64 = 7 * 86_400_000;
 
 /// The index each statement must use, by the start of its name.
 const EXPECTED: [(&str, &str); 10] = [
@@ -38,19 +39,21 @@ async fn fill(store: &dyn Store) {
                 .map(|i| NewItem {
                     kind: if t % 3 == 2 { Kind::Prefetch } else { Kind::Refresh },
                     depends_on: None,
-                    url: format!("http://h{account}.example.com/{t}/{i}"),
-                    host: format!("h{account}.example.com"),
+                    url: ItemUrl::accepted(
+                        format!("http://h{account}.example.com/{t}/{i}"),
+                        format!("h{account}.example.com"),
+                    ),
                     item_type: ItemType::Url,
                     not_before: None,
                 })
                 .collect();
             let task = NewTask {
-                account: format!("account-{account}"),
+                account: AccountName::new(format!("account-{account}")),
                 kind: if t % 3 == 2 { TaskKind::Prefetch } else { TaskKind::Refresh },
                 idempotency: None,
                 operator: "op".into(),
                 dialect: "test".into(),
-                created_at: T0 + t * 600_000 + account,
+                created_at: T0.plus_millis(t * 600_000 + account),
                 items,
             };
             store.create_task(&task, &[]).await.unwrap();
@@ -63,7 +66,7 @@ async fn sqlite_plans_use_indexes() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&format!("sqlite://{}/c.db", dir.path().display()), true).await.unwrap();
     fill(&store).await;
-    let plans = store.explain("account-1", (T0, T0 + 7 * 86_400_000)).await.unwrap();
+    let plans = store.explain(&AccountName::new("account-1"), (T0, T0.plus_millis(WEEK))).await.unwrap();
     assert!(plans.len() >= 14, "{plans:?}");
     for (name, plan) in &plans {
         println!("{name}:\n{plan}\n");
@@ -90,7 +93,7 @@ async fn filled_postgres(name: &str) -> (PgCluster, String, PgStore) {
 #[tokio::test]
 async fn postgres_plans_use_indexes() {
     let (_pg, _, store) = filled_postgres("plans").await;
-    let plans = store.explain("account-1", (T0, T0 + 7 * 86_400_000)).await.unwrap();
+    let plans = store.explain(&AccountName::new("account-1"), (T0, T0.plus_millis(WEEK))).await.unwrap();
     // Count and page are one statement per query here (one round trip each).
     assert!(plans.len() >= 11, "{plans:?}");
     for (name, plan) in &plans {
@@ -117,11 +120,11 @@ async fn postgres_geo_pages_read_the_window_in_order() {
                 'url', 'completed', 'op', $1 + n::bigint * 2678, $1 + n::bigint * 2678
          FROM generate_series(1, 1000000) AS n",
     )
-    .bind(T0)
+    .bind(T0.millis())
     .execute(&pool)
     .await
     .unwrap();
-    let plans = store.explain("account-1", (T0, T0 + 7 * 86_400_000)).await.unwrap();
+    let plans = store.explain(&AccountName::new("account-1"), (T0, T0.plus_millis(WEEK))).await.unwrap();
     let (_, plan) = plans.iter().find(|(name, _)| name == "records: site").unwrap();
     println!("{plan}");
     // A full sort reads the whole window first; an incremental one on a presorted key does not.

@@ -3,6 +3,7 @@
 
 use super::{Config, ConfigError, RetentionConfig, TokenConfig, WorkerConfig};
 use crate::auth::{Credential, Secret};
+use cachectl_core::AccountName;
 use cachectl_core::policy::DomainPattern;
 use cachectl_core::service::{Account, Quotas};
 use cachectl_edge::Node;
@@ -129,7 +130,7 @@ impl Config {
                 .collect::<Result<Vec<_>, _>>()?;
             let defaults = Quotas::default();
             let account = Arc::new(Account {
-                name: a.name.clone(),
+                name: AccountName::new(a.name.clone()),
                 domains,
                 quotas: Quotas {
                     refresh_urls: a.quotas.refresh_urls.unwrap_or(defaults.refresh_urls),

@@ -6,7 +6,7 @@ pub mod views;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use cachectl_core::Millis;
+use cachectl_core::Timestamp;
 
 /// The largest buffer `json_response` keeps per thread between responses.
 const KEPT_BUFFER: usize = 1 << 20;
@@ -68,14 +68,14 @@ pub(crate) fn datetime_text(t: &(impl chrono::Datelike + chrono::Timelike), sepa
 /// for (creation, then finish); the conversion from a timestamp to a calendar date was a tenth
 /// of a Baishan task page's server time (BENCHMARKS.md, "Record times formatted once per second"). `None` where `datetime_text`
 /// has none.
-pub(crate) fn instant_text(millis: Millis, offset: chrono::FixedOffset, separator: u8) -> Option<[u8; 19]> {
+pub(crate) fn instant_text(millis: Timestamp, offset: chrono::FixedOffset, separator: u8) -> Option<[u8; 19]> {
     use chrono::TimeZone as _;
     /// Second, zone offset, separator, text; the most recent first.
     type Remembered = [Option<(i64, i32, u8, [u8; 19])>; 2];
     thread_local! {
         static LAST: std::cell::Cell<Remembered> = const { std::cell::Cell::new([None, None]) };
     }
-    let key = (millis.div_euclid(1000), offset.local_minus_utc(), separator);
+    let key = (millis.millis().div_euclid(1000), offset.local_minus_utc(), separator);
     let mut last = LAST.get();
     for (i, entry) in last.iter().enumerate() {
         if let Some((s, z, sep, text)) = *entry
@@ -117,6 +117,7 @@ pub(crate) fn write_datetime(
 
 #[cfg(test)]
 mod tests {
+    use cachectl_core::Timestamp;
     use chrono::{Datelike, TimeZone, Timelike};
 
     #[test]
@@ -155,8 +156,16 @@ mod tests {
                 for separator in [b' ', b'T'] {
                     let expected =
                         zone.timestamp_millis_opt(ms).single().and_then(|t| super::datetime_text(&t, separator));
-                    assert_eq!(super::instant_text(ms, zone, separator), expected, "{ms} {zone} {separator}");
-                    assert_eq!(super::instant_text(ms, zone, separator), expected, "{ms} again");
+                    assert_eq!(
+                        super::instant_text(Timestamp::from_millis(ms), zone, separator),
+                        expected,
+                        "{ms} {zone} {separator}"
+                    );
+                    assert_eq!(
+                        super::instant_text(Timestamp::from_millis(ms), zone, separator),
+                        expected,
+                        "{ms} again"
+                    );
                 }
             }
         }
@@ -165,9 +174,9 @@ mod tests {
         for _ in 0..3 {
             for ms in [created, finished, created + 500, finished + 1_000] {
                 let expected = zones[0].timestamp_millis_opt(ms).single().and_then(|t| super::datetime_text(&t, b' '));
-                assert_eq!(super::instant_text(ms, zones[0], b' '), expected, "{ms}");
+                assert_eq!(super::instant_text(Timestamp::from_millis(ms), zones[0], b' '), expected, "{ms}");
             }
         }
-        assert_eq!(super::instant_text(i64::MAX, zones[0], b' '), None);
+        assert_eq!(super::instant_text(Timestamp::from_millis(i64::MAX), zones[0], b' '), None);
     }
 }

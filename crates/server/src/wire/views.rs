@@ -1,13 +1,13 @@
 //! The native API's views of tasks, items, node results and webhook deliveries, as JSON. The
 //! webhook sender posts the same [`TaskView`] the API answers with, so both read it from here.
 
-use cachectl_core::{Delivery, Item, Millis, NodeResult, StatusCounts, TaskSummary};
+use cachectl_core::{Delivery, Item, NodeResult, StatusCounts, TaskSummary, Timestamp};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// RFC 3339 with milliseconds, UTC.
-pub fn time(ms: Millis) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
+pub fn time(ms: Timestamp) -> String {
+    chrono::DateTime::from_timestamp_millis(ms.millis())
         .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
         .unwrap_or_default()
 }
@@ -68,7 +68,7 @@ impl From<&TaskSummary> for TaskView {
         let counts = CountsView::from(t.counts);
         let done = counts.completed + counts.failed;
         Self {
-            id: t.id,
+            id: t.id.get(),
             kind: t.kind.as_str().to_owned(),
             state: t.state().as_str().to_owned(),
             operator: t.operator.clone(),
@@ -156,7 +156,7 @@ pub struct ItemView {
 pub fn item_view(item: &Item, nodes: Vec<NodeView>) -> ItemView {
     ItemView {
         id: item.id,
-        task_id: item.task_id,
+        task_id: item.task_id.get(),
         kind: item.kind.as_str().to_owned(),
         url: item.url.clone(),
         item_type: item.item_type.as_str().to_owned(),

@@ -6,7 +6,7 @@
 use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
 use cachectl_core::policy::{backoff, derive};
-use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, Millis, NodeResult, NodeState, Store, Tier};
+use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, NodeResult, NodeState, Store, Tier, Timestamp};
 use cachectl_edge::{ClientSettings, EdgeClient, Node, NodeTransport, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
@@ -139,7 +139,7 @@ impl Worker {
             let mut claimed_full_batch = false;
             if free > 0 {
                 let now = crate::api::now_ms();
-                let lease_until = now + millis(shared.config.lease);
+                let lease_until = now.after(shared.config.lease);
                 match store.claim_items(&owner, now, lease_until, u32::try_from(free).unwrap_or(u32::MAX)).await {
                     Ok(items) => {
                         claimed_full_batch = items.len() == free;
@@ -192,10 +192,6 @@ impl Worker {
         }
         tracing::info!("Worker stopped.");
     }
-}
-
-fn millis(d: Duration) -> Millis {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Writes updates in batches, in order. A failing store is retried; after that the batch is
@@ -263,7 +259,7 @@ async fn renew_leases(store: Arc<dyn Store>, owner: String, lease: Duration, shu
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = store.renew_leases(&owner, crate::api::now_ms() + millis(lease)).await {
+        if let Err(e) = store.renew_leases(&owner, crate::api::now_ms().after(lease)).await {
             tracing::warn!(error = %e, "Renewing leases failed.");
         }
     }
@@ -273,7 +269,7 @@ async fn renew_leases(store: Arc<dyn Store>, owner: String, lease: Duration, shu
 struct Progress {
     item_id: i64,
     results: Mutex<Vec<NodeResult>>,
-    started_at: Option<Millis>,
+    started_at: Option<Timestamp>,
 }
 
 impl Progress {
@@ -326,7 +322,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
         return;
     }
     let started_at = claimed.started_at.unwrap_or(now);
-    let deadline = started_at + millis(shared.config.item_deadline);
+    let deadline = started_at.after(shared.config.item_deadline);
     let initial: Vec<NodeResult> = nodes
         .iter()
         .map(|slot| {
@@ -384,7 +380,7 @@ async fn run_node(
     slot: &NodeSlot,
     item: &cachectl_core::Item,
     mut result: NodeResult,
-    deadline: Millis,
+    deadline: Timestamp,
 ) {
     loop {
         let outcome = {
@@ -416,7 +412,7 @@ async fn run_node(
                 let wait =
                     backoff(result.attempts, shared.config.retry_initial, shared.config.retry_max, &mut rand::rng());
                 result.status_code = code;
-                if result.updated_at + millis(wait) >= deadline {
+                if result.updated_at.after(wait) >= deadline {
                     result.state = NodeState::Failed;
                     result.error = Some(format!(
                         "gave up after {} attempts before the item's deadline; last error: {error}",

@@ -4,6 +4,7 @@
 use crate::counters::HOUR_MS;
 use crate::rows::{RECORD_COLUMNS, item_columns_at, record_at};
 use crate::sql::{Sql, SqlWriter, unavailable};
+use cachectl_core::{AccountName, TaskId};
 use cachectl_core::{ItemRecord, Kind, Page, PageRequest, RecordQuery, StoreResult, WindowQuery};
 use deadpool::managed::{Metrics, Object, QueueMode, RecycleResult};
 use sqlx::postgres::{PgConnectOptions, PgRow};
@@ -83,9 +84,9 @@ fn task_page_sql() -> String {
 /// `Backend::task_page`.
 pub(crate) async fn task_page(
     reads: &Reads,
-    account: &str,
+    account: &AccountName,
     kind: Kind,
-    task_id: i64,
+    task_id: TaskId,
     page: PageRequest,
 ) -> StoreResult<Page<ItemRecord>> {
     let mut q = Sql::new();
@@ -96,9 +97,9 @@ pub(crate) async fn task_page(
 /// Writes into `q` a page of a task's items with their count (`task_page_sql`).
 pub(crate) fn write_task_page<'a>(
     q: &mut Sql<'a, Postgres>,
-    account: &'a str,
+    account: &'a AccountName,
     kind: Kind,
-    task_id: i64,
+    task_id: TaskId,
     page: PageRequest,
 ) {
     let offset = i64::try_from(page.offset()).unwrap_or(i64::MAX);
@@ -110,7 +111,7 @@ pub(crate) fn write_task_page<'a>(
 pub(crate) async fn window_page(reads: &Reads, query: &WindowQuery<'_>) -> StoreResult<Page<ItemRecord>> {
     let offset = i64::try_from(query.page.offset()).unwrap_or(i64::MAX);
     let mut q = Sql::new();
-    match crate::counters::split_window(query.from, query.to) {
+    match crate::counters::split_window(query.from.millis(), query.to.millis()) {
         (Some(hours), _) if query.url.is_none() && offset >= crate::counters::DEEP_PAGE => {
             write_deep_window_page(&mut q, query, hours, offset);
         }
@@ -141,11 +142,11 @@ pub(crate) fn write_window_page<'a>(q: &mut Sql<'a, Postgres>, query: &'a Window
     } else {
         " FROM items WHERE account = "
     });
-    q.text(query.account).sql(" AND kind = ").text(query.kind.as_str());
+    q.text(query.account.as_str()).sql(" AND kind = ").text(query.kind.as_str());
     if let Some(url) = query.url {
         q.sql(" AND url = ").text(url);
     }
-    q.sql(" AND created_at >= ").int(query.from).sql(" AND created_at < ").int(query.to);
+    q.sql(" AND created_at >= ").bind(query.from.into()).sql(" AND created_at < ").bind(query.to.into());
     q.sql(" ORDER BY created_at DESC, id DESC LIMIT ").int(i64::from(query.page.size));
     if skip_on_index {
         q.sql(" OFFSET ").int(offset).sql(")");
@@ -173,22 +174,22 @@ pub(crate) fn write_deep_window_page<'a>(
     q.sql("WITH parts AS (SELECT CAST(")
         .int(top_start)
         .sql(" AS BIGINT) AS start, COUNT(*) AS n FROM items WHERE account = ");
-    q.text(account).sql(" AND kind = ").text(kind);
-    q.sql(" AND created_at >= ").int(top_start).sql(" AND created_at < ").int(query.to);
+    q.text(account.as_str()).sql(" AND kind = ").text(kind);
+    q.sql(" AND created_at >= ").int(top_start).sql(" AND created_at < ").bind(query.to.into());
     q.sql(" UNION ALL SELECT hour * ").sql(&HOUR_MS.to_string()).sql(", n FROM item_counts WHERE account = ");
-    q.text(account).sql(" AND kind = ").text(kind);
+    q.text(account.as_str()).sql(" AND kind = ").text(kind);
     q.sql(" AND hour >= ").int(first).sql(" AND hour < ").int(end);
     q.sql("), run AS (SELECT start, n, SUM(n) OVER (ORDER BY start DESC) AS skipped FROM parts)");
     q.sql(", skip AS (SELECT COALESCE(MIN(start) FILTER (WHERE skipped <= ").int(offset).sql("), ");
-    q.int(query.to).sql(") AS upper, CAST(").int(offset);
+    q.bind(query.to.into()).sql(") AS upper, CAST(").int(offset);
     q.sql(" - COALESCE(MAX(skipped) FILTER (WHERE skipped <= ").int(offset).sql("), 0) AS BIGINT) AS rest");
     q.sql(", CAST(COALESCE(SUM(n), 0) + (SELECT COUNT(*) FROM items WHERE account = ");
-    q.text(account).sql(" AND kind = ").text(kind);
-    q.sql(" AND created_at >= ").int(query.from).sql(" AND created_at < ").int(first * HOUR_MS);
+    q.text(account.as_str()).sql(" AND kind = ").text(kind);
+    q.sql(" AND created_at >= ").bind(query.from.into()).sql(" AND created_at < ").int(first * HOUR_MS);
     q.sql(") AS BIGINT) AS total FROM run)");
     q.sql(" SELECT s.total, p.* FROM skip s LEFT JOIN LATERAL (SELECT ").sql(RECORD_COLUMNS);
-    q.sql(" FROM items WHERE id IN (SELECT id FROM items WHERE account = ").text(account);
-    q.sql(" AND kind = ").text(kind).sql(" AND created_at >= ").int(query.from);
+    q.sql(" FROM items WHERE id IN (SELECT id FROM items WHERE account = ").text(account.as_str());
+    q.sql(" AND kind = ").text(kind).sql(" AND created_at >= ").bind(query.from.into());
     q.sql(" AND created_at < s.upper ORDER BY created_at DESC, id DESC LIMIT ").int(i64::from(query.page.size));
     q.sql(" OFFSET s.rest)) p ON true ORDER BY p.created_at DESC, p.id DESC");
 }
@@ -212,12 +213,12 @@ pub(crate) fn write_records<'q, 'a>(
     q: &'q mut Sql<'a, Postgres>,
     query: &'a RecordQuery<'a>,
 ) -> &'q mut Sql<'a, Postgres> {
-    q.sql("SELECT ").sql(RECORD_COLUMNS).sql(" FROM items WHERE account = ").text(query.account);
+    q.sql("SELECT ").sql(RECORD_COLUMNS).sql(" FROM items WHERE account = ").text(query.account.as_str());
     q.sql(" AND kind = ").text(query.kind.as_str());
     if let Some(task_id) = query.task_id {
-        q.sql(" AND task_id = ").int(task_id);
+        q.sql(" AND task_id = ").bind(task_id.into());
     } else {
-        q.sql(" AND created_at >= ").int(query.from).sql(" AND created_at < ").int(query.to);
+        q.sql(" AND created_at >= ").bind(query.from.into()).sql(" AND created_at < ").bind(query.to.into());
     }
     if let Some(site) = query.site {
         // Sites are validated domain names: no LIKE wildcard can occur in them. The CASE hides
@@ -235,7 +236,7 @@ pub(crate) fn write_records<'q, 'a>(
         q.sql(" AND item_type = ").text(item_type.as_str());
     }
     if let Some((created_at, id)) = query.after {
-        q.sql(" AND (created_at, id) > (").int(created_at).sql(", ").int(id).sql(")");
+        q.sql(" AND (created_at, id) > (").bind(created_at.into()).sql(", ").int(id).sql(")");
     }
     q.sql(" ORDER BY created_at, id LIMIT ").int(i64::from(query.limit))
 }

@@ -102,14 +102,14 @@ pub(crate) fn records_query(query: &RecordQuery<'_>) -> Statement {
     let mut q = Statement::default();
     let index = if query.task_id.is_some() { " INDEXED BY items_task" } else { "" };
     q.sql("SELECT ").sql(RECORD_COLUMNS).sql(" FROM items").sql(index);
-    q.sql(" WHERE account = ").text(query.account).sql(" AND kind = ").text(query.kind.as_str());
+    q.sql(" WHERE account = ").text(query.account.as_str()).sql(" AND kind = ").text(query.kind.as_str());
     if let Some(task_id) = query.task_id {
-        q.sql(" AND task_id = ").int(task_id);
+        q.sql(" AND task_id = ").bind(task_id.into());
     } else {
         // After a marker the index range starts at the marker, not at the window's start: SQLite
         // does not derive a range bound from the keyset condition below.
         let lower = query.after.map_or(query.from, |(created_at, _)| created_at.max(query.from));
-        q.sql(" AND created_at >= ").int(lower).sql(" AND created_at < ").int(query.to);
+        q.sql(" AND created_at >= ").bind(lower.into()).sql(" AND created_at < ").bind(query.to.into());
     }
     if let Some(site) = query.site {
         // The host is the site or ends in `.site`. Not `host LIKE ?`: SQLite prepares a statement
@@ -127,8 +127,8 @@ pub(crate) fn records_query(query: &RecordQuery<'_>) -> Statement {
         q.sql(" AND item_type = ").text(item_type.as_str());
     }
     if let Some((created_at, id)) = query.after {
-        q.sql(" AND (created_at > ").int(created_at);
-        q.sql(" OR (created_at = ").int(created_at).sql(" AND id > ").int(id).sql("))");
+        q.sql(" AND (created_at > ").bind(created_at.into());
+        q.sql(" OR (created_at = ").bind(created_at.into()).sql(" AND id > ").int(id).sql("))");
     }
     q.sql(" ORDER BY created_at, id LIMIT ").int(i64::from(query.limit));
     q

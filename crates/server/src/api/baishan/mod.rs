@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use cachectl_core::ratelimit::{Decision, RateLimiter};
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
-use cachectl_core::{ItemType, Kind, Millis, QuotaBucket, StoreError};
+use cachectl_core::{ItemType, Kind, QuotaBucket, StoreError, Timestamp};
 use serde_json::{Value, json};
 
 mod query;
@@ -307,7 +307,7 @@ async fn submit(
     credential: &Credential,
     kind: Kind,
     body: Body,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<Value, BaishanError> {
     let body = read_body(body).await.map_err(BaishanError::bad)?;
     let (urls, kind_text) = parse_submit_body(&body)?;
@@ -365,7 +365,7 @@ async fn submit(
     }
 }
 
-async fn quota(state: &AppState, credential: &Credential, now: Millis) -> Result<Value, BaishanError> {
+async fn quota(state: &AppState, credential: &Credential, now: Timestamp) -> Result<Value, BaishanError> {
     let q = state.service.quota(&credential.account, QuotaBucket::PrefetchUrl, now).await?;
     Ok(json!({"url_quota": q.limit, "url_remain": q.remaining}))
 }

@@ -3,11 +3,11 @@
 
 use super::{AppState, BaishanError, param};
 use crate::auth::Credential;
-use cachectl_core::{ItemRecord, Kind, Millis, Page, PageRequest};
+use cachectl_core::{ItemRecord, Kind, Page, PageRequest, TaskId, Timestamp};
 use chrono::{FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
 
 /// The longest time window of a query.
-const MAX_SPAN_MS: Millis = 7 * 86_400_000;
+const MAX_SPAN_MS: i64 = 7 * 86_400_000;
 
 /// The integer parameter `name` within `range`, or `default` when absent.
 #[doc(hidden)]
@@ -27,7 +27,7 @@ pub fn parse_u32(
 
 /// A `start_time`/`end_time` value: a whole day, or a second. Returns `[from, to)` in epoch ms.
 #[doc(hidden)]
-pub fn parse_time(text: &str, zone: FixedOffset, name: &str) -> Result<(Millis, Millis), BaishanError> {
+pub fn parse_time(text: &str, zone: FixedOffset, name: &str) -> Result<(Timestamp, Timestamp), BaishanError> {
     let t = text.trim();
     // `checked_add_signed`: the day after chrono's last one (year 262142) does not exist, and
     // adding to it panicked (found by fuzzing).
@@ -39,7 +39,9 @@ pub fn parse_time(text: &str, zone: FixedOffset, name: &str) -> Result<(Millis, 
     } else {
         return Err(BaishanError::bad(format!("{name} must be YYYY-MM-DD or YYYY-MM-DD HH:MM:SS, not {text:?}")));
     };
-    let to_ms = |naive: NaiveDateTime| zone.from_local_datetime(&naive).single().map(|d| d.timestamp_millis());
+    let to_ms = |naive: NaiveDateTime| {
+        zone.from_local_datetime(&naive).single().map(|d| Timestamp::from_millis(d.timestamp_millis()))
+    };
     match (to_ms(local.0), local.1.and_then(to_ms)) {
         (Some(a), Some(b)) => Ok((a, b)),
         _ => Err(BaishanError::bad(format!("{name} is out of range"))),
@@ -51,7 +53,7 @@ pub(super) async fn query(
     credential: &Credential,
     kind: Kind,
     pairs: &[(String, String)],
-    now: Millis,
+    now: Timestamp,
 ) -> Result<QueryPage, BaishanError> {
     let page_number = parse_u32(pairs, "page_number", 1, 1..=u32::MAX)?;
     let page_size = parse_u32(pairs, "page_size", 50, 1..=500)?;
@@ -72,11 +74,7 @@ pub(super) async fn query(
             return Err(BaishanError::bad("start_time and end_time must be given together"));
         }
         (Some(id), None, None) => {
-            let id: i64 = id
-                .trim()
-                .parse()
-                .ok()
-                .filter(|n| *n > 0)
+            let id = TaskId::parse(id.trim())
                 .ok_or_else(|| BaishanError::bad(format!("task_id must be a positive integer, not {id:?}")))?;
             state.service.task_items(&credential.account, kind, id, page).await?
         }
@@ -87,11 +85,11 @@ pub(super) async fn query(
             if to <= from {
                 return Err(BaishanError::bad("end_time is before start_time"));
             }
-            if to - from > MAX_SPAN_MS {
+            if to.millis_since(from) > MAX_SPAN_MS {
                 return Err(BaishanError::bad("the time range spans more than 7 days"));
             }
             // Records past the retention are gone, even before the sweep has deleted them.
-            let oldest = now - i64::from(state.settings.retention.days) * 86_400_000;
+            let oldest = now.plus_millis(-i64::from(state.settings.retention.days) * 86_400_000);
             let url = param(pairs, &["url", "urls"]).map(normalize_url);
             if to <= oldest {
                 Page { total: 0, records: Vec::new() }
@@ -165,11 +163,11 @@ fn serialize_optional_time<S: serde::Serializer>(time: &Option<Time>, serializer
 }
 
 /// A time written `YYYY-MM-DD HH:MM:SS` in the dialect's zone.
-struct Time(Millis, FixedOffset);
+struct Time(Timestamp, FixedOffset);
 
 impl std::fmt::Display for Time {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.1.timestamp_millis_opt(self.0).single() {
+        match self.1.timestamp_millis_opt(self.0.millis()).single() {
             Some(t) => crate::wire::write_datetime(f, &t, b' '),
             None => Ok(()),
         }
@@ -207,10 +205,10 @@ mod tests {
     fn times_are_days_or_seconds_of_the_zone() {
         let zone = FixedOffset::east_opt(8 * 3600).unwrap();
         let (a, b) = parse_time("2018-02-23", zone, "start_time").unwrap();
-        assert_eq!(b - a, 86_400_000);
+        assert_eq!(b.millis_since(a), 86_400_000);
         assert_eq!(Time(a, zone).to_string(), "2018-02-23 00:00:00");
         let (a, b) = parse_time("2018-02-23 10:11:12", zone, "start_time").unwrap();
-        assert_eq!(b - a, 1000);
+        assert_eq!(b.millis_since(a), 1000);
         assert_eq!(Time(a, zone).to_string(), "2018-02-23 10:11:12");
         assert!(parse_time("2018-02-30", zone, "start_time").is_err());
         assert!(parse_time("yesterday", zone, "start_time").is_err());

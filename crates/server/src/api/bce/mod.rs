@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
-use cachectl_core::{ItemRecord, ItemStatus, ItemType, Kind, Millis, StoreError};
+use cachectl_core::{ItemRecord, ItemStatus, ItemType, Kind, StoreError, TaskId, Timestamp};
 use serde_json::{Value, json};
 
 /// The error codes of the Baidu dialects, one table: code, HTTP status.
@@ -204,7 +204,7 @@ fn authenticate(state: &AppState, parts: &Parts) -> Result<Credential, BceError>
         .collect();
     let path = decode(uri.path());
     let request = auth::SignedRequest { method: method.as_str(), path: &path, query: &query, headers: &header_pairs };
-    auth::verify(&parsed, sk.expose(), &request, now_ms() / 1000).map_err(|e| match e {
+    auth::verify(&parsed, sk.expose(), &request, now_ms().millis() / 1000).map_err(|e| match e {
         auth::AuthError::Expired(m) => BceError::new(Code::RequestExpired, m),
         auth::AuthError::Mismatch => BceError::new(Code::SignatureDoesNotMatch, e.to_string()),
         auth::AuthError::Missing(m) | auth::AuthError::Malformed(m) => {
@@ -229,8 +229,8 @@ impl Params {
 }
 
 /// RFC 3339 UTC, as the Baidu dialects print times.
-fn format_time(ms: Millis) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map_or_else(String::new, |t| {
+fn format_time(ms: Timestamp) -> String {
+    chrono::DateTime::from_timestamp_millis(ms.millis()).map_or_else(String::new, |t| {
         let mut text = String::with_capacity(20);
         let _ = crate::wire::write_datetime(&mut text, &t, b'T');
         text.push('Z');
@@ -239,50 +239,54 @@ fn format_time(ms: Millis) -> String {
 }
 
 /// Parses an RFC 3339 time parameter.
-fn parse_time(name: &str, text: &str) -> Result<Millis, BceError> {
-    chrono::DateTime::parse_from_rfc3339(text.trim()).map(|t| t.timestamp_millis()).map_err(|_| {
-        BceError::invalid(format!("{name} must be an RFC 3339 time such as 2025-11-10T02:00:00Z, not {text:?}"))
-    })
+fn parse_time(name: &str, text: &str) -> Result<Timestamp, BceError> {
+    chrono::DateTime::parse_from_rfc3339(text.trim()).map(|t| Timestamp::from_millis(t.timestamp_millis())).map_err(
+        |_| BceError::invalid(format!("{name} must be an RFC 3339 time such as 2025-11-10T02:00:00Z, not {text:?}")),
+    )
 }
 
 /// The longest window a query may span.
-const MAX_SPAN_MS: Millis = 30 * 86_400_000;
+const MAX_SPAN_MS: i64 = 30 * 86_400_000;
 /// Records per page at most.
 const PAGE: u32 = 100;
 /// Every record of one task is returned at once; a task holds at most this many.
 const TASK_RECORDS: u32 = 10_000;
 
 /// `startTime`/`endTime` with their defaults (end now, start 24 h before end) and limits.
-fn window(params: &Params, now: Millis) -> Result<(Millis, Millis), BceError> {
+fn window(params: &Params, now: Timestamp) -> Result<(Timestamp, Timestamp), BceError> {
     let end = params.get("endTime").map(|t| parse_time("endTime", t)).transpose()?.unwrap_or(now);
-    let start = params.get("startTime").map(|t| parse_time("startTime", t)).transpose()?.unwrap_or(end - 86_400_000);
+    let start = params
+        .get("startTime")
+        .map(|t| parse_time("startTime", t))
+        .transpose()?
+        .unwrap_or(end.plus_millis(-86_400_000));
     if start > end {
         return Err(BceError::invalid("startTime is after endTime"));
     }
-    if end - start > MAX_SPAN_MS {
+    if end.millis_since(start) > MAX_SPAN_MS {
         return Err(BceError::invalid("the time range between startTime and endTime spans more than 30 days"));
     }
     // endTime is inclusive to the second.
-    Ok((start, end + 1000))
+    Ok((start, end.plus_millis(1000)))
 }
 
 /// The opaque marker: the last record's `(created_at, id)`, hex-encoded.
 fn encode_marker(item: &ItemRecord) -> String {
-    hex::encode(format!("v1:{}:{}", item.created_at, item.id))
+    hex::encode(format!("v1:{}:{}", item.created_at.millis(), item.id))
 }
 
-fn decode_marker(marker: &str) -> Result<(Millis, i64), BceError> {
+fn decode_marker(marker: &str) -> Result<(Timestamp, i64), BceError> {
     let bad = || BceError::invalid("marker is malformed: pass the nextMarker of the previous page as it is");
     let text = String::from_utf8(hex::decode(marker.trim()).map_err(|_| bad())?).map_err(|_| bad())?;
     let mut parts = text.split(':');
     match (parts.next(), parts.next().map(str::parse), parts.next().map(str::parse), parts.next()) {
-        (Some("v1"), Some(Ok(created)), Some(Ok(id)), None) => Ok((created, id)),
+        (Some("v1"), Some(Ok(created)), Some(Ok(id)), None) => Ok((Timestamp::from_millis(created), id)),
         _ => Err(bad()),
     }
 }
 
 /// The status word of a record: `waiting` only for a prefetch scheduled in the future.
-fn status_word(item: &ItemRecord, now: Millis) -> &'static str {
+fn status_word(item: &ItemRecord, now: Timestamp) -> &'static str {
     match item.status {
         ItemStatus::Waiting if item.not_before > now => "waiting",
         ItemStatus::Waiting | ItemStatus::Processing => "in-progress",
@@ -316,7 +320,7 @@ struct RecordTask {
 }
 
 /// A time written as `format_time` writes it.
-struct Time(Millis);
+struct Time(Timestamp);
 
 impl serde::Serialize for Time {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -332,7 +336,7 @@ impl serde::Serialize for Time {
     }
 }
 
-fn record(item: ItemRecord, now: Millis, with_reason: bool) -> Record {
+fn record(item: ItemRecord, now: Timestamp, with_reason: bool) -> Record {
     let status = status_word(&item, now);
     Record {
         task: RecordTask {
@@ -364,7 +368,7 @@ pub struct RecordPage {
 
 /// A page of records; `items` holds up to one record more than a page, which only says that
 /// there is a next page.
-fn page(mut items: Vec<ItemRecord>, limit: u32, now: Millis, with_reason: bool) -> RecordPage {
+fn page(mut items: Vec<ItemRecord>, limit: u32, now: Timestamp, with_reason: bool) -> RecordPage {
     let truncated = items.len() > limit as usize;
     items.truncate(limit as usize);
     let next_marker = if truncated { items.last().map(encode_marker) } else { None };
@@ -388,8 +392,8 @@ async fn list_records(
         account: &credential.account.name,
         kind,
         task_id: None,
-        from: 0,
-        to: 0,
+        from: Timestamp::EPOCH,
+        to: Timestamp::EPOCH,
         site: filters.site,
         url: filters.url,
         item_type: filters.item_type,
@@ -418,19 +422,15 @@ struct Filters<'a> {
 }
 
 /// A task id parameter: a positive integer.
-fn parse_id(id: &str) -> Result<i64, BceError> {
-    id.trim()
-        .parse()
-        .ok()
-        .filter(|n: &i64| *n > 0)
-        .ok_or_else(|| BceError::invalid(format!("id must be a task id, not {id:?}")))
+fn parse_id(id: &str) -> Result<TaskId, BceError> {
+    TaskId::parse(id.trim()).ok_or_else(|| BceError::invalid(format!("id must be a task id, not {id:?}")))
 }
 
 /// One task of a submit body: `{url, type?, startTime?, speed?}`.
 struct TaskSpec {
     url: String,
     item_type: ItemType,
-    start_time: Option<Millis>,
+    start_time: Option<Timestamp>,
 }
 
 /// Parses `{"tasks": [...]}` (and returns the object for other fields such as `site`).
@@ -495,7 +495,7 @@ async fn submit(
     let account = &credential.account;
     for spec in &specs {
         if let Some(start) = spec.start_time
-            && start > now.saturating_add(86_400_000)
+            && start > now.plus_millis(86_400_000)
         {
             return Err(BceError::invalid(format!("{}: startTime may be at most 24 hours ahead", spec.url)));
         }
@@ -555,12 +555,12 @@ mod tests {
             status: ItemStatus::Waiting,
             progress: 0,
             operator: "o".into(),
-            created_at: 1_700_000_000_123,
-            not_before: 0,
+            created_at: Timestamp::from_millis(1_700_000_000_123),
+            not_before: Timestamp::EPOCH,
             finished_at: None,
             reason: None,
         };
-        assert_eq!(decode_marker(&encode_marker(&item)).unwrap(), (1_700_000_000_123, 42));
+        assert_eq!(decode_marker(&encode_marker(&item)).unwrap(), (Timestamp::from_millis(1_700_000_000_123), 42));
         for bad in ["", "zz", "00", &hex::encode("v2:1:2"), &hex::encode("v1:x:2"), &hex::encode("v1:1:2:3")] {
             assert!(decode_marker(bad).is_err(), "{bad}");
         }
@@ -568,9 +568,9 @@ mod tests {
 
     #[test]
     fn windows_default_and_limit() {
-        let now = 1_700_000_000_000;
+        let now = Timestamp::from_millis(1_700_000_000_000);
         let empty = Params(vec![]);
-        assert_eq!(window(&empty, now).unwrap(), (now - 86_400_000, now + 1000));
+        assert_eq!(window(&empty, now).unwrap(), (now.plus_millis(-86_400_000), now.plus_millis(1000)));
         let p = Params(vec![
             ("startTime".into(), "2025-11-10T02:00:00Z".into()),
             ("endTime".into(), "2025-11-09T02:00:00Z".into()),

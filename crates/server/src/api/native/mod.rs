@@ -15,7 +15,7 @@ use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use cachectl_core::{Millis, TaskSummary};
+use cachectl_core::{TaskId, TaskSummary, Timestamp};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -149,15 +149,15 @@ impl FromRequestParts<AppState> for OwnedTask {
         let Bearer(credential) = Bearer::from_request_parts(parts, state).await?;
         let Path(id) =
             Path::<String>::from_request_parts(parts, state).await.map_err(|_| ApiError::not_found("task"))?;
-        let id = id.parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(|| ApiError::not_found("task"))?;
+        let id = TaskId::parse(&id).ok_or_else(|| ApiError::not_found("task"))?;
         let task = state.service.task(&credential.account, id).await?.ok_or_else(|| ApiError::not_found("task"))?;
         Ok(Self { credential, task })
     }
 }
 
-fn parse_time(name: &str, text: &str) -> Result<Millis, ApiError> {
+fn parse_time(name: &str, text: &str) -> Result<Timestamp, ApiError> {
     chrono::DateTime::parse_from_rfc3339(text.trim())
-        .map(|t| t.timestamp_millis())
+        .map(|t| Timestamp::from_millis(t.timestamp_millis()))
         .map_err(|_| ApiError::invalid(format!("{name} must be an RFC 3339 time such as 2025-11-10T02:00:00Z")))
 }
 

@@ -16,7 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
 use cachectl_core::{
-    Idempotency, ItemFilter, ItemStatus, ItemType, Kind, StatusCounts, TaskFilter, TaskKind, TaskState,
+    Idempotency, ItemFilter, ItemStatus, ItemType, Kind, StatusCounts, TaskFilter, TaskId, TaskKind, TaskState,
 };
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -172,7 +172,7 @@ pub async fn list_items(
     let q: ItemQuery = query(raw.as_deref())?;
     let domain = check_domain(q.domain.as_deref())?;
     let filter = ItemFilter {
-        task_id: q.task_id,
+        task_id: q.task_id.map(TaskId::new),
         kind: q
             .kind
             .as_deref()
@@ -372,7 +372,7 @@ pub async fn events(
 async fn changed_view(
     state: &AppState,
     credential: &Credential,
-    id: i64,
+    id: TaskId,
     changed: u64,
 ) -> Result<Json<Changed>, ApiError> {
     let task = state.service.task(&credential.account, id).await?.ok_or_else(|| ApiError::not_found("task"))?;
