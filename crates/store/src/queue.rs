@@ -41,10 +41,14 @@ pub(crate) const RENEW: &str =
 pub(crate) const RELEASE: &str = "UPDATE items SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1";
 
 /// Followed by the ids of a batch of reports: those of its items that owner `?1` still leases,
-/// then `Dialect::WAIT_LOCK`: locked until the reports are written, and a row that a claim (or
-/// this owner's lease renewal) is changing at this moment is read once that commits. Skipping
-/// locked rows instead would count the owner's own items as lost while it renews them.
-const HELD: &str = "SELECT id FROM items WHERE lease_owner = ?1 AND id IN (";
+/// or that are final with no lease (the nodes of an item that failed on one node may still
+/// report; such a report sets no status, see `items_update`), then `Dialect::WAIT_LOCK`: locked
+/// until the reports are written, and a row that a claim (or this owner's lease renewal) is
+/// changing at this moment is read once that commits. Skipping locked rows instead would count
+/// the owner's own items as lost while it renews them. An item that another worker leases is not
+/// among them: its reports count, and these would make it final while it is being executed.
+const HELD: &str = "SELECT id FROM items WHERE (lease_owner = ?1 \
+     OR (lease_owner IS NULL AND status IN ('completed', 'failed'))) AND id IN (";
 const HELD_TAIL: &str = ") ORDER BY id";
 
 /// Followed by `VALUES`, one row per node result.

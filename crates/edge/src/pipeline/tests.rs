@@ -1,0 +1,237 @@
+use super::*;
+use crate::transport::request_bytes;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::TcpListener;
+
+#[test]
+fn parses_answers() {
+    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    assert_eq!(
+        parse_answer(ok, false).unwrap(),
+        Some(Parsed { status: 200, length: ok.len(), close: false, interim: false })
+    );
+    assert_eq!(parse_answer(&ok[..ok.len() - 1], false).unwrap(), None);
+    // Closed in the middle of the body: the status stands, and the connection ends.
+    assert_eq!(
+        parse_answer(&ok[..ok.len() - 1], true).unwrap(),
+        Some(Parsed { status: 200, length: ok.len() - 1, close: true, interim: false })
+    );
+    let two = [&ok[..], b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"].concat();
+    assert_eq!(parse_answer(&two, false).unwrap().unwrap().length, ok.len());
+    let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\nREST";
+    let parsed = parse_answer(chunked, false).unwrap().unwrap();
+    assert_eq!(parsed.length, chunked.len() - 4);
+    assert_eq!(parse_answer(&chunked[..chunked.len() - 6], false).unwrap(), None);
+    assert_eq!(parse_answer(&chunked[..chunked.len() - 6], true).unwrap().unwrap().status, 200);
+    let close = b"HTTP/1.1 412 Precondition Failed\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+    assert!(parse_answer(close, false).unwrap().unwrap().close);
+    let until_eof = b"HTTP/1.0 200 OK\r\n\r\nbody";
+    assert_eq!(parse_answer(until_eof, false).unwrap(), None);
+    assert_eq!(
+        parse_answer(until_eof, true).unwrap(),
+        Some(Parsed { status: 200, length: until_eof.len(), close: true, interim: false })
+    );
+    assert!(parse_answer(b"HTTP/1.1 100 Continue\r\n\r\n", false).unwrap().unwrap().interim);
+    assert!(parse_answer(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
+    assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
+    assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", false).is_err());
+    let two = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nokk";
+    assert!(parse_answer(two, false).is_err(), "two different lengths");
+    let same = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok";
+    assert_eq!(parse_answer(same, false).unwrap().unwrap().length, same.len());
+    // Chunk data must end with CRLF; a size line must start with a hex digit.
+    assert!(parse_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n", false).is_err());
+    assert!(parse_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\n", false).is_err());
+    // Chunked with a length too: framed by the chunks, and the connection is not reused.
+    let both = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    assert_eq!(
+        parse_answer(both, false).unwrap(),
+        Some(Parsed { status: 200, length: both.len(), close: true, interim: false })
+    );
+    // Another transfer coding last: the body ends with the connection.
+    let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz";
+    assert_eq!(parse_answer(gzip, false).unwrap(), None);
+    assert!(parse_answer(gzip, true).unwrap().unwrap().close);
+    let mixed = b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
+    assert!(parse_answer(mixed, false).unwrap().unwrap().close, "close wins");
+    let old_keep = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
+    assert!(!parse_answer(old_keep, false).unwrap().unwrap().close);
+}
+
+/// A node on a free port that runs `serve` on every connection it accepts; returns its
+/// address and how many connections it accepted.
+async fn node<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(stream));
+        }
+    });
+    (address, accepted)
+}
+
+/// A node that answers `per_connection` requests per connection, then closes it the way
+/// nginx does at its keep-alive limit, answering requests pipelined after the limit never.
+async fn closing_node(per_connection: usize) -> (String, Arc<AtomicUsize>) {
+    node(move |stream| async move {
+        let (read, mut write) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let mut answered = 0;
+        while let Ok(Some(line)) = lines.next_line().await {
+            if !line.is_empty() {
+                continue;
+            }
+            answered += 1;
+            let last = answered == per_connection;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{}\r\nok",
+                if last { "Connection: close\r\n" } else { "" }
+            );
+            if write.write_all(answer.as_bytes()).await.is_err() || last {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+fn settings(connections: usize, depth: usize) -> LaneSettings {
+    LaneSettings {
+        connections,
+        depth,
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+    }
+}
+
+#[tokio::test]
+async fn resends_what_a_closed_connection_left_unanswered() {
+    let (address, connections) = closing_node(3).await;
+    let lane = Lane::spawn(&address, settings(1, 8));
+    let request = request_bytes("PURGE", "/x", "h", &[]).unwrap();
+    let answers = futures::future::join_all((0..20).map(|_| lane.send_bytes(request.clone()))).await;
+    assert!(answers.iter().all(|a| a == &Ok(200)), "{answers:?}");
+    assert!(connections.load(Ordering::SeqCst) >= 7, "a new connection after every third answer");
+}
+
+#[tokio::test]
+async fn reports_unreachable_and_silent_nodes() {
+    // A port with no listener.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let lane = Lane::spawn(&address, settings(2, 4));
+    let error = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+    assert!(error.starts_with("connect error:"), "{error}");
+
+    // A node that accepts and never answers.
+    let (address, _) = node(|stream| async move {
+        std::future::pending::<()>().await;
+        drop(stream);
+    })
+    .await;
+    let mut quick = settings(1, 4);
+    quick.request_timeout = Duration::from_millis(200);
+    let lane = Lane::spawn(&address, quick);
+    let error = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+    assert!(error.starts_with("timeout:"), "{error}");
+}
+
+#[tokio::test]
+async fn a_node_that_closes_at_once_fails_after_the_resends() {
+    let (address, accepted) = node(|stream| async move { drop(stream) }).await;
+    let lane = Lane::spawn(&address, settings(1, 4));
+    let error = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await.unwrap_err();
+    assert!(error.starts_with("request error:"), "{error}");
+    // The listener task counts the last connection after the lane has given up on it.
+    for _ in 0..100 {
+        if accepted.load(Ordering::SeqCst) > usize::from(MAX_RESENDS) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), usize::from(MAX_RESENDS) + 1, "one write and two resends");
+}
+
+#[tokio::test]
+async fn a_status_cut_off_in_its_body_is_the_answer() {
+    // Answers the first request with a status and half its body, then closes.
+    let (address, accepted) = node(|stream| async move {
+        let (read, mut write) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.is_empty() {
+                let _ = write.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nmiss").await;
+                return;
+            }
+        }
+    })
+    .await;
+    let lane = Lane::spawn(&address, settings(1, 4));
+    let answer = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap()).await;
+    assert_eq!(answer, Ok(404), "the node handled the request and said so");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
+}
+
+/// A node that answers every request, and 100 ms after each answer, if nothing more came,
+/// sends an unasked 408 and closes (as a proxy's idle timeout does).
+async fn node_timing_out_idle_connections() -> String {
+    let (address, _) = node(|stream| async move {
+        let (read, mut write) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), lines.next_line()).await {
+                Ok(Ok(Some(line))) if line.is_empty() => {
+                    let _ = write.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(_) => return,
+                Err(_) => {
+                    let _ = write
+                        .write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    address
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_node_gave_up_is_not_reused() {
+    let address = node_timing_out_idle_connections().await;
+    let lane = Lane::spawn(&address, settings(1, 4));
+    let request = request_bytes("PURGE", "/x", "h", &[]).unwrap();
+    assert_eq!(lane.send_bytes(request.clone()).await, Ok(200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(lane.send_bytes(request).await, Ok(200), "not the 408 sent to nobody");
+}
+
+#[tokio::test]
+async fn interim_answers_do_not_extend_the_timeout() {
+    let (address, _) = node(|mut stream| async move {
+        while stream.write_all(b"HTTP/1.1 102 Processing\r\n\r\n").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let mut quick = settings(1, 4);
+    quick.request_timeout = Duration::from_millis(300);
+    let lane = Lane::spawn(&address, quick);
+    let send = lane.send_bytes(request_bytes("PURGE", "/x", "h", &[]).unwrap());
+    let error = tokio::time::timeout(Duration::from_secs(5), send)
+        .await
+        .expect("the request times out instead of waiting on interim answers")
+        .unwrap_err();
+    assert!(error.starts_with("timeout:"), "{error}");
+}
