@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian 12 machine with the Rust toolchain:
-# installs what the tests start when missing (Varnish, nginx with the cache-purge module,
+# installs what the tests start when missing (Varnish with varnish-modules, nginx with the cache-purge module,
 # PostgreSQL, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
 # formatting and lints, then runs every test with cargo-nextest, then a short run of every fuzz
 # target (cargo-fuzz, installed when missing). Tests start their own caches, origin, PostgreSQL
@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v varnishd >/dev/null 2>&1 || need+=(varnish)
+# xkey (tag purges) in the shipped VCL: Debian's varnish-modules, built for Debian's Varnish.
+ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null 2>&1 || need+=(varnish-modules)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_http_cache_purge_module.so ] || need+=(libnginx-mod-http-cache-purge)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
@@ -27,6 +29,7 @@ fi
 # Debian's postinst scripts may start the packaged services where an init system exists;
 # the tests use their own instances on free ports, so the system ones are harmless either way.
 varnishd -V 2>&1 | head -1
+ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null || { echo "varnish-modules (xkey) is missing" >&2; exit 1; }
 nginx -v 2>&1
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 

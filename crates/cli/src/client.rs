@@ -5,7 +5,7 @@
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -165,17 +165,10 @@ impl Client {
     ///
     /// # Errors
     /// See `Failure`.
-    pub async fn submit(
-        &self,
-        kind: &str,
-        urls: &[String],
-        dir: bool,
-        idempotency_key: Option<&str>,
-    ) -> Result<Value, Failure> {
-        let body = json!({"kind": kind, "urls": urls, "type": if dir { "dir" } else { "url" }});
+    pub async fn submit(&self, body: &Value, idempotency_key: Option<&str>) -> Result<Value, Failure> {
         let headers: Vec<(&str, String)> =
             idempotency_key.map(|k| ("idempotency-key", k.to_owned())).into_iter().collect();
-        self.call(reqwest::Method::POST, "/api/v1/tasks", Some(&body), &headers).await
+        self.call(reqwest::Method::POST, "/api/v1/tasks", Some(body), &headers).await
     }
 
     /// A task with its items and per-node results.

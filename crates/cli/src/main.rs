@@ -37,6 +37,49 @@ struct Remote {
     json: bool,
 }
 
+/// The refresh flags of tag, regex and soft purges.
+#[derive(Debug, Args)]
+struct Targets {
+    /// Purge every object of --host that its origin tagged with this cache tag (repeatable).
+    #[arg(long, requires = "host", conflicts_with_all = ["dir", "then_prefetch", "regex"])]
+    tag: Vec<String>,
+    /// Purge every object of --host whose path and query match this regex (repeatable).
+    #[arg(long, requires = "host", conflicts_with_all = ["dir", "then_prefetch"])]
+    regex: Vec<String>,
+    /// The host of --tag or --regex (one of your domains).
+    #[arg(long)]
+    host: Option<String>,
+    /// Confirm a --regex that matches every path of the host.
+    #[arg(long, requires = "regex")]
+    all: bool,
+    /// Soft purge: mark the URLs or tagged objects stale (served stale while one request
+    /// refetches them) instead of removing them.
+    #[arg(long, conflicts_with_all = ["dir", "then_prefetch", "regex"])]
+    soft: bool,
+}
+
+impl Targets {
+    /// The native submission of a refresh of `kind` with these flags.
+    fn body(&self, kind: &str, urls: &[String], dir: bool) -> serde_json::Value {
+        use serde_json::json;
+        let mut body = if !self.tag.is_empty() {
+            json!({"kind": kind, "type": "tag", "host": self.host, "tags": self.tag})
+        } else if !self.regex.is_empty() {
+            json!({"kind": kind, "type": "regex", "host": self.host, "regexes": self.regex, "confirm_all": self.all})
+        } else {
+            json!({"kind": kind, "type": if dir { "dir" } else { "url" }, "urls": urls})
+        };
+        if !urls.is_empty() {
+            // URLs beside --tag or --regex: the server says what is wrong.
+            body["urls"] = json!(urls);
+        }
+        if self.soft {
+            body["soft"] = json!(true);
+        }
+        body
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the service.
@@ -57,10 +100,12 @@ enum Command {
         #[arg(long, short, env = "CACHECTL_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Refresh (purge) URLs, or directories with --dir.
+    /// Refresh (purge) URLs, directories with --dir, or a host's objects by cache tag (--tag) or
+    /// regex (--regex); --soft marks URLs or tagged objects stale instead of removing them.
+    #[command(alias = "purge")]
     Refresh {
         /// The URLs.
-        #[arg(required = true)]
+        #[arg(required_unless_present_any = ["tag", "regex"])]
         urls: Vec<String>,
         /// The URLs are directories (ending with /): evict everything under them.
         #[arg(long)]
@@ -68,6 +113,8 @@ enum Command {
         /// Prefetch each URL once its refresh completed on every node.
         #[arg(long, conflicts_with = "dir")]
         then_prefetch: bool,
+        #[command(flatten)]
+        targets: Targets,
         /// Wait until every item is final, showing progress.
         #[arg(long)]
         wait: bool,
@@ -161,16 +208,9 @@ fn print_json(value: &serde_json::Value) {
 }
 
 /// Submits, optionally waits, prints, and returns the exit code.
-async fn submit(
-    remote: &Remote,
-    kind: &str,
-    urls: &[String],
-    dir: bool,
-    wait: bool,
-    key: Option<&str>,
-) -> Result<u8, Failure> {
+async fn submit(remote: &Remote, body: serde_json::Value, wait: bool, key: Option<&str>) -> Result<u8, Failure> {
     let client = connect(remote)?;
-    let submitted = client.submit(kind, urls, dir, key).await?;
+    let submitted = client.submit(&body, key).await?;
     let id = submitted["task"]["id"].as_i64().unwrap_or_default();
     for r in submitted["rejected"].as_array().into_iter().flatten() {
         eprintln!("rejected {}: {}", r["url"].as_str().unwrap_or(""), r["reason"].as_str().unwrap_or(""));
@@ -227,9 +267,9 @@ async fn run(command: Command) -> Result<u8, Failure> {
                 .map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })?;
             Ok(exit::OK)
         }
-        Command::Refresh { urls, dir, then_prefetch, wait, idempotency_key, remote } => {
+        Command::Refresh { urls, dir, then_prefetch, targets, wait, idempotency_key, remote } => {
             let kind = if then_prefetch { "refresh_then_prefetch" } else { "refresh" };
-            submit(&remote, kind, &urls, dir, wait, idempotency_key.as_deref()).await
+            submit(&remote, targets.body(kind, &urls, dir), wait, idempotency_key.as_deref()).await
         }
         Command::Prefetch { mut urls, file, wait, idempotency_key, remote } => {
             if let Some(file) = file {
@@ -238,7 +278,8 @@ async fn run(command: Command) -> Result<u8, Failure> {
             if urls.is_empty() {
                 return Err(Failure { code: exit::INVALID, message: "no URL given: pass URLs or --file".into() });
             }
-            submit(&remote, "prefetch", &urls, false, wait, idempotency_key.as_deref()).await
+            let body = serde_json::json!({"kind": "prefetch", "type": "url", "urls": urls});
+            submit(&remote, body, wait, idempotency_key.as_deref()).await
         }
         Command::Status { task, wait, remote } => {
             let client = connect(&remote)?;

@@ -7,6 +7,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod service;
 pub mod store;
+pub mod target;
 pub mod types;
 
 pub use model::*;

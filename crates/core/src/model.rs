@@ -31,7 +31,7 @@ pub enum TaskKind {
     RefreshThenPrefetch,
 }
 
-/// Whether an item names one URL or a directory prefix.
+/// Whether an item names one URL, a directory prefix, a cache tag or a regex of one host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ItemType {
@@ -39,6 +39,12 @@ pub enum ItemType {
     Url,
     /// Everything of the host whose path starts with the URL's path (which ends with `/`).
     Dir,
+    /// Every object of one host that its origin tagged with a cache tag (surrogate key); the
+    /// item's text is `tag:<host>:<tag>` (see `target`).
+    Tag,
+    /// Every object of one host whose path and query match a regex; the item's text is
+    /// `regex:<host>:<regex>` (see `target`).
+    Regex,
 }
 
 /// The life of an item, as every dialect reports it (each in its own words).
@@ -128,7 +134,7 @@ impl From<Kind> for TaskKind {
         }
     }
 }
-string_enum!(ItemType { Url => "url", Dir => "dir" });
+string_enum!(ItemType { Url => "url", Dir => "dir", Tag => "tag", Regex => "regex" });
 string_enum!(ItemStatus { Waiting => "waiting", Processing => "processing", Completed => "completed", Failed => "failed" });
 string_enum!(Tier { Parent => "parent", Edge => "edge" });
 string_enum!(NodeState { Pending => "pending", Succeeded => "succeeded", Failed => "failed" });
@@ -146,6 +152,8 @@ pub struct NewItem {
     pub not_before: Option<Timestamp>,
     /// The position, in the same task, of the item that must complete first (refresh-then-prefetch).
     pub depends_on: Option<usize>,
+    /// A soft purge: the objects are marked stale (kept for grace) instead of removed.
+    pub soft: bool,
 }
 
 /// The `Idempotency-Key` of a native submit and a hash of its body.
@@ -198,9 +206,19 @@ pub enum QuotaBucket {
     RefreshDir,
     /// Prefetched URLs per day.
     PrefetchUrl,
+    /// Purged cache tags per day.
+    RefreshTag,
+    /// Regex purges per day.
+    RefreshRegex,
 }
 
-string_enum!(QuotaBucket { RefreshUrl => "refresh_url", RefreshDir => "refresh_dir", PrefetchUrl => "prefetch_url" });
+string_enum!(QuotaBucket {
+    RefreshUrl => "refresh_url",
+    RefreshDir => "refresh_dir",
+    PrefetchUrl => "prefetch_url",
+    RefreshTag => "refresh_tag",
+    RefreshRegex => "refresh_regex",
+});
 
 impl QuotaBucket {
     /// The bucket a submission of `kind` and `item_type` spends from.
@@ -209,6 +227,8 @@ impl QuotaBucket {
         match (kind, item_type) {
             (Kind::Refresh, ItemType::Dir) => Self::RefreshDir,
             (Kind::Refresh, ItemType::Url) => Self::RefreshUrl,
+            (Kind::Refresh, ItemType::Tag) => Self::RefreshTag,
+            (Kind::Refresh, ItemType::Regex) => Self::RefreshRegex,
             (Kind::Prefetch, _) => Self::PrefetchUrl,
         }
     }
@@ -249,6 +269,8 @@ pub struct Item {
     pub follows: Option<i64>,
     /// The refresh item that must complete before this prefetch starts.
     pub depends_on: Option<i64>,
+    /// A soft purge: the objects are marked stale instead of removed.
+    pub soft: bool,
 }
 
 /// What the query pages of the dialects (Baishan's task and window pages, the Baidu record

@@ -145,6 +145,20 @@ pub enum UrlError {
     /// A directory cannot be prefetched.
     #[error("a directory cannot be prefetched")]
     DirNotPrefetchable,
+    /// A cache tag that is not a visible ASCII token (see `target::parse_tag`).
+    #[error("not a cache tag: {0}")]
+    BadTag(String),
+    /// A regex outside the accepted dialect (see `target::check_regex`).
+    #[error("not an accepted regex: {0}")]
+    BadRegex(String),
+    /// A regex that matches every path of the host, without `confirm_all`.
+    #[error("the regex matches every path of the host; confirm with \"confirm_all\": true (cachectl purge --all)")]
+    MatchesEverything,
+    /// A soft purge of a directory or regex: Varnish bans always remove.
+    #[error(
+        "soft purges are for URLs and tags: a directory or regex purge is a Varnish ban, which cannot keep objects stale"
+    )]
+    SoftBan,
 }
 
 /// Validates and normalizes one submitted URL against the account's domains.
@@ -166,6 +180,10 @@ pub fn parse_item_of(
     domains: &[DomainPattern],
 ) -> Result<NewItem, UrlError> {
     let raw = raw.trim();
+    if matches!(item_type, ItemType::Tag | ItemType::Regex) {
+        // Tags and regexes are not URLs: `target::parse_tag` and `target::parse_regex`.
+        return Err(UrlError::Malformed);
+    }
     if raw.len() > MAX_URL_LEN {
         return Err(UrlError::TooLong);
     }
@@ -204,12 +222,19 @@ pub fn parse_item_of(
     if !any_matches(domains, &host) {
         return Err(UrlError::ForeignDomain);
     }
-    Ok(NewItem { kind, url: ItemUrl::accepted(url.to_string(), host), item_type, not_before: None, depends_on: None })
+    Ok(NewItem {
+        kind,
+        url: ItemUrl::accepted(url.to_string(), host),
+        item_type,
+        not_before: None,
+        depends_on: None,
+        soft: false,
+    })
 }
 
 /// Whether `host` (lowercase ASCII, as the URL parser gives it after IDNA) is a DNS name:
 /// dot-separated labels of 1 to 63 letters, digits or `-`.
-fn is_dns_name(host: &str) -> bool {
+pub(crate) fn is_dns_name(host: &str) -> bool {
     host.len() <= 253
         && host.split('.').all(|label| {
             (1..=63).contains(&label.len()) && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')

@@ -36,6 +36,10 @@ pub struct Quotas {
     pub refresh_dirs: u64,
     /// Prefetched URLs per day.
     pub prefetch_urls: u64,
+    /// Purged cache tags per day.
+    pub refresh_tags: u64,
+    /// Regex purges per day.
+    pub refresh_regexes: u64,
 }
 
 impl Quotas {
@@ -46,13 +50,21 @@ impl Quotas {
             QuotaBucket::RefreshUrl => self.refresh_urls,
             QuotaBucket::RefreshDir => self.refresh_dirs,
             QuotaBucket::PrefetchUrl => self.prefetch_urls,
+            QuotaBucket::RefreshTag => self.refresh_tags,
+            QuotaBucket::RefreshRegex => self.refresh_regexes,
         }
     }
 }
 
 impl Default for Quotas {
     fn default() -> Self {
-        Self { refresh_urls: 10_000, refresh_dirs: 100, prefetch_urls: 10_000 }
+        Self {
+            refresh_urls: 10_000,
+            refresh_dirs: 100,
+            prefetch_urls: 10_000,
+            refresh_tags: 10_000,
+            refresh_regexes: 100,
+        }
     }
 }
 
@@ -91,6 +103,41 @@ impl Validated {
     pub fn accepted(&self) -> usize {
         self.items.len()
     }
+
+    /// Makes every accepted item a soft purge; a directory or regex is refused instead
+    /// (`UrlError::SoftBan`), since a ban cannot keep objects stale. Only for refresh tasks.
+    #[must_use]
+    pub fn soft(mut self) -> Self {
+        let (bans, mut kept): (Vec<NewItem>, Vec<NewItem>) =
+            self.items.into_iter().partition(|i| matches!(i.item_type, ItemType::Dir | ItemType::Regex));
+        self.rejected.extend(bans.into_iter().map(|i| (target_text(&i), UrlError::SoftBan)));
+        for item in &mut kept {
+            item.soft = true;
+        }
+        self.items = kept;
+        self
+    }
+}
+
+/// What a submitter wrote for an item: the URL, or the tag or regex of a target item.
+fn target_text(item: &NewItem) -> String {
+    match crate::target::split(item.url.as_str()) {
+        Some((_, _, value)) => value.to_owned(),
+        None => item.url.as_str().to_owned(),
+    }
+}
+
+/// A tag or regex submission of one host, as a dialect hands it over.
+#[derive(Debug, Clone)]
+pub struct SubmittedTargets {
+    /// The host whose objects are purged (one of the account's domains).
+    pub host: String,
+    /// `ItemType::Tag` or `ItemType::Regex`.
+    pub item_type: ItemType,
+    /// The tags or regexes.
+    pub values: Vec<String>,
+    /// A regex that matches every path is accepted only with this set.
+    pub confirm_all: bool,
 }
 
 /// One submission as a dialect hands it over.
@@ -273,6 +320,34 @@ impl Service {
             }
         }
         Validated { kind, items, rejected }
+    }
+
+    /// Checks the tags or regexes of a refresh submission (`target::parse_tag`,
+    /// `target::parse_regex`) for the account: the accepted ones become items (duplicates
+    /// merged), the others are returned with why.
+    #[must_use]
+    pub fn validate_targets(&self, account: &Account, targets: SubmittedTargets) -> Validated {
+        let mut seen = HashSet::new();
+        let mut items: Vec<NewItem> = Vec::new();
+        let mut rejected = Vec::new();
+        for value in targets.values {
+            let parsed = match targets.item_type {
+                ItemType::Tag => crate::target::parse_tag(&targets.host, &value, &account.domains),
+                ItemType::Regex => {
+                    crate::target::parse_regex(&targets.host, &value, targets.confirm_all, &account.domains)
+                }
+                ItemType::Url | ItemType::Dir => Err(UrlError::Malformed),
+            };
+            match parsed {
+                Ok(item) => {
+                    if seen.insert(item.url.clone()) {
+                        items.push(item);
+                    }
+                }
+                Err(e) => rejected.push((value, e)),
+            }
+        }
+        Validated { kind: TaskKind::Refresh, items, rejected }
     }
 
     /// Today's state of one of an account's quotas.

@@ -94,7 +94,21 @@ pub enum Outcome {
 /// # Errors
 /// The driver cannot do this (a directory purge on nginx): a definitive failure's reason.
 pub fn plan(driver: Driver, kind: Kind, item_type: ItemType, url: &str) -> Result<Plan, String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("unparsable URL: {e}"))?;
+    plan_item(driver, kind, item_type, url, false)
+}
+
+/// The request for an item: `text` is its URL, or the `tag:<host>:<tag>` / `regex:<host>:<regex>`
+/// of a tag or regex item (`cachectl_core::target`); `soft` asks for a soft purge (Varnish:
+/// `purge.soft()` or xkey's `softpurge`, the objects kept stale for their grace).
+///
+/// # Errors
+/// The driver cannot do this (a directory, tag, regex or soft purge on nginx, a soft ban on
+/// Varnish): a definitive failure's reason.
+pub fn plan_item(driver: Driver, kind: Kind, item_type: ItemType, text: &str, soft: bool) -> Result<Plan, String> {
+    if matches!(item_type, ItemType::Tag | ItemType::Regex) {
+        return plan_target(driver, item_type, text, soft);
+    }
+    let parsed = url::Url::parse(text).map_err(|e| format!("unparsable URL: {e}"))?;
     let host = match (parsed.host_str(), parsed.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
@@ -113,9 +127,14 @@ pub fn plan(driver: Driver, kind: Kind, item_type: ItemType, url: &str) -> Resul
     };
     match (driver, kind, item_type) {
         (_, Kind::Prefetch, _) => Ok(simple(Method::GET, true)),
+        (Driver::Nginx, Kind::Refresh, _) if soft => Err(NGINX_SOFT.to_owned()),
+        (_, Kind::Refresh, ItemType::Dir) if soft => Err(SOFT_BAN.to_owned()),
+        (Driver::Varnish, Kind::Refresh, ItemType::Url) if soft => {
+            Ok(Plan { headers: vec![soft_header()], ..simple(purge_method(), false) })
+        }
         (_, Kind::Refresh, ItemType::Url) => Ok(simple(purge_method(), false)),
         (Driver::Varnish, Kind::Refresh, ItemType::Dir) => Ok(Plan {
-            method: Method::from_bytes(b"BAN").unwrap_or(Method::DELETE),
+            method: ban_method(),
             path_and_query: "/".to_owned(),
             host,
             headers: vec![("x-cachectl-ban", regex_escape(parsed.path()))],
@@ -126,7 +145,49 @@ pub fn plan(driver: Driver, kind: Kind, item_type: ItemType, url: &str) -> Resul
              directory purges on nginx need the cache-host agent (not yet available)"
                 .to_owned())
         }
+        (_, Kind::Refresh, ItemType::Tag | ItemType::Regex) => plan_target(driver, item_type, text, soft),
     }
+}
+
+/// The header that makes a Varnish PURGE soft.
+fn soft_header() -> (&'static str, String) {
+    ("x-cachectl-soft", "1".to_owned())
+}
+
+const NGINX_SOFT: &str = "nginx cannot soft-purge: the cache-purge module only deletes; \
+     soft purges on nginx need the cache-host agent (not yet available)";
+
+const SOFT_BAN: &str = "a directory or regex purge is a Varnish ban, which always removes: it cannot be soft";
+
+/// A tag purge (Varnish: PURGE with `X-Cachectl-Tag`, answered through xkey) or a regex purge
+/// (Varnish: BAN with `X-Cachectl-Regex`), scoped by the VCL to the item's host.
+fn plan_target(driver: Driver, item_type: ItemType, text: &str, soft: bool) -> Result<Plan, String> {
+    let (_, host, value) = cachectl_core::target::split(text)
+        .filter(|(t, _, _)| *t == item_type)
+        .ok_or_else(|| format!("unreadable {item_type} item {text:?}"))?;
+    // An empty regex (accepted with confirm_all) matches as `^` does; a header cannot be empty.
+    let value = if value.is_empty() { "^" } else { value };
+    let target = |method: Method, header: &'static str| Plan {
+        method,
+        path_and_query: "/".to_owned(),
+        host: host.to_owned(),
+        headers: std::iter::once((header, value.to_owned())).chain(soft.then(soft_header)).collect(),
+        read_body: false,
+    };
+    match (driver, item_type) {
+        (Driver::Varnish, ItemType::Tag) => Ok(target(purge_method(), "x-cachectl-tag")),
+        (Driver::Varnish, _) if soft => Err(SOFT_BAN.to_owned()),
+        (Driver::Varnish, _) => Ok(target(ban_method(), "x-cachectl-regex")),
+        (Driver::Nginx, _) => Err(format!(
+            "nginx cannot purge by {}: the cache-purge module only knows exact keys; \
+             {item_type} purges on nginx need the cache-host agent (not yet available)",
+            if item_type == ItemType::Tag { "cache tag" } else { "regex" },
+        )),
+    }
+}
+
+fn ban_method() -> Method {
+    Method::from_bytes(b"BAN").unwrap_or(Method::DELETE)
 }
 
 fn purge_method() -> Method {
@@ -243,7 +304,21 @@ impl EdgeClient {
         item_type: ItemType,
         url: &str,
     ) -> Outcome {
-        let plan = match plan(node.driver, kind, item_type, url) {
+        self.execute_item(node, transport, kind, item_type, url, false).await
+    }
+
+    /// [`EdgeClient::execute`] for any item: `text` is its URL or its tag or regex text, `soft`
+    /// asks for a soft purge (see [`plan_item`]).
+    pub async fn execute_item(
+        &self,
+        node: &Node,
+        transport: &impl Transport,
+        kind: Kind,
+        item_type: ItemType,
+        text: &str,
+        soft: bool,
+    ) -> Outcome {
+        let plan = match plan_item(node.driver, kind, item_type, text, soft) {
             Ok(plan) => plan,
             Err(error) => return Outcome::Fail { code: None, error },
         };
@@ -307,6 +382,34 @@ mod tests {
         assert_eq!(p.headers, vec![("x-cachectl-ban", "/a\\.b/".to_owned())]);
         let p = plan(Driver::Varnish, Kind::Prefetch, ItemType::Url, "https://www.example.com/x").unwrap();
         assert_eq!((p.method, p.read_body), (Method::GET, true));
+    }
+
+    #[test]
+    fn tag_regex_and_soft_plans() {
+        let p = plan_item(Driver::Varnish, Kind::Refresh, ItemType::Tag, "tag:www.example.com:p-1", false).unwrap();
+        assert_eq!((p.method.as_str(), p.path_and_query.as_str(), p.host.as_str()), ("PURGE", "/", "www.example.com"));
+        assert_eq!(p.headers, vec![("x-cachectl-tag", "p-1".to_owned())]);
+        let p = plan_item(Driver::Varnish, Kind::Refresh, ItemType::Tag, "tag:www.example.com:p:1", true).unwrap();
+        assert_eq!(p.headers, vec![("x-cachectl-tag", "p:1".to_owned()), ("x-cachectl-soft", "1".to_owned())]);
+        let p =
+            plan_item(Driver::Varnish, Kind::Refresh, ItemType::Regex, "regex:a.example.com:^/x:y$", false).unwrap();
+        assert_eq!((p.method.as_str(), p.host.as_str()), ("BAN", "a.example.com"));
+        assert_eq!(p.headers, vec![("x-cachectl-regex", "^/x:y$".to_owned())]);
+        let p = plan_item(Driver::Varnish, Kind::Refresh, ItemType::Url, "http://www.example.com/a", true).unwrap();
+        assert_eq!((p.method.as_str(), p.headers[0].0), ("PURGE", "x-cachectl-soft"));
+        for (t, text) in [(ItemType::Regex, "regex:a.example.com:^/"), (ItemType::Dir, "http://a.example.com/d/")] {
+            let err = plan_item(Driver::Varnish, Kind::Refresh, t, text, true).unwrap_err();
+            assert!(err.contains("cannot be soft"), "{err}");
+        }
+        for (t, text, soft, says) in [
+            (ItemType::Tag, "tag:a.example.com:t", false, "cache tag"),
+            (ItemType::Regex, "regex:a.example.com:^/", false, "regex"),
+            (ItemType::Url, "http://a.example.com/x", true, "soft-purge"),
+        ] {
+            let err = plan_item(Driver::Nginx, Kind::Refresh, t, text, soft).unwrap_err();
+            assert!(err.contains(says) && err.contains("agent"), "{err}");
+        }
+        assert!(plan_item(Driver::Varnish, Kind::Refresh, ItemType::Tag, "regex:a.example.com:x", false).is_err());
     }
 
     #[test]

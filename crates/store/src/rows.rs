@@ -7,7 +7,7 @@ use cachectl_core::{Item, ItemRecord, ItemStatus, ItemType, Kind, NodeResult, No
 /// The item columns every item query selects, in this order and together (`item_at` reads them
 /// by position from the `id` column on).
 pub(crate) const ITEM_COLUMNS: &str = "id, task_id, account, kind, url, host, item_type, status, progress, operator, \
-     created_at, not_before, finished_at, reason, follows, depends_on";
+     created_at, not_before, finished_at, reason, follows, depends_on, soft";
 
 /// The columns of an `ItemRecord`, what the dialects' query pages read (`record_at` and
 /// `sqlite_read::record_from_row` read them by position from the `id` column on).
@@ -61,6 +61,7 @@ pub(crate) fn item_at<DB: Db>(row: &DB::Row, base: usize) -> Item {
         reason: record.reason,
         follows: DB::opt_int(row, base + 14),
         depends_on: DB::opt_int(row, base + 15),
+        soft: DB::int(row, base + 16) != 0,
     }
 }
 

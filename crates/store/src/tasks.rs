@@ -32,13 +32,13 @@ const INSERT_TASK: &str = "INSERT INTO tasks (account, kind, operator, dialect, 
 
 /// Followed by `VALUES`, one row per item.
 const INSERT_ITEMS: &str = "INSERT INTO items (task_id, account, kind, url, host, item_type, operator, created_at, \
-     not_before, follows, depends_on) ";
+     not_before, follows, depends_on, soft) ";
 
 /// Items of account `?1` and kind `?2` that a new item may join: the URL list, then
 /// `COALESCE_TAIL` with the oldest creation time `?1` and the item type `?2`.
 const COALESCE_HEAD: &str = "SELECT id, url, not_before FROM items WHERE account = ?1 AND kind = ?2 AND url IN (";
 const COALESCE_TAIL: &str = ") AND created_at >= ?1 AND item_type = ?2 \
-     AND status = 'waiting' AND lease_owner IS NULL AND follows IS NULL AND depends_on IS NULL";
+     AND status = 'waiting' AND lease_owner IS NULL AND follows IS NULL AND depends_on IS NULL AND soft = 0";
 
 /// The refreshes of task `?1` that its prefetches may depend on.
 const REFRESHES: &str = "SELECT id, url FROM items WHERE task_id = ?1 AND depends_on IS NULL AND kind = 'refresh'";
@@ -234,6 +234,8 @@ async fn insert_task_items<DB: Db>(conn: &mut DB::Connection, task: &NewTask, ta
     let leaders: Vec<Option<i64>> = independent
         .iter()
         .map(|item| {
+            // A soft purge is never merged with a hard one, either way round.
+            (!item.soft).then_some(())?;
             waiting
                 .get(&(item.kind, item.item_type, item.url.as_str().to_owned()))
                 .filter(|(_, due)| *due <= item.not_before.unwrap_or(task.created_at))
@@ -311,6 +313,7 @@ async fn insert_items<DB: Db>(
                 item.not_before.unwrap_or(task.created_at).into(),
                 follows(index).into(),
                 depends(index).into(),
+                i64::from(item.soft).into(),
             ]
         });
         Sql::<DB>::new().sql(INSERT_ITEMS).values(rows).execute(conn).await?;

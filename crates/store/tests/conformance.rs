@@ -46,6 +46,7 @@ fn task(account: &str, kind: Kind, created_at: i64, urls: &[&str]) -> NewTask {
                 url: ItemUrl::accepted((*u).into(), url_host(u)),
                 item_type: if u.ends_with('/') { ItemType::Dir } else { ItemType::Url },
                 not_before: None,
+                soft: false,
             })
             .collect(),
     }

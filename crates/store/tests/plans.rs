@@ -45,6 +45,7 @@ async fn fill(store: &dyn Store) {
                     ),
                     item_type: ItemType::Url,
                     not_before: None,
+                    soft: false,
                 })
                 .collect();
             let task = NewTask {

@@ -55,7 +55,9 @@ pub struct OriginHit {
 }
 
 /// An HTTP origin: answers every GET with a cacheable body naming the host and path;
-/// `/status/NNN...` answers NNN; `/big...` answers 1 MiB.
+/// `/status/NNN...` answers NNN; `/big...` answers 1 MiB. A query's `skey=a+b` tags the answer
+/// with `Surrogate-Key: a b`, its `ctag=a,b` with `Cache-Tag: a,b`; under `/gen/` the body ends
+/// with ` #N`, N counting the origin's answers to that host and path (which fetch it came from).
 pub struct Origin {
     /// Its port on 127.0.0.1.
     pub port: u16,
@@ -96,13 +98,34 @@ impl Drop for Origin {
 async fn origin_handler(State(hits): State<Arc<Mutex<Vec<OriginHit>>>>, headers: HeaderMap, uri: Uri) -> Response {
     let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     let path = uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned());
-    hits.lock().unwrap().push(OriginHit { host: host.clone(), path: path.clone() });
+    let fetch = {
+        let mut hits = hits.lock().unwrap();
+        hits.push(OriginHit { host: host.clone(), path: path.clone() });
+        hits.iter().filter(|h| h.host == host && h.path == path).count()
+    };
     if let Some(code) = path.strip_prefix("/status/").and_then(|rest| rest.get(..3)).and_then(|c| c.parse::<u16>().ok())
     {
         return (StatusCode::from_u16(code).unwrap(), "status page").into_response();
     }
-    let body = if path.starts_with("/big") { "x".repeat(1 << 20) } else { format!("content of {host}{path}\n") };
-    ([("cache-control", "public, max-age=3600")], body).into_response()
+    let body = if path.starts_with("/big") {
+        "x".repeat(1 << 20)
+    } else if path.starts_with("/gen/") {
+        format!("content of {host}{path} #{fetch}\n")
+    } else {
+        format!("content of {host}{path}\n")
+    };
+    let mut response = ([("cache-control", "public, max-age=3600")], body).into_response();
+    for pair in uri.query().unwrap_or("").split('&') {
+        let tagged = match pair.split_once('=') {
+            Some(("skey", v)) => Some(("surrogate-key", v.replace('+', " "))),
+            Some(("ctag", v)) => Some(("cache-tag", v.replace("%2C", ","))),
+            _ => None,
+        };
+        if let Some((name, value)) = tagged.and_then(|(n, v)| Some((n, axum::http::HeaderValue::from_str(&v).ok()?))) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
 }
 
 /// A Varnish 7.1 cache running the project's `deploy/varnish/cachectl.vcl`.
@@ -264,4 +287,17 @@ pub async fn cache_status(address: &str, host: &str, path: &str) -> String {
     let verdict = response.headers().get("x-cache").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
     let _ = response.bytes().await;
     verdict
+}
+
+/// Sends a GET for `path` with `Host: host` to a cache and returns its `X-Cache` verdict and
+/// the body.
+///
+/// # Panics
+/// The cache does not answer with a success.
+pub async fn cache_get(address: &str, host: &str, path: &str) -> (String, String) {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let response = client.get(format!("http://{address}{path}")).header("host", host).send().await.unwrap();
+    assert!(response.status().is_success(), "GET {host}{path} via {address}: {}", response.status());
+    let verdict = response.headers().get("x-cache").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (verdict, response.text().await.unwrap())
 }

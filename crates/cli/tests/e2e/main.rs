@@ -12,6 +12,7 @@ mod faults;
 mod hostile;
 mod misbehaving;
 mod native;
+mod purge_kinds;
 mod soak;
 mod support;
 

@@ -80,6 +80,8 @@ pub(crate) fn quota_exceeded(bucket: QuotaBucket, refresh: &str, limit: u64, rem
         QuotaBucket::RefreshUrl => format!("{refresh} URL"),
         QuotaBucket::RefreshDir => format!("{refresh} directory"),
         QuotaBucket::PrefetchUrl => "prefetch URL".to_owned(),
+        QuotaBucket::RefreshTag => format!("{refresh} tag"),
+        QuotaBucket::RefreshRegex => format!("{refresh} regex"),
     };
     format!("daily {what} quota exceeded: {remaining} of {limit} left today")
 }

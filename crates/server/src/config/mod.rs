@@ -345,6 +345,10 @@ pub struct QuotaConfig {
     pub refresh_dirs: Option<u64>,
     /// Prefetched URLs per day (default 10,000).
     pub prefetch_urls: Option<u64>,
+    /// Purged cache tags per day (default 10,000; native API only).
+    pub refresh_tags: Option<u64>,
+    /// Regex purges per day (default 100, as directories: each is a ban; native API only).
+    pub refresh_regexes: Option<u64>,
 }
 
 /// `[[accounts]]`

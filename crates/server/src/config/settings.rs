@@ -136,6 +136,8 @@ impl Config {
                     refresh_urls: a.quotas.refresh_urls.unwrap_or(defaults.refresh_urls),
                     refresh_dirs: a.quotas.refresh_dirs.unwrap_or(defaults.refresh_dirs),
                     prefetch_urls: a.quotas.prefetch_urls.unwrap_or(defaults.prefetch_urls),
+                    refresh_tags: a.quotas.refresh_tags.unwrap_or(defaults.refresh_tags),
+                    refresh_regexes: a.quotas.refresh_regexes.unwrap_or(defaults.refresh_regexes),
                 },
                 rate_limit_per_minute: a.rate_limit_per_minute.unwrap_or(self.baishan.rate_limit_per_minute),
             });

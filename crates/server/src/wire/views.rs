@@ -125,11 +125,15 @@ pub struct ItemView {
     pub task_id: i64,
     /// `refresh` or `prefetch`.
     pub kind: String,
-    /// The URL.
+    /// The URL; for a tag or regex item `tag:<host>:<tag>` or `regex:<host>:<regex>`.
     pub url: String,
-    /// `url` or `dir`.
+    /// `url`, `dir`, `tag` or `regex`.
     #[serde(rename = "type")]
     pub item_type: String,
+    /// A soft purge: the objects were marked stale (Varnish `purge.soft`, xkey `softpurge`)
+    /// instead of removed.
+    #[serde(default)]
+    pub soft: bool,
     /// `waiting`, `processing`, `completed` or `failed`.
     pub status: String,
     /// Nodes done ÷ nodes × 100.
@@ -160,6 +164,7 @@ pub fn item_view(item: &Item, nodes: Vec<NodeView>) -> ItemView {
         kind: item.kind.as_str().to_owned(),
         url: item.url.clone(),
         item_type: item.item_type.as_str().to_owned(),
+        soft: item.soft,
         status: item.status.as_str().to_owned(),
         progress: item.progress,
         created_at: time(item.created_at),

@@ -385,7 +385,10 @@ async fn run_node(
     loop {
         let outcome = {
             let _permit = slot.permits.acquire().await;
-            shared.client.execute(&slot.node, &slot.transport, item.kind, item.item_type, &item.url).await
+            shared
+                .client
+                .execute_item(&slot.node, &slot.transport, item.kind, item.item_type, &item.url, item.soft)
+                .await
         };
         result.attempts += 1;
         result.updated_at = crate::api::now_ms();

@@ -327,7 +327,7 @@ async fn submit(
     let max = match (kind, item_type) {
         (Kind::Prefetch, _) => MAX_PREFETCH_URLS,
         (Kind::Refresh, ItemType::Dir) => MAX_REFRESH_DIRS,
-        (Kind::Refresh, ItemType::Url) => MAX_REFRESH_URLS,
+        (Kind::Refresh, ItemType::Url | ItemType::Tag | ItemType::Regex) => MAX_REFRESH_URLS,
     };
     if urls.len() > max {
         return Err(BaishanError::bad(format!(

@@ -168,11 +168,31 @@ pub struct SubmitBody {
     /// `refresh` (default), `prefetch` or `refresh_then_prefetch`.
     #[serde(default)]
     pub kind: Option<String>,
-    /// The URLs (at most 1,000; 100 directories).
+    /// The URLs (at most 1,000; 100 directories). Not with `type` `tag` or `regex`.
+    #[serde(default)]
     pub urls: Vec<String>,
-    /// `url` (default) or `dir` (refresh only).
+    /// `url` (default), `dir`, `tag` or `regex` (the last three for refresh only).
     #[serde(default, rename = "type")]
     pub item_type: Option<String>,
+    /// `tag` and `regex`: the host whose objects are purged, one of the account's domains
+    /// (lowercase, no port).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// `tag`: the cache tags (1 to 256), each visible ASCII without blanks or commas, at most
+    /// 1,024 bytes; every object of `host` the origin tagged with one of them is purged.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// `regex`: the regexes (1 to 10) over the path and query of `host`'s objects, at most
+    /// 1,024 bytes each, in the dialect of docs/native-api.md.
+    #[serde(default)]
+    pub regexes: Vec<String>,
+    /// `regex`: required for a regex that matches every path of the host.
+    #[serde(default)]
+    pub confirm_all: bool,
+    /// A soft purge (refresh of `url` or `tag` only): the objects are marked stale and served
+    /// stale while one request refetches them, instead of being removed.
+    #[serde(default)]
+    pub soft: bool,
 }
 
 /// Filters of `GET /api/v1/tasks`.

@@ -14,7 +14,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
+use cachectl_core::service::{Submission, SubmitError, SubmittedTargets, SubmittedUrl, Validated};
 use cachectl_core::{
     Idempotency, ItemFilter, ItemStatus, ItemType, Kind, StatusCounts, TaskFilter, TaskId, TaskKind, TaskState,
 };
@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Submit a refresh, prefetch or refresh-then-prefetch task.
+/// Submit a refresh, prefetch or refresh-then-prefetch task: URLs, directories, cache tags or
+/// regexes of one host, optionally as a soft purge.
 #[utoipa::path(
     post,
     path = "/api/v1/tasks",
@@ -54,16 +55,6 @@ pub async fn submit(
             k.parse().map_err(|_| ApiError::invalid("kind must be refresh, prefetch or refresh_then_prefetch"))?
         }
     };
-    let item_type = match request.item_type.as_deref() {
-        None | Some("url") => ItemType::Url,
-        Some("dir") if kind == TaskKind::Refresh => ItemType::Dir,
-        Some("dir") => return Err(ApiError::invalid("type dir is only for refresh tasks")),
-        Some(_) => return Err(ApiError::invalid("type must be url or dir")),
-    };
-    let max = if item_type == ItemType::Dir { 100 } else { 1000 };
-    if request.urls.is_empty() || request.urls.len() > max {
-        return Err(ApiError::invalid(format!("urls must hold from 1 to {max} URLs")));
-    }
     let idempotency = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => None,
         Some(Ok(key)) if !key.trim().is_empty() && key.len() <= 255 => {
@@ -72,9 +63,8 @@ pub async fn submit(
         Some(_) => return Err(ApiError::invalid("Idempotency-Key must be 1 to 255 visible characters")),
     };
     let now = now_ms();
-    let urls = request.urls.into_iter().map(|u| SubmittedUrl::now(u, item_type)).collect();
     let submission = Submission {
-        urls: state.service.validate(&credential.account, kind, urls, now),
+        urls: validated(&state, &credential, kind, request, now)?,
         operator: credential.operator.clone(),
         dialect: "native",
         idempotency,
@@ -110,6 +100,75 @@ pub async fn submit(
         state.service.task(&credential.account, done.task_id).await?.ok_or_else(|| ApiError::not_found("task"))?;
     let rejected = done.rejected.into_iter().map(|(url, e)| Rejected { url, reason: e.to_string() }).collect();
     Ok((StatusCode::CREATED, Json(Submitted { task: TaskView::from(&task), rejected })).into_response())
+}
+
+/// Tags purged by one request at most (Fastly's batch purge takes 256 surrogate keys).
+const MAX_TAGS: usize = 256;
+/// Regexes purged by one request at most: each is a ban that every cached object of the
+/// host is tested against until the ban lurker has passed.
+const MAX_REGEXES: usize = 10;
+
+/// The submission's items, validated for the account. A tag or regex submission is refused as
+/// a whole (400, nothing queued) if one of its tags or regexes is.
+fn validated(
+    state: &AppState,
+    credential: &Credential,
+    kind: TaskKind,
+    request: SubmitBody,
+    now: cachectl_core::Timestamp,
+) -> Result<Validated, ApiError> {
+    let refresh = kind == TaskKind::Refresh;
+    let item_type = match request.item_type.as_deref() {
+        None | Some("url") => ItemType::Url,
+        Some("dir") if refresh => ItemType::Dir,
+        Some("tag") if refresh => ItemType::Tag,
+        Some("regex") if refresh => ItemType::Regex,
+        Some(t @ ("dir" | "tag" | "regex")) => {
+            return Err(ApiError::invalid(format!("type {t} is only for refresh tasks")));
+        }
+        Some(_) => return Err(ApiError::invalid("type must be url, dir, tag or regex")),
+    };
+    if request.soft && !(refresh && matches!(item_type, ItemType::Url | ItemType::Tag)) {
+        return Err(ApiError::invalid(
+            "soft is for refresh tasks of type url or tag: a directory or regex purge is a ban, which cannot keep objects stale",
+        ));
+    }
+    let misplaced = match item_type {
+        ItemType::Url | ItemType::Dir => {
+            request.host.is_some() || !request.tags.is_empty() || !request.regexes.is_empty() || request.confirm_all
+        }
+        ItemType::Tag => !request.urls.is_empty() || !request.regexes.is_empty() || request.confirm_all,
+        ItemType::Regex => !request.urls.is_empty() || !request.tags.is_empty(),
+    };
+    if misplaced {
+        return Err(ApiError::invalid(
+            "urls are for type url and dir; host with tags for type tag; host with regexes (and confirm_all) for type regex",
+        ));
+    }
+    let targets = match item_type {
+        ItemType::Tag => Some((request.tags, MAX_TAGS, "tags")),
+        ItemType::Regex => Some((request.regexes, MAX_REGEXES, "regexes")),
+        ItemType::Url | ItemType::Dir => None,
+    };
+    let Some((values, max, field)) = targets else {
+        let max = if item_type == ItemType::Dir { 100 } else { 1000 };
+        if request.urls.is_empty() || request.urls.len() > max {
+            return Err(ApiError::invalid(format!("urls must hold from 1 to {max} URLs")));
+        }
+        let urls = request.urls.into_iter().map(|u| SubmittedUrl::now(u, item_type)).collect();
+        let valid = state.service.validate(&credential.account, kind, urls, now);
+        return Ok(if request.soft { valid.soft() } else { valid });
+    };
+    if values.is_empty() || values.len() > max {
+        return Err(ApiError::invalid(format!("{field} must hold from 1 to {max} values for type {item_type}")));
+    }
+    let host = request.host.ok_or_else(|| ApiError::invalid(format!("type {item_type} needs a host")))?;
+    let targets = SubmittedTargets { host, item_type, values, confirm_all: request.confirm_all };
+    let valid = state.service.validate_targets(&credential.account, targets);
+    if let Some((value, e)) = valid.rejected.first() {
+        return Err(ApiError::invalid(format!("{value:?}: {e}; nothing was queued")));
+    }
+    Ok(if request.soft { valid.soft() } else { valid })
 }
 
 /// List tasks, newest first.
