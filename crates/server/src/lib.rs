@@ -99,7 +99,7 @@ impl Application {
         let r = &settings.retention;
         let sweeper =
             tokio::spawn(retention::run(store.clone(), r.days, r.sweep_batch, r.sweep_interval, shutdown.clone()));
-        let notifier = tokio::spawn(webhooks::run(store, settings.webhooks.clone(), shutdown.clone()));
+        let notifier = tokio::spawn(webhooks::run(store.clone(), store, settings.webhooks.clone(), shutdown.clone()));
         let app = api::router(state);
         let stop = shutdown.clone();
         http::serve(listener, app, settings.http, stop).await;

@@ -1,7 +1,7 @@
 //! The retention sweep: deletes records older than the retention in small batches, each its own
 //! short transaction, so that queries and submissions never wait long behind it.
 
-use cachectl_core::Store;
+use cachectl_core::store::Retention;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 ///
 /// # Errors
 /// The store failing; what was deleted stays deleted.
-pub async fn sweep_once(store: &dyn Store, days: u32, batch: u32) -> Result<u64, cachectl_core::StoreError> {
+pub async fn sweep_once(store: &dyn Retention, days: u32, batch: u32) -> Result<u64, cachectl_core::StoreError> {
     let before = crate::clock::now_ms().plus_millis(-i64::from(days) * 86_400_000);
     let mut total = 0;
     loop {
@@ -25,7 +25,7 @@ pub async fn sweep_once(store: &dyn Store, days: u32, batch: u32) -> Result<u64,
 }
 
 /// Sweeps at start and then every `interval` until `shutdown`.
-pub async fn run(store: Arc<dyn Store>, days: u32, batch: u32, interval: Duration, shutdown: CancellationToken) {
+pub async fn run(store: Arc<dyn Retention>, days: u32, batch: u32, interval: Duration, shutdown: CancellationToken) {
     loop {
         match sweep_once(store.as_ref(), days, batch).await {
             Ok(0) => {}

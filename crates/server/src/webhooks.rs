@@ -5,7 +5,8 @@
 
 use crate::auth::Secret;
 use crate::wire::views::TaskView;
-use cachectl_core::{Delivery, DeliveryOutcome, Store, WebhookJob};
+use cachectl_core::store::{Outbox, TaskStore};
+use cachectl_core::{Delivery, DeliveryOutcome, WebhookJob};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::HashMap;
@@ -42,8 +43,14 @@ fn backoff(attempts: u32) -> i64 {
     (1000_i64 << attempts.saturating_sub(1).min(20)).min(300_000)
 }
 
-/// Runs the dispatcher until `shutdown`.
-pub async fn run(store: Arc<dyn Store>, targets: HashMap<String, Vec<Target>>, shutdown: CancellationToken) {
+/// Runs the dispatcher until `shutdown`: queues and delivers the notifications of `outbox`, each
+/// with its task as `tasks` shows it.
+pub async fn run(
+    outbox: Arc<dyn Outbox>,
+    tasks: Arc<dyn TaskStore>,
+    targets: HashMap<String, Vec<Target>>,
+    shutdown: CancellationToken,
+) {
     if targets.is_empty() {
         return;
     }
@@ -62,12 +69,13 @@ pub async fn run(store: Arc<dyn Store>, targets: HashMap<String, Vec<Target>>, s
     };
     loop {
         let now = crate::clock::now_ms();
-        if let Err(e) = store.dispatch_finished(&urls, now, 200).await {
+        if let Err(e) = outbox.dispatch_finished(&urls, now, 200).await {
             tracing::warn!(error = %e, "Queueing webhook notifications failed; retrying.");
         }
-        match store.claim_webhook_jobs(now, now.after(LEASE), 32).await {
+        match outbox.claim_webhook_jobs(now, now.after(LEASE), 32).await {
             Ok(jobs) => {
-                let deliveries = jobs.into_iter().map(|job| deliver(&store, &http, &targets, job));
+                let deliveries =
+                    jobs.into_iter().map(|job| deliver(outbox.as_ref(), tasks.as_ref(), &http, &targets, job));
                 futures::future::join_all(deliveries).await;
             }
             Err(e) => tracing::warn!(error = %e, "Claiming webhook jobs failed; retrying."),
@@ -80,7 +88,8 @@ pub async fn run(store: Arc<dyn Store>, targets: HashMap<String, Vec<Target>>, s
 }
 
 async fn deliver(
-    store: &Arc<dyn Store>,
+    outbox: &dyn Outbox,
+    tasks: &dyn TaskStore,
     http: &reqwest::Client,
     targets: &HashMap<String, Vec<Target>>,
     job: WebhookJob,
@@ -97,10 +106,10 @@ async fn deliver(
             error: Some("no longer configured".into()),
             at,
         };
-        let _ = store.record_delivery(&job, &log, DeliveryOutcome::GaveUp).await;
+        let _ = outbox.record_delivery(&job, &log, DeliveryOutcome::GaveUp).await;
         return;
     };
-    let task = match store.task(&job.account, job.task_id).await {
+    let task = match tasks.task(&job.account, job.task_id).await {
         Ok(Some(task)) => task,
         Ok(None) => return,
         Err(e) => {
@@ -136,7 +145,7 @@ async fn deliver(
     };
     tracing::debug!(task = job.task_id.get(), url = %job.url, attempt, ?outcome, "Webhook delivery attempted.");
     let log = Delivery { task_id: job.task_id, url: job.url.clone(), attempt, status_code, error, at };
-    if let Err(e) = store.record_delivery(&job, &log, outcome).await {
+    if let Err(e) = outbox.record_delivery(&job, &log, outcome).await {
         tracing::warn!(error = %e, "Recording a webhook delivery failed.");
     }
 }

@@ -6,7 +6,8 @@
 use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
 use cachectl_core::policy::{backoff, derive};
-use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, NodeResult, NodeState, Store, Tier, Timestamp};
+use cachectl_core::store::Queue;
+use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, NodeResult, NodeState, Tier, Timestamp};
 use cachectl_edge::{ClientSettings, EdgeClient, Node, NodeTransport, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
@@ -66,7 +67,7 @@ impl Shared {
 
 /// The worker of one instance.
 pub struct Worker {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Queue>,
     owner: String,
     wake: Arc<Notify>,
     shared: Arc<Shared>,
@@ -79,7 +80,7 @@ impl Worker {
     /// # Errors
     /// The HTTP client cannot be built.
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn Queue>,
         nodes: Vec<Node>,
         config: WorkerConfig,
         owner: String,
@@ -198,7 +199,7 @@ impl Worker {
 /// dropped: the items' leases lapse and another claim redoes them (purges are idempotent).
 /// An item whose lease another worker took meanwhile keeps that worker's results, not these.
 async fn write_updates(
-    store: Arc<dyn Store>,
+    store: Arc<dyn Queue>,
     owner: String,
     mut reports: mpsc::UnboundedReceiver<Report>,
     wake: Arc<Notify>,
@@ -251,7 +252,7 @@ async fn write_updates(
     }
 }
 
-async fn renew_leases(store: Arc<dyn Store>, owner: String, lease: Duration, shutdown: CancellationToken) {
+async fn renew_leases(store: Arc<dyn Queue>, owner: String, lease: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
