@@ -247,7 +247,7 @@ mod tests {
     use rand::SeedableRng;
 
     #[test]
-    fn status_follows_contract() {
+    fn status_follows_the_node_results() {
         use NodeState::{Failed, Pending, Succeeded};
         assert_eq!(derive(&[Pending, Pending], false), (ItemStatus::Waiting, 0));
         assert_eq!(derive(&[Succeeded, Pending, Pending], true), (ItemStatus::Processing, 33));
