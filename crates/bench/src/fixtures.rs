@@ -55,7 +55,8 @@ impl Drop for Proc {
 }
 
 /// An origin answering every GET with a small cacheable body (the purges never reach it; it is
-/// there so that the shipped VCL has a backend).
+/// there so that the shipped VCL has a backend). A path `/tagged/<tag>/...` is answered with
+/// `Surrogate-Key: <tag>` (the tag scenario, `crate::tags`).
 pub struct Origin {
     /// Its port.
     pub port: u16,
@@ -72,7 +73,13 @@ impl Origin {
         let port = listener.local_addr()?.port();
         let app = axum::Router::new().fallback(|headers: HeaderMap, uri: Uri| async move {
             let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
-            ([("cache-control", "public, max-age=3600")], format!("content of {host}{uri}\n")).into_response()
+            let tag = uri.path().strip_prefix("/tagged/").and_then(|rest| rest.split('/').next()).unwrap_or("");
+            let body = format!("content of {host}{uri}\n");
+            if tag.is_empty() {
+                ([("cache-control", "public, max-age=3600")], body).into_response()
+            } else {
+                ([("cache-control", "public, max-age=3600"), ("surrogate-key", tag)], body).into_response()
+            }
         });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -91,7 +98,7 @@ impl Drop for Origin {
 pub struct Varnish {
     /// Its HTTP port.
     pub port: u16,
-    _varnishd: cachectl_testkit::Varnishd,
+    varnishd: cachectl_testkit::Varnishd,
 }
 
 impl Varnish {
@@ -101,20 +108,42 @@ impl Varnish {
     /// # Errors
     /// varnishd is missing or does not start (its log is in the error).
     pub async fn start(origin_port: u16) -> anyhow::Result<Self> {
+        Self::start_with_storage(origin_port, "malloc,64m").await
+    }
+
+    /// [`Varnish::start`] with the storage `-s` argument `storage` (the tag scenario caches a
+    /// million objects a node, which 64 MB cannot hold).
+    ///
+    /// # Errors
+    /// varnishd is missing or does not start (its log is in the error).
+    pub async fn start_with_storage(origin_port: u16, storage: &str) -> anyhow::Result<Self> {
         let vcl = std::fs::read_to_string(repo_root().join("deploy/varnish/cachectl.vcl"))?;
         let vcl = vcl.replace(".port = \"8080\";", &format!(".port = \"{origin_port}\";"));
         if !vcl.contains(&format!(".port = \"{origin_port}\";")) {
             bail!("the shipped VCL's backend port changed; update crates/bench/src/fixtures.rs");
         }
-        let varnishd =
-            cachectl_testkit::Varnishd::start(&vcl, &["-s", "malloc,64m"]).await.map_err(anyhow::Error::msg)?;
-        Ok(Self { port: varnishd.port, _varnishd: varnishd })
+        let varnishd = cachectl_testkit::Varnishd::start(&vcl, &["-s", storage]).await.map_err(anyhow::Error::msg)?;
+        Ok(Self { port: varnishd.port, varnishd })
     }
 
     /// `127.0.0.1:PORT`.
     #[must_use]
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `MAIN.n_object` (objects cached) as `varnishstat` reads it; `None` when it cannot.
+    #[must_use]
+    pub fn objects(&self) -> Option<u64> {
+        let out = Command::new("varnishstat")
+            .arg("-n")
+            .arg(self.varnishd.workdir())
+            .args(["-1", "-f", "MAIN.n_object"])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().find(|l| l.starts_with("MAIN.n_object")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
     }
 }
 
@@ -130,7 +159,7 @@ pub fn accounts_toml(accounts: usize) -> String {
             toml,
             "[[accounts]]\nname = \"{name}\"\ndomains = [\"{name}.test\", \"*.{name}.test\"]\ntokens = [\"{}\"]\n\
              rate_limit_per_minute = 100000000\n\
-             quotas = {{ refresh_urls = 1000000000000, refresh_dirs = 1000000000, prefetch_urls = 1000000000000 }}\n",
+             quotas = {{ refresh_urls = 1000000000000, refresh_dirs = 1000000000, prefetch_urls = 1000000000000, refresh_tags = 1000000000 }}\n",
             token(a)
         );
         if a == 0 {

@@ -9,8 +9,10 @@ pub mod load;
 pub mod loader;
 pub mod mixed;
 pub mod pgbench;
+pub mod queries;
 pub mod report;
 pub mod scenarios;
+pub mod tags;
 
 use anyhow::Context;
 use fixtures::{Origin, Server, Varnish, WorkerSettings};

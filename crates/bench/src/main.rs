@@ -110,6 +110,27 @@ struct RunFlags {
     /// Seconds of the mixed load after which RSS is expected to stay flat.
     #[arg(long, default_value_t = 60)]
     mixed_warmup_seconds: u64,
+    /// Run only the tag-purge scenario (issue #19): objects tagged by the origin's
+    /// `Surrogate-Key` cached on every node, tags purged through cachectl's native API and as
+    /// many other tags purged by the same xkey PURGE sent straight to the nodes. Its figures go
+    /// to `tags.json` beside `--out`. Uses `--nodes` and the worker flags.
+    #[arg(long)]
+    tags: bool,
+    /// Tagged objects cached on every node by `--tags`.
+    #[arg(long, default_value_t = 1_000_000)]
+    tag_objects: u64,
+    /// Distinct tags (object i carries tag i mod this).
+    #[arg(long, default_value_t = 1_000)]
+    tag_count: u64,
+    /// Tags purged through cachectl, and as many purged directly.
+    #[arg(long, default_value_t = 250)]
+    tag_purges: u64,
+    /// Untagged objects cached on every node (they must stay cached).
+    #[arg(long, default_value_t = 1_000)]
+    tag_untagged: u64,
+    /// Varnish storage (`-s`) of the tag scenario's nodes.
+    #[arg(long, default_value = "malloc,3g")]
+    tag_storage: String,
 }
 
 /// mimalloc instead of glibc's malloc: a record page allocates and frees a few hundred small
@@ -128,6 +149,9 @@ async fn main() -> anyhow::Result<()> {
     let f = cli.run;
     if f.mixed {
         return mixed(f).await;
+    }
+    if f.tags {
+        return tags(f).await;
     }
     // Checked before anything starts, not when the first paced load runs minutes later.
     anyhow::ensure!(
@@ -203,6 +227,38 @@ async fn mixed(f: RunFlags) -> anyhow::Result<()> {
     };
     print!("{}", cachectl_bench::mixed::table(&figures));
     let out = f.out.with_file_name("mixed.json");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&figures)?)?;
+    eprintln!("figures written to {}", out.display());
+    Ok(())
+}
+
+/// `--tags`: the tag-purge scenario alone.
+async fn tags(f: RunFlags) -> anyhow::Result<()> {
+    let worker = cachectl_bench::fixtures::WorkerSettings {
+        per_node_concurrency: f.per_node_concurrency,
+        pipeline_depth: f.pipeline_depth,
+        max_items_in_flight: f.max_items_in_flight,
+        enabled: true,
+        max_connections: f.store_max_connections,
+    };
+    let mut options = cachectl_bench::tags::TagOptions::full(std::env::current_exe()?, worker);
+    options.nodes = f.nodes;
+    options.objects = f.tag_objects;
+    options.tags = f.tag_count;
+    options.purged = f.tag_purges;
+    options.untagged = f.tag_untagged;
+    options.storage = f.tag_storage;
+    let figures = tokio::select! {
+        figures = cachectl_bench::tags::run(options, |step| eprintln!("==> {step}")) => figures?,
+        signal = stop_signal() => {
+            anyhow::bail!("stopped by {signal}; the Varnish nodes and the server it started are stopped")
+        }
+    };
+    print!("{}", cachectl_bench::tags::table(&figures));
+    let out = f.out.with_file_name("tags.json");
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }

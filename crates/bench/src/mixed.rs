@@ -13,7 +13,8 @@
 
 use crate::fixtures::{Origin, Server, Varnish, WorkerSettings, account_name, token};
 use crate::load::{Target, connect, exchange, paced_slot, percentile_ms};
-use crate::scenarios::{baishan_day, now_ms, sqlite_reader};
+use crate::queries::baishan_day;
+use crate::scenarios::{now_ms, sqlite_reader};
 use anyhow::{Context, ensure};
 use serde::Serialize;
 use serde_json::{Value, json};

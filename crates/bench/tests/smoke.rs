@@ -6,6 +6,7 @@
 
 use cachectl_bench::fixtures::WorkerSettings;
 use cachectl_bench::mixed::MixedOptions;
+use cachectl_bench::tags::TagOptions;
 use cachectl_bench::{Options, run};
 use std::path::PathBuf;
 
@@ -123,4 +124,47 @@ async fn the_mixed_load_runs_at_tiny_sizes() {
     assert_eq!((f.items_completed, f.items_failed), (1_000, 0), "{:?}", f.failure_reasons);
     assert_eq!(f.errors, 0, "{:?}", f.server_log_sample);
     assert!(f.rss.peak_mib > 0.0 && f.rss.idle_after_drain_mib > 0.0);
+}
+
+/// The tag-purge scenario (`--tags`, a million objects when asked for) at tiny sizes: 2,000
+/// tagged objects in 20 tags on two nodes, 5 tags purged through cachectl and 5 directly. Asserts
+/// that both ways purged every tag on every node, evicted exactly the objects of those tags and
+/// nothing else, never a speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tag_purges_run_at_tiny_sizes() {
+    let worker = WorkerSettings {
+        per_node_concurrency: 8,
+        pipeline_depth: 4,
+        max_items_in_flight: 256,
+        enabled: true,
+        max_connections: 4,
+    };
+    let mut options = TagOptions::full(PathBuf::from(env!("CARGO_BIN_EXE_cachectl-bench")), worker);
+    options.nodes = 2;
+    options.objects = 2_000;
+    options.tags = 20;
+    options.purged = 5;
+    options.untagged = 50;
+    options.warm_connections = 4;
+    options.storage = "malloc,64m".into();
+    options.sample = 20;
+    let f = cachectl_bench::tags::run(options, |step| eprintln!("==> {step}")).await.expect("the tag scenario runs");
+    eprintln!("{}", cachectl_bench::tags::table(&f));
+
+    assert_eq!(f.objects_per_tag, 100);
+    assert!(f.warm_rate > 0.0);
+    assert!(f.cached_after_warm.iter().all(|n| n.is_none_or(|n| n >= 2_050)), "{:?}", f.cached_after_warm);
+    for side in [&f.cachectl, &f.direct] {
+        assert_eq!((side.tags, side.requests, side.failed), (5, 10, 0), "{side:?}");
+        assert_eq!(side.expected_evicted, 1_000, "5 tags of 100 objects on 2 nodes");
+        assert!(side.tags_per_s > 0.0, "{side:?}");
+        if let Some(dropped) = side.objects_dropped {
+            assert_eq!(dropped, 1_000, "exactly the tagged objects left the caches: {side:?}");
+        }
+    }
+    assert_eq!(f.direct.reported_evicted, Some(1_000), "Varnish reported every object of the direct tags purged");
+    assert!(f.ratio > 0.0);
+    let v = &f.verification;
+    assert!(v.all_as_expected(), "purged tags miss, the others and untagged objects hit: {v:?}");
+    assert_eq!(v.cachectl_tags_missed.0, 40, "20 objects a class on 2 nodes");
 }

@@ -256,7 +256,7 @@ pub struct Varnishd {
     /// Its HTTP port.
     pub port: u16,
     child: Group,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Varnishd {
@@ -305,7 +305,7 @@ impl Varnishd {
                 .stderr(std::fs::File::create(&log).map_err(io)?),
         )
         .map_err(|e| format!("varnishd must be installed (scripts/test.sh and scripts/bench.sh install it): {e}"))?;
-        let mut varnishd = Self { port, child, _dir: dir };
+        let mut varnishd = Self { port, child, dir };
         let start = Instant::now();
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             let exited = varnishd.child.try_wait().ok().flatten();
@@ -316,5 +316,11 @@ impl Varnishd {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(varnishd)
+    }
+
+    /// Its working directory (`-n`), for `varnishstat -n` and `varnishadm -n`.
+    #[must_use]
+    pub fn workdir(&self) -> PathBuf {
+        self.dir.path().join("work")
     }
 }
