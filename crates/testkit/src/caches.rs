@@ -54,10 +54,15 @@ pub struct OriginHit {
     pub path: String,
 }
 
+/// How long the origin takes to answer a refetch under `/gen/`.
+pub const REFETCH_DELAY: Duration = Duration::from_millis(700);
+
 /// An HTTP origin: answers every GET with a cacheable body naming the host and path;
 /// `/status/NNN...` answers NNN; `/big...` answers 1 MiB. A query's `skey=a+b` tags the answer
 /// with `Surrogate-Key: a b`, its `ctag=a,b` with `Cache-Tag: a,b`; under `/gen/` the body ends
-/// with ` #N`, N counting the origin's answers to that host and path (which fetch it came from).
+/// with ` #N`, N counting the origin's answers to that host and path (which fetch it came from),
+/// and every fetch after the first is answered after `REFETCH_DELAY`, so that a cache serving the
+/// stale object meanwhile is seen doing so however busy the machine is.
 pub struct Origin {
     /// Its port on 127.0.0.1.
     pub port: u16,
@@ -106,6 +111,9 @@ async fn origin_handler(State(hits): State<Arc<Mutex<Vec<OriginHit>>>>, headers:
     if let Some(code) = path.strip_prefix("/status/").and_then(|rest| rest.get(..3)).and_then(|c| c.parse::<u16>().ok())
     {
         return (StatusCode::from_u16(code).unwrap(), "status page").into_response();
+    }
+    if path.starts_with("/gen/") && fetch > 1 {
+        tokio::time::sleep(REFETCH_DELAY).await;
     }
     let body = if path.starts_with("/big") {
         "x".repeat(1 << 20)
