@@ -283,6 +283,9 @@ async fn insert_items_sqlite(
 /// (`session_replication_role = replica`: the loader writes every task before its items), and
 /// the tables are analyzed at the end, as autovacuum would after such a load.
 ///
+/// Longer than the house limit on purpose: a linear script of steps that each use the previous
+/// one's results, read top to bottom like the scenario's description in BENCHMARKS.md.
+///
 /// # Errors
 /// The store fails.
 pub async fn load_postgres(url: &str, dataset: &Dataset) -> anyhow::Result<LoadFigures> {

@@ -108,6 +108,9 @@ const MIX: [(&str, u32); 4] = [
 
 /// Runs the mixed load and returns its figures.
 ///
+/// Longer than the house limit on purpose: a linear script of steps that each use the previous
+/// one's results, read top to bottom like the scenario's description in BENCHMARKS.md.
+///
 /// # Errors
 /// A component does not start, the seed submissions are refused, or a load cannot run. Errors
 /// during the load are counted, not returned.

@@ -117,6 +117,9 @@ fn baishan_midnight(day: chrono::NaiveDate) -> Timestamp {
 
 /// Scenario 3: the queries, each checked once for an exact total, then put under load.
 ///
+/// Longer than the house limit on purpose: a linear script of steps that each use the previous
+/// one's results, read top to bottom like the scenario's description in BENCHMARKS.md.
+///
 /// # Errors
 /// A query fails.
 pub async fn queries(

@@ -232,6 +232,8 @@ async fn submit(remote: &Remote, body: serde_json::Value, wait: bool, key: Optio
     Ok(client::outcome(&detail))
 }
 
+/// Runs one subcommand. Longer than the house limit on purpose: one arm per subcommand, each a
+/// call into `client` or `cachectl_server`, so that every command's entry is found in one place.
 async fn run(command: Command) -> Result<u8, Failure> {
     let invalid = |e: anyhow::Error| Failure { code: exit::INVALID, message: format!("{e:#}") };
     match command {

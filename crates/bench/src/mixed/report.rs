@@ -158,6 +158,8 @@ pub(super) fn rss_figures(samples: &[Sample], warmup_seconds: u64, peak_mib: f64
 }
 
 /// The figures of a mixed-load run as printed at its end.
+///
+/// Longer than the house limit on purpose: one `writeln!` per printed row, in the table's order.
 #[must_use]
 pub fn table(f: &MixedFigures) -> String {
     use std::fmt::Write as _;
