@@ -12,24 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
-/// Runs each `async fn NAME(kind: TransportKind)` of the list once per transport, as the tests
-/// `pipelined::NAME` and `plain::NAME`.
-macro_rules! on_both_transports {
-    ($($test:ident),* $(,)?) => {
-        mod pipelined {
-            $(#[tokio::test]
-            async fn $test() {
-                super::$test(cachectl_edge::TransportKind::Pipelined).await;
-            })*
-        }
-        mod plain {
-            $(#[tokio::test]
-            async fn $test() {
-                super::$test(cachectl_edge::TransportKind::Plain).await;
-            })*
-        }
-    };
-}
+#[macro_use]
+mod common;
 
 on_both_transports!(
     a_varnish_purge_turns_a_hit_into_a_miss,

@@ -28,24 +28,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-/// Runs each `async fn NAME(kind: TransportKind)` of the list once per transport, as the tests
-/// `pipelined::NAME` and `plain::NAME`.
-macro_rules! on_both_transports {
-    ($($test:ident),* $(,)?) => {
-        mod pipelined {
-            $(#[tokio::test]
-            async fn $test() {
-                super::$test(cachectl_edge::TransportKind::Pipelined).await;
-            })*
-        }
-        mod plain {
-            $(#[tokio::test]
-            async fn $test() {
-                super::$test(cachectl_edge::TransportKind::Plain).await;
-            })*
-        }
-    };
-}
+#[macro_use]
+mod common;
 
 on_both_transports!(
     answers_arriving_in_pieces_are_put_together_in_order,
