@@ -22,7 +22,7 @@ fuzz_target!(|raw: &str| {
                 let zone = FixedOffset::east_opt(seconds).unwrap();
                 if let Ok((from, to)) = parse_time(text, zone, name) {
                     // Not `<`: a leap second (`23:59:60`) and the second after it are one instant.
-                    assert!(from <= to, "{text:?} in {zone}: [{from}, {to}) ends before it starts");
+                    assert!(from <= to, "{text:?} in {zone}: [{from:?}, {to:?}) ends before it starts");
                 }
             }
         }
