@@ -7,7 +7,7 @@
 use cachectl_core::policy::DomainPattern;
 use cachectl_core::{ItemType, Kind, Tier};
 use reqwest::Method;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 pub mod pipeline;
@@ -18,7 +18,7 @@ pub use transport::{NodeTransport, Plain, Request, Transport, TransportError, Tr
 use transport::describe;
 
 /// The kinds of cache cachectl drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
     /// Varnish with `deploy/varnish/cachectl.vcl`: PURGE, BAN on a path prefix, GET.

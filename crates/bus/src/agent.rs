@@ -1,0 +1,461 @@
+//! `cachectl agent`: runs on a cache host beside one Varnish or nginx, takes its node's commands
+//! from JetStream (a durable consumer named after the node, so that what was published while
+//! it was away is delivered when it returns, in order), applies them to the local cache, and
+//! publishes one result per command. A command message is acknowledged only after its results
+//! are stored in JetStream: delivery is at least once, and purges are idempotent.
+//!
+//! URL purges, bans, tag purges on Varnish and prefetches go through `cachectl-edge`, exactly as
+//! the control plane's direct path sends them; what nginx's purge module cannot do (directory,
+//! regex and tag purges) the agent does itself in the cache directory ([`crate::nginx_cache`]).
+
+use crate::nginx_cache::{self, Matcher};
+use crate::protocol::{self, Answer, Batch, Command, Heartbeat, Results, StreamSettings};
+use async_nats::jetstream::{self, AckKind};
+use cachectl_core::policy::{DomainPattern, backoff};
+use cachectl_core::{ItemType, Kind, Tier};
+use cachectl_edge::{ClientSettings, Driver, EdgeClient, Node, NodeTransport, Outcome, TransportKind};
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use futures::StreamExt;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// The agent's configuration file: one `[agent]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    agent: AgentConfig,
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The node's name: the one in the control plane's `[[edges]]`, its subject and consumer
+    /// name on the bus (1 to 64 of `A-Z a-z 0-9 _ -`).
+    pub name: String,
+    /// `varnish` or `nginx`.
+    pub driver: Driver,
+    /// `host:port` of the local cache's HTTP listener.
+    pub address: String,
+    /// `parent` or `edge` (default), reported in heartbeats.
+    #[serde(default)]
+    pub tier: Tier,
+    /// The domains the cache serves (default: all), reported in heartbeats.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// The NATS server (`nats://host:port`; several separated by commas).
+    #[serde(default = "default_nats")]
+    pub nats_url: String,
+    /// nginx: the `proxy_cache_path` directory, walked for directory, regex and tag purges.
+    #[serde(default)]
+    pub cache_path: Option<PathBuf>,
+    /// Commands applied at once at most.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// How often the agent says it is alive.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Whole-request timeout to the local cache.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// First retry delay after the local cache failed; doubles up to `retry_max`.
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Replicas of the streams if the agent is the first to create them.
+    #[serde(default = "default_replicas")]
+    pub stream_replicas: usize,
+    /// How long unconsumed commands are kept if the agent is the first to create the streams.
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub stream_max_age: Duration,
+}
+
+fn default_nats() -> String {
+    "nats://127.0.0.1:4222".to_owned()
+}
+fn default_concurrency() -> usize {
+    64
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_replicas() -> usize {
+    1
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl AgentConfig {
+    /// Loads `path` and the `CACHECTL_AGENT__<KEY>` environment, and checks every value.
+    ///
+    /// # Errors
+    /// A missing file, a wrong type or an invalid value; the message names the key.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        if !path.exists() {
+            return Err(format!("agent configuration: file {} does not exist", path.display()));
+        }
+        let figment = Figment::new()
+            .merge(Toml::file(path))
+            .merge(Env::prefixed("CACHECTL_").filter(|k| k.as_str().starts_with("agent__")).split("__"));
+        let file: AgentFile = figment.extract().map_err(|e| format!("agent configuration: {e}"))?;
+        file.agent.validate()?;
+        Ok(file.agent)
+    }
+
+    /// Parses TOML text alone and checks it (tests).
+    ///
+    /// # Errors
+    /// As [`AgentConfig::load`].
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let file: AgentFile =
+            Figment::new().merge(Toml::string(text)).extract().map_err(|e| format!("agent configuration: {e}"))?;
+        file.agent.validate()?;
+        Ok(file.agent)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let err = |key: &str, m: String| Err(format!("agent configuration: agent.{key}: {m}"));
+        if !protocol::valid_name(&self.name) {
+            return err("name", format!("{:?} must be 1 to 64 of A-Z a-z 0-9 _ -", self.name));
+        }
+        if self.address.parse::<std::net::SocketAddr>().is_err() && !self.address.contains(':') {
+            return err("address", format!("{:?} is not host:port", self.address));
+        }
+        for (i, d) in self.domains.iter().enumerate() {
+            if let Err(m) = DomainPattern::parse(d) {
+                return err(&format!("domains[{i}]"), m);
+            }
+        }
+        match (&self.cache_path, self.driver) {
+            (Some(p), _) if !p.is_dir() => {
+                return err("cache_path", format!("{} does not exist or is not a directory", p.display()));
+            }
+            (None, Driver::Nginx) => {
+                return err("cache_path", "is required with driver = \"nginx\" (the proxy_cache_path directory)".into());
+            }
+            _ => {}
+        }
+        if self.concurrency == 0 {
+            return err("concurrency", "must be at least 1".into());
+        }
+        if self.heartbeat_interval.is_zero() {
+            return err("heartbeat_interval", "must be more than 0".into());
+        }
+        Ok(())
+    }
+
+    fn node(&self) -> Node {
+        Node {
+            name: self.name.clone(),
+            driver: self.driver,
+            address: self.address.clone(),
+            tier: self.tier,
+            domains: Vec::new(),
+        }
+    }
+}
+
+/// What every command's execution shares.
+struct Local {
+    config: AgentConfig,
+    node: Node,
+    client: EdgeClient,
+    transport: NodeTransport,
+    permits: Semaphore,
+    in_flight: AtomicU64,
+}
+
+/// Runs the agent until `shutdown`: the command in progress is finished and acknowledged first.
+///
+/// # Errors
+/// The bus cannot be reached at start, or the streams or the consumer cannot be created.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("cachectl-agent {}", config.name))
+        .retry_on_initial_connect()
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to NATS at {}: {e}", config.nats_url))?;
+    let js = jetstream::new(client.clone());
+    protocol::ensure_streams(
+        &js,
+        StreamSettings { replicas: config.stream_replicas, max_age: config.stream_max_age },
+    )
+    .await?;
+    let stream = js.get_stream(protocol::COMMAND_STREAM).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &config.name,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(config.name.clone()),
+                filter_subject: protocol::command_subject(&config.name),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the consumer {}: {e}", config.name))?;
+    let edge = EdgeClient::new(ClientSettings {
+        request_timeout: config.request_timeout,
+        connect_timeout: Duration::from_secs(2),
+        per_node: config.concurrency,
+        pipeline_depth: 8,
+        transport: TransportKind::Pipelined,
+    })?;
+    let node = config.node();
+    let local = Arc::new(Local {
+        transport: edge.transport(&node),
+        client: edge,
+        node,
+        permits: Semaphore::new(config.concurrency),
+        in_flight: AtomicU64::new(0),
+        config,
+    });
+    tracing::info!(node = %local.config.name, driver = ?local.config.driver, cache = %local.config.address, "Agent started.");
+    let beats = tokio::spawn(heartbeats(client.clone(), consumer.clone(), local.clone(), shutdown.clone()));
+    let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("reading commands: {e}"))?;
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let message = match message {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Reading commands failed; going on.");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            None => break,
+        };
+        handle(&js, &local, message).await;
+    }
+    beats.abort();
+    let _ = client.flush().await;
+    tracing::info!("Agent stopped.");
+    Ok(())
+}
+
+/// Applies one command message and acknowledges it once its results are stored; an unreadable
+/// one is dead-lettered and terminated (never redelivered).
+async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream::Message) {
+    let batch = match serde_json::from_slice::<Batch>(&message.payload) {
+        Ok(batch) if !batch.commands.is_empty() => batch,
+        Ok(_) => return dead_letter(js, local, &message, "a batch without commands").await,
+        Err(e) => return dead_letter(js, local, &message, &format!("unreadable command message: {e}")).await,
+    };
+    // Long commands (an nginx walk, retries until the deadline) keep the message ours.
+    let progress = {
+        let message = message.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        })
+    };
+    let answers = futures::future::join_all(batch.commands.iter().map(|c| execute(local, c))).await;
+    let mut by_reply: BTreeMap<&str, Vec<Answer>> = BTreeMap::new();
+    for (command, answer) in batch.commands.iter().zip(answers) {
+        by_reply.entry(command.reply.as_str()).or_default().push(answer);
+    }
+    let mut stored = true;
+    for (reply, answers) in by_reply {
+        let results = Results { node: local.config.name.clone(), answers };
+        let Ok(body) = serde_json::to_vec(&results) else { continue };
+        if let Err(e) = publish_stored(js, reply.to_owned(), body).await {
+            tracing::warn!(error = %e, subject = reply, "Publishing results failed; the commands will be delivered again.");
+            stored = false;
+        }
+    }
+    progress.abort();
+    let ack = if stored { message.ack().await } else { message.ack_with(AckKind::Nak(None)).await };
+    if let Err(e) = ack {
+        tracing::warn!(error = %e, "Acknowledging a command message failed; it will be delivered again.");
+    }
+}
+
+async fn publish_stored(js: &jetstream::Context, subject: String, body: Vec<u8>) -> anyhow::Result<()> {
+    js.publish(subject, body.into()).await?.await?;
+    Ok(())
+}
+
+async fn dead_letter(js: &jetstream::Context, local: &Local, message: &jetstream::Message, why: &str) {
+    tracing::warn!(node = %local.config.name, reason = why, "Dead-lettering a command message.");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Cachectl-Error", why.replace(['\r', '\n'], " ").as_str());
+    let subject = protocol::dead_letter_subject(&local.config.name);
+    match js.publish_with_headers(subject, headers, message.payload.clone()).await {
+        Ok(ack) => {
+            if let Err(e) = ack.await {
+                tracing::warn!(error = %e, "Storing a dead letter failed.");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "Storing a dead letter failed."),
+    }
+    if let Err(e) = message.ack_with(AckKind::Term).await {
+        tracing::warn!(error = %e, "Terminating an unreadable command message failed.");
+    }
+}
+
+/// Applies one command, retrying what may pass until its deadline.
+async fn execute(local: &Local, command: &Command) -> Answer {
+    let _permit = local.permits.acquire().await;
+    local.in_flight.fetch_add(1, Ordering::Relaxed);
+    let answer = attempt_until_deadline(local, command).await;
+    local.in_flight.fetch_sub(1, Ordering::Relaxed);
+    answer
+}
+
+async fn attempt_until_deadline(local: &Local, command: &Command) -> Answer {
+    let mut answer =
+        Answer { id: command.id.clone(), ok: false, code: None, error: None, evicted: None, attempts: 0 };
+    if protocol::now_ms() >= command.deadline {
+        answer.error = Some("the item's deadline passed before the agent received the command".to_owned());
+        return answer;
+    }
+    if walks(local.config.driver, command) {
+        answer.attempts = 1;
+        let Some(root) = local.config.cache_path.clone() else {
+            answer.error = Some("agent.cache_path is not set".to_owned());
+            return answer;
+        };
+        let matcher = match Matcher::for_item(command.item_type, &command.target) {
+            Ok(m) => m,
+            Err(e) => {
+                answer.error = Some(e);
+                return answer;
+            }
+        };
+        match tokio::task::spawn_blocking(move || nginx_cache::purge(&root, &matcher)).await {
+            Ok(Ok(walk)) => {
+                answer.ok = true;
+                answer.evicted = Some(walk.removed);
+            }
+            Ok(Err(e)) => answer.error = Some(format!("walking the cache directory: {e}")),
+            Err(e) => answer.error = Some(format!("the cache walk stopped: {e}")),
+        }
+        return answer;
+    }
+    loop {
+        let outcome = local
+            .client
+            .execute_item(&local.node, &local.transport, command.kind, command.item_type, &command.target, command.soft)
+            .await;
+        answer.attempts += 1;
+        match outcome {
+            Outcome::Success { code } => {
+                answer.ok = true;
+                answer.code = Some(code);
+                answer.error = None;
+                return answer;
+            }
+            Outcome::Fail { code, error } => {
+                answer.code = code;
+                answer.error = Some(error);
+                return answer;
+            }
+            Outcome::Retry { code, error } => {
+                answer.code = code;
+                let wait = backoff(answer.attempts, local.config.retry_initial, local.config.retry_max, &mut rand::rng());
+                let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                if protocol::now_ms().saturating_add(wait_ms) >= command.deadline {
+                    answer.error = Some(format!(
+                        "gave up after {} attempts before the item's deadline; last error: {error}",
+                        answer.attempts
+                    ));
+                    return answer;
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Whether the agent does `command` in the cache directory rather than through the cache:
+/// nginx's purge module knows only exact keys.
+fn walks(driver: Driver, command: &Command) -> bool {
+    driver == Driver::Nginx
+        && command.kind == Kind::Refresh
+        && !command.soft
+        && matches!(command.item_type, ItemType::Dir | ItemType::Regex | ItemType::Tag)
+}
+
+async fn heartbeats(
+    client: async_nats::Client,
+    mut consumer: jetstream::consumer::PullConsumer,
+    local: Arc<Local>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(local.config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let subject = protocol::heartbeat_subject(&local.config.name);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let lag = match consumer.info().await {
+            Ok(info) => info.num_pending,
+            Err(_) => 0,
+        };
+        let beat = Heartbeat {
+            node: local.config.name.clone(),
+            tier: local.config.tier,
+            driver: local.config.driver,
+            domains: local.config.domains.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            lag,
+            in_flight: local.in_flight.load(Ordering::Relaxed),
+            sent_at: protocol::now_ms(),
+        };
+        if let Ok(body) = serde_json::to_vec(&beat)
+            && let Err(e) = client.publish(subject.clone(), body.into()).await
+        {
+            tracing::debug!(error = %e, "Sending a heartbeat failed.");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_errors_name_the_key() {
+        let base = "[agent]\nname = \"edge-1\"\naddress = \"127.0.0.1:6081\"\n";
+        assert!(AgentConfig::from_toml(&format!("{base}driver = \"varnish\"\n")).is_ok());
+        let e = AgentConfig::from_toml(&format!("{base}driver = \"squid\"\n")).unwrap_err();
+        assert!(e.contains("agent.driver") && e.contains("squid"), "{e}");
+        let e = AgentConfig::from_toml(&format!("{base}driver = \"nginx\"\ncache_path = \"/nonexistent/x\"\n"))
+            .unwrap_err();
+        assert!(e.contains("agent.cache_path") && e.contains("/nonexistent/x"), "{e}");
+        let e = AgentConfig::from_toml(&format!("{base}driver = \"nginx\"\n")).unwrap_err();
+        assert!(e.contains("agent.cache_path"), "{e}");
+        let e = AgentConfig::from_toml("[agent]\nname = \"a.b\"\ndriver = \"varnish\"\naddress = \"127.0.0.1:1\"\n")
+            .unwrap_err();
+        assert!(e.contains("agent.name"), "{e}");
+        let e = AgentConfig::from_toml(&format!("{base}driver = \"varnish\"\nthreads = 3\n")).unwrap_err();
+        assert!(e.contains("threads"), "{e}");
+    }
+}
