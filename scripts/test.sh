@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian 12 machine with the Rust toolchain:
 # installs what the tests start when missing (Varnish with varnish-modules, nginx with the cache-purge module,
-# PostgreSQL, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
+# NATS with JetStream, PostgreSQL, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
 # formatting and lints, then runs every test with cargo-nextest, then a short run of every fuzz
 # target (cargo-fuzz, installed when missing). Tests start their own caches, origin, PostgreSQL
 # clusters and cachectl instances on 127.0.0.1 with free ports; no system service is used.
@@ -13,6 +13,8 @@ command -v varnishd >/dev/null 2>&1 || need+=(varnish)
 # xkey (tag purges) in the shipped VCL: Debian's varnish-modules, built for Debian's Varnish.
 ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null 2>&1 || need+=(varnish-modules)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
+# The bus to cache-host agents: NATS with JetStream.
+command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 [ -f /usr/lib/nginx/modules/ngx_http_cache_purge_module.so ] || need+=(libnginx-mod-http-cache-purge)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
@@ -31,6 +33,7 @@ fi
 varnishd -V 2>&1 | head -1
 ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null || { echo "varnish-modules (xkey) is missing" >&2; exit 1; }
 nginx -v 2>&1
+nats-server --version
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 # Baidu's official Python SDK, which the Baidu-dialect tests drive the server with, and

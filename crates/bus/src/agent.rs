@@ -150,7 +150,10 @@ impl AgentConfig {
                 return err("cache_path", format!("{} does not exist or is not a directory", p.display()));
             }
             (None, Driver::Nginx) => {
-                return err("cache_path", "is required with driver = \"nginx\" (the proxy_cache_path directory)".into());
+                return err(
+                    "cache_path",
+                    "is required with driver = \"nginx\" (the proxy_cache_path directory)".into(),
+                );
             }
             _ => {}
         }
@@ -196,11 +199,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         .await
         .map_err(|e| anyhow::anyhow!("connecting to NATS at {}: {e}", config.nats_url))?;
     let js = jetstream::new(client.clone());
-    protocol::ensure_streams(
-        &js,
-        StreamSettings { replicas: config.stream_replicas, max_age: config.stream_max_age },
-    )
-    .await?;
+    protocol::ensure_streams(&js, StreamSettings { replicas: config.stream_replicas, max_age: config.stream_max_age })
+        .await?;
     let stream = js.get_stream(protocol::COMMAND_STREAM).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
@@ -328,8 +328,7 @@ async fn execute(local: &Local, command: &Command) -> Answer {
 }
 
 async fn attempt_until_deadline(local: &Local, command: &Command) -> Answer {
-    let mut answer =
-        Answer { id: command.id.clone(), ok: false, code: None, error: None, evicted: None, attempts: 0 };
+    let mut answer = Answer { id: command.id.clone(), ok: false, code: None, error: None, evicted: None, attempts: 0 };
     if protocol::now_ms() >= command.deadline {
         answer.error = Some("the item's deadline passed before the agent received the command".to_owned());
         return answer;
@@ -377,7 +376,8 @@ async fn attempt_until_deadline(local: &Local, command: &Command) -> Answer {
             }
             Outcome::Retry { code, error } => {
                 answer.code = code;
-                let wait = backoff(answer.attempts, local.config.retry_initial, local.config.retry_max, &mut rand::rng());
+                let wait =
+                    backoff(answer.attempts, local.config.retry_initial, local.config.retry_max, &mut rand::rng());
                 let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
                 if protocol::now_ms().saturating_add(wait_ms) >= command.deadline {
                     answer.error = Some(format!(

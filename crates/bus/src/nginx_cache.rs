@@ -292,7 +292,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for i in 0..100_000u32 {
             let name = format!("{:032x}", u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let key = if i % 10 == 0 { format!("www.example.com/gone/{i}") } else { format!("www.example.com/kept/{i}") };
+            let key =
+                if i % 10 == 0 { format!("www.example.com/gone/{i}") } else { format!("www.example.com/kept/{i}") };
             cache_file(dir.path(), &name, &key, "");
         }
         let m = Matcher::for_item(ItemType::Dir, "http://www.example.com/gone/").unwrap();

@@ -57,8 +57,11 @@ pub fn valid_name(name: &str) -> bool {
 /// `text` made a valid bus name: every other character becomes `-`, cut to 64.
 #[must_use]
 pub fn bus_name(text: &str) -> String {
-    let name: String =
-        text.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }).take(64).collect();
+    let name: String = text
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+        .take(64)
+        .collect();
     if name.is_empty() { "instance".to_owned() } else { name }
 }
 

@@ -188,6 +188,14 @@ impl Client {
         self.call(reqwest::Method::GET, &format!("/api/v1/tasks{qs}"), None, &[]).await
     }
 
+    /// The node inventory.
+    ///
+    /// # Errors
+    /// See `Failure`.
+    pub async fn nodes(&self) -> Result<Value, Failure> {
+        self.call(reqwest::Method::GET, "/api/v1/nodes", None, &[]).await
+    }
+
     /// Follows a task until it is final, showing progress on stderr; returns the final detail.
     ///
     /// # Errors
@@ -365,6 +373,36 @@ pub fn render_tasks(page: &Value) -> String {
         out.push_str(&format!("(more: --cursor {cursor})\n"));
     }
     out
+}
+
+/// The node inventory as a table.
+pub fn render_nodes(list: &Value) -> String {
+    let mut rows = vec![[
+        "NODE".to_owned(),
+        "TIER".into(),
+        "DRIVER".into(),
+        "TRANSPORT".into(),
+        "CONFIGURED".into(),
+        "STATE".into(),
+        "LAST HEARTBEAT".into(),
+        "LAG".into(),
+        "IN FLIGHT".into(),
+    ]];
+    let text = |v: &Value| v.as_str().map_or_else(|| "-".to_owned(), str::to_owned);
+    for n in list["nodes"].as_array().into_iter().flatten() {
+        rows.push([
+            text(&n["name"]),
+            text(&n["tier"]),
+            text(&n["driver"]),
+            text(&n["transport"]),
+            if n["configured"] == true { "yes" } else { "no (no traffic)" }.to_owned(),
+            text(&n["state"]),
+            text(&n["last_heartbeat"]),
+            n["lag"].as_u64().map_or_else(|| "-".to_owned(), |l| l.to_string()),
+            n["in_flight"].to_string(),
+        ]);
+    }
+    table(&rows)
 }
 
 fn table<const N: usize>(rows: &[[String; N]]) -> String {

@@ -1,5 +1,5 @@
-//! The `cachectl` binary: `serve` runs the control plane; `refresh`, `prefetch`, `status`,
-//! `tasks` and `watch` are clients of its native API. This file parses flags and dispatches;
+//! The `cachectl` binary: `serve` runs the control plane, `agent` runs beside a cache; `refresh`,
+//! `prefetch`, `status`, `tasks`, `watch` and `nodes` are clients of its native API. This file parses flags and dispatches;
 //! the service lives in `cachectl-server`, the client in `client.rs`.
 
 mod client;
@@ -167,6 +167,19 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// List the cache nodes serving your domains, their transport and their agents' health,
+    /// and the agents heartbeating without being configured.
+    Nodes {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Run the agent beside one cache: apply its node's commands from the bus.
+    Agent {
+        /// The agent's configuration file (TOML, one `[agent]` table). Keys can be overridden
+        /// by CACHECTL_AGENT__<KEY>.
+        #[arg(long, short, env = "CACHECTL_AGENT_CONFIG")]
+        config: PathBuf,
+    },
     /// Follow a task live until it is final.
     Watch {
         /// The task id.
@@ -292,6 +305,23 @@ async fn run(command: Command) -> Result<u8, Failure> {
                 print!("{}", client::render_task(&detail));
             }
             Ok(if detail["task"]["state"] == "running" { exit::OK } else { client::outcome(&detail) })
+        }
+        Command::Nodes { remote } => {
+            let list = connect(&remote)?.nodes().await?;
+            if remote.json {
+                print_json(&list);
+            } else {
+                print!("{}", client::render_nodes(&list));
+            }
+            Ok(exit::OK)
+        }
+        Command::Agent { config } => {
+            init_telemetry();
+            let config = cachectl_bus::agent::AgentConfig::load(&config).map_err(|e| invalid(anyhow::anyhow!(e)))?;
+            cachectl_bus::agent::run(config, shutdown_token())
+                .await
+                .map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })?;
+            Ok(exit::OK)
         }
         Command::Watch { task, remote } => {
             let client = connect(&remote)?;

@@ -142,7 +142,7 @@ pub fn plan_item(driver: Driver, kind: Kind, item_type: ItemType, text: &str, so
         }),
         (Driver::Nginx, Kind::Refresh, ItemType::Dir) => {
             Err("nginx cannot purge a directory: the cache-purge module 2.3 ignores wildcard keys; \
-             directory purges on nginx need the cache-host agent (not yet available)"
+             directory purges on nginx go through the cache-host agent (edge transport = \"nats\")"
                 .to_owned())
         }
         (_, Kind::Refresh, ItemType::Tag | ItemType::Regex) => plan_target(driver, item_type, text, soft),
@@ -154,8 +154,7 @@ fn soft_header() -> (&'static str, String) {
     ("x-cachectl-soft", "1".to_owned())
 }
 
-const NGINX_SOFT: &str = "nginx cannot soft-purge: the cache-purge module only deletes; \
-     soft purges on nginx need the cache-host agent (not yet available)";
+const NGINX_SOFT: &str = "nginx cannot soft-purge: the cache-purge module only deletes, and the cache-host agent does not rewrite nginx's cache files";
 
 const SOFT_BAN: &str = "a directory or regex purge is a Varnish ban, which always removes: it cannot be soft";
 
@@ -180,7 +179,7 @@ fn plan_target(driver: Driver, item_type: ItemType, text: &str, soft: bool) -> R
         (Driver::Varnish, _) => Ok(target(ban_method(), "x-cachectl-regex")),
         (Driver::Nginx, _) => Err(format!(
             "nginx cannot purge by {}: the cache-purge module only knows exact keys; \
-             {item_type} purges on nginx need the cache-host agent (not yet available)",
+             {item_type} purges on nginx go through the cache-host agent (edge transport = \"nats\")",
             if item_type == ItemType::Tag { "cache tag" } else { "regex" },
         )),
     }

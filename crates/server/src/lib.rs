@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod http;
@@ -29,6 +30,8 @@ pub struct Application {
     state: api::AppState,
     worker: worker::Worker,
     settings: Arc<Settings>,
+    /// Stops the bus's tasks once the worker has stopped.
+    bus_shutdown: CancellationToken,
 }
 
 impl Application {
@@ -48,15 +51,26 @@ impl Application {
         let service = Service::new(store.clone(), settings.timezone, Arc::new(move || notify.notify_one()));
         let metrics = Arc::new(metrics::Metrics::default());
         let owner = format!("{}-{}", hostname(), std::process::id());
+        let shutdown = CancellationToken::new();
+        let bus = match &settings.bus {
+            Some(bus) => {
+                let names: Vec<String> =
+                    settings.nodes.iter().filter(|n| n.via_bus).map(|n| n.node.name.clone()).collect();
+                tracing::info!(url = %bus.url, nodes = names.len(), "Connecting to the bus.");
+                Some(bus::Bus::start(bus.clone(), &owner, &names, shutdown.clone()).await?)
+            }
+            None => None,
+        };
         let worker = worker::Worker::new(
             store.clone(),
             settings.nodes.clone(),
+            bus.clone(),
             settings.worker.clone(),
             owner,
             wake,
             metrics.clone(),
         )?;
-        let state = api::AppState { service, settings: settings.clone(), metrics };
+        let state = api::AppState { service, settings: settings.clone(), metrics, bus };
         let listener =
             TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
         let wanted = settings.http.max_connections as u64 + 256;
@@ -74,7 +88,7 @@ impl Application {
             edges = settings.nodes.len(),
             "Listening."
         );
-        Ok(Self { listener, store, state, worker, settings })
+        Ok(Self { listener, store, state, worker, settings, bus_shutdown: shutdown })
     }
 
     /// The bound address (useful when the configuration asked for port 0).
@@ -90,7 +104,7 @@ impl Application {
     /// # Errors
     /// The HTTP server fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { listener, store, state, worker, settings } = self;
+        let Self { listener, store, state, worker, settings, bus_shutdown } = self;
         let grace = settings.shutdown_grace;
         if !settings.worker.enabled {
             tracing::info!("The worker is disabled ([worker] enabled = false): this instance only takes requests.");
@@ -107,6 +121,7 @@ impl Application {
         if let Some(worker_task) = worker_task {
             let _ = worker_task.await;
         }
+        bus_shutdown.cancel();
         let _ = sweeper.await;
         let _ = notifier.await;
         Ok(())

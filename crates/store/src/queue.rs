@@ -59,12 +59,12 @@ const UPSERT_NODES_TAIL: &str = " ON CONFLICT (item_id, node) DO UPDATE SET stat
      updated_at = excluded.updated_at, instance = excluded.instance";
 
 /// `items_update`: the reports' columns are (id, progress, whether the status may be set,
-/// status, started, finished, reason, whether the lease ends).
+/// status, started, finished, reason (an empty one clears it), whether the lease ends).
 const UPDATE_ITEMS: &str = "UPDATE items SET progress = u.column2, \
      status = CASE WHEN u.column3 THEN u.column4 ELSE items.status END, \
      started_at = COALESCE(items.started_at, u.column5), \
      finished_at = COALESCE(u.column6, items.finished_at), \
-     reason = COALESCE(u.column7, items.reason), \
+     reason = NULLIF(COALESCE(u.column7, items.reason), ''), \
      lease_owner = CASE WHEN u.column8 THEN NULL ELSE items.lease_owner END, \
      lease_until = CASE WHEN u.column8 THEN NULL ELSE items.lease_until END \
      FROM (";
@@ -74,7 +74,7 @@ const UPDATE_ITEMS_TAIL: &str = ") AS u \
 
 /// `followers_update`: the leaders' columns are (id, status, progress, started, finished, reason).
 const UPDATE_FOLLOWERS: &str = "UPDATE items SET status = u.column2, progress = u.column3, \
-     started_at = COALESCE(items.started_at, u.column4), finished_at = u.column5, reason = u.column6 \
+     started_at = COALESCE(items.started_at, u.column4), finished_at = u.column5, reason = NULLIF(u.column6, '') \
      FROM (";
 const UPDATE_FOLLOWERS_TAIL: &str = ") AND items.follows = u.column1 AND items.status NOT IN ('completed', 'failed') \
      RETURNING items.task_id, items.follows";

@@ -255,6 +255,12 @@ impl Nginx {
         Self { ports, dir, _group: group }
     }
 
+    /// Server `i`'s `proxy_cache_path` directory.
+    #[must_use]
+    pub fn cache_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("cache{i}"))
+    }
+
     /// `127.0.0.1:PORT` of server `i`, a node's address.
     #[must_use]
     pub fn address(&self, i: usize) -> String {

@@ -5,6 +5,7 @@
 //! whose every member is stopped when dropped. Never a system service, never a fixed port.
 
 pub mod caches;
+pub mod nats;
 
 pub use nix::sys::signal::Signal;
 use std::net::TcpListener;

@@ -36,6 +36,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The bus to cache-host agents, when configured.
+    pub bus: Option<Arc<crate::bus::Bus>>,
 }
 
 /// The whole router.

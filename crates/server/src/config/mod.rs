@@ -6,7 +6,7 @@
 mod settings;
 
 pub use crate::auth::{Credential, Secret};
-pub use settings::{Settings, parse_offset};
+pub use settings::{BusSettings, EdgeNode, Settings, parse_offset};
 
 use cachectl_core::Tier;
 use cachectl_edge::{Driver, TransportKind};
@@ -41,6 +41,72 @@ pub struct Config {
     /// The cache servers.
     #[serde(default)]
     pub edges: Vec<EdgeConfig>,
+    /// The message bus to cache-host agents (edges with `transport = "nats"`).
+    #[serde(default)]
+    pub bus: BusConfig,
+}
+
+/// `[bus]`: NATS JetStream between the control plane and `cachectl agent` (docs/operations.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    /// The NATS server(s), `nats://host:port` (several separated by commas). Required when an
+    /// edge has `transport = "nats"`.
+    #[serde(default)]
+    pub url: String,
+    /// Copies of each stream when cachectl creates them: 1 for one NATS server, 3 for a 3-node
+    /// cluster.
+    #[serde(default = "default_stream_replicas")]
+    pub stream_replicas: usize,
+    /// How long an unconsumed command or result is kept (default: `[worker] item_deadline`).
+    #[serde(default, with = "humantime_serde")]
+    pub stream_max_age: Option<Duration>,
+    /// Commands carried by one message to a node at most.
+    #[serde(default = "default_command_batch")]
+    pub command_batch: usize,
+    /// An agent not heard from for this long is `stale`; its items say they wait for it.
+    #[serde(default = "default_stale_after", with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// An agent not heard from for this long is `down`.
+    #[serde(default = "default_down_after", with = "humantime_serde")]
+    pub down_after: Duration,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            stream_replicas: default_stream_replicas(),
+            stream_max_age: None,
+            command_batch: default_command_batch(),
+            stale_after: default_stale_after(),
+            down_after: default_down_after(),
+        }
+    }
+}
+
+fn default_stream_replicas() -> usize {
+    1
+}
+fn default_command_batch() -> usize {
+    256
+}
+fn default_stale_after() -> Duration {
+    Duration::from_secs(6)
+}
+fn default_down_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// How the control plane reaches an edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EdgeTransport {
+    /// HTTP straight to the cache's `address` (the default; no bus needed).
+    #[default]
+    Http,
+    /// Commands through the bus to the node's `cachectl agent`.
+    Nats,
 }
 
 /// `[server]`
@@ -393,7 +459,12 @@ pub struct EdgeConfig {
     pub name: String,
     /// `varnish` or `nginx`.
     pub driver: Driver,
-    /// `host:port` of the cache's HTTP listener.
+    /// `http` (default: the control plane sends to `address`) or `nats` (through the bus to the
+    /// agent of this name).
+    #[serde(default)]
+    pub transport: EdgeTransport,
+    /// `host:port` of the cache's HTTP listener (not used with `transport = "nats"`).
+    #[serde(default)]
     pub address: String,
     /// `parent` or `edge` (default).
     #[serde(default)]

@@ -32,6 +32,7 @@ impl Config {
         self.check_limits()?;
         let Credentials { accounts, tokens, access_keys, webhooks } = self.credentials()?;
         let nodes = self.nodes()?;
+        let bus = self.bus_settings()?;
         Ok(Settings {
             listen,
             store_url: self.store.url.clone(),
@@ -49,6 +50,7 @@ impl Config {
             tokens,
             access_keys,
             nodes,
+            bus,
             default_rate_limit: self.baishan.rate_limit_per_minute,
             webhooks,
         })
@@ -184,7 +186,7 @@ impl Config {
     }
 
     /// Every edge node.
-    fn nodes(&self) -> Result<Vec<Node>, ConfigError> {
+    fn nodes(&self) -> Result<Vec<EdgeNode>, ConfigError> {
         let mut nodes = Vec::new();
         let mut node_names = HashSet::new();
         for (i, e) in self.edges.iter().enumerate() {
@@ -192,9 +194,16 @@ impl Config {
             if e.name.trim().is_empty() || !node_names.insert(e.name.clone()) {
                 return Err(err(key("name"), format!("{:?} is empty or used twice", e.name)));
             }
-            let valid_address = e.address.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
+            if e.transport == super::EdgeTransport::Nats && !cachectl_bus::protocol::valid_name(&e.name) {
+                return Err(err(
+                    key("name"),
+                    format!("{:?}: a node reached through the bus needs a name of 1 to 64 of A-Z a-z 0-9 _ -", e.name),
+                ));
+            }
+            let valid_address = e.transport == super::EdgeTransport::Nats
+                || e.address.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+                });
             if !valid_address {
                 return Err(err(key("address"), format!("{:?} is not host:port", e.address)));
             }
@@ -204,15 +213,51 @@ impl Config {
                 .enumerate()
                 .map(|(j, d)| DomainPattern::parse(d).map_err(|m| err(format!("edges[{i}].domains[{j}]"), m)))
                 .collect::<Result<Vec<_>, _>>()?;
-            nodes.push(Node {
-                name: e.name.clone(),
-                driver: e.driver,
-                address: e.address.clone(),
-                tier: e.tier,
-                domains,
+            nodes.push(EdgeNode {
+                node: Node {
+                    name: e.name.clone(),
+                    driver: e.driver,
+                    address: e.address.clone(),
+                    tier: e.tier,
+                    domains,
+                },
+                via_bus: e.transport == super::EdgeTransport::Nats,
             });
         }
         Ok(nodes)
+    }
+
+    /// `[bus]`, when an edge needs it.
+    fn bus_settings(&self) -> Result<Option<BusSettings>, ConfigError> {
+        let b = &self.bus;
+        if !self.edges.iter().any(|e| e.transport == super::EdgeTransport::Nats) {
+            return Ok(None);
+        }
+        if b.url.trim().is_empty() {
+            return Err(err("bus.url".into(), "is required when an edge has transport = \"nats\"".into()));
+        }
+        if b.command_batch == 0 {
+            return Err(err("bus.command_batch".into(), "must be at least 1".into()));
+        }
+        if b.stream_replicas == 0 || b.stream_replicas > 5 {
+            return Err(err("bus.stream_replicas".into(), "must be 1 to 5".into()));
+        }
+        if b.stale_after.is_zero() || b.down_after < b.stale_after {
+            return Err(err(
+                "bus.down_after".into(),
+                "must be at least bus.stale_after, which must be more than 0".into(),
+            ));
+        }
+        Ok(Some(BusSettings {
+            url: b.url.clone(),
+            streams: cachectl_bus::protocol::StreamSettings {
+                replicas: b.stream_replicas,
+                max_age: b.stream_max_age.unwrap_or(self.worker.item_deadline),
+            },
+            command_batch: b.command_batch,
+            stale_after: b.stale_after,
+            down_after: b.down_after,
+        }))
     }
 }
 
@@ -243,6 +288,30 @@ fn webhook_targets(i: usize, a: &super::AccountConfig) -> Result<Vec<crate::webh
     Ok(targets)
 }
 
+/// A configured edge and how it is reached.
+#[derive(Debug, Clone)]
+pub struct EdgeNode {
+    /// The node.
+    pub node: Node,
+    /// Through the bus to its agent (`transport = "nats"`), else HTTP to its address.
+    pub via_bus: bool,
+}
+
+/// The validated `[bus]`.
+#[derive(Debug, Clone)]
+pub struct BusSettings {
+    /// The NATS server(s).
+    pub url: String,
+    /// How the streams are created.
+    pub streams: cachectl_bus::protocol::StreamSettings,
+    /// Commands per message at most.
+    pub command_batch: usize,
+    /// When an agent becomes stale.
+    pub stale_after: Duration,
+    /// When an agent is down.
+    pub down_after: Duration,
+}
+
 /// The validated configuration the service runs on.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -271,7 +340,9 @@ pub struct Settings {
     /// BCE access key → credential and secret key.
     pub access_keys: HashMap<String, (Credential, Secret)>,
     /// Every edge node.
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<EdgeNode>,
+    /// The bus, when at least one edge is reached through it.
+    pub bus: Option<BusSettings>,
     /// The Baishan rate limit reported to requests without a valid token.
     pub default_rate_limit: u32,
     /// Account name → webhook receivers.
@@ -332,7 +403,7 @@ mod tests {
     fn the_contract_example_loads() {
         let settings = Config::from_toml(MINIMAL).unwrap().validate().unwrap();
         assert_eq!(settings.accounts.len(), 1);
-        assert_eq!(settings.nodes[0].tier, Tier::Edge);
+        assert_eq!(settings.nodes[0].node.tier, Tier::Edge);
         assert!(settings.tokens.contains_key("acme-secret-token"));
         assert_eq!(settings.timezone, FixedOffset::east_opt(8 * 3600).unwrap());
         assert_eq!(settings.store_connections, cachectl_store::Connections::default());

@@ -3,7 +3,8 @@
 //! until the item's deadline, and reports every change to a single writer that batches them into
 //! store transactions. It never decides what a status means: `cachectl_core::policy` does.
 
-use crate::config::WorkerConfig;
+use crate::bus::{Bus, Health};
+use crate::config::{EdgeNode, WorkerConfig};
 use crate::metrics::Metrics;
 use cachectl_core::policy::{backoff, derive};
 use cachectl_core::store::Queue;
@@ -22,10 +23,18 @@ const WRITE_BATCH: usize = 2048;
 /// Items claimed per store round trip at most.
 const CLAIM_BATCH: usize = 1024;
 
+/// How the worker reaches a node.
+enum Route {
+    /// HTTP to the cache, through this transport.
+    Direct(NodeTransport),
+    /// Commands through the bus to the node's agent.
+    Bus(Arc<Bus>),
+}
+
 /// A node with its own concurrency limit and request counters.
 struct NodeSlot {
     node: Node,
-    transport: NodeTransport,
+    route: Route,
     permits: Semaphore,
     success: Counter,
     retry: Counter,
@@ -81,7 +90,8 @@ impl Worker {
     /// The HTTP client cannot be built.
     pub fn new(
         store: Arc<dyn Queue>,
-        nodes: Vec<Node>,
+        nodes: Vec<EdgeNode>,
+        bus: Option<Arc<Bus>>,
         config: WorkerConfig,
         owner: String,
         wake: Arc<Notify>,
@@ -94,17 +104,24 @@ impl Worker {
             pipeline_depth: config.pipeline_depth,
             transport: config.edge_transport,
         })?;
-        let nodes = nodes
-            .into_iter()
-            .map(|node| NodeSlot {
+        let mut slots = Vec::with_capacity(nodes.len());
+        for EdgeNode { node, via_bus } in nodes {
+            let route = match (&bus, via_bus) {
+                (Some(bus), true) => Route::Bus(bus.clone()),
+                (None, true) => anyhow::bail!("edge {} is reached through the bus, which is not configured", node.name),
+                (_, false) => Route::Direct(client.transport(&node)),
+            };
+            slots.push(NodeSlot {
                 success: metrics.node_counter(&node.name, "success"),
                 retry: metrics.node_counter(&node.name, "retry"),
                 fail: metrics.node_counter(&node.name, "fail"),
-                permits: Semaphore::new(config.per_node_concurrency),
-                transport: client.transport(&node),
+                // A bus node's commands wait in JetStream, not here: its agent bounds its own work.
+                permits: Semaphore::new(if via_bus { Semaphore::MAX_PERMITS } else { config.per_node_concurrency }),
+                route,
                 node,
-            })
-            .collect();
+            });
+        }
+        let nodes = slots;
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Self {
             store,
@@ -271,7 +288,12 @@ struct Progress {
     item_id: i64,
     results: Mutex<Vec<NodeResult>>,
     started_at: Option<Timestamp>,
+    /// Whether the item's reason says it waits for an agent.
+    noted: std::sync::atomic::AtomicBool,
 }
+
+/// How a bus node's result starts while its agent is away.
+const WAITING: &str = "waiting for agent ";
 
 impl Progress {
     /// Records `result` and sends the item's derived state to the writer.
@@ -288,6 +310,13 @@ impl Progress {
             .iter()
             .find(|r| r.state == NodeState::Failed)
             .map(|r| format!("node {}: {}", r.node, r.error.as_deref().unwrap_or("failed")));
+        // A bus node whose agent is away says so in the item's reason while the item waits; the
+        // note is cleared (an empty reason) once no node waits any more.
+        let waiting = results
+            .iter()
+            .find(|r| r.state == NodeState::Pending && r.error.as_deref().is_some_and(|e| e.starts_with(WAITING)))
+            .and_then(|r| r.error.clone());
+        let noted = self.noted.swap(waiting.is_some(), std::sync::atomic::Ordering::Relaxed);
         let finished_now = status.is_final() && !was_final;
         if finished_now {
             shared.metrics.item_finished(kind, status);
@@ -298,7 +327,12 @@ impl Progress {
             progress,
             started_at: self.started_at,
             finished_at: finished_now.then_some(result.updated_at),
-            reason: if status == ItemStatus::Failed { reason } else { None },
+            reason: match status {
+                ItemStatus::Failed => reason,
+                _ if waiting.is_some() => waiting,
+                _ if noted => Some(String::new()),
+                _ => None,
+            },
             nodes: vec![result],
         });
     }
@@ -338,7 +372,12 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
             })
         })
         .collect();
-    let progress = Progress { item_id: item.id, results: Mutex::new(initial.clone()), started_at: Some(started_at) };
+    let progress = Progress {
+        item_id: item.id,
+        results: Mutex::new(initial.clone()),
+        started_at: Some(started_at),
+        noted: std::sync::atomic::AtomicBool::new(false),
+    };
     if claimed.started_at.is_none() {
         let states: Vec<NodeState> = initial.iter().map(|r| r.state).collect();
         let (status, pct) = derive(&states, true);
@@ -380,16 +419,29 @@ async fn run_node(
     progress: &Progress,
     slot: &NodeSlot,
     item: &cachectl_core::Item,
+    result: NodeResult,
+    deadline: Timestamp,
+) {
+    match &slot.route {
+        Route::Direct(transport) => run_direct(shared, progress, slot, transport, item, result, deadline).await,
+        Route::Bus(bus) => run_via_bus(shared, progress, slot, bus, item, result, deadline).await,
+    }
+}
+
+/// Sends the node's request over HTTP, again after a backoff while it fails transiently.
+async fn run_direct(
+    shared: &Shared,
+    progress: &Progress,
+    slot: &NodeSlot,
+    transport: &NodeTransport,
+    item: &cachectl_core::Item,
     mut result: NodeResult,
     deadline: Timestamp,
 ) {
     loop {
         let outcome = {
             let _permit = slot.permits.acquire().await;
-            shared
-                .client
-                .execute_item(&slot.node, &slot.transport, item.kind, item.item_type, &item.url, item.soft)
-                .await
+            shared.client.execute_item(&slot.node, transport, item.kind, item.item_type, &item.url, item.soft).await
         };
         result.attempts += 1;
         result.updated_at = crate::api::now_ms();
@@ -430,6 +482,72 @@ async fn run_node(
                 progress.report(shared, result.clone(), item.kind);
                 tokio::time::sleep(wait).await;
             }
+        }
+    }
+}
+
+/// Publishes the item's command to the node's agent once, then waits for its answer until the
+/// deadline; the agent retries transient failures of its cache itself. While the agent is not
+/// heard from, the node's result says so ("waiting for agent …"), and so does the item's reason.
+async fn run_via_bus(
+    shared: &Shared,
+    progress: &Progress,
+    slot: &NodeSlot,
+    bus: &Bus,
+    item: &cachectl_core::Item,
+    mut result: NodeResult,
+    deadline: Timestamp,
+) {
+    let name = slot.node.name.as_str();
+    let (id, mut answer) = bus.send(name, item.kind, item.item_type, &item.url, item.soft, deadline);
+    let mut noted = false;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            answered = &mut answer => {
+                let Ok(answer) = answered else { return };
+                result.attempts += answer.attempts.max(1);
+                result.updated_at = crate::api::now_ms();
+                result.instance.clone_from(&shared.owner);
+                result.status_code = answer.code;
+                if answer.ok {
+                    slot.success.inc();
+                    if let Some(evicted) = answer.evicted {
+                        tracing::debug!(node = name, item = item.id, evicted, "The agent removed cached objects.");
+                    }
+                    result.state = NodeState::Succeeded;
+                    result.error = None;
+                } else {
+                    slot.fail.inc();
+                    result.state = NodeState::Failed;
+                    result.error = Some(answer.error.unwrap_or_else(|| "failed".to_owned()));
+                }
+                progress.report(shared, result, item.kind);
+                return;
+            }
+            _ = check.tick() => {}
+        }
+        let now = crate::api::now_ms();
+        let last_seen = || match bus.last_seen(name) {
+            Some(seen) => format!("last seen {}", crate::wire::views::time(seen.received_at)),
+            None => "never seen".to_owned(),
+        };
+        if now >= deadline {
+            bus.forget(name, &id);
+            slot.fail.inc();
+            result.state = NodeState::Failed;
+            result.updated_at = now;
+            result.error = Some(format!("agent {name} did not answer before the item's deadline ({})", last_seen()));
+            progress.report(shared, result, item.kind);
+            return;
+        }
+        let waiting = bus.health(name) != Health::Up;
+        if waiting != noted {
+            noted = waiting;
+            result.updated_at = now;
+            result.error = waiting.then(|| format!("waiting for agent {name} ({})", last_seen()));
+            progress.report(shared, result.clone(), item.kind);
         }
     }
 }

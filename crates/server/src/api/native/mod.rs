@@ -5,6 +5,7 @@
 //! holds the error type, the [`Bearer`] and [`OwnedTask`] extractors, the request types and the
 //! routes; the handlers are in [`tasks`]. A thin adapter over `Service`.
 
+pub mod nodes;
 pub mod tasks;
 
 use super::AppState;
@@ -284,10 +285,10 @@ fn check_domain(domain: Option<&str>) -> Result<Option<String>, ApiError> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "cachectl native API", description = "cachectl's own API: tasks, items, per-node results, progress, webhooks."),
-    paths(tasks::submit, tasks::list_tasks, tasks::get_task, tasks::list_items, tasks::cancel, tasks::retry, tasks::deliveries, tasks::events),
-    components(schemas(ErrorBody, ErrorDetail, TaskView, CountsView, NodeView, ItemView, NodeProgress, TaskDetail, SubmitBody, Submitted, Rejected, TaskPage, ItemPage, Changed, DeliveryLog, DeliveryView)),
+    paths(tasks::submit, tasks::list_tasks, tasks::get_task, tasks::list_items, tasks::cancel, tasks::retry, tasks::deliveries, tasks::events, nodes::list_nodes),
+    components(schemas(ErrorBody, ErrorDetail, TaskView, CountsView, NodeView, ItemView, NodeProgress, TaskDetail, SubmitBody, Submitted, Rejected, TaskPage, ItemPage, Changed, DeliveryLog, DeliveryView, nodes::NodeInfo, nodes::NodeList)),
     modifiers(&BearerAuth),
-    tags((name = "tasks", description = "Submit and follow refresh and prefetch tasks"))
+    tags((name = "tasks", description = "Submit and follow refresh and prefetch tasks"), (name = "nodes", description = "The cache nodes that serve the caller's domains, and their agents' health"))
 )]
 pub struct ApiDoc;
 
@@ -316,6 +317,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/v1/tasks/{id}/events", get(events))
         .route("/api/v1/tasks/{id}/webhooks", get(deliveries))
         .route("/api/v1/items", get(list_items))
+        .route("/api/v1/nodes", get(nodes::list_nodes))
         .method_not_allowed_fallback(method_not_allowed)
         .merge(utoipa_swagger_ui::SwaggerUi::new("/api/v1/docs").url("/api/v1/openapi.json", ApiDoc::openapi()))
 }

@@ -1,0 +1,366 @@
+//! The control plane's end of the bus: publishes each node's commands in batches to JetStream,
+//! hands every agent's result to the execution waiting for it, and keeps the agents' heartbeats
+//! (the node inventory). Messages and streams are `cachectl_bus::protocol`'s.
+//!
+//! Each instance consumes its own results (`cachectl.res.<instance>`) through a durable
+//! consumer, so that results published while it was briefly cut from NATS still reach it. A
+//! result for a command nobody waits for any more (the item's lease moved to another instance,
+//! or its deadline passed) is dropped: the item's record is written only by its lease holder.
+
+use crate::clock::now_ms;
+use crate::config::BusSettings;
+use async_nats::jetstream;
+use cachectl_bus::protocol::{self, Answer, Batch, Command, Heartbeat, Results};
+use cachectl_core::{ItemType, Kind, Timestamp};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// An agent's last heartbeat and when this instance received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// What the agent said.
+    pub beat: Heartbeat,
+    /// When it arrived here.
+    pub received_at: Timestamp,
+}
+
+/// Whether an agent is heard from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// A heartbeat within `stale_after`.
+    Up,
+    /// None within `stale_after`.
+    Stale,
+    /// None within `down_after`, or never.
+    Down,
+}
+
+impl Health {
+    /// `up`, `stale` or `down`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Stale => "stale",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// One command to publish, and where its answer goes.
+struct Outgoing {
+    command: Command,
+}
+
+/// The bus as one instance sees it.
+pub struct Bus {
+    settings: BusSettings,
+    reply: String,
+    waiters: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
+    publishers: HashMap<String, mpsc::UnboundedSender<Outgoing>>,
+    in_flight: HashMap<String, AtomicU64>,
+    seen: RwLock<HashMap<String, Seen>>,
+    next: AtomicU64,
+    instance: String,
+}
+
+impl Bus {
+    /// Connects to NATS (in the background: a control plane starts even while NATS is away, and
+    /// its bus items wait), creates the streams and this instance's result consumer, and starts
+    /// one publisher per node in `nodes`.
+    ///
+    /// # Errors
+    /// The NATS URL is unusable.
+    pub async fn start(
+        settings: BusSettings,
+        owner: &str,
+        nodes: &[String],
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let instance = protocol::bus_name(owner);
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("cachectl {instance}"))
+            .retry_on_initial_connect()
+            .connect(settings.url.as_str())
+            .await
+            .map_err(|e| anyhow::anyhow!("bus.url {}: {e}", settings.url))?;
+        let js = jetstream::new(client.clone());
+        let mut publishers = HashMap::new();
+        let mut receivers = Vec::new();
+        for node in nodes {
+            let (tx, rx) = mpsc::unbounded_channel();
+            publishers.insert(node.clone(), tx);
+            receivers.push((node.clone(), rx));
+        }
+        let bus = Arc::new(Self {
+            reply: protocol::result_subject(&instance),
+            in_flight: nodes.iter().map(|n| (n.clone(), AtomicU64::new(0))).collect(),
+            settings,
+            waiters: Mutex::new(HashMap::new()),
+            publishers,
+            seen: RwLock::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            instance,
+        });
+        tokio::spawn(consume_results(bus.clone(), js.clone(), shutdown.clone()));
+        tokio::spawn(receive_heartbeats(bus.clone(), client, shutdown.clone()));
+        for (node, rx) in receivers {
+            tokio::spawn(publish_commands(bus.clone(), js.clone(), node, rx, shutdown.clone()));
+        }
+        Ok(bus)
+    }
+
+    /// Publishes one command to `node`'s agent; the receiver gets its answer.
+    pub fn send(
+        &self,
+        node: &str,
+        kind: Kind,
+        item_type: ItemType,
+        target: &str,
+        soft: bool,
+        deadline: Timestamp,
+    ) -> (String, oneshot::Receiver<Answer>) {
+        let id = format!("{}.{}", self.instance, self.next.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        self.lock_waiters().insert(id.clone(), tx);
+        let command = Command {
+            id: id.clone(),
+            kind,
+            item_type,
+            target: target.to_owned(),
+            soft,
+            deadline: deadline.millis(),
+            reply: self.reply.clone(),
+        };
+        if let Some(counter) = self.in_flight.get(node) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(publisher) = self.publishers.get(node) {
+            let _ = publisher.send(Outgoing { command });
+        }
+        (id, rx)
+    }
+
+    /// Stops waiting for command `id` of `node` (its deadline passed).
+    pub fn forget(&self, node: &str, id: &str) {
+        if self.lock_waiters().remove(id).is_some() {
+            self.done(node);
+        }
+    }
+
+    fn done(&self, node: &str) {
+        if let Some(counter) = self.in_flight.get(node) {
+            let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// The last heartbeat of `node`'s agent.
+    pub fn last_seen(&self, node: &str) -> Option<Seen> {
+        self.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned()
+    }
+
+    /// How `node`'s agent is heard from now.
+    pub fn health(&self, node: &str) -> Health {
+        match self.last_seen(node) {
+            Some(seen) => self.health_of(&seen, now_ms()),
+            None => Health::Down,
+        }
+    }
+
+    fn health_of(&self, seen: &Seen, now: Timestamp) -> Health {
+        let age = now.since(seen.received_at);
+        if age <= self.settings.stale_after {
+            Health::Up
+        } else if age <= self.settings.down_after {
+            Health::Stale
+        } else {
+            Health::Down
+        }
+    }
+
+    /// Every agent heard from: its last heartbeat and health.
+    pub fn agents(&self) -> Vec<(Seen, Health)> {
+        let now = now_ms();
+        let seen = self.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<_> = seen.values().map(|s| (s.clone(), self.health_of(s, now))).collect();
+        out.sort_by(|a, b| a.0.beat.node.cmp(&b.0.beat.node));
+        out
+    }
+
+    /// Commands published to `node` whose answer has not come back.
+    pub fn in_flight(&self, node: &str) -> u64 {
+        self.in_flight.get(node).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Answer>>> {
+        self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn answer(&self, node: &str, answer: Answer) {
+        let waiter = self.lock_waiters().remove(&answer.id);
+        if let Some(waiter) = waiter {
+            self.done(node);
+            let _ = waiter.send(answer);
+        }
+    }
+}
+
+/// Publishes `node`'s commands, as many as are queued (up to `command_batch`) in one message,
+/// waiting for JetStream to store each message. While NATS is away the commands wait here;
+/// those whose deadline passed meanwhile are not sent (their items have failed).
+async fn publish_commands(
+    bus: Arc<Bus>,
+    js: jetstream::Context,
+    node: String,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    shutdown: CancellationToken,
+) {
+    let subject = protocol::command_subject(&node);
+    let mut queued = Vec::with_capacity(bus.settings.command_batch);
+    loop {
+        let received = tokio::select! {
+            () = shutdown.cancelled() => return,
+            n = rx.recv_many(&mut queued, bus.settings.command_batch) => n,
+        };
+        if received == 0 {
+            return;
+        }
+        let mut attempt = 0u32;
+        loop {
+            let now = now_ms().millis();
+            queued.retain(|o: &Outgoing| o.command.deadline > now);
+            if queued.is_empty() {
+                break;
+            }
+            let batch = Batch { commands: queued.iter().map(|o| o.command.clone()).collect() };
+            let Ok(body) = serde_json::to_vec(&batch) else { break };
+            let stored = match js.publish(subject.clone(), body.into()).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match stored {
+                Ok(()) => break,
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(node = %node, error = %e, attempt, "Publishing commands failed; retrying.");
+                    let wait = Duration::from_millis(100 * u64::from(attempt.min(20)));
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        queued.clear();
+    }
+}
+
+/// Reads this instance's results until shutdown, then removes its consumer.
+async fn consume_results(bus: Arc<Bus>, js: jetstream::Context, shutdown: CancellationToken) {
+    let name = format!("results-{}", bus.instance);
+    let mut attempt = 0u32;
+    let consumer = loop {
+        let created = async {
+            protocol::ensure_streams(&js, bus.settings.streams).await?;
+            let stream = js.get_stream(protocol::RESULT_STREAM).await?;
+            let consumer: jetstream::consumer::PullConsumer = stream
+                .get_or_create_consumer(
+                    &name,
+                    jetstream::consumer::pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: bus.reply.clone(),
+                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            anyhow::Ok(consumer)
+        };
+        match created.await {
+            Ok(consumer) => break consumer,
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "Setting up the bus's streams failed; retrying.");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    tracing::info!(consumer = %name, "Bus ready.");
+    let mut messages = match consumer.messages().await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(error = %e, "Reading results failed; bus nodes will not complete.");
+            return;
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        match message {
+            Some(Ok(message)) => {
+                match serde_json::from_slice::<Results>(&message.payload) {
+                    Ok(results) => {
+                        for answer in results.answers {
+                            bus.answer(&results.node, answer);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "An unreadable result message; dropped."),
+                }
+                if let Err(e) = message.ack().await {
+                    tracing::debug!(error = %e, "Acknowledging results failed.");
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Reading results failed; going on.");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None => break,
+        }
+    }
+    if let Ok(stream) = js.get_stream(protocol::RESULT_STREAM).await {
+        let _ = stream.delete_consumer(&name).await;
+    }
+}
+
+async fn receive_heartbeats(bus: Arc<Bus>, client: async_nats::Client, shutdown: CancellationToken) {
+    let mut subscriber = loop {
+        match client.subscribe(protocol::HEARTBEATS).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Subscribing to heartbeats failed; retrying.");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            m = subscriber.next() => m,
+        };
+        let Some(message) = message else { return };
+        match serde_json::from_slice::<Heartbeat>(&message.payload) {
+            Ok(beat) if protocol::valid_name(&beat.node) => {
+                let seen = Seen { beat, received_at: now_ms() };
+                bus.seen
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(seen.beat.node.clone(), seen);
+            }
+            Ok(_) => tracing::debug!("A heartbeat with an invalid node name; ignored."),
+            Err(e) => tracing::debug!(error = %e, "An unreadable heartbeat; ignored."),
+        }
+    }
+}
