@@ -221,6 +221,25 @@ impl Server {
         edges: &[String],
         worker: WorkerSettings,
     ) -> anyhow::Result<Self> {
+        let mut toml = String::new();
+        for (i, address) in edges.iter().enumerate() {
+            let _ =
+                write!(toml, "[[edges]]\nname = \"varnish-{i}\"\ndriver = \"varnish\"\naddress = \"{address}\"\n\n");
+        }
+        Self::start_toml(exe, store_url, accounts, &toml, worker).await
+    }
+
+    /// [`Server::start`] with the edges (and any other table, such as `[bus]`) given as TOML.
+    ///
+    /// # Errors
+    /// As [`Server::start`].
+    pub async fn start_toml(
+        exe: &Path,
+        store_url: &str,
+        accounts: usize,
+        edges: &str,
+        worker: WorkerSettings,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let mut config = format!(
@@ -235,10 +254,7 @@ impl Server {
             worker.max_items_in_flight
         );
         config.push_str(&accounts_toml(accounts));
-        for (i, address) in edges.iter().enumerate() {
-            let _ =
-                write!(config, "[[edges]]\nname = \"varnish-{i}\"\ndriver = \"varnish\"\naddress = \"{address}\"\n\n");
-        }
+        config.push_str(edges);
         let config_path = dir.path().join("cachectl.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("cachectl.log"))?;

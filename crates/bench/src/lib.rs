@@ -4,6 +4,7 @@
 //! service: it drives it through its HTTP API and reads its store.
 
 pub mod fixtures;
+pub mod fleet;
 pub mod geo;
 pub mod load;
 pub mod loader;

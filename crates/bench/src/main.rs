@@ -22,6 +22,14 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Host the fleet scenario's agents and null cache (what `--fleet` starts; not for people).
+    #[command(hide = true)]
+    Agents {
+        #[arg(long)]
+        nats: String,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,6 +136,20 @@ struct RunFlags {
     /// Untagged objects cached on every node (they must stay cached).
     #[arg(long, default_value_t = 1_000)]
     tag_untagged: u64,
+    /// Run only the fleet scenario (issue #18): 10, 100 and 1,000 nodes through NATS JetStream
+    /// and agents in front of a null cache, then directly over HTTP. Figures go to `fleet.json`
+    /// beside `--out`.
+    #[arg(long)]
+    fleet: bool,
+    /// Node counts of `--fleet`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![10usize, 100, 1000])]
+    fleet_sizes: Vec<usize>,
+    /// Node-purges of each `--fleet` throughput run.
+    #[arg(long, default_value_t = 1_000_000)]
+    fleet_node_purges: u64,
+    /// `[bus] command_batch` of `--fleet`.
+    #[arg(long, default_value_t = 256)]
+    fleet_batch: usize,
     /// Varnish storage (`-s`) of the tag scenario's nodes.
     #[arg(long, default_value = "malloc,3g")]
     tag_storage: String,
@@ -146,12 +168,20 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
         return cachectl_bench::serve(&config).await;
     }
+    if let Some(Command::Agents { nats, count }) = cli.command {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("CACHECTL_LOG").unwrap_or_else(|_| "warn".into());
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        return cachectl_bench::fleet::host_agents(nats, count).await;
+    }
     let f = cli.run;
     if f.mixed {
         return mixed(f).await;
     }
     if f.tags {
         return tags(f).await;
+    }
+    if f.fleet {
+        return fleet(f).await;
     }
     // Checked before anything starts, not when the first paced load runs minutes later.
     anyhow::ensure!(
@@ -263,6 +293,25 @@ async fn tags(f: RunFlags) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&out, serde_json::to_string_pretty(&figures)?)?;
+    eprintln!("figures written to {}", out.display());
+    Ok(())
+}
+
+async fn fleet(f: RunFlags) -> anyhow::Result<()> {
+    let mut options = cachectl_bench::fleet::FleetOptions::full(std::env::current_exe()?);
+    options.sizes = f.fleet_sizes;
+    options.node_purges = f.fleet_node_purges;
+    options.command_batch = f.fleet_batch;
+    let rows = tokio::select! {
+        rows = cachectl_bench::fleet::run(&options, |step| eprintln!("==> {step}")) => rows?,
+        signal = stop_signal() => anyhow::bail!("stopped by {signal}; what it started is stopped"),
+    };
+    print!("{}", cachectl_bench::fleet::table(&rows));
+    let out = f.out.with_file_name("fleet.json");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&rows)?)?;
     eprintln!("figures written to {}", out.display());
     Ok(())
 }

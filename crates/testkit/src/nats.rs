@@ -50,6 +50,12 @@ impl Nats {
         }
     }
 
+    /// The server's process id, while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.group.as_ref().map(Group::id)
+    }
+
     /// `nats://127.0.0.1:PORT`.
     #[must_use]
     pub fn url(&self) -> String {

@@ -1,0 +1,333 @@
+//! The fleet scenario (issue #18): N nodes reached through NATS JetStream, each with its own
+//! `cachectl agent` (all hosted as tasks in one helper process, `cachectl-bench agents`, each
+//! with its own NATS connection and durable consumer) in front of a counting null cache (an
+//! HTTP server in the same helper process that answers 200 to everything). For N = 10, 100 and
+//! 1,000 it measures the time from submit to "completed on every node" of single-URL tasks, and
+//! the node-purges per second of a large refresh; then the same N nodes reached directly over
+//! HTTP (all at the null cache's address). CPU seconds of the control plane, NATS and the
+//! agents' process are read from `/proc` around each throughput run.
+
+use crate::fixtures::{Server, WorkerSettings, token};
+use crate::load::percentile_ms;
+use crate::scenarios::{http, sqlite_reader, wait_final};
+use anyhow::{Context, bail, ensure};
+use cachectl_testkit::nats::Nats;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::Row;
+use std::fmt::Write as _;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Sizes of the fleet scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetOptions {
+    /// This binary: `serve` and `agents`.
+    pub exe: PathBuf,
+    /// Node counts, one row each.
+    pub sizes: Vec<usize>,
+    /// Single-URL tasks per size.
+    pub latency_tasks: usize,
+    /// Node-purges of each throughput run (URLs = this ÷ nodes, at most `max_urls`).
+    pub node_purges: u64,
+    /// URLs of a throughput run at most.
+    pub max_urls: u64,
+    /// `[bus] command_batch`.
+    pub command_batch: usize,
+    /// Also run the direct HTTP path on the same node counts.
+    pub direct: bool,
+}
+
+impl FleetOptions {
+    /// The full scenario.
+    #[must_use]
+    pub fn full(exe: PathBuf) -> Self {
+        Self {
+            exe,
+            sizes: vec![10, 100, 1000],
+            latency_tasks: 50,
+            node_purges: 1_000_000,
+            max_urls: 10_000,
+            command_batch: 256,
+            direct: true,
+        }
+    }
+}
+
+/// One row: a node count and a transport.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetRow {
+    /// Nodes.
+    pub nodes: usize,
+    /// `nats` or `http`.
+    pub transport: &'static str,
+    /// Single-URL tasks measured.
+    pub latency_tasks: usize,
+    /// Median submit → completed on every node, ms (store timestamps).
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// URLs of the throughput run.
+    pub urls: u64,
+    /// URLs × nodes.
+    pub node_purges: u64,
+    /// First task created → last item finished, seconds.
+    pub seconds: f64,
+    /// Node-purges per second.
+    pub per_s: f64,
+    /// Items that failed (latency and throughput runs).
+    pub failed: i64,
+    /// CPU seconds of the control plane during the throughput run.
+    pub cpu_control_plane: f64,
+    /// CPU seconds of NATS.
+    pub cpu_nats: f64,
+    /// CPU seconds of the agents' process (agents and the null cache).
+    pub cpu_agents: f64,
+}
+
+/// Runs the scenario.
+///
+/// # Errors
+/// A component does not start, a submission is refused or a run does not finish.
+pub async fn run(options: &FleetOptions, progress: impl Fn(&str)) -> anyhow::Result<Vec<FleetRow>> {
+    let mut rows = Vec::new();
+    for &nodes in &options.sizes {
+        progress(&format!("{nodes} nodes through NATS"));
+        let nats = Nats::start().await;
+        let agents = Agents::start(&options.exe, &nats.url(), nodes)?;
+        let edges = fleet_toml(nodes, "nats", &agents.null_cache, options.command_batch, &nats.url());
+        let store = tempfile::tempdir()?;
+        let store_url = format!("sqlite://{}/fleet.db", store.path().display());
+        let server = Server::start_toml(&options.exe, &store_url, 1, &edges, worker(nodes)).await?;
+        wait_agents_up(&server, nodes).await?;
+        let mut row = measure(&server, options, nodes, "nats", Some(&nats), agents.pid()).await?;
+        row.transport = "nats";
+        rows.push(row);
+        drop(server);
+        if options.direct {
+            progress(&format!("{nodes} nodes over HTTP"));
+            let edges = fleet_toml(nodes, "http", &agents.null_cache, options.command_batch, &nats.url());
+            let store_url = format!("sqlite://{}/direct.db", store.path().display());
+            let server = Server::start_toml(&options.exe, &store_url, 1, &edges, worker(nodes)).await?;
+            rows.push(measure(&server, options, nodes, "http", None, agents.pid()).await?);
+        }
+    }
+    Ok(rows)
+}
+
+/// Worker settings: as many items in flight as keep about 256 k node commands outstanding.
+fn worker(nodes: usize) -> WorkerSettings {
+    WorkerSettings {
+        per_node_concurrency: 8,
+        pipeline_depth: 8,
+        max_items_in_flight: (262_144 / nodes.max(1)).clamp(64, 4096),
+        enabled: true,
+        max_connections: cachectl_store::DEFAULT_MAX_CONNECTIONS,
+    }
+}
+
+fn fleet_toml(nodes: usize, transport: &str, null_cache: &str, batch: usize, nats: &str) -> String {
+    let mut toml = format!("[bus]\nurl = \"{nats}\"\ncommand_batch = {batch}\n\n");
+    for i in 0..nodes {
+        let _ = write!(
+            toml,
+            "[[edges]]\nname = \"node-{i}\"\ndriver = \"varnish\"\ntransport = \"{transport}\"\naddress = \"{null_cache}\"\n\n"
+        );
+    }
+    toml
+}
+
+async fn measure(
+    server: &Server,
+    options: &FleetOptions,
+    nodes: usize,
+    transport: &'static str,
+    nats: Option<&Nats>,
+    agents_pid: u32,
+) -> anyhow::Result<FleetRow> {
+    let client = http()?;
+    let tag = format!("{transport}{nodes}");
+    // Latency: one single-URL task every 100 ms.
+    let mut ids = Vec::new();
+    for k in 0..options.latency_tasks {
+        ids.push(submit(&client, server, &[format!("http://www.acct00.test/lat/{tag}/{k}")]).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let filter = format!("url LIKE 'http://www.acct00.test/lat/{tag}/%'");
+    let sql = format!("SELECT COUNT(*) FROM items WHERE {filter} AND status IN ('completed', 'failed')");
+    wait_final(&server.store_url, &sql, i64::try_from(ids.len())?, Duration::from_secs(300)).await?;
+    let mut conn = sqlite_reader(&server.store_url).await?;
+    let rows = sqlx::query(&format!("SELECT finished_at - created_at, status FROM items WHERE {filter}"))
+        .fetch_all(&mut conn)
+        .await?;
+    let mut samples: Vec<u64> = rows.iter().map(|r| u64::try_from(r.get::<i64, _>(0)).unwrap_or(0) * 1000).collect();
+    samples.sort_unstable();
+    let mut failed = i64::try_from(rows.iter().filter(|r| r.get::<String, _>(1) == "failed").count())?;
+
+    // Throughput: URLs × nodes node-purges, submitted 1,000 URLs at a time.
+    let urls = (options.node_purges / nodes as u64).clamp(1, options.max_urls);
+    let pids = [Some(server.pid()), nats.and_then(Nats::pid), Some(agents_pid)];
+    let before = pids.map(cpu_seconds);
+    let all: Vec<String> = (0..urls).map(|i| format!("http://www.acct00.test/tp/{tag}/{i}")).collect();
+    for chunk in all.chunks(1000) {
+        submit(&client, server, chunk).await?;
+    }
+    let filter = format!("url LIKE 'http://www.acct00.test/tp/{tag}/%'");
+    let sql = format!("SELECT COUNT(*) FROM items WHERE {filter} AND status IN ('completed', 'failed')");
+    wait_final(&server.store_url, &sql, i64::try_from(urls)?, Duration::from_secs(900)).await?;
+    let after = pids.map(cpu_seconds);
+    let row = sqlx::query(&format!(
+        "SELECT MAX(finished_at) - MIN(created_at), SUM(status = 'failed') FROM items WHERE {filter}"
+    ))
+    .fetch_one(&mut conn)
+    .await?;
+    let ms: i64 = row.get(0);
+    failed += row.get::<i64, _>(1);
+    let seconds = ms as f64 / 1000.0;
+    let node_purges = urls * nodes as u64;
+    let cpu = |i: usize| after[i] - before[i];
+    Ok(FleetRow {
+        nodes,
+        transport,
+        latency_tasks: samples.len(),
+        p50_ms: percentile_ms(&samples, 0.5),
+        p99_ms: percentile_ms(&samples, 0.99),
+        urls,
+        node_purges,
+        seconds,
+        per_s: node_purges as f64 / seconds.max(0.001),
+        failed,
+        cpu_control_plane: cpu(0),
+        cpu_nats: cpu(1),
+        cpu_agents: cpu(2),
+    })
+}
+
+async fn submit(client: &reqwest::Client, server: &Server, urls: &[String]) -> anyhow::Result<i64> {
+    let response =
+        client.post(server.url("/api/v1/tasks")).bearer_auth(token(0)).json(&json!({ "urls": urls })).send().await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    ensure!(status.as_u16() == 201, "refresh refused ({status}): {body}");
+    body["task"]["id"].as_i64().context("task id")
+}
+
+async fn wait_agents_up(server: &Server, nodes: usize) -> anyhow::Result<()> {
+    let client = http()?;
+    let start = Instant::now();
+    loop {
+        let list: Value = client.get(server.url("/api/v1/nodes")).bearer_auth(token(0)).send().await?.json().await?;
+        let up = list["nodes"].as_array().map_or(0, |n| n.iter().filter(|n| n["state"] == "up").count());
+        if up == nodes {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!("{up} of {nodes} agents up after two minutes:\n{}", server.log());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// utime + stime of a process, in seconds (0 when unknown).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The helper process hosting the agents and the null cache.
+struct Agents {
+    child: std::process::Child,
+    null_cache: String,
+}
+
+impl Agents {
+    fn start(exe: &PathBuf, nats: &str, count: usize) -> anyhow::Result<Self> {
+        let mut child = Command::new(exe)
+            .args(["agents", "--nats", nats, "--count", &count.to_string()])
+            .env("CACHECTL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("agents' stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let null_cache = line.trim().strip_prefix("null-cache ").context("the agents' first line")?.to_owned();
+        Ok(Self { child, null_cache })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `cachectl-bench agents`: a null cache on a free port (its address printed first), then
+/// `count` agents named `node-0` … in front of it, until SIGTERM or SIGINT.
+///
+/// # Errors
+/// The null cache cannot listen.
+pub async fn host_agents(nats: String, count: usize) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let app = axum::Router::new().fallback(|| async { "" });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    println!("null-cache {address}");
+    std::io::stdout().flush()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    for i in 0..count {
+        let text = format!(
+            "[agent]\nname = \"node-{i}\"\ndriver = \"varnish\"\naddress = \"{address}\"\nnats_url = \"{nats}\"\nconcurrency = 16\n"
+        );
+        let config = cachectl_bus::agent::AgentConfig::from_toml(&text).map_err(|e| anyhow::anyhow!(e))?;
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cachectl_bus::agent::run(config, token).await {
+                eprintln!("agent node-{i}: {e:#}");
+            }
+        });
+    }
+    tokio::signal::ctrl_c().await?;
+    shutdown.cancel();
+    Ok(())
+}
+
+/// The table of BENCHMARKS.md.
+#[must_use]
+pub fn table(rows: &[FleetRow]) -> String {
+    let mut out = String::from(
+        "| nodes | path | 1 URL p50 | 1 URL p99 | URLs × nodes | node-purges/s | failed | CPU s: control plane / NATS / agents |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} ms | {:.0} ms | {} × {} | {:.0} | {} | {:.1} / {:.1} / {:.1} |",
+            r.nodes,
+            r.transport,
+            r.p50_ms,
+            r.p99_ms,
+            r.urls,
+            r.nodes,
+            r.per_s,
+            r.failed,
+            r.cpu_control_plane,
+            r.cpu_nats,
+            r.cpu_agents
+        );
+    }
+    out
+}
