@@ -149,16 +149,16 @@ async fn measure(
 ) -> anyhow::Result<FleetRow> {
     let client = http()?;
     let tag = format!("{transport}{nodes}");
-    // Latency: one single-URL task every 100 ms.
-    let mut ids = Vec::new();
+    // Latency: single-URL tasks one after the other, each submitted once the one before is final
+    // (the time of one purge across the fleet, not of a queue the machine cannot drain).
+    let mut conn = sqlite_reader(&server.store_url).await?;
     for k in 0..options.latency_tasks {
-        ids.push(submit(&client, server, &[format!("http://www.acct00.test/lat/{tag}/{k}")]).await?);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let url = format!("http://www.acct00.test/lat/{tag}/{k}");
+        submit(&client, server, std::slice::from_ref(&url)).await?;
+        let sql = format!("SELECT COUNT(*) FROM items WHERE url = '{url}' AND status IN ('completed', 'failed')");
+        wait_final(&server.store_url, &sql, 1, Duration::from_secs(120)).await?;
     }
     let filter = format!("url LIKE 'http://www.acct00.test/lat/{tag}/%'");
-    let sql = format!("SELECT COUNT(*) FROM items WHERE {filter} AND status IN ('completed', 'failed')");
-    wait_final(&server.store_url, &sql, i64::try_from(ids.len())?, Duration::from_secs(300)).await?;
-    let mut conn = sqlite_reader(&server.store_url).await?;
     let rows = sqlx::query(&format!("SELECT finished_at - created_at, status FROM items WHERE {filter}"))
         .fetch_all(&mut conn)
         .await?;

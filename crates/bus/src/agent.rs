@@ -185,6 +185,8 @@ struct Local {
     transport: NodeTransport,
     permits: Semaphore,
     in_flight: AtomicU64,
+    /// Command messages behind the last one delivered (JetStream says with each delivery).
+    lag: AtomicU64,
 }
 
 /// Runs the agent until `shutdown`: the command in progress is finished and acknowledged first.
@@ -229,10 +231,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         node,
         permits: Semaphore::new(config.concurrency),
         in_flight: AtomicU64::new(0),
+        lag: AtomicU64::new(0),
         config,
     });
     tracing::info!(node = %local.config.name, driver = ?local.config.driver, cache = %local.config.address, "Agent started.");
-    let beats = tokio::spawn(heartbeats(client.clone(), consumer.clone(), local.clone(), shutdown.clone()));
+    let beats = tokio::spawn(heartbeats(client.clone(), local.clone(), shutdown.clone()));
     let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("reading commands: {e}"))?;
     loop {
         let message = tokio::select! {
@@ -259,6 +262,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 /// Applies one command message and acknowledges it once its results are stored; an unreadable
 /// one is dead-lettered and terminated (never redelivered).
 async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream::Message) {
+    if let Ok(info) = message.info() {
+        local.lag.store(info.pending, Ordering::Relaxed);
+    }
     let batch = match serde_json::from_slice::<Batch>(&message.payload) {
         Ok(batch) if !batch.commands.is_empty() => batch,
         Ok(_) => return dead_letter(js, local, &message, "a batch without commands").await,
@@ -401,12 +407,7 @@ fn walks(driver: Driver, command: &Command) -> bool {
         && matches!(command.item_type, ItemType::Dir | ItemType::Regex | ItemType::Tag)
 }
 
-async fn heartbeats(
-    client: async_nats::Client,
-    mut consumer: jetstream::consumer::PullConsumer,
-    local: Arc<Local>,
-    shutdown: CancellationToken,
-) {
+async fn heartbeats(client: async_nats::Client, local: Arc<Local>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(local.config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let subject = protocol::heartbeat_subject(&local.config.name);
@@ -415,10 +416,7 @@ async fn heartbeats(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let lag = match consumer.info().await {
-            Ok(info) => info.num_pending,
-            Err(_) => 0,
-        };
+        let lag = local.lag.load(Ordering::Relaxed);
         let beat = Heartbeat {
             node: local.config.name.clone(),
             tier: local.config.tier,

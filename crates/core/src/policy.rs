@@ -12,10 +12,59 @@ use std::time::Duration;
 /// `started` says whether the item was ever sent to a node: until then it is `waiting`.
 #[must_use]
 pub fn derive(states: &[NodeState], started: bool) -> (ItemStatus, u8) {
-    let total = states.len();
-    let done = states.iter().filter(|s| **s != NodeState::Pending).count();
+    derive_counts(StateCounts::of(states), started)
+}
+
+/// How many of an item's nodes are in each state: what [`derive`] needs, kept up to date in
+/// constant time per node result by an item with many nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    /// Nodes not done yet.
+    pub pending: usize,
+    /// Nodes that succeeded.
+    pub succeeded: usize,
+    /// Nodes that failed.
+    pub failed: usize,
+}
+
+impl StateCounts {
+    /// The counts of `states`.
+    #[must_use]
+    pub fn of(states: &[NodeState]) -> Self {
+        let mut counts = Self::default();
+        for state in states {
+            counts.add(*state);
+        }
+        counts
+    }
+
+    /// One more node in `state`.
+    pub fn add(&mut self, state: NodeState) {
+        match state {
+            NodeState::Pending => self.pending += 1,
+            NodeState::Succeeded => self.succeeded += 1,
+            NodeState::Failed => self.failed += 1,
+        }
+    }
+
+    /// One node from `from` to `to`.
+    pub fn change(&mut self, from: NodeState, to: NodeState) {
+        match from {
+            NodeState::Pending => self.pending = self.pending.saturating_sub(1),
+            NodeState::Succeeded => self.succeeded = self.succeeded.saturating_sub(1),
+            NodeState::Failed => self.failed = self.failed.saturating_sub(1),
+        }
+        self.add(to);
+    }
+}
+
+/// [`derive`] from the counts of the node states.
+#[must_use]
+pub fn derive_counts(counts: StateCounts, started: bool) -> (ItemStatus, u8) {
+    let total = counts.pending + counts.succeeded + counts.failed;
+    let done = counts.succeeded + counts.failed;
     let progress = (done * 100).checked_div(total).map_or(100, |p| u8::try_from(p).unwrap_or(100));
-    let status = if states.contains(&NodeState::Failed) {
+    let status = if counts.failed > 0 {
         ItemStatus::Failed
     } else if done == total && started {
         ItemStatus::Completed

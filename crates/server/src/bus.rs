@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// An agent's last heartbeat and when this instance received it.
@@ -65,9 +65,14 @@ pub struct Bus {
     publishers: HashMap<String, mpsc::UnboundedSender<Outgoing>>,
     in_flight: HashMap<String, AtomicU64>,
     seen: RwLock<HashMap<String, Seen>>,
+    /// The health of each configured bus node, re-evaluated every quarter second.
+    health: HashMap<String, watch::Sender<Health>>,
     next: AtomicU64,
     instance: String,
 }
+
+/// Heartbeats kept at most: agents nobody configured cannot grow the inventory without bound.
+const MAX_AGENTS: usize = 100_000;
 
 impl Bus {
     /// Connects to NATS (in the background: a control plane starts even while NATS is away, and
@@ -104,11 +109,13 @@ impl Bus {
             waiters: Mutex::new(HashMap::new()),
             publishers,
             seen: RwLock::new(HashMap::new()),
+            health: nodes.iter().map(|n| (n.clone(), watch::Sender::new(Health::Down))).collect(),
             next: AtomicU64::new(0),
             instance,
         });
         tokio::spawn(consume_results(bus.clone(), js.clone(), shutdown.clone()));
         tokio::spawn(receive_heartbeats(bus.clone(), client, shutdown.clone()));
+        tokio::spawn(watch_health(bus.clone(), shutdown.clone()));
         for (node, rx) in receivers {
             tokio::spawn(publish_commands(bus.clone(), js.clone(), node, rx, shutdown.clone()));
         }
@@ -181,6 +188,11 @@ impl Bus {
         } else {
             Health::Down
         }
+    }
+
+    /// Follows the health of configured bus node `node` (always `down` for another name).
+    pub fn watch(&self, node: &str) -> watch::Receiver<Health> {
+        self.health.get(node).map_or_else(|| watch::Sender::new(Health::Down).subscribe(), watch::Sender::subscribe)
     }
 
     /// Every agent heard from: its last heartbeat and health.
@@ -332,6 +344,23 @@ async fn consume_results(bus: Arc<Bus>, js: jetstream::Context, shutdown: Cancel
     }
 }
 
+/// Re-evaluates every configured node's health four times a second; waiters see the changes.
+async fn watch_health(bus: Arc<Bus>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let seen = bus.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (node, sender) in &bus.health {
+            let health = seen.get(node).map_or(Health::Down, |s| bus.health_of(s, now));
+            sender.send_if_modified(|h| std::mem::replace(h, health) != health);
+        }
+    }
+}
+
 async fn receive_heartbeats(bus: Arc<Bus>, client: async_nats::Client, shutdown: CancellationToken) {
     let mut subscriber = loop {
         match client.subscribe(protocol::HEARTBEATS).await {
@@ -354,10 +383,10 @@ async fn receive_heartbeats(bus: Arc<Bus>, client: async_nats::Client, shutdown:
         match serde_json::from_slice::<Heartbeat>(&message.payload) {
             Ok(beat) if protocol::valid_name(&beat.node) => {
                 let seen = Seen { beat, received_at: now_ms() };
-                bus.seen
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(seen.beat.node.clone(), seen);
+                let mut all = bus.seen.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if all.len() < MAX_AGENTS || all.contains_key(&seen.beat.node) {
+                    all.insert(seen.beat.node.clone(), seen);
+                }
             }
             Ok(_) => tracing::debug!("A heartbeat with an invalid node name; ignored."),
             Err(e) => tracing::debug!(error = %e, "An unreadable heartbeat; ignored."),

@@ -427,3 +427,56 @@ async fn an_agent_with_a_bad_configuration_stops_naming_the_key() {
         assert!(err.contains(key), "{err}");
     }
 }
+
+/// A node whose agent is stopped for 30 s while tasks keep coming: when it returns it applies
+/// every command that waited for it, each item's result on it is recorded once (one attempt),
+/// and every task completes.
+#[tokio::test]
+async fn an_agent_stopped_for_30_s_during_a_run_applies_everything_once() {
+    let origin = Origin::start().await;
+    let (v1, v2) = (Varnish::start(origin.port).await, Varnish::start(origin.port).await);
+    let nats = Nats::start().await;
+    let mut agent = Agent::start(&nats, "v1", "varnish", &v1.address(), "").await;
+    let _other = Agent::start(&nats, "v2", "varnish", &v2.address(), "").await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}{}{}",
+        fast_worker("90s"),
+        bus(&nats),
+        bus_edge("v1", "varnish", "edge"),
+        bus_edge("v2", "varnish", "edge")
+    ))
+    .await;
+    wait_node_state(&server, "v1", "up").await;
+    let start = Instant::now();
+    let mut ids = Vec::new();
+    let mut stopped = false;
+    let mut restarted = false;
+    for round in 0.. {
+        let elapsed = start.elapsed();
+        if elapsed > Duration::from_secs(40) {
+            break;
+        }
+        if !stopped && elapsed > Duration::from_secs(5) {
+            agent.stop();
+            stopped = true;
+        }
+        if !restarted && elapsed > Duration::from_secs(35) {
+            agent.restart();
+            restarted = true;
+        }
+        let urls: Vec<String> = (0..3).map(|i| format!("http://www.example.com/stop/{round}/{i}")).collect();
+        ids.push(submit(&server, json!({ "urls": urls })).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for id in ids {
+        let detail = wait_task(&server, id, Duration::from_secs(60)).await;
+        assert_eq!(detail["task"]["state"], "completed", "{detail}\n{}", agent.log());
+        for item in detail["items"].as_array().unwrap() {
+            let nodes = item["nodes"].as_array().unwrap();
+            assert_eq!(nodes.len(), 2, "{item}");
+            for node in nodes {
+                assert_eq!((node["state"].as_str(), node["attempts"].as_u64()), (Some("succeeded"), Some(1)), "{item}");
+            }
+        }
+    }
+}

@@ -6,12 +6,12 @@
 use crate::bus::{Bus, Health};
 use crate::config::{EdgeNode, WorkerConfig};
 use crate::metrics::Metrics;
-use cachectl_core::policy::{backoff, derive};
+use cachectl_core::policy::{StateCounts, backoff, derive, derive_counts};
 use cachectl_core::store::Queue;
 use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, NodeResult, NodeState, Tier, Timestamp};
 use cachectl_edge::{ClientSettings, EdgeClient, Node, NodeTransport, Outcome};
 use prometheus_client::metrics::counter::Counter;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -283,56 +283,99 @@ async fn renew_leases(store: Arc<dyn Queue>, owner: String, lease: Duration, shu
     }
 }
 
-/// The node results of one item while it runs, and what follows from them.
+/// The node states of one item while it runs, and what follows from them. Kept so that a node
+/// result costs the same whatever the item's number of nodes (a fleet has a thousand).
 struct Progress {
     item_id: i64,
-    results: Mutex<Vec<NodeResult>>,
     started_at: Option<Timestamp>,
-    /// Whether the item's reason says it waits for an agent.
-    noted: std::sync::atomic::AtomicBool,
+    tally: Mutex<Tally>,
+}
+
+struct Tally {
+    states: HashMap<String, NodeState>,
+    counts: StateCounts,
+    /// The reason of the first node that failed.
+    failure: Option<String>,
+    /// Bus nodes whose agent is away, with their note.
+    waiting: BTreeMap<String, String>,
+    /// Whether the item's stored reason is a waiting note.
+    noted: bool,
 }
 
 /// How a bus node's result starts while its agent is away.
 const WAITING: &str = "waiting for agent ";
 
 impl Progress {
-    /// Records `result` and sends the item's derived state to the writer.
-    fn report(&self, shared: &Shared, result: NodeResult, kind: cachectl_core::Kind) {
-        let mut results = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let states = |results: &[NodeResult]| results.iter().map(|r| r.state).collect::<Vec<_>>();
-        let (before, _) = derive(&states(&results), true);
-        if let Some(slot) = results.iter_mut().find(|r| r.node == result.node) {
-            *slot = result.clone();
-        }
-        let (status, progress) = derive(&states(&results), true);
-        let was_final = before.is_final();
-        let reason = results
+    fn new(item_id: i64, started_at: Timestamp, initial: &[NodeResult]) -> Self {
+        let states: HashMap<String, NodeState> = initial.iter().map(|r| (r.node.clone(), r.state)).collect();
+        let failure = initial
             .iter()
             .find(|r| r.state == NodeState::Failed)
             .map(|r| format!("node {}: {}", r.node, r.error.as_deref().unwrap_or("failed")));
+        Self {
+            item_id,
+            started_at: Some(started_at),
+            tally: Mutex::new(Tally {
+                counts: StateCounts::of(&initial.iter().map(|r| r.state).collect::<Vec<_>>()),
+                states,
+                failure,
+                waiting: BTreeMap::new(),
+                noted: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tally> {
+        self.tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a node failed.
+    fn failed(&self) -> bool {
+        self.lock().counts.failed > 0
+    }
+
+    /// Records `result` and sends the item's derived state to the writer.
+    fn report(&self, shared: &Shared, result: NodeResult, kind: cachectl_core::Kind) {
+        let mut tally = self.lock();
+        let (before, _) = derive_counts(tally.counts, true);
+        if let Some(state) = tally.states.get_mut(&result.node) {
+            let old = std::mem::replace(state, result.state);
+            tally.counts.change(old, result.state);
+        }
+        let (status, progress) = derive_counts(tally.counts, true);
+        if result.state == NodeState::Failed && tally.failure.is_none() {
+            tally.failure = Some(format!("node {}: {}", result.node, result.error.as_deref().unwrap_or("failed")));
+        }
         // A bus node whose agent is away says so in the item's reason while the item waits; the
         // note is cleared (an empty reason) once no node waits any more.
-        let waiting = results
-            .iter()
-            .find(|r| r.state == NodeState::Pending && r.error.as_deref().is_some_and(|e| e.starts_with(WAITING)))
-            .and_then(|r| r.error.clone());
-        let noted = self.noted.swap(waiting.is_some(), std::sync::atomic::Ordering::Relaxed);
-        let finished_now = status.is_final() && !was_final;
+        match result.error.as_deref() {
+            Some(note) if result.state == NodeState::Pending && note.starts_with(WAITING) => {
+                tally.waiting.insert(result.node.clone(), note.to_owned());
+            }
+            _ => {
+                tally.waiting.remove(&result.node);
+            }
+        }
+        let waiting = tally.waiting.values().next().cloned();
+        let noted = std::mem::replace(&mut tally.noted, waiting.is_some());
+        let finished_now = status.is_final() && !before.is_final();
         if finished_now {
             shared.metrics.item_finished(kind, status);
         }
+        let reason = match status {
+            ItemStatus::Failed => tally.failure.clone(),
+            _ if waiting.is_some() => waiting,
+            _ if noted => Some(String::new()),
+            _ => None,
+        };
+        drop(tally);
         shared.send(ItemUpdate {
             item_id: self.item_id,
             status,
             progress,
             started_at: self.started_at,
             finished_at: finished_now.then_some(result.updated_at),
-            reason: match status {
-                ItemStatus::Failed => reason,
-                _ if waiting.is_some() => waiting,
-                _ if noted => Some(String::new()),
-                _ => None,
-            },
+            reason,
             nodes: vec![result],
         });
     }
@@ -358,10 +401,11 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
     }
     let started_at = claimed.started_at.unwrap_or(now);
     let deadline = started_at.after(shared.config.item_deadline);
+    let mut earlier: HashMap<&str, &NodeResult> = claimed.nodes.iter().map(|r| (r.node.as_str(), r)).collect();
     let initial: Vec<NodeResult> = nodes
         .iter()
         .map(|slot| {
-            claimed.nodes.iter().find(|r| r.node == slot.node.name).cloned().unwrap_or(NodeResult {
+            earlier.remove(slot.node.name.as_str()).cloned().unwrap_or(NodeResult {
                 node: slot.node.name.clone(),
                 state: NodeState::Pending,
                 attempts: 0,
@@ -372,12 +416,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
             })
         })
         .collect();
-    let progress = Progress {
-        item_id: item.id,
-        results: Mutex::new(initial.clone()),
-        started_at: Some(started_at),
-        noted: std::sync::atomic::AtomicBool::new(false),
-    };
+    let progress = Progress::new(item.id, started_at, &initial);
     if claimed.started_at.is_none() {
         let states: Vec<NodeState> = initial.iter().map(|r| r.state).collect();
         let (status, pct) = derive(&states, true);
@@ -400,13 +439,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
             .collect();
         let runs = pending.into_iter().map(|(slot, result)| run_node(shared, &progress, slot, &item, result, deadline));
         futures::future::join_all(runs).await;
-        let failed = progress
-            .results
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .any(|r| r.state == NodeState::Failed);
-        if failed {
+        if progress.failed() {
             // An edge must not refill from a parent that still holds the old copy.
             break;
         }
@@ -500,10 +533,24 @@ async fn run_via_bus(
 ) {
     let name = slot.node.name.as_str();
     let (id, mut answer) = bus.send(name, item.kind, item.item_type, &item.url, item.soft, deadline);
+    let mut health = bus.watch(name);
+    let mut health_open = true;
+    let left = deadline.since(crate::api::now_ms());
+    let expiry = tokio::time::sleep(left);
+    tokio::pin!(expiry);
     let mut noted = false;
-    let mut check = tokio::time::interval(Duration::from_millis(500));
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let last_seen = || match bus.last_seen(name) {
+        Some(seen) => format!("last seen {}", crate::wire::views::time(seen.received_at)),
+        None => "never seen".to_owned(),
+    };
     loop {
+        let waiting = *health.borrow_and_update() != Health::Up;
+        if waiting != noted {
+            noted = waiting;
+            result.updated_at = crate::api::now_ms();
+            result.error = waiting.then(|| format!("{WAITING}{name} ({})", last_seen()));
+            progress.report(shared, result.clone(), item.kind);
+        }
         tokio::select! {
             answered = &mut answer => {
                 let Ok(answer) = answered else { return };
@@ -526,28 +573,16 @@ async fn run_via_bus(
                 progress.report(shared, result, item.kind);
                 return;
             }
-            _ = check.tick() => {}
-        }
-        let now = crate::api::now_ms();
-        let last_seen = || match bus.last_seen(name) {
-            Some(seen) => format!("last seen {}", crate::wire::views::time(seen.received_at)),
-            None => "never seen".to_owned(),
-        };
-        if now >= deadline {
-            bus.forget(name, &id);
-            slot.fail.inc();
-            result.state = NodeState::Failed;
-            result.updated_at = now;
-            result.error = Some(format!("agent {name} did not answer before the item's deadline ({})", last_seen()));
-            progress.report(shared, result, item.kind);
-            return;
-        }
-        let waiting = bus.health(name) != Health::Up;
-        if waiting != noted {
-            noted = waiting;
-            result.updated_at = now;
-            result.error = waiting.then(|| format!("waiting for agent {name} ({})", last_seen()));
-            progress.report(shared, result.clone(), item.kind);
+            () = &mut expiry => {
+                bus.forget(name, &id);
+                slot.fail.inc();
+                result.state = NodeState::Failed;
+                result.updated_at = crate::api::now_ms();
+                result.error = Some(format!("agent {name} did not answer before the item's deadline ({})", last_seen()));
+                progress.report(shared, result, item.kind);
+                return;
+            }
+            changed = health.changed(), if health_open => health_open = changed.is_ok(),
         }
     }
 }
