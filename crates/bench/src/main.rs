@@ -147,6 +147,9 @@ struct RunFlags {
     /// Node-purges of each `--fleet` throughput run.
     #[arg(long, default_value_t = 1_000_000)]
     fleet_node_purges: u64,
+    /// `--fleet` without the direct HTTP rows.
+    #[arg(long)]
+    fleet_no_direct: bool,
     /// `[bus] command_batch` of `--fleet`.
     #[arg(long, default_value_t = 256)]
     fleet_batch: usize,
@@ -302,6 +305,7 @@ async fn fleet(f: RunFlags) -> anyhow::Result<()> {
     options.sizes = f.fleet_sizes;
     options.node_purges = f.fleet_node_purges;
     options.command_batch = f.fleet_batch;
+    options.direct = !f.fleet_no_direct;
     let rows = tokio::select! {
         rows = cachectl_bench::fleet::run(&options, |step| eprintln!("==> {step}")) => rows?,
         signal = stop_signal() => anyhow::bail!("stopped by {signal}; what it started is stopped"),
