@@ -480,3 +480,39 @@ async fn an_agent_stopped_for_30_s_during_a_run_applies_everything_once() {
         }
     }
 }
+
+/// A parent reached through the bus still finishes before its edge (reached directly) is sent
+/// anything: nginx logs the parent's PURGE, sent by the agent, before the edge's.
+#[tokio::test]
+async fn a_parent_through_the_bus_is_purged_before_a_direct_edge() {
+    let origin = Origin::start().await;
+    let nginx = Nginx::start(origin.port, 2).await;
+    let (parent, edge_port) = (nginx.ports[0], nginx.ports[1]);
+    let nats = Nats::start().await;
+    let _agent = Agent::start(
+        &nats,
+        "parent-1",
+        "nginx",
+        &nginx.address(0),
+        &format!("cache_path = \"{}\"", nginx.cache_path(0).display()),
+    )
+    .await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}{}{}",
+        fast_worker("20s"),
+        bus(&nats),
+        edge("edge-1", "nginx", &nginx.address(1), "edge"),
+        bus_edge("parent-1", "nginx", "parent")
+    ))
+    .await;
+    let urls: Vec<String> = (0..10).map(|i| format!("http://www.example.com/tier/{i}")).collect();
+    let detail = run_task(&server, json!({ "urls": urls }), Duration::from_secs(20)).await;
+    assert_eq!(detail["task"]["state"], "completed", "{detail}");
+    let log = nginx.access_log();
+    for i in 0..10 {
+        let uri = format!("/tier/{i}");
+        let position = |port: u16| log.iter().position(|l| l.1 == port && l.2 == "PURGE" && l.4 == uri);
+        let (p, e) = (position(parent).expect("parent purged"), position(edge_port).expect("edge purged"));
+        assert!(p < e, "{uri}: parent purge logged at line {p}, edge purge at line {e}");
+    }
+}
