@@ -65,8 +65,46 @@ impl Browser {
         self.client.set_window_size(1280, 900).await.unwrap();
     }
 
+    /// The text of the element `css` names; found again when htmx replaced it meanwhile.
     async fn text(&self, css: &str) -> String {
-        self.client.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+        let mut tries = 0;
+        loop {
+            let found = match self.client.find(Locator::Css(css)).await {
+                Ok(element) => element.text().await,
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(text) => return text,
+                Err(e) if tries >= 50 => panic!("{css}: {e}"),
+                Err(_) => tries += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to 10 s for the page's path to start with `prefix`, and returns the URL.
+    async fn wait_path(&self, prefix: &str) -> url::Url {
+        let start = Instant::now();
+        loop {
+            let url = self.client.current_url().await.unwrap();
+            if url.path().starts_with(prefix) || start.elapsed() > Duration::from_secs(10) {
+                assert!(url.path().starts_with(prefix), "{url} is not under {prefix}");
+                return url;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to 10 s for the text of `css` to contain `needle`, and returns it.
+    async fn wait_text(&self, css: &str, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.text(css).await;
+            if text.contains(needle) || start.elapsed() > Duration::from_secs(10) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn count(&self, css: &str) -> usize {
@@ -112,14 +150,14 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
 
     // A wrong token is refused with a sentence.
     b.sign_in(&server, "not-a-token").await;
-    assert!(b.text("p.error").await.contains("unknown token"));
+    assert!(b.wait_text("main", "unknown token").await.contains("Sign-in failed: unknown token."));
     b.shoot("sign-in-error").await;
 
     b.sign_in(&server, TOKEN).await;
-    assert!(b.text("h1").await.contains("Overview"));
+    assert!(b.wait_text("h1", "Overview").await.contains("Overview"));
     let cookie = b.client.get_named_cookie("cachectl_console").await.unwrap();
     assert_eq!(cookie.http_only(), Some(true));
-    assert_eq!(cookie.same_site(), Some(fantoccini::cookies::SameSite::Strict));
+    assert_eq!(cookie.same_site().map(|s| s.to_string()).as_deref(), Some("Strict"));
     assert_eq!(cookie.value().len(), 64);
 
     // An invalid line is shown with its reason, escaped, and nothing is submitted.
@@ -129,7 +167,7 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
     let evil = "http://evil.test/<script>window.__pwned=1</script>";
     b.client.find(Locator::Id("urls")).await.unwrap().send_keys(&format!("{}\n{evil}", urls.join("\n"))).await.unwrap();
     b.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
-    let invalid = b.text("#invalid").await;
+    let invalid = b.wait_text("main", "invalid line").await;
     assert!(
         invalid.contains(&format!("line 4: {evil}")) && invalid.contains("not one of the account's domains"),
         "{invalid}"
@@ -142,7 +180,7 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
     area.clear().await.unwrap();
     area.send_keys(&urls.join("\n")).await.unwrap();
     b.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
-    let task_url = b.client.current_url().await.unwrap();
+    let task_url = b.wait_path("/console/tasks/").await;
     let task_id: i64 = task_url.path().rsplit('/').next().unwrap().parse().unwrap();
     b.js("window.__samePage = 42").await;
     let first = b.text("#progress-text").await;
@@ -212,14 +250,15 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
 
     // Sign out: the session is gone.
     b.client.find(Locator::Css("form.signout button")).await.unwrap().click().await.unwrap();
-    assert_eq!(b.client.current_url().await.unwrap().path(), "/console/login");
+    b.wait_path("/console/login").await;
     b.client.goto(task_url.as_str()).await.unwrap();
-    assert_eq!(b.client.current_url().await.unwrap().path(), "/console/login");
+    b.wait_path("/console/login").await;
 
     // Another account: acme's task does not exist for it.
     b.sign_in(&server, "other-secret-token").await;
     b.client.goto(&server.url(&format!("/console/tasks/{task_id}"))).await.unwrap();
-    assert!(b.text("main").await.contains("Task not found."));
+    let main = b.wait_text("main", "Task not found.").await;
+    assert!(main.contains("Task not found."), "{main}");
     b.shoot("not-found").await;
     b.client.clone().close().await.unwrap();
 }
