@@ -160,6 +160,27 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
     assert_eq!(cookie.same_site().map(|s| s.to_string()).as_deref(), Some("Strict"));
     assert_eq!(cookie.value().len(), 64);
 
+    let (task_url, task_id, urls) = submit_and_follow(&b, &server).await;
+    records_and_csv(&b, &server, &urls).await;
+
+    // Sign out: the session is gone.
+    b.client.find(Locator::Css("form.signout button")).await.unwrap().click().await.unwrap();
+    b.wait_path("/console/login").await;
+    b.client.goto(task_url.as_str()).await.unwrap();
+    b.wait_path("/console/login").await;
+
+    // Another account: acme's task does not exist for it.
+    b.sign_in(&server, "other-secret-token").await;
+    b.client.goto(&server.url(&format!("/console/tasks/{task_id}"))).await.unwrap();
+    let main = b.wait_text("main", "Task not found.").await;
+    assert!(main.contains("Task not found."), "{main}");
+    b.shoot("not-found").await;
+    b.client.clone().close().await.unwrap();
+}
+
+/// The form refuses an invalid line, then submits 3 URLs; the task page follows them to 100 %
+/// without a reload. The task page's URL, the task id and the URLs.
+async fn submit_and_follow(b: &Browser, server: &Cachectl) -> (url::Url, i64, [String; 3]) {
     // An invalid line is shown with its reason, escaped, and nothing is submitted.
     b.client.goto(&server.url("/console/submit")).await.unwrap();
     assert!(b.text("p.hint").await.contains("refresh URLs 10000 of 10000"));
@@ -199,6 +220,11 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
     assert!(nodes.contains("↳ v1") && nodes.contains("↳ slow") && nodes.contains("ok"), "{nodes}");
     b.shoot("task-done").await;
 
+    (task_url, task_id, urls)
+}
+
+/// Markup in records is not run; the filters and the CSV export; the overview.
+async fn records_and_csv(b: &Browser, server: &Cachectl, urls: &[String; 3]) {
     // Markup in a record (a cache tag may hold '<' and '/') is shown as text, never run.
     let tag = "<svg/onload=window.__pwned=1>";
     let r = server
@@ -247,18 +273,4 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
     assert!(b.text("#node-list").await.contains("slow"));
     assert_eq!(b.count("#chart rect.bar").await, 24);
     b.shoot("overview").await;
-
-    // Sign out: the session is gone.
-    b.client.find(Locator::Css("form.signout button")).await.unwrap().click().await.unwrap();
-    b.wait_path("/console/login").await;
-    b.client.goto(task_url.as_str()).await.unwrap();
-    b.wait_path("/console/login").await;
-
-    // Another account: acme's task does not exist for it.
-    b.sign_in(&server, "other-secret-token").await;
-    b.client.goto(&server.url(&format!("/console/tasks/{task_id}"))).await.unwrap();
-    let main = b.wait_text("main", "Task not found.").await;
-    assert!(main.contains("Task not found."), "{main}");
-    b.shoot("not-found").await;
-    b.client.clone().close().await.unwrap();
 }
