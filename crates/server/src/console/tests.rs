@@ -213,3 +213,23 @@ fn csv_fields_are_quoted_and_never_formulas() {
     assert_eq!(field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
     assert_eq!(field("-1"), "'-1");
 }
+
+#[tokio::test]
+async fn cancel_and_retry_buttons_change_the_task() {
+    // No worker runs here: the items stay waiting until cancelled.
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    let urls = "http://www.example.com/1\nhttp://www.example.com/2";
+    send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", urls)])).await;
+    let page = text(send(&app, get("/console/tasks/1", Some(&id))).await).await;
+    assert!(page.contains("Cancel waiting items") && !page.contains("Retry failed items"));
+    assert!(page.contains("hx-trigger=\"every 1s\""), "a running task polls its live part");
+    let r = send(&app, post("/console/tasks/1/cancel", Some(&id), &[("csrf", &csrf)])).await;
+    assert_eq!(r.headers()[header::LOCATION], "/console/tasks/1");
+    let page = text(send(&app, get("/console/tasks/1/live", Some(&id))).await).await;
+    assert!(page.contains("2 failed") && page.contains("cancelled") && page.contains("Retry failed items"), "{page}");
+    assert!(!page.contains("hx-trigger"), "a final task stops polling");
+    send(&app, post("/console/tasks/1/retry", Some(&id), &[("csrf", &csrf)])).await;
+    let page = text(send(&app, get("/console/tasks/1/live", Some(&id))).await).await;
+    assert!(page.contains("2 waiting") && page.contains("Cancel waiting items"), "{page}");
+}
