@@ -11,6 +11,7 @@ mod submit;
 mod task;
 
 use crate::api::{AppState, MAX_BODY_BYTES};
+use crate::clock::now_ms;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Form, Request, State};
@@ -153,6 +154,11 @@ fn login_page(csrf: &str, error: Option<&str>) -> axum::response::Html<String> {
     page(&Page { title: "Sign in", signed_in: None, body })
 }
 
+/// The `Api-Id` sign-in attempts are counted under, per remote address.
+const SIGN_IN_API_ID: u32 = 3;
+/// Sign-in attempts a remote address may make in a minute.
+const SIGN_IN_PER_MINUTE: u32 = 20;
+
 /// The sign-in form's fields.
 #[derive(Deserialize)]
 struct LoginForm {
@@ -163,11 +169,20 @@ struct LoginForm {
 /// id seen before sign-in is worth nothing after it).
 async fn login(
     State(state): State<AppState>,
+    connect: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     axum::Extension(sessions): axum::Extension<Arc<Sessions>>,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let old = session::cookie_id(&headers).and_then(|id| sessions.get(&id));
+    let from = connect.map_or_else(|| "unknown".to_owned(), |c| c.0.0.ip().to_string());
+    let decision =
+        state.service.admit(&format!("console-sign-in:{from}"), SIGN_IN_API_ID, SIGN_IN_PER_MINUTE, now_ms()).await;
+    if !decision.allowed {
+        let message =
+            format!("Too many sign-in attempts from your address; try again in {} seconds.", decision.reset_secs);
+        return error_page(StatusCode::TOO_MANY_REQUESTS, &message);
+    }
     let Some(credential) = state.settings.tokens.get(form.token.trim()).cloned() else {
         let csrf = old.map(|s| s.csrf).unwrap_or_default();
         return (StatusCode::UNAUTHORIZED, login_page(&csrf, Some("Sign-in failed: unknown token."))).into_response();

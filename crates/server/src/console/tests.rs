@@ -233,3 +233,24 @@ async fn cancel_and_retry_buttons_change_the_task() {
     let page = text(send(&app, get("/console/tasks/1/live", Some(&id))).await).await;
     assert!(page.contains("2 waiting") && page.contains("Cancel waiting items"), "{page}");
 }
+
+#[tokio::test]
+async fn sign_in_attempts_are_limited_per_address() {
+    let app = app().await;
+    let form = send(&app, get("/console/login", None)).await;
+    let anonymous = cookie_value(&set_cookie(&form));
+    let csrf = csrf_of(&text(form).await);
+    let attempt = || post("/console/login", Some(&anonymous), &[("csrf", &csrf), ("token", "guess")]);
+    // 20 a minute: 41 attempts put 21 in one minute even if they straddle two.
+    let mut refused = None;
+    for _ in 0..41 {
+        let r = send(&app, attempt()).await;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let r = refused.expect("the 21st attempt in a minute is refused");
+    assert!(text(r).await.contains("Too many sign-in attempts"));
+}
