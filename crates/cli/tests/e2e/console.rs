@@ -171,6 +171,8 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
 
     // Another account: acme's task does not exist for it.
     b.sign_in(&server, "other-secret-token").await;
+    // The sign-in's redirect must land before the next navigation, or it overtakes it.
+    assert!(b.wait_text("h1", "Overview").await.contains("Overview"));
     b.client.goto(&server.url(&format!("/console/tasks/{task_id}"))).await.unwrap();
     let main = b.wait_text("main", "Task not found.").await;
     assert!(main.contains("Task not found."), "{main}");
@@ -246,6 +248,11 @@ async fn records_and_csv(b: &Browser, server: &Cachectl, urls: &[String; 3]) {
     // Filters: URL substring, then status and kind.
     b.client.find(Locator::Id("url")).await.unwrap().send_keys("console-b").await.unwrap();
     b.client.find(Locator::Css("form.filters button")).await.unwrap().click().await.unwrap();
+    let start = Instant::now();
+    while !b.client.current_url().await.unwrap().as_str().contains("url=console-b") {
+        assert!(start.elapsed() < Duration::from_secs(10), "the filter form never navigated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(b.count("#records tbody tr").await, 1);
     assert!(b.text("#records").await.contains("console-b.css"));
     b.client.goto(&server.url("/console/records?status=failed&kind=refresh")).await.unwrap();
