@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian 12 machine with the Rust toolchain:
 # installs what the tests start when missing (Varnish with varnish-modules, nginx with the cache-purge module,
-# NATS with JetStream, PostgreSQL, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
+# NATS with JetStream, PostgreSQL, Chromium and chromedriver, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
 # formatting and lints, then runs every test with cargo-nextest, then a short run of every fuzz
 # target (cargo-fuzz, installed when missing). Tests start their own caches, origin, PostgreSQL
 # clusters and cachectl instances on 127.0.0.1 with free ports; no system service is used.
@@ -15,6 +15,9 @@ ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null 2>&1 || need+=(varnish-mo
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 # The bus to cache-host agents: NATS with JetStream.
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
+# The web console's browser tests (crates/cli/tests/e2e/console.rs): Debian's Chromium over WebDriver.
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 [ -f /usr/lib/nginx/modules/ngx_http_cache_purge_module.so ] || need+=(libnginx-mod-http-cache-purge)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
@@ -34,6 +37,7 @@ varnishd -V 2>&1 | head -1
 ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null || { echo "varnish-modules (xkey) is missing" >&2; exit 1; }
 nginx -v 2>&1
 nats-server --version
+/usr/bin/chromium --version 2>/dev/null
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 
 # Baidu's official Python SDK, which the Baidu-dialect tests drive the server with, and

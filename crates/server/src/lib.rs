@@ -7,6 +7,7 @@ pub mod auth;
 pub mod bus;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod metrics;
 pub mod retention;

@@ -5,6 +5,7 @@ mod agents;
 mod baishan;
 mod bce;
 mod cluster;
+mod console;
 mod diskfull;
 mod durability;
 mod edges;

@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .merge(baishan::routes())
         .merge(bce::routes())
         .merge(native::routes())
+        .merge(crate::console::routes(Arc::new(crate::console::session::Sessions::default())))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.metrics.clone(), observe::observe))
         .with_state(state)
@@ -99,6 +100,7 @@ async fn shared_prefetch(State(state): State<AppState>, request: Request) -> Res
 async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
     match Dialect::of(&uri, &headers) {
         Dialect::Native => native::not_found().await,
+        Dialect::Console => crate::console::not_found().await,
         Dialect::Bce => bce::not_found(),
         Dialect::Baishan | Dialect::Operations => baishan::not_found().await,
     }

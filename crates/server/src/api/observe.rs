@@ -20,6 +20,8 @@ pub enum Dialect {
     Bce,
     /// The native API under `/api/`.
     Native,
+    /// The web console under `/console/`.
+    Console,
     /// `/healthz`, `/readyz`, `/metrics`: not counted.
     Operations,
 }
@@ -31,6 +33,8 @@ impl Dialect {
         let path = uri.path();
         if path.starts_with("/api/") {
             Self::Native
+        } else if path == "/console" || path.starts_with("/console/") {
+            Self::Console
         } else if matches!(path, "/healthz" | "/readyz" | "/metrics") {
             Self::Operations
         } else if path.starts_with("/v2/geo/")
@@ -50,6 +54,7 @@ impl Dialect {
             Self::Baishan => "baishan",
             Self::Bce => "bce",
             Self::Native => "native",
+            Self::Console => "console",
             Self::Operations => "operations",
         }
     }

@@ -57,6 +57,12 @@ pub struct NodeList {
     security(("bearer" = []))
 )]
 pub async fn list_nodes(State(state): State<AppState>, Bearer(credential): Bearer) -> Result<Json<NodeList>, ApiError> {
+    Ok(Json(inventory(&state, &credential)))
+}
+
+/// The inventory as `credential`'s account may see it (the native API and the console).
+#[must_use]
+pub fn inventory(state: &AppState, credential: &crate::auth::Credential) -> NodeList {
     let account = &credential.account.domains;
     let bus = state.bus.as_deref();
     let beat = |name: &str| bus.and_then(|b| b.last_seen(name));
@@ -100,7 +106,7 @@ pub async fn list_nodes(State(state): State<AppState>, Bearer(credential): Beare
             });
         }
     }
-    Ok(Json(NodeList { nodes }))
+    NodeList { nodes }
 }
 
 fn from_beat(seen: Option<&Seen>) -> NodeInfo {

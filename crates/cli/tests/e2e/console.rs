@@ -1,0 +1,283 @@
+//! The web console in Debian's Chromium, driven over WebDriver (chromedriver on a free port of
+//! 127.0.0.1, in a process group of its own that is stopped with the browser when the test
+//! ends): sign-in, a refresh of 3 URLs against a real Varnish followed live to 100 %, per-node
+//! rows, record filters, the CSV, sign-out, a wrong token, another account's task, and
+//! markup in records that must not run. Screenshots are kept in a directory whose path is printed.
+
+use crate::support::*;
+use cachectl_testkit::Group;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Chromium under chromedriver; both stopped on drop (the session first, when the test
+/// reaches `close`, else with chromedriver's process group).
+struct Browser {
+    client: Client,
+    _driver: Group,
+    _profile: tempfile::TempDir,
+    shots: PathBuf,
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let port = free_port();
+        let driver = Group::spawn(
+            Command::new("/usr/bin/chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("chromedriver (apt-get install chromium chromium-driver)");
+        cachectl_testkit::caches::wait_port(port, "chromedriver").await;
+        let profile = tempfile::tempdir().unwrap();
+        let args = [
+            "--headless=new".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            "--no-proxy-server".to_owned(),
+            "--window-size=1280,900".to_owned(),
+            format!("--user-data-dir={}", profile.path().display()),
+        ];
+        let mut caps = serde_json::Map::new();
+        caps.insert("goog:chromeOptions".to_owned(), json!({ "binary": "/usr/bin/chromium", "args": args }));
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("a Chromium session");
+        let shots = tempfile::Builder::new().prefix("cachectl-console-screens-").tempdir().unwrap().keep();
+        println!("console screenshots: {}", shots.display());
+        Self { client, _driver: driver, _profile: profile, shots }
+    }
+
+    /// Saves the page at desktop and phone width as `<name>-desktop.png` and `<name>-phone.png`.
+    async fn shoot(&self, name: &str) {
+        for (suffix, w, h) in [("desktop", 1280, 900), ("phone", 390, 844)] {
+            self.client.set_window_size(w, h).await.unwrap();
+            let png = self.client.screenshot().await.unwrap();
+            std::fs::write(self.shots.join(format!("{name}-{suffix}.png")), png).unwrap();
+        }
+        self.client.set_window_size(1280, 900).await.unwrap();
+    }
+
+    /// The text of the element `css` names; found again when htmx replaced it meanwhile.
+    async fn text(&self, css: &str) -> String {
+        let mut tries = 0;
+        loop {
+            let found = match self.client.find(Locator::Css(css)).await {
+                Ok(element) => element.text().await,
+                Err(e) => Err(e),
+            };
+            match found {
+                Ok(text) => return text,
+                Err(e) if tries >= 50 => panic!("{css}: {e}"),
+                Err(_) => tries += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to 10 s for the page's path to start with `prefix`, and returns the URL.
+    async fn wait_path(&self, prefix: &str) -> url::Url {
+        let start = Instant::now();
+        loop {
+            let url = self.client.current_url().await.unwrap();
+            if url.path().starts_with(prefix) || start.elapsed() > Duration::from_secs(10) {
+                assert!(url.path().starts_with(prefix), "{url} is not under {prefix}");
+                return url;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to 10 s for the text of `css` to contain `needle`, and returns it.
+    async fn wait_text(&self, css: &str, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.text(css).await;
+            if text.contains(needle) || start.elapsed() > Duration::from_secs(10) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn count(&self, css: &str) -> usize {
+        self.client.find_all(Locator::Css(css)).await.unwrap().len()
+    }
+
+    async fn js(&self, script: &str) -> serde_json::Value {
+        self.client.execute(script, vec![]).await.unwrap()
+    }
+
+    async fn sign_in(&self, server: &Cachectl, token: &str) {
+        self.client.goto(&server.url("/console/login")).await.unwrap();
+        self.client.find(Locator::Id("token")).await.unwrap().send_keys(token).await.unwrap();
+        self.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
+    }
+}
+
+/// An edge that answers every request after `delay`: it keeps items processing long enough for
+/// the task page to show them moving.
+async fn slow_edge(delay: Duration) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().fallback(move || async move {
+        tokio::time::sleep(delay).await;
+        "purged"
+    });
+    (port, tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and_signs_out() {
+    let origin = Origin::start().await;
+    let varnish = Varnish::start(origin.port).await;
+    let (slow_port, _slow) = slow_edge(Duration::from_millis(2500)).await;
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}{}",
+        fast_worker("10s"),
+        edge("v1", "varnish", &varnish.address(), "edge"),
+        edge("slow", "varnish", &format!("127.0.0.1:{slow_port}"), "edge")
+    ))
+    .await;
+    let b = Browser::start().await;
+
+    // A wrong token is refused with a sentence.
+    b.sign_in(&server, "not-a-token").await;
+    assert!(b.wait_text("main", "unknown token").await.contains("Sign-in failed: unknown token."));
+    b.shoot("sign-in-error").await;
+
+    b.sign_in(&server, TOKEN).await;
+    assert!(b.wait_text("h1", "Overview").await.contains("Overview"));
+    let cookie = b.client.get_named_cookie("cachectl_console").await.unwrap();
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(cookie.same_site().map(|s| s.to_string()).as_deref(), Some("Strict"));
+    assert_eq!(cookie.value().len(), 64);
+
+    let (task_url, task_id, urls) = submit_and_follow(&b, &server).await;
+    records_and_csv(&b, &server, &urls).await;
+
+    // Sign out: the session is gone.
+    b.client.find(Locator::Css("form.signout button")).await.unwrap().click().await.unwrap();
+    b.wait_path("/console/login").await;
+    b.client.goto(task_url.as_str()).await.unwrap();
+    b.wait_path("/console/login").await;
+
+    // Another account: acme's task does not exist for it.
+    b.sign_in(&server, "other-secret-token").await;
+    // The sign-in's redirect must land before the next navigation, or it overtakes it.
+    assert!(b.wait_text("h1", "Overview").await.contains("Overview"));
+    b.client.goto(&server.url(&format!("/console/tasks/{task_id}"))).await.unwrap();
+    let main = b.wait_text("main", "Task not found.").await;
+    assert!(main.contains("Task not found."), "{main}");
+    b.shoot("not-found").await;
+    b.client.clone().close().await.unwrap();
+}
+
+/// The form refuses an invalid line, then submits 3 URLs; the task page follows them to 100 %
+/// without a reload. The task page's URL, the task id and the URLs.
+async fn submit_and_follow(b: &Browser, server: &Cachectl) -> (url::Url, i64, [String; 3]) {
+    // An invalid line is shown with its reason, escaped, and nothing is submitted.
+    b.client.goto(&server.url("/console/submit")).await.unwrap();
+    assert!(b.text("p.hint").await.contains("refresh URLs 10000 of 10000"));
+    let urls = ["a", "b", "c"].map(|n| format!("http://www.example.com/console-{n}.css"));
+    let evil = "http://evil.test/<script>window.__pwned=1</script>";
+    b.client.find(Locator::Id("urls")).await.unwrap().send_keys(&format!("{}\n{evil}", urls.join("\n"))).await.unwrap();
+    b.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
+    let invalid = b.wait_text("main", "invalid line").await;
+    assert!(
+        invalid.contains(&format!("line 4: {evil}")) && invalid.contains("not one of the account's domains"),
+        "{invalid}"
+    );
+    assert_eq!(b.js("return typeof window.__pwned").await, json!("undefined"));
+    b.shoot("submit-invalid").await;
+
+    // Fixed: the 3 URLs go through and the task page follows them live.
+    let area = b.client.find(Locator::Id("urls")).await.unwrap();
+    area.clear().await.unwrap();
+    area.send_keys(&urls.join("\n")).await.unwrap();
+    b.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
+    let task_url = b.wait_path("/console/tasks/").await;
+    let task_id: i64 = task_url.path().rsplit('/').next().unwrap().parse().unwrap();
+    b.js("window.__samePage = 42").await;
+    let first = b.text("#progress-text").await;
+    assert!(!first.starts_with("100 %"), "the slow edge keeps the task running at first: {first}");
+    b.shoot("task-running").await;
+    let start = Instant::now();
+    while !b.text("#progress-text").await.starts_with("100 %") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the task page never reached 100 %");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(b.js("return window.__samePage").await, json!(42), "the page must not have been reloaded");
+    assert!(b.text("#live").await.contains("completed"));
+    assert_eq!(b.count("#nodes tr.item").await, 3);
+    assert_eq!(b.count("#nodes tr.node").await, 6, "each URL on v1 and slow");
+    let nodes = b.text("#nodes").await;
+    assert!(nodes.contains("↳ v1") && nodes.contains("↳ slow") && nodes.contains("ok"), "{nodes}");
+    b.shoot("task-done").await;
+
+    (task_url, task_id, urls)
+}
+
+/// Markup in records is not run; the filters and the CSV export; the overview.
+async fn records_and_csv(b: &Browser, server: &Cachectl, urls: &[String; 3]) {
+    // Markup in a record (a cache tag may hold '<' and '/') is shown as text, never run.
+    let tag = "<svg/onload=window.__pwned=1>";
+    let r = server
+        .http
+        .post(server.url("/api/v1/tasks"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"type": "tag", "host": "www.example.com", "tags": [tag]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    b.client.goto(&server.url("/console/records")).await.unwrap();
+    assert_eq!(b.count("#records tbody tr").await, 4);
+    assert!(b.text("#records").await.contains(&format!("tag:www.example.com:{tag}")));
+    assert_eq!(b.js("return typeof window.__pwned").await, json!("undefined"));
+    assert_eq!(b.count("#records svg").await, 0);
+    b.shoot("records").await;
+
+    // Filters: URL substring, then status and kind.
+    b.client.find(Locator::Id("url")).await.unwrap().send_keys("console-b").await.unwrap();
+    b.client.find(Locator::Css("form.filters button")).await.unwrap().click().await.unwrap();
+    let start = Instant::now();
+    while !b.client.current_url().await.unwrap().as_str().contains("url=console-b") {
+        assert!(start.elapsed() < Duration::from_secs(10), "the filter form never navigated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.count("#records tbody tr").await, 1);
+    assert!(b.text("#records").await.contains("console-b.css"));
+    b.client.goto(&server.url("/console/records?status=failed&kind=refresh")).await.unwrap();
+    assert_eq!(b.count("#records tbody tr").await, 0);
+    assert!(b.text("#empty").await.contains("No records match"));
+
+    // The CSV of the filtered records, fetched with the browser's session cookie.
+    b.client.goto(&server.url("/console/records?url=console-")).await.unwrap();
+    let href = b.client.find(Locator::Id("csv")).await.unwrap().attr("href").await.unwrap().unwrap();
+    let cookie = b.client.get_named_cookie("cachectl_console").await.unwrap();
+    let csv = server
+        .http
+        .get(server.url(&href))
+        .header("cookie", format!("cachectl_console={}", cookie.value()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let csv = csv.text().await.unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.starts_with("id,task_id,created_at,kind,type,url,status,finished_at,reason"));
+    assert!(urls.iter().all(|u| csv.contains(u.as_str())) && csv.contains(",completed,"), "{csv}");
+
+    b.client.goto(&server.url("/console/")).await.unwrap();
+    assert!(b.text("#node-list").await.contains("slow"));
+    assert_eq!(b.count("#chart rect.bar").await, 24);
+    b.shoot("overview").await;
+}

@@ -1,0 +1,256 @@
+//! The console through the whole router on a fresh SQLite store: sign-in, cookie flags, CSRF,
+//! ownership and escaping. (The browser tests are in crates/cli/tests/e2e/console.rs.)
+
+use crate::api::{AppState, router};
+use crate::config::Config;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use axum::response::Response;
+use cachectl_core::service::Service;
+use std::sync::Arc;
+use tower::ServiceExt as _;
+
+const CONFIG: &str = r#"
+[store]
+url = "sqlite::memory:"
+
+[[accounts]]
+name = "acme"
+domains = ["example.com", "*.example.com"]
+tokens = ["acme-secret-token"]
+
+[[accounts]]
+name = "other"
+domains = ["other.test"]
+tokens = ["other-secret-token"]
+"#;
+
+struct App {
+    router: axum::Router,
+    _dir: tempfile::TempDir,
+}
+
+async fn app() -> App {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG.replace("sqlite::memory:", &format!("sqlite://{}/c.db", dir.path().display()));
+    let settings = Arc::new(Config::from_toml(&config).unwrap().validate().unwrap());
+    let store = cachectl_store::open(&settings.store_url, true).await.unwrap();
+    let service = Service::new(store, settings.timezone, Arc::new(|| {}));
+    let state = AppState { service, settings, metrics: Arc::default(), bus: None };
+    App { router: router(state), _dir: dir }
+}
+
+async fn send(app: &App, request: Request<Body>) -> Response {
+    app.router.clone().oneshot(request).await.unwrap()
+}
+
+async fn text(response: Response) -> String {
+    String::from_utf8(axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap()
+}
+
+fn get(path: &str, cookie: Option<&str>) -> Request<Body> {
+    let mut r = Request::get(path);
+    if let Some(c) = cookie {
+        r = r.header(header::COOKIE, format!("cachectl_console={c}"));
+    }
+    r.body(Body::empty()).unwrap()
+}
+
+fn post(path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Request<Body> {
+    let body = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+    let mut r = Request::post(path).header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        r = r.header(header::COOKIE, format!("cachectl_console={c}"));
+    }
+    r.body(Body::from(body)).unwrap()
+}
+
+fn set_cookie(r: &Response) -> String {
+    r.headers().get(header::SET_COOKIE).unwrap().to_str().unwrap().to_owned()
+}
+
+fn cookie_value(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().split_once('=').unwrap().1.to_owned()
+}
+
+fn csrf_of(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+    html[at..at + 64].to_owned()
+}
+
+/// Signs in with `token`; the session id and its CSRF token.
+async fn sign_in(app: &App, token: &str) -> (String, String) {
+    let form = send(app, get("/console/login", None)).await;
+    let anonymous = cookie_value(&set_cookie(&form));
+    let csrf = csrf_of(&text(form).await);
+    let r = send(app, post("/console/login", Some(&anonymous), &[("csrf", &csrf), ("token", token)])).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let id = cookie_value(&set_cookie(&r));
+    assert_ne!(id, anonymous, "signing in must give a new session id");
+    let page = text(send(app, get("/console/submit", Some(&id))).await).await;
+    (id.clone(), csrf_of(&page))
+}
+
+#[tokio::test]
+async fn the_session_cookie_is_httponly_strict_and_secure_behind_tls() {
+    let app = app().await;
+    let plain = send(&app, get("/console/login", None)).await;
+    let cookie = set_cookie(&plain);
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Path=/console"));
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    let tls = Request::get("/console/login").header("x-forwarded-proto", "https").body(Body::empty()).unwrap();
+    let cookie = set_cookie(&send(&app, tls).await);
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("; Secure"));
+}
+
+#[tokio::test]
+async fn pages_need_a_session_and_a_wrong_token_is_refused() {
+    let app = app().await;
+    let r = send(&app, get("/console/records", None)).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()[header::LOCATION], "/console/login");
+    let form = send(&app, get("/console/login", None)).await;
+    let anonymous = cookie_value(&set_cookie(&form));
+    let csrf = csrf_of(&text(form).await);
+    let r = send(&app, post("/console/login", Some(&anonymous), &[("csrf", &csrf), ("token", "nope")])).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(text(r).await.contains("Sign-in failed: unknown token."));
+    let r = send(&app, get("/console/records", Some(&anonymous))).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "an anonymous session is not signed in");
+}
+
+#[tokio::test]
+async fn every_post_without_the_sessions_csrf_token_is_403() {
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    let urls = ("urls", "http://www.example.com/a.css");
+    for form in [vec![urls], vec![("csrf", "0".repeat(64).as_str()), urls], vec![("csrf", ""), urls]] {
+        let r = send(&app, post("/console/submit", Some(&id), &form)).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+    // Another session's token is not this session's.
+    let (_, other_csrf) = sign_in(&app, "acme-secret-token").await;
+    let r = send(&app, post("/console/submit", Some(&id), &[("csrf", &other_csrf), urls])).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    for path in ["/console/logout", "/console/tasks/1/cancel", "/console/tasks/1/retry", "/console/login"] {
+        assert_eq!(send(&app, post(path, Some(&id), &[])).await.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(
+        send(&app, post("/console/login", None, &[("token", "acme-secret-token")])).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    // With the token, the submission goes through to its task page.
+    let r = send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), urls])).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()[header::LOCATION], "/console/tasks/1");
+}
+
+#[tokio::test]
+async fn invalid_lines_are_shown_escaped_and_nothing_is_submitted() {
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    let lines = "http://www.example.com/ok.css\nhttp://evil.test/<script>window.__pwned=1</script>\n";
+    let r = send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", lines)])).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let html = text(r).await;
+    assert!(
+        html.contains("line 2: <code>http://evil.test/&lt;script&gt;window.__pwned=1&lt;/script&gt;</code>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("host is not one of the account&#39;s domains")
+            || html.contains("host is not one of the account's domains")
+    );
+    assert!(!html.contains("<script>window"));
+    let records = text(send(&app, get("/console/records", Some(&id))).await).await;
+    assert!(records.contains("No records match."), "nothing may be submitted while a line is invalid");
+}
+
+#[tokio::test]
+async fn another_accounts_task_is_not_found_and_sign_out_ends_the_session() {
+    let app = app().await;
+    let (acme, csrf) = sign_in(&app, "acme-secret-token").await;
+    let r = send(&app, post("/console/submit", Some(&acme), &[("csrf", &csrf), ("urls", "http://www.example.com/x")]))
+        .await;
+    assert_eq!(r.headers()[header::LOCATION], "/console/tasks/1");
+    let page = text(send(&app, get("/console/tasks/1", Some(&acme))).await).await;
+    assert!(page.contains("http://www.example.com/x"));
+    let (other, other_csrf) = sign_in(&app, "other-secret-token").await;
+    for path in ["/console/tasks/1", "/console/tasks/1/live", "/console/tasks/abc", "/console/tasks/-1"] {
+        let r = send(&app, get(path, Some(&other))).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+        assert!(text(r).await.contains("Task not found."));
+    }
+    let r = send(&app, post("/console/tasks/1/cancel", Some(&other), &[("csrf", &other_csrf)])).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let csv = text(send(&app, get("/console/records.csv", Some(&other))).await).await;
+    assert_eq!(csv.lines().count(), 1, "only the header: {csv}");
+    let r = send(&app, post("/console/logout", Some(&acme), &[("csrf", &csrf)])).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(set_cookie(&r).contains("Max-Age=0"));
+    assert_eq!(send(&app, get("/console/tasks/1", Some(&acme))).await.status(), StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn pages_carry_a_strict_content_security_policy_and_htmx_is_served() {
+    let app = app().await;
+    let r = send(&app, get("/console/login", None)).await;
+    let csp = r.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
+    let js = send(&app, get("/console/assets/htmx.min.js", None)).await;
+    assert_eq!(js.status(), StatusCode::OK);
+    assert!(text(js).await.contains("htmx"));
+    assert_eq!(send(&app, get("/console/nothing-here", None)).await.status(), StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn csv_fields_are_quoted_and_never_formulas() {
+    use super::records::field;
+    assert_eq!(field("plain"), "plain");
+    assert_eq!(field("a,b"), "\"a,b\"");
+    assert_eq!(field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    assert_eq!(field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+    assert_eq!(field("-1"), "'-1");
+}
+
+#[tokio::test]
+async fn cancel_and_retry_buttons_change_the_task() {
+    // No worker runs here: the items stay waiting until cancelled.
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    let urls = "http://www.example.com/1\nhttp://www.example.com/2";
+    send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", urls)])).await;
+    let page = text(send(&app, get("/console/tasks/1", Some(&id))).await).await;
+    assert!(page.contains("Cancel waiting items") && !page.contains("Retry failed items"));
+    assert!(page.contains("hx-trigger=\"every 1s\""), "a running task polls its live part");
+    let r = send(&app, post("/console/tasks/1/cancel", Some(&id), &[("csrf", &csrf)])).await;
+    assert_eq!(r.headers()[header::LOCATION], "/console/tasks/1");
+    let page = text(send(&app, get("/console/tasks/1/live", Some(&id))).await).await;
+    assert!(page.contains("2 failed") && page.contains("cancelled") && page.contains("Retry failed items"), "{page}");
+    assert!(!page.contains("hx-trigger"), "a final task stops polling");
+    send(&app, post("/console/tasks/1/retry", Some(&id), &[("csrf", &csrf)])).await;
+    let page = text(send(&app, get("/console/tasks/1/live", Some(&id))).await).await;
+    assert!(page.contains("2 waiting") && page.contains("Cancel waiting items"), "{page}");
+}
+
+#[tokio::test]
+async fn sign_in_attempts_are_limited_per_address() {
+    let app = app().await;
+    let form = send(&app, get("/console/login", None)).await;
+    let anonymous = cookie_value(&set_cookie(&form));
+    let csrf = csrf_of(&text(form).await);
+    let attempt = || post("/console/login", Some(&anonymous), &[("csrf", &csrf), ("token", "guess")]);
+    // 20 a minute: 41 attempts put 21 in one minute even if they straddle two.
+    let mut refused = None;
+    for _ in 0..41 {
+        let r = send(&app, attempt()).await;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let r = refused.expect("the 21st attempt in a minute is refused");
+    assert!(text(r).await.contains("Too many sign-in attempts"));
+}
