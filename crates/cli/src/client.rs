@@ -188,6 +188,14 @@ impl Client {
         self.call(reqwest::Method::GET, &format!("/api/v1/tasks{qs}"), None, &[]).await
     }
 
+    /// A request of the admin API.
+    ///
+    /// # Errors
+    /// See `Failure`.
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, Failure> {
+        self.call(method, path, body, &[]).await
+    }
+
     /// The node inventory.
     ///
     /// # Errors
@@ -405,7 +413,7 @@ pub fn render_nodes(list: &Value) -> String {
     table(&rows)
 }
 
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

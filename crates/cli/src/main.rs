@@ -2,6 +2,7 @@
 //! `prefetch`, `status`, `tasks`, `watch` and `nodes` are clients of its native API. This file parses flags and dispatches;
 //! the service lives in `cachectl-server`, the client in `client.rs`.
 
+mod admin;
 mod client;
 
 use anyhow::Context;
@@ -173,6 +174,14 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Manage accounts, their tokens and access keys, edges, and read the audit log, with an
+    /// admin token (docs/administration.md).
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+        #[command(flatten)]
+        remote: admin::AdminRemote,
+    },
     /// Run the agent beside one cache: apply its node's commands from the bus.
     Agent {
         /// The agent's configuration file (TOML, one `[agent]` table). Keys can be overridden
@@ -276,7 +285,8 @@ async fn run(command: Command) -> Result<u8, Failure> {
             let app = cachectl_server::Application::build(settings)
                 .await
                 .context("starting cachectl")
-                .map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })?;
+                .map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })?
+                .reload_on_sighup(config);
             app.run_until_stopped(shutdown_token())
                 .await
                 .map_err(|e| Failure { code: exit::SERVER, message: format!("{e:#}") })?;
@@ -315,6 +325,7 @@ async fn run(command: Command) -> Result<u8, Failure> {
             }
             Ok(exit::OK)
         }
+        Command::Admin { command, remote } => admin::run(command, &remote).await,
         Command::Agent { config } => {
             init_telemetry();
             let config = cachectl_bus::agent::AgentConfig::load(&config).map_err(|e| invalid(anyhow::anyhow!(e)))?;

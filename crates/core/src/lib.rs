@@ -2,6 +2,7 @@
 //! from its nodes, and the store interface. No I/O happens here; backends, drivers and dialects
 //! depend on this crate, never the other way round.
 
+pub mod admin;
 pub mod model;
 pub mod policy;
 pub mod ratelimit;

@@ -176,6 +176,8 @@ pub struct NewTask {
     pub operator: String,
     /// The API the task came through (`baishan`, `geo`, `cdn`, `native`).
     pub dialect: String,
+    /// The client's address, for the audit log.
+    pub address: String,
     /// Creation time.
     pub created_at: Timestamp,
     /// The items, in submission order, without duplicates.

@@ -149,6 +149,8 @@ pub struct Submission {
     pub operator: String,
     /// The dialect's name.
     pub dialect: &'static str,
+    /// The client's address, for the audit log.
+    pub address: String,
     /// The native API's `Idempotency-Key`, with a hash of the body.
     pub idempotency: Option<Idempotency>,
 }
@@ -279,6 +281,7 @@ impl Service {
             kind,
             operator: submission.operator,
             dialect: submission.dialect.to_owned(),
+            address: submission.address,
             created_at: now,
             items,
             idempotency: submission.idempotency,

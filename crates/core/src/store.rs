@@ -217,6 +217,6 @@ pub trait Health: Send + Sync + 'static {
 
 /// Persistent storage of tasks, items, node results and quota counters: every role at once, for
 /// what opens a store and hands each part of the server the role it uses.
-pub trait Store: TaskStore + Queue + Outbox + Counters + Retention + Health {}
+pub trait Store: TaskStore + Queue + Outbox + Counters + Retention + Health + crate::admin::DirectoryStore {}
 
-impl<T: TaskStore + Queue + Outbox + Counters + Retention + Health> Store for T {}
+impl<T: TaskStore + Queue + Outbox + Counters + Retention + Health + crate::admin::DirectoryStore> Store for T {}

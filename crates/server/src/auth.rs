@@ -37,6 +37,27 @@ impl From<&str> for Secret {
 pub struct Credential {
     /// The account.
     pub account: Arc<Account>,
-    /// Operator name recorded on tasks.
+    /// Operator name recorded on tasks: a token's name or id, an access key id.
     pub operator: String,
+    /// The address of the client that presented it (for the audit log; empty until a request
+    /// presents it).
+    pub address: String,
+}
+
+impl Credential {
+    /// This credential as presented by the client of `parts`.
+    #[must_use]
+    pub fn presented(mut self, parts: &axum::http::request::Parts) -> Self {
+        self.address = client_address(parts);
+        self
+    }
+}
+
+/// The client's IP address, as the listener saw it.
+#[must_use]
+pub fn client_address(parts: &axum::http::request::Parts) -> String {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string())
 }

@@ -8,9 +8,12 @@ pub mod bus;
 pub mod clock;
 pub mod config;
 pub mod console;
+pub mod directory;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod retention;
+pub mod secrets;
 pub mod webhooks;
 pub mod wire;
 pub mod worker;
@@ -33,6 +36,8 @@ pub struct Application {
     settings: Arc<Settings>,
     /// Stops the bus's tasks once the worker has stopped.
     bus_shutdown: CancellationToken,
+    /// The configuration file SIGHUP re-reads.
+    config_path: Option<std::path::PathBuf>,
 }
 
 impl Application {
@@ -53,10 +58,18 @@ impl Application {
         let metrics = Arc::new(metrics::Metrics::default());
         let owner = format!("{}-{}", hostname(), std::process::id());
         let shutdown = CancellationToken::new();
+        let directory = directory::DirectoryHandle::start(store.clone(), settings.clone())
+            .await
+            .context("reading the accounts and edges of the store")?;
         let bus = match &settings.bus {
             Some(bus) => {
-                let names: Vec<String> =
-                    settings.nodes.iter().filter(|n| n.via_bus).map(|n| n.node.name.clone()).collect();
+                let names: Vec<String> = directory
+                    .current()
+                    .edges
+                    .iter()
+                    .filter(|e| e.node.via_bus)
+                    .map(|e| e.node.node.name.clone())
+                    .collect();
                 tracing::info!(url = %bus.url, nodes = names.len(), "Connecting to the bus.");
                 Some(bus::Bus::start(bus.clone(), &owner, &names, shutdown.clone()).await?)
             }
@@ -64,14 +77,15 @@ impl Application {
         };
         let worker = worker::Worker::new(
             store.clone(),
-            settings.nodes.clone(),
+            directory.subscribe(),
             bus.clone(),
             settings.worker.clone(),
             owner,
             wake,
             metrics.clone(),
         )?;
-        let state = api::AppState { service, settings: settings.clone(), metrics, bus };
+        let admin_store: Arc<dyn cachectl_core::admin::DirectoryStore> = store.clone();
+        let state = api::AppState { service, settings: settings.clone(), metrics, bus, directory, admin_store };
         let listener =
             TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
         let wanted = settings.http.max_connections as u64 + 256;
@@ -85,11 +99,18 @@ impl Application {
         }
         tracing::info!(
             address = %listener.local_addr()?,
-            accounts = settings.accounts.len(),
-            edges = settings.nodes.len(),
+            accounts = state.directory.current().accounts.len(),
+            edges = state.directory.current().edges.len(),
             "Listening."
         );
-        Ok(Self { listener, store, state, worker, settings, bus_shutdown: shutdown })
+        Ok(Self { listener, store, state, worker, settings, bus_shutdown: shutdown, config_path: None })
+    }
+
+    /// Re-reads `path` (with the environment's overrides) on SIGHUP while running.
+    #[must_use]
+    pub fn reload_on_sighup(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.config_path = path;
+        self
     }
 
     /// The bound address (useful when the configuration asked for port 0).
@@ -105,7 +126,8 @@ impl Application {
     /// # Errors
     /// The HTTP server fails.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { listener, store, state, worker, settings, bus_shutdown } = self;
+        let Self { listener, store, state, worker, settings, bus_shutdown, config_path } = self;
+        let reloader = tokio::spawn(reload::on_sighup(state.directory.clone(), config_path, shutdown.clone()));
         let grace = settings.shutdown_grace;
         if !settings.worker.enabled {
             tracing::info!("The worker is disabled ([worker] enabled = false): this instance only takes requests.");
@@ -114,7 +136,8 @@ impl Application {
         let r = &settings.retention;
         let sweeper =
             tokio::spawn(retention::run(store.clone(), r.days, r.sweep_batch, r.sweep_interval, shutdown.clone()));
-        let notifier = tokio::spawn(webhooks::run(store.clone(), store, settings.webhooks.clone(), shutdown.clone()));
+        let notifier = tokio::spawn(webhooks::run(store.clone(), store, state.directory.subscribe(), shutdown.clone()));
+        let poller = tokio::spawn(state.directory.clone().poll(settings.admin.poll_interval, shutdown.clone()));
         let app = api::router(state);
         let stop = shutdown.clone();
         http::serve(listener, app, settings.http, stop).await;
@@ -125,6 +148,8 @@ impl Application {
         bus_shutdown.cancel();
         let _ = sweeper.await;
         let _ = notifier.await;
+        let _ = poller.await;
+        let _ = reloader.await;
         Ok(())
     }
 }

@@ -48,14 +48,9 @@ fn backoff(attempts: u32) -> i64 {
 pub async fn run(
     outbox: Arc<dyn Outbox>,
     tasks: Arc<dyn TaskStore>,
-    targets: HashMap<String, Vec<Target>>,
+    mut directory: tokio::sync::watch::Receiver<Arc<crate::directory::Directory>>,
     shutdown: CancellationToken,
 ) {
-    if targets.is_empty() {
-        return;
-    }
-    let urls: HashMap<String, Vec<String>> =
-        targets.iter().map(|(account, t)| (account.clone(), t.iter().map(|t| t.url.clone()).collect())).collect();
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
@@ -68,6 +63,18 @@ pub async fn run(
         }
     };
     loop {
+        let current = directory.borrow_and_update().clone();
+        let targets = &current.webhooks;
+        if targets.is_empty() {
+            // Nothing to notify until the configuration gains a receiver (SIGHUP).
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = directory.changed() => if changed.is_err() { return },
+            }
+            continue;
+        }
+        let urls: HashMap<String, Vec<String>> =
+            targets.iter().map(|(account, t)| (account.clone(), t.iter().map(|t| t.url.clone()).collect())).collect();
         let now = crate::clock::now_ms();
         if let Err(e) = outbox.dispatch_finished(&urls, now, 200).await {
             tracing::warn!(error = %e, "Queueing webhook notifications failed; retrying.");
@@ -75,7 +82,7 @@ pub async fn run(
         match outbox.claim_webhook_jobs(now, now.after(LEASE), 32).await {
             Ok(jobs) => {
                 let deliveries =
-                    jobs.into_iter().map(|job| deliver(outbox.as_ref(), tasks.as_ref(), &http, &targets, job));
+                    jobs.into_iter().map(|job| deliver(outbox.as_ref(), tasks.as_ref(), &http, targets, job));
                 futures::future::join_all(deliveries).await;
             }
             Err(e) => tracing::warn!(error = %e, "Claiming webhook jobs failed; retrying."),

@@ -5,10 +5,12 @@
 //! `cachectl_core::store` once for both backends: `tasks` (tasks, items, the native API's reads),
 //! `quotas`, `queue` (leases and worker reports), `outbox` (webhooks), `counters` (hourly item
 //! counters and shared rate counters), `records` (the dialects' record pages, each backend's own
-//! read path) and `retention` (the sweep). `sql` writes and runs the statements, `backend` holds
+//! read path), `retention` (the sweep) and `admin` (the admin API's accounts, credentials and
+//! edges, and the audit log). `sql` writes and runs the statements, `backend` holds
 //! what the two backends do their own way, `sqlite` and `postgres` open them, each with its own
 //! migrations (`migrations/<backend>/`).
 
+mod admin;
 mod backend;
 mod counters;
 mod outbox;

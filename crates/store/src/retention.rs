@@ -1,6 +1,6 @@
 //! The retention sweep: items older than the retention go in batches, each its own short
 //! transaction, with their node results, their hourly counts and the tasks left empty; the
-//! webhook log, finished jobs, old quota rows and rate counters go with them.
+//! webhook log, finished jobs, the audit log, old quota rows and rate counters go with them.
 
 use crate::backend::{Backend, SqlStore};
 use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter as _, unavailable};
@@ -56,6 +56,7 @@ impl<DB: Db, B: Backend<Db = DB>> Retention for SqlStore<DB, B> {
         Sql::<DB>::new().sql(EMPTY_COUNTS).execute(&mut tx).await?;
         Sql::<DB>::new().template(OLD_DELIVERIES, &[before.into()]).execute(&mut tx).await?;
         Sql::<DB>::new().template(OLD_JOBS, &[before.into()]).execute(&mut tx).await?;
+        Sql::<DB>::new().template(crate::admin::OLD_AUDIT, &[before.into(), batch.into()]).execute(&mut tx).await?;
         let mut quotas = Sql::<DB>::new();
         quotas.sql(OLD_QUOTAS).template(DB::TWO_DAYS_BEFORE, &[before.into()]).execute(&mut tx).await?;
         if B::SHARED_COUNTERS {

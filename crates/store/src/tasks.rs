@@ -108,6 +108,7 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
             }
         }
         insert_task_items::<DB>(&mut tx, task, task_id).await?;
+        crate::admin::append::<DB>(&mut tx, &crate::admin::task_entry(task, task_id)).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(task_id)
     }

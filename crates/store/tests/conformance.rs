@@ -1,6 +1,9 @@
 //! One conformance suite for every store backend: each test runs the same operations and
 //! assertions against SQLite and against a private PostgreSQL cluster.
 
+use cachectl_core::admin::{
+    AccountRow, AuditEntry, AuditQuery, ChangeError, CredentialKind, CredentialRow, DirectoryChange, EdgeRow, EdgeState,
+};
 use cachectl_core::{AccountName, ItemUrl, QuotaDay, Timestamp};
 use cachectl_core::{
     ItemStatus, ItemType, ItemUpdate, Kind, NewItem, NewTask, NodeResult, NodeState, PageRequest, QuotaBucket,
@@ -36,6 +39,7 @@ fn task(account: &str, kind: Kind, created_at: i64, urls: &[&str]) -> NewTask {
         kind: kind.into(),
         operator: "op".into(),
         dialect: "test".into(),
+        address: "127.0.0.1".into(),
         created_at: at(created_at),
         idempotency: None,
         items: urls
@@ -877,5 +881,147 @@ async fn deep_window_pages_hold_the_same_records_as_a_walk() {
             let got: Vec<&String> = p.records.iter().map(|r| &r.url).collect();
             assert_eq!(got, want, "{name}: page {number} of {size}");
         }
+    }
+}
+
+fn audit(action: &str, target: &str, when: i64) -> AuditEntry {
+    AuditEntry {
+        id: 0,
+        at: at(when),
+        actor: "admin".into(),
+        credential: "ops".into(),
+        address: "127.0.0.1".into(),
+        action: action.into(),
+        target: target.into(),
+        detail: "{}".into(),
+    }
+}
+
+#[tokio::test]
+async fn directory_changes_are_atomic_audited_and_versioned() {
+    for (name, store) in backends().await.stores {
+        assert_eq!(store.directory_version().await.unwrap(), 0, "{name}");
+        let account = AccountRow {
+            name: "beta".into(),
+            spec: Some(r#"{"domains":["beta.example"]}"#.into()),
+            disabled: false,
+            created_at: at(T0),
+            updated_at: at(T0),
+        };
+        store
+            .change_directory(&DirectoryChange::CreateAccount(account.clone()), &audit("account.create", "beta", T0))
+            .await
+            .unwrap();
+        let again = store
+            .change_directory(&DirectoryChange::CreateAccount(account.clone()), &audit("account.create", "beta", T0))
+            .await;
+        assert!(matches!(again, Err(ChangeError::Conflict(_))), "{name}: {again:?}");
+        let disabled = AccountRow { disabled: true, updated_at: at(T0 + 1), ..account.clone() };
+        store
+            .change_directory(&DirectoryChange::PutAccount(disabled), &audit("account.disable", "beta", T0 + 1))
+            .await
+            .unwrap();
+        let token = CredentialRow {
+            id: "tok_1".into(),
+            kind: CredentialKind::Token,
+            account: "beta".into(),
+            name: "ci".into(),
+            secret_hash: Some("ab".repeat(32)),
+            sealed_secret: None,
+            created_at: at(T0),
+            expires_at: None,
+        };
+        store
+            .change_directory(&DirectoryChange::IssueCredential(token.clone()), &audit("token.issue", "tok_1", T0))
+            .await
+            .unwrap();
+        let same_hash = CredentialRow { id: "tok_2".into(), ..token.clone() };
+        let clash = store
+            .change_directory(&DirectoryChange::IssueCredential(same_hash), &audit("token.issue", "tok_2", T0))
+            .await;
+        assert!(matches!(clash, Err(ChangeError::Conflict(_))), "{name}: the same secret twice: {clash:?}");
+        let expire = |at_ms: i64, account: &str| DirectoryChange::ExpireCredential {
+            id: "tok_1".into(),
+            account: account.into(),
+            at: at(at_ms),
+        };
+        store.change_directory(&expire(T0 + H, "beta"), &audit("token.rotate", "tok_1", T0)).await.unwrap();
+        store.change_directory(&expire(T0 + 2 * H, "beta"), &audit("token.rotate", "tok_1", T0)).await.unwrap();
+        let other = store.change_directory(&expire(T0, "acme"), &audit("token.revoke", "tok_1", T0)).await;
+        assert!(matches!(other, Err(ChangeError::NotFound(_))), "{name}: another account's credential: {other:?}");
+        let edge = EdgeRow {
+            name: "e9".into(),
+            spec: Some("{}".into()),
+            state: EdgeState::Active,
+            created_at: at(T0),
+            updated_at: at(T0),
+        };
+        store.change_directory(&DirectoryChange::CreateEdge(edge.clone()), &audit("edge.add", "e9", T0)).await.unwrap();
+        let draining = EdgeRow { state: EdgeState::Draining, ..edge.clone() };
+        store.change_directory(&DirectoryChange::PutEdge(draining), &audit("edge.drain", "e9", T0)).await.unwrap();
+        let rows = store.directory().await.unwrap();
+        assert_eq!(rows.version, 7, "{name}: one bump per applied change, none for the refused ones");
+        assert!(rows.accounts[0].disabled, "{name}");
+        assert_eq!(rows.credentials.len(), 1, "{name}");
+        assert_eq!(rows.credentials[0].expires_at, Some(at(T0 + H)), "{name}: an expiry only moves earlier");
+        assert_eq!(rows.edges[0].state, EdgeState::Draining, "{name}");
+        store
+            .change_directory(&DirectoryChange::RemoveEdge("e9".into()), &audit("edge.remove", "e9", T0))
+            .await
+            .unwrap();
+        let gone =
+            store.change_directory(&DirectoryChange::RemoveEdge("e9".into()), &audit("edge.remove", "e9", T0)).await;
+        assert!(matches!(gone, Err(ChangeError::NotFound(_))), "{name}");
+        assert!(store.directory().await.unwrap().edges.is_empty(), "{name}");
+
+        let id =
+            store.create_task(&task("beta", Kind::Refresh, T0 + 5, &["http://beta.example/a"]), &[]).await.unwrap();
+        let log = store.audit_log(&AuditQuery { limit: 100, ..AuditQuery::default() }).await.unwrap();
+        let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(
+            actions,
+            [
+                "task.submit",
+                "edge.remove",
+                "edge.drain",
+                "edge.add",
+                "token.rotate",
+                "token.rotate",
+                "token.issue",
+                "account.disable",
+                "account.create"
+            ],
+            "{name}: newest first, refused changes not logged"
+        );
+        assert_eq!(
+            (log[0].target.as_str(), log[0].actor.as_str(), log[0].credential.as_str()),
+            (id.get().to_string().as_str(), "beta", "op"),
+            "{name}"
+        );
+        assert!(log[0].detail.contains("\"refresh_items\":1"), "{name}: {}", log[0].detail);
+        let tokens = store
+            .audit_log(&AuditQuery { action: Some("token.".into()), limit: 2, ..AuditQuery::default() })
+            .await
+            .unwrap();
+        assert_eq!(tokens.len(), 2, "{name}");
+        let next = store
+            .audit_log(&AuditQuery {
+                action: Some("token.".into()),
+                before_id: Some(tokens[1].id),
+                limit: 10,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            next.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+            ["token.issue"],
+            "{name}: keyset paging"
+        );
+        store.sweep(at(T0 + 3), 100).await.unwrap();
+        let kept = store.audit_log(&AuditQuery { limit: 100, ..AuditQuery::default() }).await.unwrap();
+        assert_eq!(kept.len(), 1, "{name}: the sweep takes the audit log's old entries: {kept:?}");
+        assert_eq!(kept[0].action, "task.submit", "{name}");
+        assert_eq!(store.directory_version().await.unwrap(), 8, "{name}");
     }
 }

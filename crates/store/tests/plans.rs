@@ -54,6 +54,7 @@ async fn fill(store: &dyn Store) {
                 idempotency: None,
                 operator: "op".into(),
                 dialect: "test".into(),
+                address: "127.0.0.1".into(),
                 created_at: T0.plus_millis(t * 600_000 + account),
                 items,
             };

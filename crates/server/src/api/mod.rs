@@ -3,6 +3,7 @@
 //! span and counts it. Each dialect authenticates through its own extractor and renders its own
 //! errors; dialect rules live in the dialect modules, which call `Service` only.
 
+pub mod admin;
 pub mod baishan;
 pub mod bce;
 pub mod native;
@@ -38,6 +39,18 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The bus to cache-host agents, when configured.
     pub bus: Option<Arc<crate::bus::Bus>>,
+    /// Accounts, credentials and edges as they are now (the file merged with the admin API's).
+    pub directory: Arc<crate::directory::DirectoryHandle>,
+    /// The store's admin part (the admin API writes it; the service reads tasks through `service`).
+    pub admin_store: Arc<dyn cachectl_core::admin::DirectoryStore>,
+}
+
+impl AppState {
+    /// The store's admin part.
+    #[must_use]
+    pub fn directory_store(&self) -> &dyn cachectl_core::admin::DirectoryStore {
+        self.admin_store.as_ref()
+    }
 }
 
 /// The whole router.
@@ -50,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .merge(baishan::routes())
         .merge(bce::routes())
         .merge(native::routes())
+        .merge(admin::routes())
         .merge(crate::console::routes(Arc::new(crate::console::session::Sessions::default())))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.metrics.clone(), observe::observe))
@@ -99,7 +113,7 @@ async fn shared_prefetch(State(state): State<AppState>, request: Request) -> Res
 /// Unknown paths answer in the format of the dialect the request looks like.
 async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
     match Dialect::of(&uri, &headers) {
-        Dialect::Native => native::not_found().await,
+        Dialect::Native | Dialect::Admin => native::not_found().await,
         Dialect::Console => crate::console::not_found().await,
         Dialect::Bce => bce::not_found(),
         Dialect::Baishan | Dialect::Operations => baishan::not_found().await,

@@ -22,6 +22,8 @@ pub enum Dialect {
     Native,
     /// The web console under `/console/`.
     Console,
+    /// The admin API under `/admin/`.
+    Admin,
     /// `/healthz`, `/readyz`, `/metrics`: not counted.
     Operations,
 }
@@ -33,6 +35,8 @@ impl Dialect {
         let path = uri.path();
         if path.starts_with("/api/") {
             Self::Native
+        } else if path.starts_with("/admin/") {
+            Self::Admin
         } else if path == "/console" || path.starts_with("/console/") {
             Self::Console
         } else if matches!(path, "/healthz" | "/readyz" | "/metrics") {
@@ -55,6 +59,7 @@ impl Dialect {
             Self::Bce => "bce",
             Self::Native => "native",
             Self::Console => "console",
+            Self::Admin => "admin",
             Self::Operations => "operations",
         }
     }

@@ -6,7 +6,7 @@
 mod settings;
 
 pub use crate::auth::{Credential, Secret};
-pub use settings::{BusSettings, EdgeNode, Settings, parse_offset};
+pub use settings::{AdminSettings, BusSettings, EdgeNode, Settings, build_account, build_node, parse_offset};
 
 use cachectl_core::Tier;
 use cachectl_edge::{Driver, TransportKind};
@@ -44,6 +44,47 @@ pub struct Config {
     /// The message bus to cache-host agents (edges with `transport = "nats"`).
     #[serde(default)]
     pub bus: BusConfig,
+    /// The admin API and secrets at rest (docs/administration.md).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: who may use `/admin/v1`, the key that seals BCE secret keys, and how often an
+/// instance looks for changes made through another instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A file holding 32 random bytes in base64 (`head -c32 /dev/urandom | base64`), the AES-256
+    /// key that seals the BCE secret keys the admin API issues. Without it, access keys cannot be
+    /// issued through the API.
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// How often each instance checks the store for changes (default 2 s).
+    #[serde(default = "default_admin_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Admin tokens, by the SHA-256 of the token (`cachectl admin new-token` makes one).
+    #[serde(default)]
+    pub tokens: Vec<AdminTokenConfig>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { key_file: None, poll_interval: default_admin_poll(), tokens: Vec::new() }
+    }
+}
+
+fn default_admin_poll() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// `[[admin.tokens]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTokenConfig {
+    /// Who holds it (recorded in the audit log).
+    pub name: String,
+    /// The token's SHA-256, 64 hex digits.
+    pub sha256: String,
 }
 
 /// `[bus]`: NATS JetStream between the control plane and `cachectl agent` (docs/operations.md).
@@ -99,7 +140,7 @@ fn default_down_after() -> Duration {
 }
 
 /// How the control plane reaches an edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EdgeTransport {
     /// HTTP straight to the cache's `address` (the default; no bus needed).
@@ -402,7 +443,7 @@ pub struct AccessKeyConfig {
 }
 
 /// `[accounts.quotas]`
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
     /// Refreshed URLs per day (default 10,000).
@@ -451,8 +492,8 @@ pub struct WebhookConfig {
     pub secret: Secret,
 }
 
-/// `[[edges]]`
-#[derive(Debug, Clone, Deserialize)]
+/// `[[edges]]`, and the body of the admin API's edge creation.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
     /// Unique name, shown in results and failure reasons.

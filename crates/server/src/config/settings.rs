@@ -33,6 +33,7 @@ impl Config {
         let Credentials { accounts, tokens, access_keys, webhooks } = self.credentials()?;
         let nodes = self.nodes()?;
         let bus = self.bus_settings()?;
+        let admin = self.admin_settings()?;
         Ok(Settings {
             listen,
             store_url: self.store.url.clone(),
@@ -53,7 +54,34 @@ impl Config {
             bus,
             default_rate_limit: self.baishan.rate_limit_per_minute,
             webhooks,
+            admin,
         })
+    }
+
+    /// `[admin]`: its tokens' hashes and the sealing key.
+    fn admin_settings(&self) -> Result<AdminSettings, ConfigError> {
+        let a = &self.admin;
+        let key = match &a.key_file {
+            Some(path) => Some(
+                crate::secrets::SealKey::from_file(path).map_err(|e| err("admin.key_file".into(), e.to_string()))?,
+            ),
+            None => None,
+        };
+        if a.poll_interval < Duration::from_millis(100) {
+            return Err(err("admin.poll_interval".into(), "must be at least 100ms".into()));
+        }
+        let mut tokens = Vec::new();
+        for (i, t) in a.tokens.iter().enumerate() {
+            let hash = hex::decode(t.sha256.trim())
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| err(format!("admin.tokens[{i}].sha256"), "must be 64 hex digits (a SHA-256)".into()))?;
+            if t.name.trim().is_empty() {
+                return Err(err(format!("admin.tokens[{i}].name"), "must not be empty".into()));
+            }
+            tokens.push((t.name.clone(), hash));
+        }
+        Ok(AdminSettings { key, poll_interval: a.poll_interval, tokens })
     }
 
     /// `[server]`'s timeouts and connection cap.
@@ -121,31 +149,16 @@ impl Config {
             if a.name.trim().is_empty() || !names.insert(a.name.clone()) {
                 return Err(err(key("name"), format!("{:?} is empty or used twice", a.name)));
             }
-            if a.domains.is_empty() {
-                return Err(err(key("domains"), "an account needs at least one domain".into()));
-            }
-            let domains = a
-                .domains
-                .iter()
-                .enumerate()
-                .map(|(j, d)| DomainPattern::parse(d).map_err(|e| err(format!("accounts[{i}].domains[{j}]"), e)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let defaults = Quotas::default();
-            let account = Arc::new(Account {
-                name: AccountName::new(a.name.clone()),
-                domains,
-                quotas: Quotas {
-                    refresh_urls: a.quotas.refresh_urls.unwrap_or(defaults.refresh_urls),
-                    refresh_dirs: a.quotas.refresh_dirs.unwrap_or(defaults.refresh_dirs),
-                    prefetch_urls: a.quotas.prefetch_urls.unwrap_or(defaults.prefetch_urls),
-                    refresh_tags: a.quotas.refresh_tags.unwrap_or(defaults.refresh_tags),
-                    refresh_regexes: a.quotas.refresh_regexes.unwrap_or(defaults.refresh_regexes),
-                },
-                rate_limit_per_minute: a.rate_limit_per_minute.unwrap_or(self.baishan.rate_limit_per_minute),
-            });
-            if account.rate_limit_per_minute == 0 {
-                return Err(err(key("rate_limit_per_minute"), "must be at least 1".into()));
-            }
+            let account = Arc::new(
+                build_account(
+                    &a.name,
+                    &a.domains,
+                    &a.quotas,
+                    a.rate_limit_per_minute,
+                    self.baishan.rate_limit_per_minute,
+                )
+                .map_err(|(field, m)| err(key(&field), m))?,
+            );
             for (j, t) in a.tokens.iter().enumerate() {
                 let (secret, name) = match t {
                     TokenConfig::Bare(secret) => (secret, format!("token-{:08x}", fnv(secret.expose()))),
@@ -158,7 +171,10 @@ impl Config {
                     ));
                 }
                 if tokens
-                    .insert(secret.expose().to_owned(), Credential { account: account.clone(), operator: name })
+                    .insert(
+                        secret.expose().to_owned(),
+                        Credential { account: account.clone(), operator: name, address: String::new() },
+                    )
                     .is_some()
                 {
                     return Err(err(format!("accounts[{i}].tokens[{j}]"), "the same token is configured twice".into()));
@@ -168,7 +184,10 @@ impl Config {
                 if k.ak.is_empty() || k.sk.expose().is_empty() {
                     return Err(err(format!("accounts[{i}].access_keys[{j}]"), "ak and sk must not be empty".into()));
                 }
-                let value = (Credential { account: account.clone(), operator: k.ak.clone() }, k.sk.clone());
+                let value = (
+                    Credential { account: account.clone(), operator: k.ak.clone(), address: String::new() },
+                    k.sk.clone(),
+                );
                 if access_keys.insert(k.ak.clone(), value).is_some() {
                     return Err(err(
                         format!("accounts[{i}].access_keys[{j}].ak"),
@@ -194,35 +213,7 @@ impl Config {
             if e.name.trim().is_empty() || !node_names.insert(e.name.clone()) {
                 return Err(err(key("name"), format!("{:?} is empty or used twice", e.name)));
             }
-            if e.transport == super::EdgeTransport::Nats && !cachectl_bus::protocol::valid_name(&e.name) {
-                return Err(err(
-                    key("name"),
-                    format!("{:?}: a node reached through the bus needs a name of 1 to 64 of A-Z a-z 0-9 _ -", e.name),
-                ));
-            }
-            let valid_address = e.transport == super::EdgeTransport::Nats
-                || e.address.rsplit_once(':').is_some_and(|(host, port)| {
-                    !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
-                });
-            if !valid_address {
-                return Err(err(key("address"), format!("{:?} is not host:port", e.address)));
-            }
-            let domains = e
-                .domains
-                .iter()
-                .enumerate()
-                .map(|(j, d)| DomainPattern::parse(d).map_err(|m| err(format!("edges[{i}].domains[{j}]"), m)))
-                .collect::<Result<Vec<_>, _>>()?;
-            nodes.push(EdgeNode {
-                node: Node {
-                    name: e.name.clone(),
-                    driver: e.driver,
-                    address: e.address.clone(),
-                    tier: e.tier,
-                    domains,
-                },
-                via_bus: e.transport == super::EdgeTransport::Nats,
-            });
+            nodes.push(build_node(e).map_err(|(field, m)| err(key(&field), m))?);
         }
         Ok(nodes)
     }
@@ -230,7 +221,9 @@ impl Config {
     /// `[bus]`, when an edge needs it.
     fn bus_settings(&self) -> Result<Option<BusSettings>, ConfigError> {
         let b = &self.bus;
-        if !self.edges.iter().any(|e| e.transport == super::EdgeTransport::Nats) {
+        // An instance with `[bus] url` set connects even without a bus edge in the file: the admin
+        // API may add one while it runs.
+        if !self.edges.iter().any(|e| e.transport == super::EdgeTransport::Nats) && b.url.trim().is_empty() {
             return Ok(None);
         }
         if b.url.trim().is_empty() {
@@ -259,6 +252,77 @@ impl Config {
             down_after: b.down_after,
         }))
     }
+}
+
+/// An account from its settings; an error names the field (`domains[1]`) and what is wrong.
+///
+/// # Errors
+/// A domain pattern is invalid, there is none, or the rate limit is 0.
+pub fn build_account(
+    name: &str,
+    domains: &[String],
+    quotas: &super::QuotaConfig,
+    rate_limit_per_minute: Option<u32>,
+    default_rate_limit: u32,
+) -> Result<Account, (String, String)> {
+    if domains.is_empty() {
+        return Err(("domains".into(), "an account needs at least one domain".into()));
+    }
+    let domains = domains
+        .iter()
+        .enumerate()
+        .map(|(j, d)| DomainPattern::parse(d).map_err(|e| (format!("domains[{j}]"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let defaults = Quotas::default();
+    let account = Account {
+        name: AccountName::new(name.to_owned()),
+        domains,
+        quotas: Quotas {
+            refresh_urls: quotas.refresh_urls.unwrap_or(defaults.refresh_urls),
+            refresh_dirs: quotas.refresh_dirs.unwrap_or(defaults.refresh_dirs),
+            prefetch_urls: quotas.prefetch_urls.unwrap_or(defaults.prefetch_urls),
+            refresh_tags: quotas.refresh_tags.unwrap_or(defaults.refresh_tags),
+            refresh_regexes: quotas.refresh_regexes.unwrap_or(defaults.refresh_regexes),
+        },
+        rate_limit_per_minute: rate_limit_per_minute.unwrap_or(default_rate_limit),
+    };
+    if account.rate_limit_per_minute == 0 {
+        return Err(("rate_limit_per_minute".into(), "must be at least 1".into()));
+    }
+    Ok(account)
+}
+
+/// An edge node from its settings; an error names the field and what is wrong.
+///
+/// # Errors
+/// The name, address or a domain pattern is invalid.
+pub fn build_node(e: &super::EdgeConfig) -> Result<EdgeNode, (String, String)> {
+    if e.name.trim().is_empty() || e.name.len() > 128 || e.name.chars().any(char::is_control) {
+        return Err(("name".into(), format!("{:?}: a node needs a name of 1 to 128 printable characters", e.name)));
+    }
+    if e.transport == super::EdgeTransport::Nats && !cachectl_bus::protocol::valid_name(&e.name) {
+        return Err((
+            "name".into(),
+            format!("{:?}: a node reached through the bus needs a name of 1 to 64 of A-Z a-z 0-9 _ -", e.name),
+        ));
+    }
+    let valid_address = e.transport == super::EdgeTransport::Nats
+        || e.address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+    if !valid_address {
+        return Err(("address".into(), format!("{:?} is not host:port", e.address)));
+    }
+    let domains = e
+        .domains
+        .iter()
+        .enumerate()
+        .map(|(j, d)| DomainPattern::parse(d).map_err(|m| (format!("domains[{j}]"), m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(EdgeNode {
+        node: Node { name: e.name.clone(), driver: e.driver, address: e.address.clone(), tier: e.tier, domains },
+        via_bus: e.transport == super::EdgeTransport::Nats,
+    })
 }
 
 /// What `credentials` builds from `[[accounts]]`.
@@ -347,6 +411,19 @@ pub struct Settings {
     pub default_rate_limit: u32,
     /// Account name → webhook receivers.
     pub webhooks: HashMap<String, Vec<crate::webhooks::Target>>,
+    /// `[admin]`.
+    pub admin: AdminSettings,
+}
+
+/// The validated `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// The key sealing BCE secret keys, when `key_file` is set.
+    pub key: Option<crate::secrets::SealKey>,
+    /// How often the store is checked for changes.
+    pub poll_interval: Duration,
+    /// Admin token holders and their tokens' SHA-256.
+    pub tokens: Vec<(String, crate::secrets::TokenHash)>,
 }
 
 /// Parses `+08:00`, `-05:30`, `+0800` or `Z`/`UTC`.

@@ -183,10 +183,12 @@ async fn login(
             format!("Too many sign-in attempts from your address; try again in {} seconds.", decision.reset_secs);
         return error_page(StatusCode::TOO_MANY_REQUESTS, &message);
     }
-    let Some(credential) = state.settings.tokens.get(form.token.trim()).cloned() else {
+    let found = state.directory.current().token(form.token.trim(), now_ms()).map(|e| e.credential.clone());
+    let Some(mut credential) = found else {
         let csrf = old.map(|s| s.csrf).unwrap_or_default();
         return (StatusCode::UNAUTHORIZED, login_page(&csrf, Some("Sign-in failed: unknown token."))).into_response();
     };
+    credential.address.clone_from(&from);
     if let Some(old) = old {
         sessions.remove(&old.id);
     }

@@ -136,8 +136,13 @@ pub async fn submit(State(state): State<AppState>, s: SignedIn, Form(f): Form<Su
         return render(&state, &s, &f, &outcome, StatusCode::BAD_REQUEST).await;
     }
     let accepted = validated.accepted();
-    let submission =
-        Submission { urls: validated, operator: s.credential.operator.clone(), dialect: "console", idempotency: None };
+    let submission = Submission {
+        urls: validated,
+        operator: s.credential.operator.clone(),
+        dialect: "console",
+        idempotency: None,
+        address: s.credential.address.clone(),
+    };
     match state.service.submit(&s.credential.account, submission, now).await {
         Ok(done) => {
             let first = if kind == TaskKind::Prefetch { Kind::Prefetch } else { Kind::Refresh };

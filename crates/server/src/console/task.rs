@@ -92,8 +92,8 @@ fn render_live(
     let progress = ((c.completed + c.failed) * 100).checked_div(total).unwrap_or(100);
     let running = task.state() == TaskState::Running;
     let id = task.id.get();
-    let tier =
-        |node: &str| state.settings.nodes.iter().find(|n| n.node.name == node).map_or("—", |n| n.node.tier.as_str());
+    let directory = state.directory.current();
+    let tier = |node: &str| directory.edge(node).map_or("—", |n| n.node.node.tier.as_str());
     html! {
         div #live hx-get=[running.then(|| format!("/console/tasks/{id}/live"))]
             hx-trigger=[running.then_some("every 1s")] hx-swap="outerHTML" aria-live="polite" {

@@ -35,8 +35,9 @@ async fn app() -> App {
     let config = CONFIG.replace("sqlite::memory:", &format!("sqlite://{}/c.db", dir.path().display()));
     let settings = Arc::new(Config::from_toml(&config).unwrap().validate().unwrap());
     let store = cachectl_store::open(&settings.store_url, true).await.unwrap();
-    let service = Service::new(store, settings.timezone, Arc::new(|| {}));
-    let state = AppState { service, settings, metrics: Arc::default(), bus: None };
+    let service = Service::new(store.clone(), settings.timezone, Arc::new(|| {}));
+    let directory = crate::directory::DirectoryHandle::start(store.clone(), settings.clone()).await.unwrap();
+    let state = AppState { service, settings, metrics: Arc::default(), bus: None, directory, admin_store: store };
     App { router: router(state), _dir: dir }
 }
 

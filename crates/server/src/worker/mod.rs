@@ -5,7 +5,9 @@
 
 use crate::bus::{Bus, Health};
 use crate::config::{EdgeNode, WorkerConfig};
+use crate::directory::Directory;
 use crate::metrics::Metrics;
+use cachectl_core::admin::EdgeState;
 use cachectl_core::policy::{StateCounts, backoff, derive, derive_counts};
 use cachectl_core::store::Queue;
 use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, NodeResult, NodeState, Tier, Timestamp};
@@ -14,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +36,11 @@ enum Route {
 /// A node with its own concurrency limit and request counters.
 struct NodeSlot {
     node: Node,
+    /// What it was built from, to keep the slot (its connections, its counters) while the
+    /// directory changes around it.
+    fingerprint: String,
+    /// Takes no new items; the items that already have a result on it finish there.
+    draining: bool,
     route: Route,
     permits: Semaphore,
     success: Counter,
@@ -53,7 +60,9 @@ enum Report {
 /// Everything an item's execution needs, shared by all of them.
 struct Shared {
     client: EdgeClient,
-    nodes: Vec<NodeSlot>,
+    /// The nodes as the directory last listed them; each item takes the list of its start.
+    nodes: std::sync::RwLock<Arc<Vec<Arc<NodeSlot>>>>,
+    bus: Option<Arc<Bus>>,
     config: WorkerConfig,
     updates: mpsc::UnboundedSender<Report>,
     metrics: Arc<Metrics>,
@@ -72,6 +81,49 @@ impl Shared {
     fn busy(&self) -> std::sync::MutexGuard<'_, HashSet<i64>> {
         self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    fn nodes(&self) -> Arc<Vec<Arc<NodeSlot>>> {
+        self.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Rebuilds the node list from `directory`, keeping the slots of unchanged nodes.
+    fn refresh(&self, directory: &Directory) {
+        let old = self.nodes();
+        let mut slots = Vec::with_capacity(directory.edges.len());
+        for entry in &directory.edges {
+            let EdgeNode { node, via_bus } = &entry.node;
+            let fingerprint = format!("{node:?} {via_bus}");
+            let draining = entry.state == EdgeState::Draining;
+            if let Some(kept) = old.iter().find(|s| s.fingerprint == fingerprint && s.draining == draining) {
+                slots.push(kept.clone());
+                continue;
+            }
+            let route = match (&self.bus, via_bus) {
+                (Some(bus), true) => Route::Bus(bus.clone()),
+                (None, true) => {
+                    tracing::error!(node = %node.name, "This edge is reached through the bus, which is not configured; it gets no commands.");
+                    continue;
+                }
+                (_, false) => Route::Direct(self.client.transport(node)),
+            };
+            slots.push(Arc::new(NodeSlot {
+                success: self.metrics.node_counter(&node.name, "success"),
+                retry: self.metrics.node_counter(&node.name, "retry"),
+                fail: self.metrics.node_counter(&node.name, "fail"),
+                // A bus node's commands wait in JetStream, not here: its agent bounds its own work.
+                permits: Semaphore::new(if *via_bus {
+                    Semaphore::MAX_PERMITS
+                } else {
+                    self.config.per_node_concurrency
+                }),
+                route,
+                node: node.clone(),
+                fingerprint,
+                draining,
+            }));
+        }
+        *self.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(slots);
+    }
 }
 
 /// The worker of one instance.
@@ -81,6 +133,7 @@ pub struct Worker {
     wake: Arc<Notify>,
     shared: Arc<Shared>,
     updates: mpsc::UnboundedReceiver<Report>,
+    directory: watch::Receiver<Arc<Directory>>,
 }
 
 impl Worker {
@@ -90,7 +143,7 @@ impl Worker {
     /// The HTTP client cannot be built.
     pub fn new(
         store: Arc<dyn Queue>,
-        nodes: Vec<EdgeNode>,
+        directory: watch::Receiver<Arc<Directory>>,
         bus: Option<Arc<Bus>>,
         config: WorkerConfig,
         owner: String,
@@ -104,32 +157,15 @@ impl Worker {
             pipeline_depth: config.pipeline_depth,
             transport: config.edge_transport,
         })?;
-        let mut slots = Vec::with_capacity(nodes.len());
-        for EdgeNode { node, via_bus } in nodes {
-            let route = match (&bus, via_bus) {
-                (Some(bus), true) => Route::Bus(bus.clone()),
-                (None, true) => anyhow::bail!("edge {} is reached through the bus, which is not configured", node.name),
-                (_, false) => Route::Direct(client.transport(&node)),
-            };
-            slots.push(NodeSlot {
-                success: metrics.node_counter(&node.name, "success"),
-                retry: metrics.node_counter(&node.name, "retry"),
-                fail: metrics.node_counter(&node.name, "fail"),
-                // A bus node's commands wait in JetStream, not here: its agent bounds its own work.
-                permits: Semaphore::new(if via_bus { Semaphore::MAX_PERMITS } else { config.per_node_concurrency }),
-                route,
-                node,
-            });
-        }
-        let nodes = slots;
         let (tx, rx) = mpsc::unbounded_channel();
-        Ok(Self {
+        let worker = Self {
             store,
             owner: owner.clone(),
             wake,
             shared: Arc::new(Shared {
                 client,
-                nodes,
+                nodes: std::sync::RwLock::new(Arc::new(Vec::new())),
+                bus,
                 config,
                 updates: tx,
                 metrics,
@@ -137,19 +173,36 @@ impl Worker {
                 busy: Mutex::new(HashSet::new()),
             }),
             updates: rx,
-        })
+            directory,
+        };
+        worker.shared.refresh(&worker.directory.borrow());
+        Ok(worker)
     }
 
     /// Runs until `shutdown`; then stops claiming, gives in-flight items `grace` to finish,
     /// writes what it knows and releases its leases so that the items resume at once elsewhere.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
-        let Self { store, owner, wake, shared, updates } = self;
+        let Self { store, owner, wake, shared, updates, mut directory } = self;
+        let follower = {
+            let (shared, shutdown) = (shared.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        changed = directory.changed() => if changed.is_err() { return },
+                    }
+                    let current = directory.borrow_and_update().clone();
+                    shared.refresh(&current);
+                    tracing::info!(nodes = shared.nodes().len(), "The edges changed; new items use the new list.");
+                }
+            })
+        };
         let writer =
             tokio::spawn(write_updates(store.clone(), owner.clone(), updates, wake.clone(), Arc::downgrade(&shared)));
         let renewer = tokio::spawn(renew_leases(store.clone(), owner.clone(), shared.config.lease, shutdown.clone()));
         let capacity = Arc::new(Semaphore::new(shared.config.max_items_in_flight));
         let mut running = JoinSet::new();
-        tracing::info!(owner = %owner, nodes = shared.nodes.len(), "Worker started.");
+        tracing::info!(owner = %owner, nodes = shared.nodes().len(), "Worker started.");
         while !shutdown.is_cancelled() {
             while running.try_join_next().is_some() {}
             shared.metrics.set_in_flight(running.len());
@@ -203,6 +256,7 @@ impl Worker {
             running.shutdown().await;
         }
         renewer.abort();
+        follower.abort();
         drop(shared);
         let _ = writer.await;
         if let Err(e) = store.release_leases(&owner).await {
@@ -385,7 +439,14 @@ impl Progress {
 async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
     let item = claimed.item;
     let now = crate::api::now_ms();
-    let nodes: Vec<&NodeSlot> = shared.nodes.iter().filter(|slot| slot.node.serves(&item.host)).collect();
+    let all = shared.nodes();
+    // A draining node takes no new item; an item that already has a result on it finishes there.
+    let started_on = |name: &str| claimed.nodes.iter().any(|r| r.node == name);
+    let nodes: Vec<&NodeSlot> = all
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|slot| slot.node.serves(&item.host) && (!slot.draining || started_on(&slot.node.name)))
+        .collect();
     if nodes.is_empty() {
         shared.metrics.item_finished(item.kind, ItemStatus::Failed);
         shared.send(ItemUpdate {

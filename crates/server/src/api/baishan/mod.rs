@@ -171,7 +171,9 @@ impl FromRequestParts<AppState> for BaishanCaller {
         let Some(token) = token else {
             return Err(refuse("missing token: pass it as the token query parameter or the Token header"));
         };
-        let Some(credential) = state.settings.tokens.get(&token).cloned() else {
+        let Some(credential) =
+            state.directory.current().token(&token, now).map(|e| e.credential.clone().presented(parts))
+        else {
             return Err(refuse("unknown token"));
         };
         let limit = credential.account.rate_limit_per_minute;
@@ -340,6 +342,7 @@ async fn submit(
         urls: state.service.validate(&credential.account, kind.into(), urls, now),
         operator: credential.operator.clone(),
         dialect: "baishan",
+        address: credential.address.clone(),
         idempotency: None,
     };
     match state.service.submit(&credential.account, submission, now).await {

@@ -194,7 +194,8 @@ fn authenticate(state: &AppState, parts: &Parts) -> Result<Credential, BceError>
         status: StatusCode::UNAUTHORIZED,
         message: e.to_string(),
     })?;
-    let Some((credential, sk)) = state.settings.access_keys.get(&parsed.ak) else {
+    let directory = state.directory.current();
+    let Some((entry, sk)) = directory.access_key(&parsed.ak, now_ms()) else {
         return Err(BceError::new(Code::AccessDenied, format!("the access key id {:?} does not exist", parsed.ak)));
     };
     let query = raw_query_pairs(uri);
@@ -211,7 +212,7 @@ fn authenticate(state: &AppState, parts: &Parts) -> Result<Credential, BceError>
             BceError { code: Code::AccessDenied, status: StatusCode::UNAUTHORIZED, message: m }
         }
     })?;
-    Ok(credential.clone())
+    Ok(entry.credential.clone().presented(parts))
 }
 
 /// Query parameters where an empty value means absent (the SDK sends `id=&marker=&type=`).
@@ -508,7 +509,13 @@ async fn submit(
     if let Some((url, e)) = urls.rejected.first() {
         return Err(BceError::invalid(format!("{url}: {e}")));
     }
-    let submission = Submission { idempotency: None, urls, operator: credential.operator.clone(), dialect };
+    let submission = Submission {
+        idempotency: None,
+        urls,
+        operator: credential.operator.clone(),
+        dialect,
+        address: credential.address.clone(),
+    };
     match state.service.submit(account, submission, now).await {
         Ok(done) => {
             state.metrics.submitted(dialect, kind, done.accepted);

@@ -9,6 +9,7 @@ pub mod nodes;
 pub mod tasks;
 
 use super::AppState;
+use super::admin;
 use crate::auth::Credential;
 use crate::clock::now_ms;
 use axum::Json;
@@ -114,10 +115,10 @@ impl FromRequestParts<AppState> for Bearer {
                 ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing Authorization: Bearer <token>")
             })?;
         let credential = state
-            .settings
-            .tokens
-            .get(token)
-            .cloned()
+            .directory
+            .current()
+            .token(token, now_ms())
+            .map(|e| e.credential.clone().presented(parts))
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"))?;
         let limit = credential.account.rate_limit_per_minute;
         let decision = state.service.admit(token, NATIVE_API_ID, limit, now_ms()).await;
@@ -285,10 +286,15 @@ fn check_domain(domain: Option<&str>) -> Result<Option<String>, ApiError> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "cachectl native API", description = "cachectl's own API: tasks, items, per-node results, progress, webhooks."),
-    paths(tasks::submit, tasks::list_tasks, tasks::get_task, tasks::list_items, tasks::cancel, tasks::retry, tasks::deliveries, tasks::events, nodes::list_nodes),
-    components(schemas(ErrorBody, ErrorDetail, TaskView, CountsView, NodeView, ItemView, NodeProgress, TaskDetail, SubmitBody, Submitted, Rejected, TaskPage, ItemPage, Changed, DeliveryLog, DeliveryView, nodes::NodeInfo, nodes::NodeList)),
+    paths(tasks::submit, tasks::list_tasks, tasks::get_task, tasks::list_items, tasks::cancel, tasks::retry, tasks::deliveries, tasks::events, nodes::list_nodes,
+        admin::list_accounts, admin::create_account, admin::get_account, admin::change_account, admin::list_credentials, admin::issue_token, admin::issue_access_key, admin::rotate, admin::revoke,
+        admin::list_edges, admin::add_edge, admin::drain_edge, admin::activate_edge, admin::remove_edge, admin::audit_log),
+    components(schemas(ErrorBody, ErrorDetail, TaskView, CountsView, NodeView, ItemView, NodeProgress, TaskDetail, SubmitBody, Submitted, Rejected, TaskPage, ItemPage, Changed, DeliveryLog, DeliveryView, nodes::NodeInfo, nodes::NodeList,
+        admin::QuotaBody, admin::NewAccount, admin::AccountChange, admin::AccountView, admin::QuotaView, admin::AccountList, admin::CredentialView, admin::CredentialList, admin::IssueBody, admin::RotateBody, admin::Issued,
+        admin::NewEdge, admin::EdgeView, admin::EdgeList, admin::AuditView, admin::AuditPage, crate::directory::Source)),
     modifiers(&BearerAuth),
-    tags((name = "tasks", description = "Submit and follow refresh and prefetch tasks"), (name = "nodes", description = "The cache nodes that serve the caller's domains, and their agents' health"))
+    tags((name = "tasks", description = "Submit and follow refresh and prefetch tasks"), (name = "nodes", description = "The cache nodes that serve the caller's domains, and their agents' health"),
+        (name = "admin", description = "Accounts, credentials, edges and the audit log, for admin tokens only (docs/administration.md)"))
 )]
 pub struct ApiDoc;
 

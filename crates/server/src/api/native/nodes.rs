@@ -66,10 +66,11 @@ pub fn inventory(state: &AppState, credential: &crate::auth::Credential) -> Node
     let account = &credential.account.domains;
     let bus = state.bus.as_deref();
     let beat = |name: &str| bus.and_then(|b| b.last_seen(name));
-    let mut nodes: Vec<NodeInfo> = state
-        .settings
-        .nodes
+    let directory = state.directory.current();
+    let mut nodes: Vec<NodeInfo> = directory
+        .edges
         .iter()
+        .map(|e| &e.node)
         .filter(|n| n.node.domains.is_empty() || n.node.domains.iter().any(|d| account.iter().any(|a| overlap(a, d))))
         .map(|n| {
             let seen = if n.via_bus { beat(&n.node.name) } else { None };
@@ -91,7 +92,7 @@ pub fn inventory(state: &AppState, credential: &crate::auth::Credential) -> Node
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(bus) = bus {
         for (seen, health) in bus.agents() {
-            if state.settings.nodes.iter().any(|n| n.node.name == seen.beat.node) {
+            if directory.edge(&seen.beat.node).is_some() {
                 continue;
             }
             nodes.push(NodeInfo {

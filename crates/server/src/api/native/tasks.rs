@@ -67,6 +67,7 @@ pub async fn submit(
         urls: validated(&state, &credential, kind, request, now)?,
         operator: credential.operator.clone(),
         dialect: "native",
+        address: credential.address.clone(),
         idempotency,
     };
     let done = match state.service.submit(&credential.account, submission, now).await {
