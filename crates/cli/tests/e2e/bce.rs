@@ -41,6 +41,17 @@ pub(crate) async fn signed(
     path_and_query: &str,
     body: &str,
 ) -> (u16, reqwest::header::HeaderMap, Value) {
+    signed_as(server, ("AK_ACME", "SK_ACME"), method, path_and_query, body).await
+}
+
+/// `signed`, with the access key pair `(ak, sk)`.
+pub(crate) async fn signed_as(
+    server: &Cachectl,
+    (ak, sk): (&str, &str),
+    method: &str,
+    path_and_query: &str,
+    body: &str,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let host = format!("127.0.0.1:{}", server.port);
     let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
@@ -59,14 +70,14 @@ pub(crate) async fn signed(
     ];
     let request = auth::SignedRequest { method, path, query: &pairs, headers: &headers };
     let names: Vec<String> = headers.iter().map(|(n, _)| n.clone()).collect();
-    let key = auth::signing_key("SK_ACME", "AK_ACME", &now, 1800);
+    let key = auth::signing_key(sk, ak, &now, 1800);
     let signature = hmac_hex(&key, &auth::canonical_request(&request, &names));
     let response = server
         .http
         .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), server.url(path_and_query))
         .header("x-bce-date", &now)
         .header("content-length", body.len())
-        .header("authorization", format!("bce-auth-v1/AK_ACME/{now}/1800//{signature}"))
+        .header("authorization", format!("bce-auth-v1/{ak}/{now}/1800//{signature}"))
         .body(body.to_owned())
         .send()
         .await

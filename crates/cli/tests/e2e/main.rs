@@ -1,6 +1,7 @@
 //! End-to-end tests: the `cachectl` binary driven through its HTTP interface, against real
 //! Varnish and nginx caches and an origin, all started here on 127.0.0.1 with free ports.
 
+mod admin;
 mod agents;
 mod baishan;
 mod bce;

@@ -131,6 +131,17 @@ impl Cachectl {
         }
     }
 
+    /// Rewrites the configuration file (the process reads it again on SIGHUP or a restart).
+    pub fn rewrite_config(&self, change: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        std::fs::write(&self.config_path, change(text)).unwrap();
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: cachectl_testkit::Signal) {
+        self.proc.as_ref().expect("running").child.signal(signal);
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("cachectl.log")).unwrap_or_default()
