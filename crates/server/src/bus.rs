@@ -52,9 +52,12 @@ impl Health {
     }
 }
 
-/// One command to publish, and where its answer goes.
-struct Outgoing {
-    command: Command,
+/// What the bus keeps per node: the queue its publisher sends from, the commands whose answer
+/// has not come back, and its agent's health.
+struct Lane {
+    publisher: mpsc::UnboundedSender<Command>,
+    in_flight: AtomicU64,
+    health: watch::Sender<Health>,
 }
 
 /// The bus as one instance sees it.
@@ -62,13 +65,13 @@ pub struct Bus {
     settings: BusSettings,
     reply: String,
     waiters: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
-    publishers: HashMap<String, mpsc::UnboundedSender<Outgoing>>,
-    in_flight: HashMap<String, AtomicU64>,
+    /// Each bus node's lane; nodes added while running (admin API, SIGHUP) get theirs then.
+    lanes: RwLock<HashMap<String, Arc<Lane>>>,
     seen: RwLock<HashMap<String, Seen>>,
-    /// The health of each configured bus node, re-evaluated every quarter second.
-    health: HashMap<String, watch::Sender<Health>>,
     next: AtomicU64,
     instance: String,
+    js: jetstream::Context,
+    shutdown: CancellationToken,
 }
 
 /// Heartbeats kept at most: agents nobody configured cannot grow the inventory without bound.
@@ -95,31 +98,40 @@ impl Bus {
             .await
             .map_err(|e| anyhow::anyhow!("bus.url {}: {e}", settings.url))?;
         let js = jetstream::new(client.clone());
-        let mut publishers = HashMap::new();
-        let mut receivers = Vec::new();
-        for node in nodes {
-            let (tx, rx) = mpsc::unbounded_channel();
-            publishers.insert(node.clone(), tx);
-            receivers.push((node.clone(), rx));
-        }
         let bus = Arc::new(Self {
             reply: protocol::result_subject(&instance),
-            in_flight: nodes.iter().map(|n| (n.clone(), AtomicU64::new(0))).collect(),
             settings,
             waiters: Mutex::new(HashMap::new()),
-            publishers,
+            lanes: RwLock::new(HashMap::new()),
             seen: RwLock::new(HashMap::new()),
-            health: nodes.iter().map(|n| (n.clone(), watch::Sender::new(Health::Down))).collect(),
             next: AtomicU64::new(0),
             instance,
+            js: js.clone(),
+            shutdown: shutdown.clone(),
         });
-        tokio::spawn(consume_results(bus.clone(), js.clone(), shutdown.clone()));
+        tokio::spawn(consume_results(bus.clone(), js, shutdown.clone()));
         tokio::spawn(receive_heartbeats(bus.clone(), client, shutdown.clone()));
-        tokio::spawn(watch_health(bus.clone(), shutdown.clone()));
-        for (node, rx) in receivers {
-            tokio::spawn(publish_commands(bus.clone(), js.clone(), node, rx, shutdown.clone()));
+        tokio::spawn(watch_health(bus.clone(), shutdown));
+        for node in nodes {
+            bus.add_node(node);
         }
         Ok(bus)
+    }
+
+    /// Opens `node`'s lane and starts its publisher, unless it has one.
+    pub fn add_node(self: &Arc<Self>, node: &str) {
+        let mut lanes = self.lanes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if lanes.contains_key(node) {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let lane = Lane { publisher: tx, in_flight: AtomicU64::new(0), health: watch::Sender::new(Health::Down) };
+        lanes.insert(node.to_owned(), Arc::new(lane));
+        tokio::spawn(publish_commands(self.clone(), self.js.clone(), node.to_owned(), rx, self.shutdown.clone()));
+    }
+
+    fn lane(&self, node: &str) -> Option<Arc<Lane>> {
+        self.lanes.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned()
     }
 
     /// Publishes one command to `node`'s agent; the receiver gets its answer.
@@ -144,11 +156,9 @@ impl Bus {
             deadline: deadline.millis(),
             reply: self.reply.clone(),
         };
-        if let Some(counter) = self.in_flight.get(node) {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(publisher) = self.publishers.get(node) {
-            let _ = publisher.send(Outgoing { command });
+        if let Some(lane) = self.lane(node) {
+            lane.in_flight.fetch_add(1, Ordering::Relaxed);
+            let _ = lane.publisher.send(command);
         }
         (id, rx)
     }
@@ -161,8 +171,8 @@ impl Bus {
     }
 
     fn done(&self, node: &str) {
-        if let Some(counter) = self.in_flight.get(node) {
-            let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if let Some(lane) = self.lane(node) {
+            let _ = lane.in_flight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
     }
 
@@ -190,9 +200,9 @@ impl Bus {
         }
     }
 
-    /// Follows the health of configured bus node `node` (always `down` for another name).
+    /// Follows the health of bus node `node` (always `down` for a name without a lane).
     pub fn watch(&self, node: &str) -> watch::Receiver<Health> {
-        self.health.get(node).map_or_else(|| watch::Sender::new(Health::Down).subscribe(), watch::Sender::subscribe)
+        self.lane(node).map_or_else(|| watch::Sender::new(Health::Down).subscribe(), |l| l.health.subscribe())
     }
 
     /// Every agent heard from: its last heartbeat and health.
@@ -206,7 +216,7 @@ impl Bus {
 
     /// Commands published to `node` whose answer has not come back.
     pub fn in_flight(&self, node: &str) -> u64 {
-        self.in_flight.get(node).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.lane(node).map_or(0, |l| l.in_flight.load(Ordering::Relaxed))
     }
 
     fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Answer>>> {
@@ -229,7 +239,7 @@ async fn publish_commands(
     bus: Arc<Bus>,
     js: jetstream::Context,
     node: String,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
     shutdown: CancellationToken,
 ) {
     let subject = protocol::command_subject(&node);
@@ -245,11 +255,11 @@ async fn publish_commands(
         let mut attempt = 0u32;
         loop {
             let now = now_ms().millis();
-            queued.retain(|o: &Outgoing| o.command.deadline > now);
+            queued.retain(|c: &Command| c.deadline > now);
             if queued.is_empty() {
                 break;
             }
-            let batch = Batch { commands: queued.iter().map(|o| o.command.clone()).collect() };
+            let batch = Batch { commands: queued.clone() };
             let Ok(body) = serde_json::to_vec(&batch) else { break };
             let stored = match js.publish(subject.clone(), body.into()).await {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -353,10 +363,17 @@ async fn watch_health(bus: Arc<Bus>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = now_ms();
+        let lanes: Vec<(String, Arc<Lane>)> = bus
+            .lanes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .collect();
         let seen = bus.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (node, sender) in &bus.health {
+        for (node, lane) in &lanes {
             let health = seen.get(node).map_or(Health::Down, |s| bus.health_of(s, now));
-            sender.send_if_modified(|h| std::mem::replace(h, health) != health);
+            lane.health.send_if_modified(|h| std::mem::replace(h, health) != health);
         }
     }
 }

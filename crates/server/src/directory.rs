@@ -358,3 +358,144 @@ fn log_warnings(directory: &Directory) {
         tracing::warn!("{warning}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use cachectl_core::admin::{AccountRow, CredentialRow, EdgeRow};
+
+    fn file() -> Settings {
+        let mut settings = Config::from_toml(
+            r#"
+[[accounts]]
+name = "acme"
+domains = ["example.com"]
+tokens = ["acme-secret-token"]
+access_keys = [{ ak = "AK", sk = "SK" }]
+
+[[edges]]
+name = "v1"
+driver = "varnish"
+address = "127.0.0.1:6081"
+
+[[admin.tokens]]
+name = "ops"
+sha256 = "4a8a08f09d37b73795649038408b5f33e0ae38c2e4bf5e0b9b4bbd2b7f2c3c5a"
+"#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        settings.admin.key = crate::secrets::SealKey::from_bytes(&[3; 32]);
+        settings
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_millis(ms)
+    }
+
+    #[test]
+    fn the_file_and_the_store_merge_with_the_file_winning() {
+        let file = file();
+        let key = file.admin.key.clone().unwrap();
+        let spec = |domains: &str| Some(format!(r#"{{"domains": [{domains}]}}"#));
+        let rows = DirectoryRows {
+            version: 7,
+            accounts: vec![
+                AccountRow { name: "beta".into(), spec: spec(r#""beta.test""#), disabled: false, created_at: at(0), updated_at: at(0) },
+                AccountRow { name: "acme".into(), spec: spec(r#""stolen.test""#), disabled: false, created_at: at(0), updated_at: at(0) },
+                AccountRow { name: "broken".into(), spec: spec(r#""bad domain""#), disabled: false, created_at: at(0), updated_at: at(0) },
+            ],
+            credentials: vec![
+                CredentialRow {
+                    id: "tok_1".into(),
+                    kind: CredentialKind::Token,
+                    account: "beta".into(),
+                    name: "ci".into(),
+                    secret_hash: Some(hex::encode(hash_token("beta-token"))),
+                    sealed_secret: None,
+                    created_at: at(0),
+                    expires_at: Some(at(1000)),
+                },
+                CredentialRow {
+                    id: "AK2".into(),
+                    kind: CredentialKind::AccessKey,
+                    account: "beta".into(),
+                    name: "sdk".into(),
+                    secret_hash: None,
+                    sealed_secret: Some(key.seal("AK2", "SK2")),
+                    created_at: at(0),
+                    expires_at: None,
+                },
+                CredentialRow {
+                    id: "AK3".into(),
+                    kind: CredentialKind::AccessKey,
+                    account: "beta".into(),
+                    name: "other key".into(),
+                    secret_hash: None,
+                    sealed_secret: Some(crate::secrets::SealKey::from_bytes(&[4; 32]).unwrap().seal("AK3", "SK3")),
+                    created_at: at(0),
+                    expires_at: None,
+                },
+            ],
+            edges: vec![
+                EdgeRow { name: "v1".into(), spec: None, state: EdgeState::Draining, created_at: at(0), updated_at: at(0) },
+                EdgeRow {
+                    name: "v2".into(),
+                    spec: Some(r#"{"name": "v2", "driver": "nginx", "address": "127.0.0.1:8081", "transport": "http", "tier": "parent", "domains": []}"#.into()),
+                    state: EdgeState::Active,
+                    created_at: at(0),
+                    updated_at: at(0),
+                },
+            ],
+        };
+        let d = Directory::build(&file, &rows);
+        assert_eq!(d.version, 7);
+        assert_eq!(d.accounts["acme"].source, Source::File);
+        assert_eq!(d.accounts["acme"].account.domains[0].to_string(), "example.com", "the file wins");
+        assert_eq!(d.accounts["beta"].source, Source::Api);
+        assert!(!d.accounts.contains_key("broken"));
+        assert!(d.warnings.iter().any(|w| w.contains("broken")) && d.warnings.iter().any(|w| w.contains("AK3")));
+        assert_eq!(d.token("acme-secret-token", at(0)).unwrap().credential.account.name.as_str(), "acme");
+        let beta = d.token("beta-token", at(999)).unwrap();
+        assert_eq!(beta.credential.operator, "tok_1", "tasks record the credential's id");
+        assert!(d.token("beta-token", at(1000)).is_none(), "expired");
+        assert_eq!(d.access_key("AK2", at(0)).unwrap().1.expose(), "SK2");
+        assert!(d.access_key("AK3", at(0)).is_none(), "sealed under another key");
+        assert_eq!(d.access_key("AK", at(0)).unwrap().1.expose(), "SK");
+        assert_eq!(d.edges.len(), 2);
+        assert_eq!(d.edge("v1").unwrap().state, EdgeState::Draining, "a file edge drained through the API");
+        assert_eq!(d.edge("v2").unwrap().node.node.tier, cachectl_core::Tier::Parent);
+        assert!(d.admin("wrong").is_none());
+    }
+
+    #[test]
+    fn a_disabled_account_loses_every_credential() {
+        let file = file();
+        let rows = DirectoryRows {
+            accounts: vec![AccountRow {
+                name: "acme".into(),
+                spec: None,
+                disabled: true,
+                created_at: at(0),
+                updated_at: at(0),
+            }],
+            ..DirectoryRows::default()
+        };
+        let d = Directory::build(&file, &rows);
+        assert!(d.accounts["acme"].disabled);
+        assert!(d.token("acme-secret-token", at(0)).is_none());
+        assert!(d.access_key("AK", at(0)).is_none());
+        assert_eq!(d.enabled_accounts().count(), 0);
+    }
+
+    #[test]
+    fn admin_tokens_match_their_hash() {
+        let mut file = file();
+        file.admin.tokens = vec![("ops".into(), hash_token("the admin token"))];
+        let d = Directory::build(&file, &DirectoryRows::default());
+        assert_eq!(d.admin("the admin token"), Some("ops"));
+        assert_eq!(d.admin("the admin token "), None);
+    }
+}

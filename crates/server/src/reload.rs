@@ -80,10 +80,5 @@ pub fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str>
     if old.admin.poll_interval != new.admin.poll_interval {
         keys.push("admin.poll_interval");
     }
-    if old.nodes.iter().any(|n| n.via_bus && !new.nodes.iter().any(|m| m.node.name == n.node.name && m.via_bus))
-        || new.nodes.iter().any(|n| n.via_bus && !old.nodes.iter().any(|m| m.node.name == n.node.name && m.via_bus))
-    {
-        keys.push("edges (transport = \"nats\": the bus's publishers are started at start)");
-    }
     keys
 }

@@ -8,7 +8,7 @@ use cachectl_testkit::PgCluster;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
-const ADMIN_TOKEN: &str = "admin-token-for-the-tests-0123456789";
+pub(crate) const ADMIN_TOKEN: &str = "admin-token-for-the-tests-0123456789";
 
 fn sha256_hex(text: &str) -> String {
     use sha2::Digest as _;
@@ -16,7 +16,7 @@ fn sha256_hex(text: &str) -> String {
 }
 
 /// `[admin]` with the test's admin token, a sealing key written in `dir`, and a fast poll.
-fn admin_section(dir: &std::path::Path) -> String {
+pub(crate) fn admin_section(dir: &std::path::Path) -> String {
     use base64::Engine as _;
     let key = dir.join("secret.key");
     std::fs::write(&key, base64::engine::general_purpose::STANDARD.encode([42u8; 32])).unwrap();
@@ -27,7 +27,7 @@ fn admin_section(dir: &std::path::Path) -> String {
     )
 }
 
-async fn admin(server: &Cachectl, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+pub(crate) async fn admin(server: &Cachectl, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
     let mut request = server.http.request(method, server.url(path)).bearer_auth(ADMIN_TOKEN);
     if let Some(body) = body {
         request = request.json(&body);

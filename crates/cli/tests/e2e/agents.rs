@@ -516,3 +516,58 @@ async fn a_parent_through_the_bus_is_purged_before_a_direct_edge() {
         assert!(p < e, "{uri}: parent purge logged at line {p}, edge purge at line {e}");
     }
 }
+
+#[tokio::test]
+async fn an_agent_added_through_the_admin_api_takes_commands_at_once_and_drains() {
+    let origin = Origin::start().await;
+    let (v1, v2) = (Varnish::start(origin.port).await, Varnish::start(origin.port).await);
+    let nats = Nats::start().await;
+    let _agent = Agent::start(&nats, "a1", "varnish", &v2.address(), "").await;
+    let keys = tempfile::tempdir().unwrap();
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}{}{}",
+        bus(&nats),
+        crate::admin::admin_section(keys.path()),
+        fast_worker("20s"),
+        edge("v1", "varnish", &v1.address(), "edge")
+    ))
+    .await;
+    let agent = wait_node_state(&server, "a1", "up").await;
+    assert_eq!(agent["configured"], false, "heard from, but not trusted with traffic: {agent}");
+    let post = reqwest::Method::POST;
+    let (status, body) = crate::admin::admin(
+        &server,
+        post.clone(),
+        "/admin/v1/edges",
+        Some(json!({"name": "a1", "driver": "varnish", "transport": "nats"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["transport"], "nats");
+    let nodes_of = |detail: &Value| -> Vec<(String, String)> {
+        let mut nodes: Vec<(String, String)> = detail["items"][0]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["node"].as_str().unwrap().to_owned(), n["state"].as_str().unwrap().to_owned()))
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    let body = json!({"kind": "refresh", "type": "url", "urls": ["http://www.example.com/live-agent"]});
+    let detail = run_task(&server, body, Duration::from_secs(20)).await;
+    assert_eq!(
+        nodes_of(&detail),
+        [("a1".to_owned(), "succeeded".to_owned()), ("v1".to_owned(), "succeeded".to_owned())],
+        "the new bus edge took its command without a restart: {detail}"
+    );
+    let (status, _) = crate::admin::admin(&server, post, "/admin/v1/edges/a1/drain", None).await;
+    assert_eq!(status, 200);
+    let body = json!({"kind": "refresh", "type": "url", "urls": ["http://www.example.com/after-drain"]});
+    let detail = run_task(&server, body, Duration::from_secs(20)).await;
+    assert_eq!(
+        nodes_of(&detail),
+        [("v1".to_owned(), "succeeded".to_owned())],
+        "a drained edge takes no new item: {detail}"
+    );
+}

@@ -654,10 +654,12 @@ pub struct NewEdge {
     pub name: String,
     /// `varnish` or `nginx`.
     pub driver: String,
-    /// `http` (the default).
+    /// `http` (the default: cachectl sends to `address`) or `nats` (through the bus to the agent
+    /// of this name; needs `[bus] url`).
     #[serde(default)]
     pub transport: Option<String>,
-    /// `host:port` of the cache's HTTP listener.
+    /// `host:port` of the cache's HTTP listener (`http` transport).
+    #[serde(default)]
     pub address: String,
     /// `parent` or `edge` (the default).
     #[serde(default)]
@@ -738,11 +740,9 @@ pub async fn add_edge(
             .map_err(|_| ApiError::invalid("driver: varnish or nginx"))?,
         transport: match body.transport.as_deref() {
             None | Some("http") => EdgeTransport::Http,
+            Some("nats") if state.bus.is_some() => EdgeTransport::Nats,
             Some("nats") => {
-                return Err(conflict(
-                    "an edge reached through the bus is added in the configuration file (and a restart) in this \
-                     version: each instance starts its bus publishers at start",
-                ));
+                return Err(conflict("an edge reached through the bus needs [bus] url in the configuration"));
             }
             Some(_) => return Err(ApiError::invalid("transport: http or nats")),
         },

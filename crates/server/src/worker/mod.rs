@@ -99,7 +99,10 @@ impl Shared {
                 continue;
             }
             let route = match (&self.bus, via_bus) {
-                (Some(bus), true) => Route::Bus(bus.clone()),
+                (Some(bus), true) => {
+                    bus.add_node(&node.name);
+                    Route::Bus(bus.clone())
+                }
                 (None, true) => {
                     tracing::error!(node = %node.name, "This edge is reached through the bus, which is not configured; it gets no commands.");
                     continue;
