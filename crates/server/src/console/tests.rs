@@ -192,15 +192,17 @@ async fn another_accounts_task_is_not_found_and_sign_out_ends_the_session() {
 }
 
 #[tokio::test]
-async fn pages_carry_a_strict_content_security_policy_and_htmx_is_served() {
+async fn pages_carry_a_strict_content_security_policy_and_the_script_is_served() {
     let app = app().await;
     let r = send(&app, get("/console/login", None)).await;
     let csp = r.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
     assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
     assert_eq!(r.headers()[header::CACHE_CONTROL], "no-store");
-    let js = send(&app, get("/console/assets/htmx.min.js", None)).await;
+    assert!(text(r).await.contains(r#"<script src="/console/assets/console.js" defer>"#));
+    let js = send(&app, get("/console/assets/console.js", None)).await;
     assert_eq!(js.status(), StatusCode::OK);
-    assert!(text(js).await.contains("htmx"));
+    assert_eq!(js.headers()[header::CONTENT_TYPE], "text/javascript; charset=utf-8");
+    assert!(text(js).await.contains("new EventSource("));
     assert_eq!(send(&app, get("/console/nothing-here", None)).await.status(), StatusCode::NOT_FOUND);
 }
 
@@ -223,12 +225,13 @@ async fn cancel_and_retry_buttons_change_the_task() {
     send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", urls)])).await;
     let page = text(send(&app, get("/console/tasks/1", Some(&id))).await).await;
     assert!(page.contains("Cancel waiting items") && !page.contains("Retry failed items"));
-    assert!(page.contains("hx-trigger=\"every 1s\""), "a running task polls its live part");
+    assert!(page.contains(r#"data-events-url="/console/tasks/1/events""#), "{page}");
+    assert!(page.contains(r#"data-state="running""#), "the script follows a running task");
     let r = send(&app, post("/console/tasks/1/cancel", Some(&id), &[("csrf", &csrf)])).await;
     assert_eq!(r.headers()[header::LOCATION], "/console/tasks/1");
     let page = text(send(&app, get("/console/tasks/1/live", Some(&id))).await).await;
     assert!(page.contains("2 failed") && page.contains("cancelled") && page.contains("Retry failed items"), "{page}");
-    assert!(!page.contains("hx-trigger"), "a final task stops polling");
+    assert!(page.contains(r#"data-state="failed""#), "the script stops at a final task: {page}");
     send(&app, post("/console/tasks/1/retry", Some(&id), &[("csrf", &csrf)])).await;
     let page = text(send(&app, get("/console/tasks/1/live", Some(&id))).await).await;
     assert!(page.contains("2 waiting") && page.contains("Cancel waiting items"), "{page}");
@@ -253,4 +256,153 @@ async fn sign_in_attempts_are_limited_per_address() {
     }
     let r = refused.expect("the 21st attempt in a minute is refused");
     assert!(text(r).await.contains("Too many sign-in attempts"));
+}
+
+/// The next SSE event of `body` within 5 s: its name and its JSON data; `None` when the stream ended.
+async fn next_event(
+    body: &mut (impl futures::Stream<Item = Result<bytes::Bytes, axum::Error>> + Unpin),
+    buffer: &mut String,
+) -> Option<(String, serde_json::Value)> {
+    use futures::StreamExt as _;
+    loop {
+        if let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(str::to_owned);
+            // Keep-alive comments (`:`) carry no event.
+            if let (Some(event), Some(data)) = (field("event: "), field("data: ")) {
+                return Some((event, serde_json::from_str(&data).unwrap()));
+            }
+            continue;
+        }
+        let chunk =
+            tokio::time::timeout(std::time::Duration::from_secs(5), body.next()).await.expect("an event in 5 s");
+        buffer.push_str(std::str::from_utf8(&chunk?.unwrap()).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn the_task_stream_sends_the_live_part_until_the_task_is_final_and_only_to_its_account() {
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    let urls = "http://www.example.com/1\nhttp://www.example.com/2";
+    send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", urls)])).await;
+
+    // Another account, no session, a malformed id: no stream.
+    let (other, _) = sign_in(&app, "other-secret-token").await;
+    let r = send(&app, get("/console/tasks/1/events", Some(&other))).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(text(r).await.contains("Task not found."));
+    assert_eq!(send(&app, get("/console/tasks/1/events", None)).await.status(), StatusCode::SEE_OTHER);
+    assert_eq!(send(&app, get("/console/tasks/x/events", Some(&id))).await.status(), StatusCode::NOT_FOUND);
+
+    // The running task: its live part at once, with the reconnection delay.
+    let r = send(&app, get("/console/tasks/1/events", Some(&id))).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let mut body = r.into_body().into_data_stream();
+    let mut buffer = String::new();
+    let (event, data) = next_event(&mut body, &mut buffer).await.unwrap();
+    assert_eq!((event.as_str(), data["state"].as_str(), data["progress"].as_u64()), ("live", Some("running"), Some(0)));
+    let html = data["html"].as_str().unwrap();
+    assert!(html.starts_with(r#"<div id="live" data-state="running""#) && html.contains("2 waiting"), "{html}");
+    assert!(buffer.is_empty());
+
+    // Cancelling finishes the task: one `done` event with the final part, then the end.
+    send(&app, post("/console/tasks/1/cancel", Some(&id), &[("csrf", &csrf)])).await;
+    let (event, data) = next_event(&mut body, &mut buffer).await.unwrap();
+    assert_eq!(
+        (event.as_str(), data["state"].as_str(), data["progress"].as_u64()),
+        ("done", Some("failed"), Some(100))
+    );
+    let html = data["html"].as_str().unwrap();
+    assert!(
+        html.contains(r#"data-state="failed""#) && html.contains("2 failed") && html.contains("cancelled"),
+        "{html}"
+    );
+    assert!(next_event(&mut body, &mut buffer).await.is_none(), "the stream ends after `done`");
+
+    // A final task's stream is its `done` event alone.
+    let r = send(&app, get("/console/tasks/1/events", Some(&id))).await;
+    let mut body = r.into_body().into_data_stream();
+    let mut buffer = String::new();
+    assert_eq!(next_event(&mut body, &mut buffer).await.unwrap().0, "done");
+    assert!(next_event(&mut body, &mut buffer).await.is_none());
+}
+
+#[tokio::test]
+async fn the_task_stream_ends_with_the_session() {
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", "http://www.example.com/1")])).await;
+    let mut body = send(&app, get("/console/tasks/1/events", Some(&id))).await.into_body().into_data_stream();
+    let mut buffer = String::new();
+    assert_eq!(next_event(&mut body, &mut buffer).await.unwrap().0, "live");
+    assert_eq!(
+        send(&app, post("/console/logout", Some(&id), &[("csrf", &csrf)])).await.status(),
+        StatusCode::SEE_OTHER
+    );
+    assert!(next_event(&mut body, &mut buffer).await.is_none(), "signing out ends the stream");
+}
+
+#[tokio::test]
+async fn records_show_exact_totals_of_every_filter_and_the_csv_holds_them_all() {
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    // 1,200 URLs in two tasks (the per-request limit is 1,000): 120 of them contain "/x_".
+    for batch in 0..2 {
+        let urls: Vec<String> = (0..600)
+            .map(|i| {
+                let dir = if i % 10 == 0 { "x_" } else { "y" };
+                format!("http://www.example.com/{dir}/{batch}-{i}.css")
+            })
+            .collect();
+        let r = send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", &urls.join("\n"))])).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    }
+    let (other, other_csrf) = sign_in(&app, "other-secret-token").await;
+    send(&app, post("/console/submit", Some(&other), &[("csrf", &other_csrf), ("urls", "http://other.test/x_/1")]))
+        .await;
+
+    let page = text(send(&app, get("/console/records", Some(&id))).await).await;
+    assert!(page.contains("Records 1–50 of 1,200 matching."), "{page}");
+    let page = text(send(&app, get("/console/records?url=%2Fx_%2F&window=24h&kind=refresh", Some(&id))).await).await;
+    assert!(page.contains("Records 1–50 of 120 matching."), "{page}");
+    // Keyset paging keeps the exact position and total.
+    let next = page.split("id=\"next\" href=\"").nth(1).unwrap().split('"').next().unwrap().replace("&amp;", "&");
+    let page = text(send(&app, get(&next, Some(&id))).await).await;
+    assert!(page.contains("Records 51–100 of 120 matching."), "{page}");
+    let last = page.split("id=\"next\" href=\"").nth(1).unwrap().split('"').next().unwrap().replace("&amp;", "&");
+    let page = text(send(&app, get(&last, Some(&id))).await).await;
+    assert!(page.contains("Records 101–120 of 120 matching.") && !page.contains("id=\"next\""), "{page}");
+    // Exact, case-sensitive substrings; other filters; nothing of the other account.
+    for (query, sentence) in [
+        ("url=%2FX_%2F", "No records match: 0 in total."),
+        ("url=%25", "No records match: 0 in total."),
+        ("status=waiting&url=1-59", "Records 1–11 of 11 matching."),
+        ("status=failed", "No records match: 0 in total."),
+        ("kind=prefetch", "No records match: 0 in total."),
+        ("window=1h&url=other.test", "No records match: 0 in total."),
+    ] {
+        let page = text(send(&app, get(&format!("/console/records?{query}"), Some(&id))).await).await;
+        assert!(page.contains(sentence), "{query}: {page}");
+    }
+    // Invalid filters are a 400 with a sentence, never a 5xx.
+    for query in ["url=a%00b", "window=2h", "kind=purge", "status=done"] {
+        let r = send(&app, get(&format!("/console/records?{query}"), Some(&id))).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query}");
+        let r = send(&app, get(&format!("/console/records.csv?{query}"), Some(&id))).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query}");
+    }
+
+    // The CSV holds every matching record, across its 1,000-row reads.
+    let csv = text(send(&app, get("/console/records.csv", Some(&id))).await).await;
+    assert_eq!(csv.lines().count(), 1 + 1_200);
+    let csv = text(send(&app, get("/console/records.csv?url=%2Fx_%2F", Some(&id))).await).await;
+    assert_eq!(csv.lines().count(), 1 + 120);
+    assert!(csv.lines().skip(1).all(|l| l.contains("/x_/")));
+    // From a cursor: the records older than it.
+    let cursor = next.split("cursor=").nth(1).unwrap();
+    let csv =
+        text(send(&app, get(&format!("/console/records.csv?url=%2Fx_%2F&cursor={cursor}"), Some(&id))).await).await;
+    assert_eq!(csv.lines().count(), 1 + 70);
 }

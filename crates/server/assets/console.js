@@ -1,0 +1,115 @@
+// The cachectl console's only script (docs/console.md, "Live progress"). On a task page whose
+// task still runs, it follows the console's SSE stream of the task (/console/tasks/{id}/events)
+// and puts each `#live` element the stream sends in place of the page's; the stream ends with a
+// `done` event once the task is final. While the stream is down, the browser opens it again
+// (EventSource does) and this script fetches the fragment (/console/tasks/{id}/live) meanwhile;
+// if the browser gives the stream up, the script fetches the fragment every 2 seconds until the
+// task is final. `#task`'s `data-events` counts the events received, `data-stream` tells the
+// stream's state (connecting, open, reconnecting, polling, done). Plain DOM, no eval, no inline
+// script: the console's Content-Security-Policy allows scripts from /console/assets only.
+(function () {
+  "use strict";
+  var task = document.getElementById("task");
+  if (!task) {
+    return;
+  }
+  var source = null;
+  var timer = null;
+  var received = 0;
+
+  function live() {
+    return document.getElementById("live");
+  }
+  function final() {
+    var l = live();
+    return !l || l.getAttribute("data-state") !== "running";
+  }
+  function stream(state) {
+    task.setAttribute("data-stream", state);
+  }
+  function stop() {
+    if (source) {
+      source.close();
+      source = null;
+    }
+    if (timer) {
+      clearInterval(timer);
+      timer = null;
+    }
+    stream("done");
+  }
+  // Puts the `#live` element of `html` (rendered and escaped by the server) in place of the page's.
+  function swap(html) {
+    var t = document.createElement("template");
+    t.innerHTML = html;
+    var fresh = t.content.firstElementChild;
+    var old = live();
+    if (fresh && fresh.id === "live" && old) {
+      old.replaceWith(fresh);
+    }
+    if (final()) {
+      stop();
+    }
+  }
+  function fetchLive() {
+    return fetch(task.getAttribute("data-live-url"), { credentials: "same-origin" })
+      .then(function (r) {
+        if (r.redirected) {
+          // Signed out meanwhile: the fragment request was sent to the sign-in page.
+          window.location.assign(r.url);
+          return;
+        }
+        if (r.ok) {
+          return r.text().then(swap);
+        }
+      })
+      .catch(function () {});
+  }
+  function poll() {
+    stream("polling");
+    if (!timer) {
+      timer = setInterval(fetchLive, 2000);
+    }
+    fetchLive();
+  }
+  function onEvent(e) {
+    received += 1;
+    task.setAttribute("data-events", String(received));
+    var data;
+    try {
+      data = JSON.parse(e.data);
+    } catch (err) {
+      return;
+    }
+    swap(data.html);
+  }
+
+  if (final()) {
+    stream("done");
+    return;
+  }
+  if (!window.EventSource) {
+    poll();
+    return;
+  }
+  stream("connecting");
+  source = new EventSource(task.getAttribute("data-events-url"));
+  source.onopen = function () {
+    stream("open");
+  };
+  source.addEventListener("live", onEvent);
+  source.addEventListener("done", onEvent);
+  source.onerror = function () {
+    if (!source) {
+      return;
+    }
+    if (source.readyState === EventSource.CLOSED) {
+      // The browser gave the stream up (an error answer, not a stream): fetch the fragment instead.
+      source = null;
+      poll();
+    } else {
+      stream("reconnecting");
+      fetchLive();
+    }
+  };
+})();
