@@ -1,7 +1,8 @@
 //! The web console in Debian's Chromium, driven over WebDriver (chromedriver on a free port of
 //! 127.0.0.1, in a process group of its own that is stopped with the browser when the test
-//! ends): sign-in, a refresh of 3 URLs against a real Varnish followed live to 100 %, per-node
-//! rows, record filters, the CSV, sign-out, a wrong token, another account's task, and
+//! ends): sign-in, a refresh of 3 URLs against a real Varnish followed to 100 % by the task
+//! page's SSE stream without a reload, per-node rows, record filters with their exact totals,
+//! the CSV downloaded by clicking its link, sign-out, a wrong token, another account's task, and
 //! markup in records that must not run. Screenshots are kept in a directory whose path is printed.
 
 use crate::support::*;
@@ -18,6 +19,8 @@ struct Browser {
     client: Client,
     _driver: Group,
     _profile: tempfile::TempDir,
+    /// Where Chromium saves downloads (set in the session's capabilities).
+    downloads: tempfile::TempDir,
     shots: PathBuf,
 }
 
@@ -33,6 +36,7 @@ impl Browser {
         .expect("chromedriver (apt-get install chromium chromium-driver)");
         cachectl_testkit::caches::wait_port(port, "chromedriver").await;
         let profile = tempfile::tempdir().unwrap();
+        let downloads = tempfile::tempdir().unwrap();
         let args = [
             "--headless=new".to_owned(),
             "--no-sandbox".to_owned(),
@@ -43,7 +47,15 @@ impl Browser {
             format!("--user-data-dir={}", profile.path().display()),
         ];
         let mut caps = serde_json::Map::new();
-        caps.insert("goog:chromeOptions".to_owned(), json!({ "binary": "/usr/bin/chromium", "args": args }));
+        let prefs = json!({
+            "download.default_directory": downloads.path(),
+            "download.prompt_for_download": false,
+            "download.directory_upgrade": true,
+        });
+        caps.insert(
+            "goog:chromeOptions".to_owned(),
+            json!({ "binary": "/usr/bin/chromium", "args": args, "prefs": prefs }),
+        );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client = ClientBuilder::new(connector)
             .capabilities(caps)
@@ -52,7 +64,7 @@ impl Browser {
             .expect("a Chromium session");
         let shots = tempfile::Builder::new().prefix("cachectl-console-screens-").tempdir().unwrap().keep();
         println!("console screenshots: {}", shots.display());
-        Self { client, _driver: driver, _profile: profile, shots }
+        Self { client, _driver: driver, _profile: profile, downloads, shots }
     }
 
     /// Saves the page at desktop and phone width as `<name>-desktop.png` and `<name>-phone.png`.
@@ -105,6 +117,26 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits up to 10 s for Chromium to finish downloading `name`, and returns its text.
+    async fn downloaded(&self, name: &str) -> String {
+        let path = self.downloads.path().join(name);
+        let start = Instant::now();
+        loop {
+            // Chromium writes `<name>.crdownload` and renames it once the download is complete.
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                return text;
+            }
+            let listing: Vec<_> =
+                std::fs::read_dir(self.downloads.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+            assert!(start.elapsed() < Duration::from_secs(10), "no {name} downloaded: {listing:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn attr(&self, css: &str, name: &str) -> Option<String> {
+        self.client.find(Locator::Css(css)).await.unwrap().attr(name).await.unwrap()
     }
 
     async fn count(&self, css: &str) -> usize {
@@ -181,7 +213,7 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
 }
 
 /// The form refuses an invalid line, then submits 3 URLs; the task page follows them to 100 %
-/// without a reload. The task page's URL, the task id and the URLs.
+/// through its SSE stream, without a reload. The task page's URL, the task id and the URLs.
 async fn submit_and_follow(b: &Browser, server: &Cachectl) -> (url::Url, i64, [String; 3]) {
     // An invalid line is shown with its reason, escaped, and nothing is submitted.
     b.client.goto(&server.url("/console/submit")).await.unwrap();
@@ -215,6 +247,19 @@ async fn submit_and_follow(b: &Browser, server: &Cachectl) -> (url::Url, i64, [S
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(b.js("return window.__samePage").await, json!(42), "the page must not have been reloaded");
+    // Driven by the stream: events arrived (the live parts while it ran, then `done`), the
+    // stream was closed at the end, and the fragment fallback was never needed.
+    let start = Instant::now();
+    while b.attr("#task", "data-stream").await.as_deref() != Some("done") {
+        assert!(start.elapsed() < Duration::from_secs(5), "the script never closed the stream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events: u32 = b.attr("#task", "data-events").await.unwrap().parse().unwrap();
+    assert!(events >= 2, "the page received {events} events");
+    let fetched = b.js("return performance.getEntriesByType('resource').map(e => e.name)").await;
+    let fetched: Vec<String> = serde_json::from_value(fetched).unwrap();
+    assert!(!fetched.iter().any(|u| u.ends_with("/live")), "the fallback fetched the fragment: {fetched:?}");
+    assert_eq!(b.attr("#live", "data-state").await.as_deref(), Some("completed"));
     assert!(b.text("#live").await.contains("completed"));
     assert_eq!(b.count("#nodes tr.item").await, 3);
     assert_eq!(b.count("#nodes tr.node").await, 6, "each URL on v1 and slow");
@@ -255,26 +300,28 @@ async fn records_and_csv(b: &Browser, server: &Cachectl, urls: &[String; 3]) {
     }
     assert_eq!(b.count("#records tbody tr").await, 1);
     assert!(b.text("#records").await.contains("console-b.css"));
+    assert_eq!(b.text("#total").await, "Records 1–1 of 1 matching.");
     b.client.goto(&server.url("/console/records?status=failed&kind=refresh")).await.unwrap();
     assert_eq!(b.count("#records tbody tr").await, 0);
     assert!(b.text("#empty").await.contains("No records match"));
+    assert_eq!(b.text("#total").await, "No records match: 0 in total.");
 
-    // The CSV of the filtered records, fetched with the browser's session cookie.
+    // The CSV of the filtered records, downloaded by clicking its link.
     b.client.goto(&server.url("/console/records?url=console-")).await.unwrap();
-    let href = b.client.find(Locator::Id("csv")).await.unwrap().attr("href").await.unwrap().unwrap();
-    let cookie = b.client.get_named_cookie("cachectl_console").await.unwrap();
-    let csv = server
-        .http
-        .get(server.url(&href))
-        .header("cookie", format!("cachectl_console={}", cookie.value()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
-    let csv = csv.text().await.unwrap();
-    assert_eq!(csv.lines().count(), 4, "{csv}");
-    assert!(csv.starts_with("id,task_id,created_at,kind,type,url,status,finished_at,reason"));
-    assert!(urls.iter().all(|u| csv.contains(u.as_str())) && csv.contains(",completed,"), "{csv}");
+    assert_eq!(b.text("#total").await, "Records 1–3 of 3 matching.");
+    b.client.find(Locator::Id("csv")).await.unwrap().click().await.unwrap();
+    let csv = b.downloaded("cachectl-records.csv").await;
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    assert_eq!(rows[0], "id,task_id,created_at,kind,type,url,status,finished_at,reason");
+    for (row, url) in rows[1..].iter().zip(urls.iter().rev()) {
+        let fields: Vec<&str> = row.split(',').collect();
+        assert_eq!(
+            (fields[3], fields[4], fields[5], fields[6]),
+            ("refresh", "url", url.as_str(), "completed"),
+            "{csv}"
+        );
+    }
 
     b.client.goto(&server.url("/console/")).await.unwrap();
     assert!(b.text("#node-list").await.contains("slow"));
