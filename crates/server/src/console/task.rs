@@ -114,7 +114,10 @@ struct Sent {
 /// event and the stream ends. Each event's data is JSON: `{"state", "progress", "html"}`, the
 /// HTML being the `#live` element as `/console/tasks/{id}/live` returns it. The task's counts are
 /// read every 250 ms and the items with their node results when the counts change or at least
-/// every second. The stream also ends when the session does (sign-out, expiry).
+/// every second. The stream also ends when the session does (sign-out, expiry), and, without a
+/// `done`, after `[server] shutdown_grace` (10 s by default): the browser opens it again a second
+/// later, and a server told to stop is never held up by open task pages for longer than it
+/// grants requests in flight.
 pub async fn events(
     State(state): State<AppState>,
     axum::Extension(sessions): axum::Extension<Arc<Sessions>>,
@@ -126,6 +129,7 @@ pub async fn events(
         Err(r) => return r,
     };
     let task_id = task.id;
+    let ends_at = Instant::now() + state.settings.shutdown_grace.max(Duration::from_secs(1));
     let start = (Some(task), Sent { counts: None, html: String::new(), read_at: None, done: false });
     let stream = futures::stream::unfold(start, move |(mut current, mut sent)| {
         let (state, s, sessions) = (state.clone(), s.clone(), sessions.clone());
@@ -155,7 +159,7 @@ pub async fn events(
                     }
                 }
                 tokio::time::sleep(TICK).await;
-                if !sessions.is_live(&s.session.id) {
+                if !sessions.is_live(&s.session.id) || Instant::now() >= ends_at {
                     return None;
                 }
                 current = match state.service.task(&s.credential.account, task_id).await {

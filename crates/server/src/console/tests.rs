@@ -31,8 +31,14 @@ struct App {
 }
 
 async fn app() -> App {
+    app_with("").await
+}
+
+/// The app with `server`, the `[server]` table's settings.
+async fn app_with(server: &str) -> App {
     let dir = tempfile::tempdir().unwrap();
     let config = CONFIG.replace("sqlite::memory:", &format!("sqlite://{}/c.db", dir.path().display()));
+    let config = format!("[server]\n{server}\n{config}");
     let settings = Arc::new(Config::from_toml(&config).unwrap().validate().unwrap());
     let store = cachectl_store::open(&settings.store_url, true).await.unwrap();
     let service = Service::new(store, settings.timezone, Arc::new(|| {}));
@@ -327,6 +333,23 @@ async fn the_task_stream_sends_the_live_part_until_the_task_is_final_and_only_to
     let mut buffer = String::new();
     assert_eq!(next_event(&mut body, &mut buffer).await.unwrap().0, "done");
     assert!(next_event(&mut body, &mut buffer).await.is_none());
+}
+
+#[tokio::test]
+async fn the_task_stream_of_a_running_task_ends_after_the_shutdown_grace_and_starts_again() {
+    let app = app_with(r#"shutdown_grace = "1s""#).await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", "http://www.example.com/1")])).await;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let mut body = send(&app, get("/console/tasks/1/events", Some(&id))).await.into_body().into_data_stream();
+        let mut buffer = String::new();
+        let (event, data) = next_event(&mut body, &mut buffer).await.unwrap();
+        assert_eq!((event.as_str(), data["state"].as_str()), ("live", Some("running")));
+        assert!(next_event(&mut body, &mut buffer).await.is_none(), "no `done`: the browser reconnects");
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_secs(1) && took < std::time::Duration::from_secs(3), "{took:?}");
+    }
 }
 
 #[tokio::test]
