@@ -1,8 +1,9 @@
 // The cachectl console's only script (docs/console.md, "Live progress"). On a task page whose
 // task still runs, it follows the console's SSE stream of the task (/console/tasks/{id}/events)
 // and puts each `#live` element the stream sends in place of the page's; the stream ends with a
-// `done` event once the task is final. While the stream is down, the browser opens it again
-// (EventSource does) and this script fetches the fragment (/console/tasks/{id}/live) meanwhile;
+// `done` event once the task is final, or with a `restart` event after a while (the browser then
+// opens it again, as EventSource does). When the stream drops without a `restart`, the browser
+// opens it again too and this script fetches the fragment (/console/tasks/{id}/live) meanwhile;
 // if the browser gives the stream up, the script fetches the fragment every 2 seconds until the
 // task is final. `#task`'s `data-events` counts the events received, `data-stream` tells the
 // stream's state (connecting, open, reconnecting, polling, done). Plain DOM, no eval, no inline
@@ -16,6 +17,7 @@
   var source = null;
   var timer = null;
   var received = 0;
+  var restarting = false;
 
   function live() {
     return document.getElementById("live");
@@ -95,12 +97,24 @@
   stream("connecting");
   source = new EventSource(task.getAttribute("data-events-url"));
   source.onopen = function () {
+    restarting = false;
     stream("open");
   };
   source.addEventListener("live", onEvent);
   source.addEventListener("done", onEvent);
+  source.addEventListener("restart", function () {
+    received += 1;
+    task.setAttribute("data-events", String(received));
+    restarting = true;
+  });
   source.onerror = function () {
     if (!source) {
+      return;
+    }
+    if (restarting && source.readyState !== EventSource.CLOSED) {
+      // The server ended the stream on purpose; the browser opens it again in a second.
+      restarting = false;
+      stream("reconnecting");
       return;
     }
     if (source.readyState === EventSource.CLOSED) {

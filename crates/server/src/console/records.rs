@@ -142,7 +142,6 @@ pub async fn page(State(state): State<AppState>, s: SignedIn, Query(f): Query<Fi
                 }
             }
         } }
-        @if found.items.is_empty() { p #empty { "No records match." } }
         @if let Some(next) = found.next { p { a #next href={ "/console/records?" (f.query(Some(next))) } { "Older records →" } } }
     };
     super::layout::page(&Page { title: "Records", signed_in: Some(&s), body }).into_response()

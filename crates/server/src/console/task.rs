@@ -105,6 +105,7 @@ struct Sent {
     counts: Option<StatusCounts>,
     html: String,
     read_at: Option<Instant>,
+    /// The `done` or `restart` event was sent: the stream ends.
     done: bool,
 }
 
@@ -114,10 +115,10 @@ struct Sent {
 /// event and the stream ends. Each event's data is JSON: `{"state", "progress", "html"}`, the
 /// HTML being the `#live` element as `/console/tasks/{id}/live` returns it. The task's counts are
 /// read every 250 ms and the items with their node results when the counts change or at least
-/// every second. The stream also ends when the session does (sign-out, expiry), and, without a
-/// `done`, after `[server] shutdown_grace` (10 s by default): the browser opens it again a second
-/// later, and a server told to stop is never held up by open task pages for longer than it
-/// grants requests in flight.
+/// every second. The stream also ends when the session does (sign-out, expiry), and after
+/// `[server] shutdown_grace` (10 s by default) with a `restart` event (data `{}`): the browser
+/// opens it again a second later, and a server told to stop is never held up by open task pages
+/// for longer than it grants requests in flight.
 pub async fn events(
     State(state): State<AppState>,
     axum::Extension(sessions): axum::Extension<Arc<Sessions>>,
@@ -159,8 +160,12 @@ pub async fn events(
                     }
                 }
                 tokio::time::sleep(TICK).await;
-                if !sessions.is_live(&s.session.id) || Instant::now() >= ends_at {
+                if !sessions.is_live(&s.session.id) {
                     return None;
+                }
+                if Instant::now() >= ends_at {
+                    sent.done = true;
+                    return Some((Ok(Event::default().event("restart").data("{}")), (None, sent)));
                 }
                 current = match state.service.task(&s.credential.account, task_id).await {
                     Ok(Some(task)) => Some(task),

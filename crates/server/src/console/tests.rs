@@ -169,7 +169,7 @@ async fn invalid_lines_are_shown_escaped_and_nothing_is_submitted() {
     );
     assert!(!html.contains("<script>window"));
     let records = text(send(&app, get("/console/records", Some(&id))).await).await;
-    assert!(records.contains("No records match."), "nothing may be submitted while a line is invalid");
+    assert!(records.contains("No records match: 0 in total."), "nothing may be submitted while a line is invalid");
 }
 
 #[tokio::test]
@@ -346,7 +346,9 @@ async fn the_task_stream_of_a_running_task_ends_after_the_shutdown_grace_and_sta
         let mut buffer = String::new();
         let (event, data) = next_event(&mut body, &mut buffer).await.unwrap();
         assert_eq!((event.as_str(), data["state"].as_str()), ("live", Some("running")));
-        assert!(next_event(&mut body, &mut buffer).await.is_none(), "no `done`: the browser reconnects");
+        let (event, data) = next_event(&mut body, &mut buffer).await.unwrap();
+        assert_eq!((event.as_str(), data), ("restart", serde_json::json!({})), "no `done`: the browser reconnects");
+        assert!(next_event(&mut body, &mut buffer).await.is_none());
         let took = started.elapsed();
         assert!(took >= std::time::Duration::from_secs(1) && took < std::time::Duration::from_secs(3), "{took:?}");
     }
@@ -428,4 +430,67 @@ async fn records_show_exact_totals_of_every_filter_and_the_csv_holds_them_all() 
     let csv =
         text(send(&app, get(&format!("/console/records.csv?url=%2Fx_%2F&cursor={cursor}"), Some(&id))).await).await;
     assert_eq!(csv.lines().count(), 1 + 70);
+}
+
+#[tokio::test]
+async fn tags_and_regexes_of_one_host_are_submitted_with_the_same_inline_checks() {
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    let form = text(send(&app, get("/console/submit", Some(&id))).await).await;
+    assert!(form.contains(r#"<option value="tag">"#) && form.contains(r#"<option value="regex">"#), "{form}");
+    assert!(form.contains("cache tags 10000 of 10000") && form.contains("regexes 100 of 100"), "{form}");
+    let submit = |fields: Vec<(&'static str, &'static str)>| {
+        let mut form = vec![("csrf", csrf.as_str())];
+        form.extend(fields);
+        post("/console/submit", Some(&id), &form)
+    };
+    let refused = |html: &str, sentence: &str| assert!(html.contains(sentence), "{sentence}: {html}");
+
+    // Wrong combinations are refused with a sentence, and nothing is submitted.
+    let host = ("host", "www.example.com");
+    for (fields, sentence) in [
+        (vec![("type", "tag"), ("urls", "p-1")], "Enter the host whose objects the cache tags purge."),
+        (vec![("type", "tag"), ("kind", "prefetch"), ("urls", "p-1"), host], "Cache tags can only be refreshed."),
+        (
+            vec![("type", "regex"), ("urls", "^/a\n^/b\n^/c\n^/d\n^/e\n^/f\n^/g\n^/h\n^/i\n^/j\n^/k"), host],
+            "Enter from 1 to 10 regexes, one a line.",
+        ),
+        (
+            vec![("type", "url"), ("urls", "http://www.example.com/a"), host],
+            "The host is for cache tags and regexes only",
+        ),
+        (
+            vec![("type", "tag"), ("urls", "p-1"), host, ("confirm_all", "1")],
+            "Purging the whole host is for regexes only.",
+        ),
+    ] {
+        let r = send(&app, submit(fields)).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        refused(&text(r).await, sentence);
+    }
+    // Each invalid line with its number and the API's reason; the host must be the account's.
+    let r = send(&app, submit(vec![("type", "regex"), ("urls", "^/img/\n\\d+\n.*"), host])).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let html = text(r).await;
+    refused(&html, "2 invalid line(s); nothing was submitted.");
+    refused(&html, "line 2: <code>\\d+</code>");
+    refused(&html, "line 3: <code>.*</code>");
+    let r = send(&app, submit(vec![("type", "tag"), ("urls", "p-1"), ("host", "other.test")])).await;
+    refused(&text(r).await, "line 1: <code>p-1</code>");
+    let records = text(send(&app, get("/console/records", Some(&id))).await).await;
+    assert!(records.contains("No records match: 0 in total."), "{records}");
+
+    // Valid: tags (markup in one is only text), then a whole-host regex confirmed.
+    let r = send(&app, submit(vec![("type", "tag"), ("urls", "product-42\n<b>x</b>\nproduct-42"), host])).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()[header::LOCATION], "/console/tasks/1");
+    let page = text(send(&app, get("/console/tasks/1", Some(&id))).await).await;
+    assert!(page.contains("tag:www.example.com:product-42") && page.contains("of 2."), "duplicates merged: {page}");
+    assert!(page.contains("tag:www.example.com:&lt;b&gt;x&lt;/b&gt;") && !page.contains("<b>x</b>"), "{page}");
+    let r = send(&app, submit(vec![("type", "regex"), ("urls", ".*"), host, ("confirm_all", "1")])).await;
+    assert_eq!(r.headers()[header::LOCATION], "/console/tasks/2");
+    let page = text(send(&app, get("/console/records?url=regex%3A", Some(&id))).await).await;
+    assert!(page.contains("Records 1–1 of 1 matching.") && page.contains("regex:www.example.com:.*"), "{page}");
+    let form = text(send(&app, get("/console/submit", Some(&id))).await).await;
+    assert!(form.contains("cache tags 9998 of 10000") && form.contains("regexes 99 of 100"), "{form}");
 }
