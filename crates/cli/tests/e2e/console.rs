@@ -77,7 +77,7 @@ impl Browser {
         self.client.set_window_size(1280, 900).await.unwrap();
     }
 
-    /// The text of the element `css` names; found again when htmx replaced it meanwhile.
+    /// The text of the element `css` names; found again when the page's script replaced it meanwhile.
     async fn text(&self, css: &str) -> String {
         let mut tries = 0;
         loop {

@@ -71,9 +71,9 @@ struct Found {
     skipped: u64,
 }
 
-/// The filters as the store reads them, or the 400 page of the first invalid one.
-fn store_filter(f: &Filters, now: Timestamp) -> Result<ItemFilter<'_>, Response> {
-    let bad = |m: &str| error_page(StatusCode::BAD_REQUEST, m);
+/// The filters as the store reads them, or why the first invalid one is (for a 400 page).
+fn store_filter(f: &Filters, now: Timestamp) -> Result<ItemFilter<'_>, String> {
+    let bad = |m: &str| m.to_owned();
     let kind = match f.kind.as_str() {
         "" => None,
         k => Some(k.parse::<Kind>().map_err(|_| bad("kind must be refresh or prefetch"))?),
@@ -85,7 +85,7 @@ fn store_filter(f: &Filters, now: Timestamp) -> Result<ItemFilter<'_>, Response>
     if f.url.contains('\0') {
         return Err(bad("the URL text cannot hold a NUL character"));
     }
-    let since = f.since(now).map_err(|m| bad(&m))?;
+    let since = f.since(now)?;
     let url_contains = Some(f.url.as_str()).filter(|u| !u.is_empty());
     Ok(ItemFilter { kind, status, since, url_contains, ..ItemFilter::default() })
 }
@@ -93,7 +93,7 @@ fn store_filter(f: &Filters, now: Timestamp) -> Result<ItemFilter<'_>, Response>
 /// Up to `want` items matching the filters from `f.cursor`, newest first, with the exact totals:
 /// the store filters every field (the URL substring too) and counts the same set.
 async fn find(state: &AppState, s: &SignedIn, f: &Filters, want: u32) -> Result<Found, Response> {
-    let filter = store_filter(f, now_ms())?;
+    let filter = store_filter(f, now_ms()).map_err(|m| error_page(StatusCode::BAD_REQUEST, &m))?;
     let unavailable = |e: cachectl_core::StoreError| {
         tracing::error!(error = %e, "Console could not read records.");
         error_page(StatusCode::SERVICE_UNAVAILABLE, "The service is temporarily unavailable; try again.")
@@ -153,8 +153,8 @@ pub async fn page(State(state): State<AppState>, s: SignedIn, Query(f): Query<Fi
 /// it failed) rather than ending it short.
 pub async fn csv(State(state): State<AppState>, s: SignedIn, Query(f): Query<Filters>) -> Response {
     let now = now_ms();
-    if let Err(r) = store_filter(&f, now) {
-        return r;
+    if let Err(m) = store_filter(&f, now) {
+        return error_page(StatusCode::BAD_REQUEST, &m);
     }
     let account = s.credential.account.clone();
     // (the cursor to read from, the header while it is not sent); both `None`: the end.
@@ -223,7 +223,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -67,7 +67,7 @@ pub async fn page(State(state): State<AppState>, s: SignedIn, Path(id): Path<Str
     super::layout::page(&Page { title: &title, signed_in: Some(s), body }).into_response()
 }
 
-/// `GET /console/tasks/{id}/live`: the live part alone, for htmx.
+/// `GET /console/tasks/{id}/live`: the live part alone, the script's fallback while the stream is down.
 pub async fn live(State(state): State<AppState>, s: SignedIn, Path(id): Path<String>) -> Response {
     let task = match owned(&state, &s, &id).await {
         Ok(t) => t,
