@@ -1,9 +1,10 @@
 //! The web console in Debian's Chromium, driven over WebDriver (chromedriver on a free port of
 //! 127.0.0.1, in a process group of its own that is stopped with the browser when the test
 //! ends): sign-in, a refresh of 3 URLs against a real Varnish followed to 100 % by the task
-//! page's SSE stream without a reload, per-node rows, record filters with their exact totals,
-//! the CSV downloaded by clicking its link, sign-out, a wrong token, another account's task, and
-//! markup in records that must not run. Screenshots are kept in a directory whose path is printed.
+//! page's SSE stream without a reload, per-node rows, a cache tag purge from the form, record
+//! filters with their exact totals, the CSV downloaded by clicking its link, the task page's
+//! fallback when its stream cannot be opened, sign-out, a wrong token, another account's task,
+//! and markup that must not run. Screenshots are kept in a directory whose path is printed.
 
 use crate::support::*;
 use cachectl_testkit::Group;
@@ -194,6 +195,7 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
 
     let (task_url, task_id, urls) = submit_and_follow(&b, &server).await;
     records_and_csv(&b, &server, &urls).await;
+    stream_refused_falls_back_to_the_fragment(&b, &server).await;
 
     // Sign out: the session is gone.
     b.client.find(Locator::Css("form.signout button")).await.unwrap().click().await.unwrap();
@@ -332,4 +334,72 @@ async fn records_and_csv(b: &Browser, server: &Cachectl, urls: &[String; 3]) {
     assert!(b.text("#node-list").await.contains("slow"));
     assert_eq!(b.count("#chart rect.bar").await, 24);
     b.shoot("overview").await;
+}
+
+/// A proxy in front of `server` that answers every task stream with 502 and passes everything
+/// else through (cookies are per host, not per port, so the browser's session goes along).
+async fn proxy_refusing_streams(server: &Cachectl) -> (u16, tokio::task::JoinHandle<()>) {
+    use axum::body::Body;
+    use axum::http::{Request, Response, StatusCode};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = server.url("");
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let app = axum::Router::new().fallback(move |request: Request<Body>| {
+        let (client, upstream) = (client.clone(), upstream.clone());
+        async move {
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+            if request.uri().path().ends_with("/events") {
+                return Response::builder()
+                    .status(StatusCode::BAD_GATEWAY)
+                    .body(Body::from("no streams here"))
+                    .unwrap();
+            }
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}")).body(body);
+            for (name, value) in &parts.headers {
+                if name != "host" {
+                    forward = forward.header(name, value);
+                }
+            }
+            let answer = forward.send().await.unwrap();
+            let mut response = Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                response = response.header(name, value);
+            }
+            response.body(Body::from(answer.bytes().await.unwrap())).unwrap()
+        }
+    });
+    (port, tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }))
+}
+
+/// When the browser cannot open the stream at all (here a proxy answers it with 502), the page
+/// fetches the fragment every 2 s and still reaches the task's final state without a reload.
+async fn stream_refused_falls_back_to_the_fragment(b: &Browser, server: &Cachectl) {
+    let (port, proxy) = proxy_refusing_streams(server).await;
+    let through = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    b.client.goto(&through("/console/submit")).await.unwrap();
+    let area = b.client.find(Locator::Id("urls")).await.unwrap();
+    area.send_keys("http://www.example.com/console-fallback.css").await.unwrap();
+    b.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
+    let task_url = b.wait_path("/console/tasks/").await;
+    assert_eq!(task_url.port(), Some(port), "{task_url}");
+    b.js("window.__samePage = 43").await;
+    let start = Instant::now();
+    while !b.text("#progress-text").await.starts_with("100 %") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the task page never reached 100 % without its stream");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(b.js("return window.__samePage").await, json!(43), "the page must not have been reloaded");
+    assert_eq!(b.attr("#task", "data-stream").await.as_deref(), Some("done"));
+    assert_eq!(b.attr("#task", "data-events").await.as_deref(), Some("0"), "no event came through the proxy");
+    let fetched = b.js("return performance.getEntriesByType('resource').map(e => e.name)").await;
+    let fetched: Vec<String> = serde_json::from_value(fetched).unwrap();
+    assert!(fetched.iter().any(|u| u.ends_with("/live")), "the fragment was fetched: {fetched:?}");
+    assert_eq!(b.count("#nodes tr.node").await, 2, "{}", b.text("#nodes").await);
+    // Back to the server itself for what follows.
+    b.client.goto(&server.url("/console/")).await.unwrap();
+    assert!(b.wait_text("h1", "Overview").await.contains("Overview"));
+    proxy.abort();
 }
