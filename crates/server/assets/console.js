@@ -40,14 +40,31 @@
     }
     stream("done");
   }
-  // Puts the `#live` element of `html` (rendered and escaped by the server) in place of the page's.
+  // Puts the children and state of the `#live` element of `html` (rendered and escaped by the
+  // server) into the page's `#live`. The element itself stays, and so does the keyboard focus on
+  // a button of it (found again by id); the progress sentence, when it changed, goes to the
+  // `role=status` element that screen readers read out.
   function swap(html) {
     var t = document.createElement("template");
     t.innerHTML = html;
     var fresh = t.content.firstElementChild;
     var old = live();
     if (fresh && fresh.id === "live" && old) {
-      old.replaceWith(fresh);
+      var focused = document.activeElement;
+      var focusId = focused && focused !== old && old.contains(focused) ? focused.id : "";
+      var before = document.getElementById("progress-text");
+      var said = before ? before.textContent : "";
+      old.replaceChildren.apply(old, Array.prototype.slice.call(fresh.childNodes));
+      old.setAttribute("data-state", fresh.getAttribute("data-state") || "");
+      var after = document.getElementById("progress-text");
+      var announce = document.getElementById("announce");
+      if (announce && after && after.textContent !== said) {
+        announce.textContent = after.textContent;
+      }
+      var again = focusId ? document.getElementById(focusId) : null;
+      if (again) {
+        again.focus();
+      }
     }
     if (final()) {
       stop();

@@ -264,6 +264,9 @@ async fn submit_and_follow(b: &Browser, server: &Cachectl) -> (url::Url, i64, [S
     let streams = fetched.iter().filter(|u| u.ends_with("/events")).count();
     println!("task page: {events} events over {streams} stream(s)");
     assert_eq!(b.attr("#live", "data-state").await.as_deref(), Some("completed"));
+    // Screen readers are told the progress sentence through the page's `role=status` element.
+    let announced = b.js("return document.getElementById('announce').textContent").await;
+    assert!(announced.as_str().is_some_and(|t| t.starts_with("100 % done: 3 completed")), "{announced}");
     assert!(b.text("#live").await.contains("completed"));
     assert_eq!(b.count("#nodes tr.item").await, 3);
     assert_eq!(b.count("#nodes tr.node").await, 6, "each URL on v1 and slow");

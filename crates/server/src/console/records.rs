@@ -137,7 +137,7 @@ pub async fn page(State(state): State<AppState>, s: SignedIn, Query(f): Query<Fi
             tbody {
                 @for i in &found.items {
                     tr { td { (time(i.created_at)) } td { a href={ "/console/tasks/" (i.task_id) } { (i.task_id) } }
-                        td { (i.kind.as_str()) " " (i.item_type.as_str()) } td.url { (i.url) }
+                        td { (i.kind.as_str()) " " (i.item_type.as_str()) @if i.soft { " (soft)" } } td.url { (i.url) }
                         td { (status(i.status.as_str())) } td { (i.reason.as_deref().unwrap_or("")) } }
                 }
             }

@@ -39,6 +39,9 @@ pub struct SubmitForm {
     /// A regex that matches every path of the host may purge it all.
     #[serde(default)]
     confirm_all: Option<String>,
+    /// A soft purge: marked stale instead of removed (refreshes of URLs and tags).
+    #[serde(default)]
+    soft: Option<String>,
 }
 
 /// What the form shows besides its fields.
@@ -107,6 +110,11 @@ async fn render(state: &AppState, s: &SignedIn, f: &SubmitForm, outcome: &Outcom
             }
             label for="urls" { "One URL, directory, tag or regex a line" }
             textarea #urls name="urls" required spellcheck="false" { (f.urls) }
+            label.check for="soft" {
+                input #soft type="checkbox" name="soft" value="1" checked[f.soft.is_some()] aria-describedby="soft-hint";
+                " Soft purge"
+            }
+            p.hint #soft-hint { "Refreshes of URLs and cache tags only: the objects are marked stale instead of removed, and served stale while one request fetches them again from the origin (for as long as their grace lasts)." }
             fieldset.targets {
                 legend { "Cache tags and regexes only" }
                 label for="host" { "Host" }
@@ -159,6 +167,8 @@ pub async fn submit(State(state): State<AppState>, s: SignedIn, Form(f): Form<Su
         Some("The host is for cache tags and regexes only; URLs and directories name their own.".to_owned())
     } else if item_type != ItemType::Regex && f.confirm_all.is_some() {
         Some("Purging the whole host is for regexes only.".to_owned())
+    } else if f.soft.is_some() && !(kind == TaskKind::Refresh && matches!(item_type, ItemType::Url | ItemType::Tag)) {
+        Some("A soft purge is for refreshes of URLs or cache tags: a directory or regex purge is a ban, which cannot keep objects stale.".to_owned())
     } else {
         None
     };
@@ -175,6 +185,7 @@ pub async fn submit(State(state): State<AppState>, s: SignedIn, Form(f): Form<Su
         let urls = lines.iter().map(|(_, l)| SubmittedUrl::now(*l, item_type)).collect();
         state.service.validate(&s.credential.account, kind, urls, now)
     };
+    let validated = if f.soft.is_some() { validated.soft() } else { validated };
     if !validated.rejected.is_empty() {
         let mut invalid = Vec::new();
         for (text, e) in &validated.rejected {

@@ -62,7 +62,11 @@ pub async fn page(State(state): State<AppState>, s: SignedIn, Path(id): Path<Str
         h1 { "Task " (task.id) " · " (task.kind.as_str()) }
         p.hint { "Submitted " (time(task.created_at)) " UTC by " (task.operator) " through " (task.dialect) "." }
         div #task data-events-url={ "/console/tasks/" (id) "/events" } data-live-url={ "/console/tasks/" (id) "/live" }
-            data-events="0" data-stream="idle" { (live) }
+            data-events="0" data-stream="idle" {
+            // Read out by screen readers when the script changes it (the progress sentence).
+            p #announce .visually-hidden role="status" {}
+            (live)
+        }
     };
     super::layout::page(&Page { title: &title, signed_in: Some(s), body }).into_response()
 }
@@ -205,7 +209,7 @@ fn render_live(
     let tier =
         |node: &str| state.settings.nodes.iter().find(|n| n.node.name == node).map_or("—", |n| n.node.tier.as_str());
     html! {
-        div #live data-state=(task.state().as_str()) aria-live="polite" {
+        div #live data-state=(task.state().as_str()) {
             p { "State: " (status(task.state().as_str())) }
             progress #progress max="100" value=(progress) aria-label="progress" { (progress) " %" }
             p #progress-text { (progress) " % done: " (c.completed) " completed, " (c.failed) " failed, "
@@ -214,13 +218,13 @@ fn render_live(
                 @if c.failed > 0 {
                     form method="post" action={ "/console/tasks/" (id) "/retry" } {
                         input type="hidden" name="csrf" value=(s.session.csrf);
-                        button type="submit" { "Retry failed items" }
+                        button #retry type="submit" { "Retry failed items" }
                     }
                 }
                 @if c.waiting > 0 {
                     form method="post" action={ "/console/tasks/" (id) "/cancel" } {
                         input type="hidden" name="csrf" value=(s.session.csrf);
-                        button.secondary type="submit" { "Cancel waiting items" }
+                        button #cancel .secondary type="submit" { "Cancel waiting items" }
                     }
                 }
             }
@@ -229,7 +233,7 @@ fn render_live(
                 thead { tr { th { "URL / node" } th { "Tier" } th { "State" } th { "Attempts" } th { "HTTP" } th { "Time taken" } th { "Reason" } } }
                 tbody {
                     @for item in items {
-                        tr.item { td.url { b { (item.url) } } td { "" } td { (status(item.status.as_str())) } td {} td {}
+                        tr.item { td.url { b { (item.url) } @if item.soft { " (soft)" } } td { "" } td { (status(item.status.as_str())) } td {} td {}
                             td { (item.finished_at.map(|f| seconds(f.millis() - item.created_at.millis())).unwrap_or_default()) }
                             td { (item.reason.as_deref().unwrap_or("")) } }
                         @for r in by_item.get(&item.id).map(Vec::as_slice).unwrap_or_default() {

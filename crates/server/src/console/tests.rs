@@ -494,3 +494,39 @@ async fn tags_and_regexes_of_one_host_are_submitted_with_the_same_inline_checks(
     let form = text(send(&app, get("/console/submit", Some(&id))).await).await;
     assert!(form.contains("cache tags 9998 of 10000") && form.contains("regexes 99 of 100"), "{form}");
 }
+
+#[tokio::test]
+async fn soft_purges_of_urls_and_tags_are_submitted_and_shown() {
+    let app = app().await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    let submit = |fields: Vec<(&'static str, &'static str)>| {
+        let mut form = vec![("csrf", csrf.as_str()), ("soft", "1")];
+        form.extend(fields);
+        post("/console/submit", Some(&id), &form)
+    };
+    let host = ("host", "www.example.com");
+    let ban = "A soft purge is for refreshes of URLs or cache tags";
+    for fields in [
+        vec![("type", "dir"), ("urls", "http://www.example.com/d/")],
+        vec![("type", "regex"), ("urls", "^/img/"), host],
+        vec![("kind", "prefetch"), ("urls", "http://www.example.com/a")],
+        vec![("kind", "refresh_then_prefetch"), ("urls", "http://www.example.com/a")],
+    ] {
+        let r = send(&app, submit(fields)).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let html = text(r).await;
+        assert!(html.contains(ban), "{html}");
+    }
+    let r = send(&app, submit(vec![("urls", "http://www.example.com/a")])).await;
+    assert_eq!(r.headers()[header::LOCATION], "/console/tasks/1");
+    let r = send(&app, submit(vec![("type", "tag"), ("urls", "p-1"), host])).await;
+    assert_eq!(r.headers()[header::LOCATION], "/console/tasks/2");
+    let page = text(send(&app, get("/console/tasks/1", Some(&id))).await).await;
+    assert!(page.contains("<b>http://www.example.com/a</b> (soft)"), "{page}");
+    let records = text(send(&app, get("/console/records", Some(&id))).await).await;
+    assert!(records.contains("refresh tag (soft)") && records.contains("refresh url (soft)"), "{records}");
+    // Without the box, a purge is hard.
+    let hard = post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", "http://www.example.com/b")]);
+    assert_eq!(send(&app, hard).await.headers()[header::LOCATION], "/console/tasks/3");
+    assert!(!text(send(&app, get("/console/tasks/3", Some(&id))).await).await.contains("(soft)"));
+}
