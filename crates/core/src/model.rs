@@ -418,6 +418,8 @@ pub struct ItemFilter<'a> {
     pub domain: Option<&'a str>,
     /// Only this exact URL.
     pub url: Option<&'a str>,
+    /// Only URLs that contain this text (case-sensitive; an empty text matches every URL).
+    pub url_contains: Option<&'a str>,
     /// Created at or after.
     pub since: Option<Timestamp>,
     /// Created before.

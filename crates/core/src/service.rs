@@ -416,6 +416,14 @@ impl Service {
         self.store.list_items(&account.name, filter, limit).await
     }
 
+    /// How many of the account's items match `filter`: the exact total of `list_items`.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn count_items(&self, account: &Account, filter: &ItemFilter<'_>) -> Result<u64, StoreError> {
+        self.store.count_items(&account.name, filter).await
+    }
+
     /// The node results of the given items of the account.
     ///
     /// # Errors

@@ -124,6 +124,10 @@ pub trait TaskStore: Send + Sync + 'static {
     /// The account's items matching `filter`, newest first, at most `limit`.
     async fn list_items(&self, account: &AccountName, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>>;
 
+    /// How many of the account's items match `filter` (its `before_id` included): the exact
+    /// total of what `list_items` pages through.
+    async fn count_items(&self, account: &AccountName, filter: &ItemFilter<'_>) -> StoreResult<u64>;
+
     /// The node results of these items, if they are the account's.
     async fn node_results(&self, account: &AccountName, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>>;
 

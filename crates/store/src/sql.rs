@@ -31,6 +31,10 @@ pub(crate) trait Dialect: Database {
     const INSERT_CHUNK: usize;
     /// The day (`YYYY-MM-DD`, UTC) two days before the time `?1` in milliseconds.
     const TWO_DAYS_BEFORE: &'static str;
+    /// The function that gives the position (from 1, or 0 when absent) of its second argument in
+    /// its first, comparing exactly (case-sensitive, no wildcards): `instr` on SQLite, `strpos` on
+    /// PostgreSQL.
+    const POSITION: &'static str;
 
     /// How many rows a statement changed.
     fn rows_affected(done: &Self::QueryResult) -> u64;
@@ -42,6 +46,7 @@ impl Dialect for sqlx::Sqlite {
     const WAIT_LOCK: &'static str = "";
     const INSERT_CHUNK: usize = 500;
     const TWO_DAYS_BEFORE: &'static str = "date(?1 / 1000, 'unixepoch', '-2 days')";
+    const POSITION: &'static str = "instr";
 
     fn rows_affected(done: &Self::QueryResult) -> u64 {
         done.rows_affected()
@@ -54,6 +59,7 @@ impl Dialect for sqlx::Postgres {
     const WAIT_LOCK: &'static str = " FOR UPDATE";
     const INSERT_CHUNK: usize = 1000;
     const TWO_DAYS_BEFORE: &'static str = "to_char(to_timestamp(?1 / 1000.0) - interval '2 days', 'YYYY-MM-DD')";
+    const POSITION: &'static str = "strpos";
 
     fn rows_affected(done: &Self::QueryResult) -> u64 {
         done.rows_affected()

@@ -156,23 +156,19 @@ impl<DB: Db, B: Backend<Db = DB>> TaskStore for SqlStore<DB, B> {
     async fn list_items(&self, account: &AccountName, filter: &ItemFilter<'_>, limit: u32) -> StoreResult<Vec<Item>> {
         let mut q = Sql::<DB>::new();
         q.sql("SELECT ").sql(ITEM_COLUMNS).sql(" FROM items WHERE account = ").text(account.as_str());
-        q.and([
-            ("task_id = ", filter.task_id.map(Arg::from)),
-            ("kind = ", filter.kind.map(|kind| Arg::Text(kind.as_str()))),
-            ("status = ", filter.status.map(|status| Arg::Text(status.as_str()))),
-            ("url = ", filter.url.map(Arg::Text)),
-        ]);
-        if let Some(domain) = filter.domain {
-            host_filter(q.sql(" AND "), "host", domain);
-        }
-        q.and([
-            ("created_at >= ", filter.since.map(Arg::from)),
-            ("created_at < ", filter.until.map(Arg::from)),
-            ("id < ", filter.before_id.map(Arg::Int)),
-        ]);
+        item_conditions(&mut q, filter);
         q.sql(" ORDER BY id DESC LIMIT ").int(i64::from(limit));
         let mut conn = self.reader.acquire().await.map_err(unavailable)?;
         Ok(q.rows(&mut conn).await?.iter().map(item_from_row::<DB>).collect())
+    }
+
+    async fn count_items(&self, account: &AccountName, filter: &ItemFilter<'_>) -> StoreResult<u64> {
+        let mut q = Sql::<DB>::new();
+        q.sql("SELECT COUNT(*) FROM items WHERE account = ").text(account.as_str());
+        item_conditions(&mut q, filter);
+        let mut conn = self.reader.acquire().await.map_err(unavailable)?;
+        let n = q.row(&mut conn).await?.map_or(0, |row| DB::int(&row, 0));
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn node_results(&self, account: &AccountName, item_ids: &[i64]) -> StoreResult<Vec<(i64, NodeResult)>> {
@@ -404,4 +400,28 @@ fn host_filter<'q, 'a, W: SqlWriter<'a>>(q: &'q mut W, column: &str, domain: &'a
     q.sql("(").sql(column).sql(" = ").text(domain);
     q.sql(" OR substr(").sql(column).sql(", length(").sql(column).sql(") - length(").bind(suffix.clone().into());
     q.sql(") + 1) = ").bind(suffix.into()).sql(")")
+}
+
+/// Appends the conditions of the native item list's `filter` (after `WHERE account = …`), the
+/// same for a page (`list_items`) and its total (`count_items`). The URL substring is matched
+/// with the backend's exact `POSITION` function: no `LIKE`, whose `%` and `_` would be
+/// wildcards and which SQLite compares without case.
+fn item_conditions<'a, DB: Db>(q: &mut Sql<'a, DB>, filter: &ItemFilter<'a>) {
+    q.and([
+        ("task_id = ", filter.task_id.map(Arg::from)),
+        ("kind = ", filter.kind.map(|kind| Arg::Text(kind.as_str()))),
+        ("status = ", filter.status.map(|status| Arg::Text(status.as_str()))),
+        ("url = ", filter.url.map(Arg::Text)),
+    ]);
+    if let Some(domain) = filter.domain {
+        host_filter(q.sql(" AND "), "host", domain);
+    }
+    if let Some(text) = filter.url_contains.filter(|t| !t.is_empty()) {
+        q.sql(" AND ").sql(DB::POSITION).sql("(url, ").text(text).sql(") > 0");
+    }
+    q.and([
+        ("created_at >= ", filter.since.map(Arg::from)),
+        ("created_at < ", filter.until.map(Arg::from)),
+        ("id < ", filter.before_id.map(Arg::Int)),
+    ]);
 }

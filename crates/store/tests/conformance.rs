@@ -1025,3 +1025,85 @@ async fn directory_changes_are_atomic_audited_and_versioned() {
         assert_eq!(store.directory_version().await.unwrap(), 8, "{name}");
     }
 }
+
+#[tokio::test]
+async fn item_counts_and_url_substrings_are_exact_for_every_filter() {
+    use cachectl_core::{Item, ItemFilter};
+    for (name, store) in backends().await.stores {
+        let acme = acct("acme");
+        let a = "http://www.example.com/a/100%25_off.css";
+        let upper = "http://www.example.com/A/Upper.css";
+        let lower = "http://www.example.com/a/lower.css";
+        store.create_task(&task("acme", Kind::Refresh, T0, &[a, upper, lower]), &[]).await.unwrap();
+        let second = task("acme", Kind::Refresh, T0 + H, &[lower, "http://www.example.com/b/"]);
+        let cancelled = store.create_task(&second, &[]).await.unwrap();
+        assert_eq!(store.cancel_waiting(&acme, cancelled, at(T0 + H + 1)).await.unwrap(), 2, "{name}");
+        store
+            .create_task(&task("acme", Kind::Prefetch, T0 + 2 * H, &[a, "http://www.example.com/a/x.css"]), &[])
+            .await
+            .unwrap();
+        // Another account's items are never counted.
+        store.create_task(&task("other", Kind::Refresh, T0 + H, &[lower, a]), &[]).await.unwrap();
+
+        let all = store.list_items(&acme, &ItemFilter::default(), 1000).await.unwrap();
+        assert_eq!(all.len(), 7, "{name}");
+        assert_eq!(store.count_items(&acme, &ItemFilter::default()).await.unwrap(), 7, "{name}");
+        let contains = [
+            None,
+            Some(""),
+            Some("%25_"),
+            Some("_"),
+            Some("%"),
+            Some("Upper"),
+            Some("upper"),
+            Some("/a/"),
+            Some("none"),
+        ];
+        for url_contains in contains {
+            for kind in [None, Some(Kind::Refresh), Some(Kind::Prefetch)] {
+                for status in [None, Some(ItemStatus::Failed), Some(ItemStatus::Waiting)] {
+                    for since in [None, Some(at(T0 + H))] {
+                        let filter = ItemFilter { url_contains, kind, status, since, ..ItemFilter::default() };
+                        let expected: Vec<i64> = all
+                            .iter()
+                            .filter(|i: &&Item| url_contains.is_none_or(|t| i.url.contains(t)))
+                            .filter(|i| kind.is_none_or(|k| i.kind == k))
+                            .filter(|i| status.is_none_or(|s| i.status == s))
+                            .filter(|i| since.is_none_or(|s| i.created_at >= s))
+                            .map(|i| i.id)
+                            .collect();
+                        let count = store.count_items(&acme, &filter).await.unwrap();
+                        assert_eq!(count, expected.len() as u64, "{name}: {filter:?}");
+                        // Keyset pages of 2 walk exactly the same items, newest first.
+                        let (mut walked, mut before) = (Vec::new(), None);
+                        loop {
+                            let page_filter = ItemFilter { before_id: before, ..filter.clone() };
+                            let page = store.list_items(&acme, &page_filter, 2).await.unwrap();
+                            walked.extend(page.iter().map(|i| i.id));
+                            before = page.last().map(|i| i.id);
+                            if page.len() < 2 {
+                                break;
+                            }
+                        }
+                        assert_eq!(walked, expected, "{name}: {filter:?}");
+                    }
+                }
+            }
+        }
+        // Spot checks of the exact matching: no wildcards, case kept.
+        let count = |t: &'static str| {
+            let store = store.clone();
+            let acme = acme.clone();
+            async move {
+                store.count_items(&acme, &ItemFilter { url_contains: Some(t), ..ItemFilter::default() }).await.unwrap()
+            }
+        };
+        assert_eq!(count("%25_").await, 2, "{name}: the refresh and the prefetch of a");
+        assert_eq!(count("a%25").await, 0, "{name}: '%' is no wildcard");
+        assert_eq!(count("Upper").await, 1, "{name}");
+        assert_eq!(count("upper").await, 0, "{name}: case-sensitive");
+        let before = all[2].id;
+        let filter = ItemFilter { before_id: Some(before), ..ItemFilter::default() };
+        assert_eq!(store.count_items(&acme, &filter).await.unwrap(), 4, "{name}: the cursor counts too");
+    }
+}

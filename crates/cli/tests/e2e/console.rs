@@ -1,8 +1,10 @@
 //! The web console in Debian's Chromium, driven over WebDriver (chromedriver on a free port of
 //! 127.0.0.1, in a process group of its own that is stopped with the browser when the test
-//! ends): sign-in, a refresh of 3 URLs against a real Varnish followed live to 100 %, per-node
-//! rows, record filters, the CSV, sign-out, a wrong token, another account's task, and
-//! markup in records that must not run. Screenshots are kept in a directory whose path is printed.
+//! ends): sign-in, a refresh of 3 URLs against a real Varnish followed to 100 % by the task
+//! page's SSE stream without a reload, per-node rows, a cache tag purge from the form, record
+//! filters with their exact totals, the CSV downloaded by clicking its link, the task page's
+//! fallback when its stream cannot be opened, sign-out, a wrong token, another account's task,
+//! and markup that must not run. Screenshots are kept in a directory whose path is printed.
 
 use crate::support::*;
 use cachectl_testkit::Group;
@@ -18,6 +20,8 @@ struct Browser {
     client: Client,
     _driver: Group,
     _profile: tempfile::TempDir,
+    /// Where Chromium saves downloads (set in the session's capabilities).
+    downloads: tempfile::TempDir,
     shots: PathBuf,
 }
 
@@ -33,6 +37,7 @@ impl Browser {
         .expect("chromedriver (apt-get install chromium chromium-driver)");
         cachectl_testkit::caches::wait_port(port, "chromedriver").await;
         let profile = tempfile::tempdir().unwrap();
+        let downloads = tempfile::tempdir().unwrap();
         let args = [
             "--headless=new".to_owned(),
             "--no-sandbox".to_owned(),
@@ -43,7 +48,15 @@ impl Browser {
             format!("--user-data-dir={}", profile.path().display()),
         ];
         let mut caps = serde_json::Map::new();
-        caps.insert("goog:chromeOptions".to_owned(), json!({ "binary": "/usr/bin/chromium", "args": args }));
+        let prefs = json!({
+            "download.default_directory": downloads.path(),
+            "download.prompt_for_download": false,
+            "download.directory_upgrade": true,
+        });
+        caps.insert(
+            "goog:chromeOptions".to_owned(),
+            json!({ "binary": "/usr/bin/chromium", "args": args, "prefs": prefs }),
+        );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client = ClientBuilder::new(connector)
             .capabilities(caps)
@@ -52,7 +65,7 @@ impl Browser {
             .expect("a Chromium session");
         let shots = tempfile::Builder::new().prefix("cachectl-console-screens-").tempdir().unwrap().keep();
         println!("console screenshots: {}", shots.display());
-        Self { client, _driver: driver, _profile: profile, shots }
+        Self { client, _driver: driver, _profile: profile, downloads, shots }
     }
 
     /// Saves the page at desktop and phone width as `<name>-desktop.png` and `<name>-phone.png`.
@@ -65,7 +78,7 @@ impl Browser {
         self.client.set_window_size(1280, 900).await.unwrap();
     }
 
-    /// The text of the element `css` names; found again when htmx replaced it meanwhile.
+    /// The text of the element `css` names; found again when the page's script replaced it meanwhile.
     async fn text(&self, css: &str) -> String {
         let mut tries = 0;
         loop {
@@ -105,6 +118,26 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits up to 10 s for Chromium to finish downloading `name`, and returns its text.
+    async fn downloaded(&self, name: &str) -> String {
+        let path = self.downloads.path().join(name);
+        let start = Instant::now();
+        loop {
+            // Chromium writes `<name>.crdownload` and renames it once the download is complete.
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                return text;
+            }
+            let listing: Vec<_> =
+                std::fs::read_dir(self.downloads.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+            assert!(start.elapsed() < Duration::from_secs(10), "no {name} downloaded: {listing:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn attr(&self, css: &str, name: &str) -> Option<String> {
+        self.client.find(Locator::Css(css)).await.unwrap().attr(name).await.unwrap()
     }
 
     async fn count(&self, css: &str) -> usize {
@@ -162,6 +195,7 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
 
     let (task_url, task_id, urls) = submit_and_follow(&b, &server).await;
     records_and_csv(&b, &server, &urls).await;
+    stream_refused_falls_back_to_the_fragment(&b, &server).await;
 
     // Sign out: the session is gone.
     b.client.find(Locator::Css("form.signout button")).await.unwrap().click().await.unwrap();
@@ -181,7 +215,7 @@ async fn console_in_chromium_signs_in_follows_a_refresh_live_filters_exports_and
 }
 
 /// The form refuses an invalid line, then submits 3 URLs; the task page follows them to 100 %
-/// without a reload. The task page's URL, the task id and the URLs.
+/// through its SSE stream, without a reload. The task page's URL, the task id and the URLs.
 async fn submit_and_follow(b: &Browser, server: &Cachectl) -> (url::Url, i64, [String; 3]) {
     // An invalid line is shown with its reason, escaped, and nothing is submitted.
     b.client.goto(&server.url("/console/submit")).await.unwrap();
@@ -215,6 +249,24 @@ async fn submit_and_follow(b: &Browser, server: &Cachectl) -> (url::Url, i64, [S
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(b.js("return window.__samePage").await, json!(42), "the page must not have been reloaded");
+    // Driven by the stream: events arrived (the live parts while it ran, then `done`), the
+    // stream was closed at the end, and the fragment fallback was never needed.
+    let start = Instant::now();
+    while b.attr("#task", "data-stream").await.as_deref() != Some("done") {
+        assert!(start.elapsed() < Duration::from_secs(5), "the script never closed the stream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events: u32 = b.attr("#task", "data-events").await.unwrap().parse().unwrap();
+    assert!(events >= 2, "the page received {events} events");
+    let fetched = b.js("return performance.getEntriesByType('resource').map(e => e.name)").await;
+    let fetched: Vec<String> = serde_json::from_value(fetched).unwrap();
+    assert!(!fetched.iter().any(|u| u.ends_with("/live")), "the fallback fetched the fragment: {fetched:?}");
+    let streams = fetched.iter().filter(|u| u.ends_with("/events")).count();
+    println!("task page: {events} events over {streams} stream(s)");
+    assert_eq!(b.attr("#live", "data-state").await.as_deref(), Some("completed"));
+    // Screen readers are told the progress sentence through the page's `role=status` element.
+    let announced = b.js("return document.getElementById('announce').textContent").await;
+    assert!(announced.as_str().is_some_and(|t| t.starts_with("100 % done: 3 completed")), "{announced}");
     assert!(b.text("#live").await.contains("completed"));
     assert_eq!(b.count("#nodes tr.item").await, 3);
     assert_eq!(b.count("#nodes tr.node").await, 6, "each URL on v1 and slow");
@@ -227,17 +279,21 @@ async fn submit_and_follow(b: &Browser, server: &Cachectl) -> (url::Url, i64, [S
 
 /// Markup in records is not run; the filters and the CSV export; the overview.
 async fn records_and_csv(b: &Browser, server: &Cachectl, urls: &[String; 3]) {
-    // Markup in a record (a cache tag may hold '<' and '/') is shown as text, never run.
+    // A cache tag purge from the form; markup in the record (a tag may hold '<' and '/') is
+    // shown as text, never run.
     let tag = "<svg/onload=window.__pwned=1>";
-    let r = server
-        .http
-        .post(server.url("/api/v1/tasks"))
-        .bearer_auth(TOKEN)
-        .json(&json!({"type": "tag", "host": "www.example.com", "tags": [tag]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
+    b.client.goto(&server.url("/console/submit")).await.unwrap();
+    b.client.find(Locator::Id("type")).await.unwrap().select_by_value("tag").await.unwrap();
+    b.client.find(Locator::Id("urls")).await.unwrap().send_keys(tag).await.unwrap();
+    b.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
+    // Without a host, the form says so and submits nothing.
+    assert!(b.wait_text("main", "Enter the host").await.contains("Enter the host whose objects the cache tags purge."));
+    b.client.find(Locator::Id("host")).await.unwrap().send_keys("www.example.com").await.unwrap();
+    b.shoot("submit-tag").await;
+    b.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
+    b.wait_path("/console/tasks/").await;
+    assert!(b.wait_text("#nodes", "tag:").await.contains(&format!("tag:www.example.com:{tag}")));
+    assert_eq!(b.js("return typeof window.__pwned").await, json!("undefined"));
     b.client.goto(&server.url("/console/records")).await.unwrap();
     assert_eq!(b.count("#records tbody tr").await, 4);
     assert!(b.text("#records").await.contains(&format!("tag:www.example.com:{tag}")));
@@ -255,29 +311,98 @@ async fn records_and_csv(b: &Browser, server: &Cachectl, urls: &[String; 3]) {
     }
     assert_eq!(b.count("#records tbody tr").await, 1);
     assert!(b.text("#records").await.contains("console-b.css"));
+    assert_eq!(b.text("#total").await, "Records 1–1 of 1 matching.");
     b.client.goto(&server.url("/console/records?status=failed&kind=refresh")).await.unwrap();
     assert_eq!(b.count("#records tbody tr").await, 0);
-    assert!(b.text("#empty").await.contains("No records match"));
+    assert_eq!(b.text("#total").await, "No records match: 0 in total.");
 
-    // The CSV of the filtered records, fetched with the browser's session cookie.
+    // The CSV of the filtered records, downloaded by clicking its link.
     b.client.goto(&server.url("/console/records?url=console-")).await.unwrap();
-    let href = b.client.find(Locator::Id("csv")).await.unwrap().attr("href").await.unwrap().unwrap();
-    let cookie = b.client.get_named_cookie("cachectl_console").await.unwrap();
-    let csv = server
-        .http
-        .get(server.url(&href))
-        .header("cookie", format!("cachectl_console={}", cookie.value()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
-    let csv = csv.text().await.unwrap();
-    assert_eq!(csv.lines().count(), 4, "{csv}");
-    assert!(csv.starts_with("id,task_id,created_at,kind,type,url,status,finished_at,reason"));
-    assert!(urls.iter().all(|u| csv.contains(u.as_str())) && csv.contains(",completed,"), "{csv}");
+    assert_eq!(b.text("#total").await, "Records 1–3 of 3 matching.");
+    b.client.find(Locator::Id("csv")).await.unwrap().click().await.unwrap();
+    let csv = b.downloaded("cachectl-records.csv").await;
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    assert_eq!(rows[0], "id,task_id,created_at,kind,type,url,status,finished_at,reason");
+    for (row, url) in rows[1..].iter().zip(urls.iter().rev()) {
+        let fields: Vec<&str> = row.split(',').collect();
+        assert_eq!(
+            (fields[3], fields[4], fields[5], fields[6]),
+            ("refresh", "url", url.as_str(), "completed"),
+            "{csv}"
+        );
+    }
 
     b.client.goto(&server.url("/console/")).await.unwrap();
     assert!(b.text("#node-list").await.contains("slow"));
     assert_eq!(b.count("#chart rect.bar").await, 24);
     b.shoot("overview").await;
+}
+
+/// A proxy in front of `server` that answers every task stream with 502 and passes everything
+/// else through (cookies are per host, not per port, so the browser's session goes along).
+async fn proxy_refusing_streams(server: &Cachectl) -> (u16, tokio::task::JoinHandle<()>) {
+    use axum::body::Body;
+    use axum::http::{Request, Response, StatusCode};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = server.url("");
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let app = axum::Router::new().fallback(move |request: Request<Body>| {
+        let (client, upstream) = (client.clone(), upstream.clone());
+        async move {
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+            if request.uri().path().ends_with("/events") {
+                return Response::builder()
+                    .status(StatusCode::BAD_GATEWAY)
+                    .body(Body::from("no streams here"))
+                    .unwrap();
+            }
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}")).body(body);
+            for (name, value) in &parts.headers {
+                if name != "host" {
+                    forward = forward.header(name, value);
+                }
+            }
+            let answer = forward.send().await.unwrap();
+            let mut response = Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                response = response.header(name, value);
+            }
+            response.body(Body::from(answer.bytes().await.unwrap())).unwrap()
+        }
+    });
+    (port, tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }))
+}
+
+/// When the browser cannot open the stream at all (here a proxy answers it with 502), the page
+/// fetches the fragment every 2 s and still reaches the task's final state without a reload.
+async fn stream_refused_falls_back_to_the_fragment(b: &Browser, server: &Cachectl) {
+    let (port, proxy) = proxy_refusing_streams(server).await;
+    let through = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    b.client.goto(&through("/console/submit")).await.unwrap();
+    let area = b.client.find(Locator::Id("urls")).await.unwrap();
+    area.send_keys("http://www.example.com/console-fallback.css").await.unwrap();
+    b.client.find(Locator::Css("main button[type=submit]")).await.unwrap().click().await.unwrap();
+    let task_url = b.wait_path("/console/tasks/").await;
+    assert_eq!(task_url.port(), Some(port), "{task_url}");
+    b.js("window.__samePage = 43").await;
+    let start = Instant::now();
+    while !b.text("#progress-text").await.starts_with("100 %") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the task page never reached 100 % without its stream");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(b.js("return window.__samePage").await, json!(43), "the page must not have been reloaded");
+    assert_eq!(b.attr("#task", "data-stream").await.as_deref(), Some("done"));
+    assert_eq!(b.attr("#task", "data-events").await.as_deref(), Some("0"), "no event came through the proxy");
+    let fetched = b.js("return performance.getEntriesByType('resource').map(e => e.name)").await;
+    let fetched: Vec<String> = serde_json::from_value(fetched).unwrap();
+    assert!(fetched.iter().any(|u| u.ends_with("/live")), "the fragment was fetched: {fetched:?}");
+    assert_eq!(b.count("#nodes tr.node").await, 2, "{}", b.text("#nodes").await);
+    // Back to the server itself for what follows.
+    b.client.goto(&server.url("/console/")).await.unwrap();
+    assert!(b.wait_text("h1", "Overview").await.contains("Overview"));
+    proxy.abort();
 }

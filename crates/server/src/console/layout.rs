@@ -29,10 +29,9 @@ fn document(p: &Page<'_>) -> Markup {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false}"#;
                 title { (p.title) " · cachectl console" }
                 link rel="stylesheet" href="/console/assets/console.css";
-                script src="/console/assets/htmx.min.js" defer {}
+                script src="/console/assets/console.js" defer {}
             }
             body {
                 header {

@@ -1,5 +1,5 @@
 //! The web console under `/console/` (docs/console.md): server-rendered HTML (maud, escaped by
-//! default) with the vendored htmx for live fragments. A thin adapter over `Service`, like the
+//! default) and one small script of its own for the task page's live part (SSE). A thin adapter over `Service`, like the
 //! native API: it signs a browser in with an account token (a session cookie, [`session`]),
 //! checks a CSRF token on every POST ([`require_csrf`]) and never reads the store directly.
 
@@ -25,8 +25,8 @@ use serde::Deserialize;
 use session::{Sessions, SignedIn};
 use std::sync::Arc;
 
-/// htmx 2.0.11 (0BSD, crates/server/assets/htmx.LICENSE), vendored from npm's `htmx.org`.
-const HTMX: &[u8] = include_bytes!("../../assets/htmx.min.js");
+/// The console's only script: the task page's live part over SSE (docs/console.md).
+const JS: &str = include_str!("../../assets/console.js");
 /// The console's style sheet.
 const CSS: &str = include_str!("../../assets/console.css");
 
@@ -40,11 +40,12 @@ pub fn routes(sessions: Arc<Sessions>) -> Router<AppState> {
         .route("/console/submit", get(submit::form).post(submit::submit))
         .route("/console/tasks/{id}", get(task::page))
         .route("/console/tasks/{id}/live", get(task::live))
+        .route("/console/tasks/{id}/events", get(task::events))
         .route("/console/tasks/{id}/cancel", post(task::cancel))
         .route("/console/tasks/{id}/retry", post(task::retry))
         .route("/console/records", get(records::page))
         .route("/console/records.csv", get(records::csv))
-        .route("/console/assets/htmx.min.js", get(|| async { asset(HTMX, "text/javascript; charset=utf-8") }))
+        .route("/console/assets/console.js", get(|| async { asset(JS.as_bytes(), "text/javascript; charset=utf-8") }))
         .route("/console/assets/console.css", get(|| async { asset(CSS.as_bytes(), "text/css; charset=utf-8") }))
         .layer(axum::middleware::from_fn(require_csrf))
         .layer(axum::middleware::from_fn(security_headers))

@@ -93,6 +93,12 @@ impl Sessions {
         Some(session.clone())
     }
 
+    /// Whether the session `id` is live (not ended, not expired), without restarting its idle
+    /// clock: an open task page's stream asks this, and is no request of the person.
+    pub fn is_live(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|s| s.last_seen.elapsed() < self.idle)
+    }
+
     /// Ends a session.
     pub fn remove(&self, id: &str) {
         self.lock().remove(id);
@@ -159,6 +165,7 @@ pub fn csrf_matches(session: &Session, given: &str) -> bool {
 }
 
 /// A request from a signed-in session; anything else is sent to the sign-in page.
+#[derive(Clone)]
 pub struct SignedIn {
     /// The session.
     pub session: Session,
@@ -171,10 +178,8 @@ impl<S: Send + Sync> FromRequestParts<S> for SignedIn {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
         let to_login = || {
-            let mut r = Redirect::to("/console/login").into_response();
-            // htmx follows a redirect inside the fragment; this makes it load the whole page instead.
-            r.headers_mut().insert("hx-redirect", HeaderValue::from_static("/console/login"));
-            r
+            // The task page's script sees a fragment request redirected here and loads the page.
+            Redirect::to("/console/login").into_response()
         };
         let sessions = parts.extensions.get::<Arc<Sessions>>().cloned().ok_or_else(to_login)?;
         let id = cookie_id(&parts.headers).ok_or_else(to_login)?;

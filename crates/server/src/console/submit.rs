@@ -1,6 +1,6 @@
-//! The refresh / prefetch form: one URL or directory a line, checked with `Service::validate`
-//! (the native API's path); invalid lines are shown with the reason and nothing is submitted
-//! until they are fixed or dropped.
+//! The refresh / prefetch form: one URL, directory, cache tag or regex a line, checked with
+//! `Service::validate` or `Service::validate_targets` (the native API's paths); invalid lines are
+//! shown with the reason and nothing is submitted until they are fixed or dropped.
 
 use super::error_page;
 use super::layout::{Page, page};
@@ -10,7 +10,7 @@ use crate::clock::now_ms;
 use axum::extract::{Form, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
-use cachectl_core::service::{Submission, SubmitError, SubmittedUrl};
+use cachectl_core::service::{Submission, SubmitError, SubmittedTargets, SubmittedUrl};
 use cachectl_core::{ItemType, Kind, QuotaBucket, TaskKind};
 use maud::html;
 use serde::Deserialize;
@@ -19,6 +19,10 @@ use serde::Deserialize;
 const MAX_URLS: usize = 1000;
 /// Directories in one request at most, as the native API.
 const MAX_DIRS: usize = 100;
+/// Cache tags in one request at most, as the native API.
+const MAX_TAGS: usize = 256;
+/// Regexes in one request at most, as the native API.
+const MAX_REGEXES: usize = 10;
 
 /// The form's fields.
 #[derive(Deserialize, Default)]
@@ -29,6 +33,15 @@ pub struct SubmitForm {
     item_type: String,
     #[serde(default)]
     urls: String,
+    /// The host of a tag or regex purge.
+    #[serde(default)]
+    host: String,
+    /// A regex that matches every path of the host may purge it all.
+    #[serde(default)]
+    confirm_all: Option<String>,
+    /// A soft purge: marked stale instead of removed (refreshes of URLs and tags).
+    #[serde(default)]
+    soft: Option<String>,
 }
 
 /// What the form shows besides its fields.
@@ -50,6 +63,8 @@ async fn render(state: &AppState, s: &SignedIn, f: &SubmitForm, outcome: &Outcom
         (QuotaBucket::RefreshUrl, "refresh URLs"),
         (QuotaBucket::RefreshDir, "refresh directories"),
         (QuotaBucket::PrefetchUrl, "prefetch URLs"),
+        (QuotaBucket::RefreshTag, "cache tags"),
+        (QuotaBucket::RefreshRegex, "regexes"),
     ] {
         match state.service.quota(&s.credential.account, bucket, now).await {
             Ok(q) => quotas.push((name, q.remaining, q.limit)),
@@ -60,7 +75,8 @@ async fn render(state: &AppState, s: &SignedIn, f: &SubmitForm, outcome: &Outcom
         |value: &str, label: &str, current: &str| html! { option value=(value) selected[value == current] { (label) } };
     let body = html! {
         h1 { "Refresh / prefetch" }
-        p.hint { "Per request: at most " (MAX_URLS) " URLs or " (MAX_DIRS) " directories. Left today: "
+        p.hint { "Per request: at most " (MAX_URLS) " URLs, " (MAX_DIRS) " directories, " (MAX_TAGS) " cache tags or "
+            (MAX_REGEXES) " regexes. Left today: "
             @for (i, (name, remaining, limit)) in quotas.iter().enumerate() {
                 @if i > 0 { ", " }
                 span.quota { (name) " " (remaining) " of " (limit) }
@@ -89,9 +105,27 @@ async fn render(state: &AppState, s: &SignedIn, f: &SubmitForm, outcome: &Outcom
             select #type name="type" {
                 (option("url", "URLs", &f.item_type))
                 (option("dir", "Directories (refresh only, ending in /)", &f.item_type))
+                (option("tag", "Cache tags of one host (refresh only)", &f.item_type))
+                (option("regex", "Regexes of one host's paths (refresh only)", &f.item_type))
             }
-            label for="urls" { "One URL a line" }
+            label for="urls" { "One URL, directory, tag or regex a line" }
             textarea #urls name="urls" required spellcheck="false" { (f.urls) }
+            label.check for="soft" {
+                input #soft type="checkbox" name="soft" value="1" checked[f.soft.is_some()] aria-describedby="soft-hint";
+                " Soft purge"
+            }
+            p.hint #soft-hint { "Refreshes of URLs and cache tags only: the objects are marked stale instead of removed, and served stale while one request fetches them again from the origin (for as long as their grace lasts)." }
+            fieldset.targets {
+                legend { "Cache tags and regexes only" }
+                label for="host" { "Host" }
+                input #host type="text" name="host" value=(f.host) placeholder="www.example.com" spellcheck="false"
+                    aria-describedby="host-hint";
+                p.hint #host-hint { "The one host whose objects the tags or regexes purge. A regex matches the path and query (" code { "/img/a.png?v=2" } "), unanchored unless it says " code { "^" } " or " code { "$" } "." }
+                label.check for="confirm_all" {
+                    input #confirm_all type="checkbox" name="confirm_all" value="1" checked[f.confirm_all.is_some()];
+                    " A regex that matches every path may purge the whole host"
+                }
+            }
             button type="submit" { "Submit" }
         }
     };
@@ -109,23 +143,49 @@ pub async fn submit(State(state): State<AppState>, s: SignedIn, Form(f): Form<Su
     let item_type = match f.item_type.as_str() {
         "" | "url" => ItemType::Url,
         "dir" => ItemType::Dir,
+        "tag" => ItemType::Tag,
+        "regex" => ItemType::Regex,
         _ => return error_page(StatusCode::BAD_REQUEST, "Unknown type."),
     };
     let lines: Vec<(usize, &str)> =
         f.urls.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty()).collect();
-    let max = if item_type == ItemType::Dir { MAX_DIRS } else { MAX_URLS };
+    let (max, what) = match item_type {
+        ItemType::Url => (MAX_URLS, "URLs"),
+        ItemType::Dir => (MAX_DIRS, "directories"),
+        ItemType::Tag => (MAX_TAGS, "cache tags"),
+        ItemType::Regex => (MAX_REGEXES, "regexes"),
+    };
+    let host = f.host.trim();
     let fail = |error: String| Outcome { error: Some(error), invalid: Vec::new() };
-    if lines.is_empty() || lines.len() > max {
-        let outcome = fail(format!("Enter from 1 to {max} lines."));
-        return render(&state, &s, &f, &outcome, StatusCode::BAD_REQUEST).await;
-    }
-    if item_type == ItemType::Dir && kind != TaskKind::Refresh {
-        let outcome = fail("Directories can only be refreshed.".to_owned());
-        return render(&state, &s, &f, &outcome, StatusCode::BAD_REQUEST).await;
+    let refused = if lines.is_empty() || lines.len() > max {
+        Some(format!("Enter from 1 to {max} {what}, one a line."))
+    } else if item_type != ItemType::Url && kind != TaskKind::Refresh {
+        Some(format!("{} can only be refreshed.", capitalized(what)))
+    } else if matches!(item_type, ItemType::Tag | ItemType::Regex) && host.is_empty() {
+        Some(format!("Enter the host whose objects the {what} purge."))
+    } else if !matches!(item_type, ItemType::Tag | ItemType::Regex) && !host.is_empty() {
+        Some("The host is for cache tags and regexes only; URLs and directories name their own.".to_owned())
+    } else if item_type != ItemType::Regex && f.confirm_all.is_some() {
+        Some("Purging the whole host is for regexes only.".to_owned())
+    } else if f.soft.is_some() && !(kind == TaskKind::Refresh && matches!(item_type, ItemType::Url | ItemType::Tag)) {
+        Some("A soft purge is for refreshes of URLs or cache tags: a directory or regex purge is a ban, which cannot keep objects stale.".to_owned())
+    } else {
+        None
+    };
+    if let Some(error) = refused {
+        return render(&state, &s, &f, &fail(error), StatusCode::BAD_REQUEST).await;
     }
     let now = now_ms();
-    let urls = lines.iter().map(|(_, l)| SubmittedUrl::now(*l, item_type)).collect();
-    let validated = state.service.validate(&s.credential.account, kind, urls, now);
+    let validated = if matches!(item_type, ItemType::Tag | ItemType::Regex) {
+        let values = lines.iter().map(|(_, l)| (*l).to_owned()).collect();
+        let targets =
+            SubmittedTargets { host: host.to_owned(), item_type, values, confirm_all: f.confirm_all.is_some() };
+        state.service.validate_targets(&s.credential.account, targets)
+    } else {
+        let urls = lines.iter().map(|(_, l)| SubmittedUrl::now(*l, item_type)).collect();
+        state.service.validate(&s.credential.account, kind, urls, now)
+    };
+    let validated = if f.soft.is_some() { validated.soft() } else { validated };
     if !validated.rejected.is_empty() {
         let mut invalid = Vec::new();
         for (text, e) in &validated.rejected {
@@ -160,4 +220,10 @@ pub async fn submit(State(state): State<AppState>, s: SignedIn, Form(f): Form<Su
             error_page(StatusCode::SERVICE_UNAVAILABLE, "The service is temporarily unavailable; try again.")
         }
     }
+}
+
+/// `what` with a capital first letter.
+fn capitalized(what: &str) -> String {
+    let mut chars = what.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }

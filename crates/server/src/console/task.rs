@@ -1,21 +1,35 @@
 //! The task page: progress bar, counts, every URL with its per-node state, retry and cancel.
-//! While the task runs, the live part polls its fragment every second (htmx `every 1s`) and
-//! stops when the task is final; another account's task id is "not found".
+//! While the task runs, the page's script (assets/console.js) follows the task's SSE stream
+//! (`/console/tasks/{id}/events`), which sends the live part again whenever it changes and ends
+//! once the task is final; the fragment alone (`/console/tasks/{id}/live`) is the script's
+//! fallback while the stream is down. Another account's task id is "not found".
 
 use super::error_page;
 use super::layout::{Page, status, time};
+use super::session::Sessions;
 use super::session::SignedIn;
 use crate::api::AppState;
 use crate::clock::now_ms;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
-use cachectl_core::{Item, ItemFilter, NodeResult, NodeState, TaskId, TaskState, TaskSummary};
+use cachectl_core::{Item, ItemFilter, NodeResult, NodeState, StatusCounts, TaskId, TaskState, TaskSummary};
 use maud::{Markup, html};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Items shown on a task page at most (the records page and the API page through the rest).
 const MAX_ITEMS: u32 = 1000;
+
+/// How often the stream reads the task's counts.
+const TICK: Duration = Duration::from_millis(250);
+/// How often the stream reads the items and node results while the counts stay the same (a
+/// node's attempts and state change without them).
+const FULL_READ: Duration = Duration::from_secs(1);
+/// How long a browser waits before it opens a dropped stream again (the SSE `retry` field).
+const RECONNECT: Duration = Duration::from_secs(1);
 
 /// The signed-in account's task named by the path, or the response to send instead.
 async fn owned(state: &AppState, s: &SignedIn, id: &str) -> Result<TaskSummary, Response> {
@@ -43,15 +57,21 @@ pub async fn page(State(state): State<AppState>, s: SignedIn, Path(id): Path<Str
         Err(r) => return r,
     };
     let title = format!("Task {}", task.id);
+    let id = task.id.get();
     let body = html! {
         h1 { "Task " (task.id) " · " (task.kind.as_str()) }
         p.hint { "Submitted " (time(task.created_at)) " UTC by " (task.operator) " through " (task.dialect) "." }
-        (live)
+        div #task data-events-url={ "/console/tasks/" (id) "/events" } data-live-url={ "/console/tasks/" (id) "/live" }
+            data-events="0" data-stream="idle" {
+            // Read out by screen readers when the script changes it (the progress sentence).
+            p #announce .visually-hidden role="status" {}
+            (live)
+        }
     };
     super::layout::page(&Page { title: &title, signed_in: Some(s), body }).into_response()
 }
 
-/// `GET /console/tasks/{id}/live`: the live part alone, for htmx.
+/// `GET /console/tasks/{id}/live`: the live part alone, the script's fallback while the stream is down.
 pub async fn live(State(state): State<AppState>, s: SignedIn, Path(id): Path<String>) -> Response {
     let task = match owned(&state, &s, &id).await {
         Ok(t) => t,
@@ -64,20 +84,115 @@ pub async fn live(State(state): State<AppState>, s: SignedIn, Path(id): Path<Str
 }
 
 async fn live_part(state: &AppState, s: &SignedIn, task: &TaskSummary) -> Result<Markup, Response> {
-    let unavailable = |e: cachectl_core::StoreError| {
+    read_live(state, s, task).await.map_err(|e| {
         tracing::error!(error = %e, "Console could not read a task's items.");
         error_page(StatusCode::SERVICE_UNAVAILABLE, "The service is temporarily unavailable; try again.")
-    };
+    })
+}
+
+/// The live part of `task`: its items and their node results, read now.
+async fn read_live(state: &AppState, s: &SignedIn, task: &TaskSummary) -> Result<Markup, cachectl_core::StoreError> {
     let filter = ItemFilter { task_id: Some(task.id), ..ItemFilter::default() };
-    let mut items = state.service.list_items(&s.credential.account, &filter, MAX_ITEMS).await.map_err(unavailable)?;
+    let mut items = state.service.list_items(&s.credential.account, &filter, MAX_ITEMS).await?;
     items.reverse();
     let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
-    let results = state.service.node_results(&s.credential.account, &ids).await.map_err(unavailable)?;
+    let results = state.service.node_results(&s.credential.account, &ids).await?;
     let mut by_item: BTreeMap<i64, Vec<NodeResult>> = BTreeMap::new();
     for (item, result) in results {
         by_item.entry(item).or_default().push(result);
     }
     Ok(render_live(state, s, task, &items, &by_item))
+}
+
+/// What the stream last sent, and when it last read the items.
+struct Sent {
+    counts: Option<StatusCounts>,
+    html: String,
+    read_at: Option<Instant>,
+    /// The `done` or `restart` event was sent: the stream ends.
+    done: bool,
+}
+
+/// `GET /console/tasks/{id}/events`: the task page's live part as Server-Sent Events, for the
+/// signed-in account's task only (another's is "not found", as for the page). On connecting,
+/// and then whenever the live part changes, a `live` event; once the task is final, one `done`
+/// event and the stream ends. Each event's data is JSON: `{"state", "progress", "html"}`, the
+/// HTML being the `#live` element as `/console/tasks/{id}/live` returns it. The task's counts are
+/// read every 250 ms and the items with their node results when the counts change or at least
+/// every second. The stream also ends when the session does (sign-out, expiry), and after
+/// `[server] shutdown_grace` (10 s by default) with a `restart` event (data `{}`): the browser
+/// opens it again a second later, and a server told to stop is never held up by open task pages
+/// for longer than it grants requests in flight.
+pub async fn events(
+    State(state): State<AppState>,
+    axum::Extension(sessions): axum::Extension<Arc<Sessions>>,
+    s: SignedIn,
+    Path(id): Path<String>,
+) -> Response {
+    let task = match owned(&state, &s, &id).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let task_id = task.id;
+    let ends_at = Instant::now() + state.settings.shutdown_grace.max(Duration::from_secs(1));
+    let start = (Some(task), Sent { counts: None, html: String::new(), read_at: None, done: false });
+    let stream = futures::stream::unfold(start, move |(mut current, mut sent)| {
+        let (state, s, sessions) = (state.clone(), s.clone(), sessions.clone());
+        async move {
+            if sent.done {
+                return None;
+            }
+            loop {
+                if let Some(task) = current.take() {
+                    let finished = task.state() != TaskState::Running;
+                    let due = sent.read_at.is_none_or(|at| at.elapsed() >= FULL_READ);
+                    if finished || due || sent.counts != Some(task.counts) {
+                        match read_live(&state, &s, &task).await {
+                            Ok(markup) => {
+                                sent.read_at = Some(Instant::now());
+                                sent.counts = Some(task.counts);
+                                let html = markup.into_string();
+                                if finished || html != sent.html {
+                                    let event = live_event(&task, &html, finished, sent.html.is_empty());
+                                    sent.html = html;
+                                    sent.done = finished;
+                                    return Some((Ok::<_, std::convert::Infallible>(event), (None, sent)));
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "Console stream could not read a task; retrying."),
+                        }
+                    }
+                }
+                tokio::time::sleep(TICK).await;
+                if !sessions.is_live(&s.session.id) {
+                    return None;
+                }
+                if Instant::now() >= ends_at {
+                    sent.done = true;
+                    return Some((Ok(Event::default().event("restart").data("{}")), (None, sent)));
+                }
+                current = match state.service.task(&s.credential.account, task_id).await {
+                    Ok(Some(task)) => Some(task),
+                    Ok(None) => return None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Console stream could not read a task; retrying.");
+                        None
+                    }
+                };
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// One event of the stream: `live` while the task runs, `done` once it is final; the first also
+/// tells the browser how soon to reconnect if the stream drops.
+fn live_event(task: &TaskSummary, html: &str, finished: bool, first: bool) -> Event {
+    let c = task.counts;
+    let progress = ((c.completed + c.failed) * 100).checked_div(c.total()).unwrap_or(100);
+    let data = serde_json::json!({ "state": task.state().as_str(), "progress": progress, "html": html });
+    let event = Event::default().event(if finished { "done" } else { "live" }).data(data.to_string());
+    if first { event.retry(RECONNECT) } else { event }
 }
 
 fn render_live(
@@ -90,13 +205,11 @@ fn render_live(
     let c = task.counts;
     let total = c.total();
     let progress = ((c.completed + c.failed) * 100).checked_div(total).unwrap_or(100);
-    let running = task.state() == TaskState::Running;
     let id = task.id.get();
     let directory = state.directory.current();
     let tier = |node: &str| directory.edge(node).map_or("—", |n| n.node.node.tier.as_str());
     html! {
-        div #live hx-get=[running.then(|| format!("/console/tasks/{id}/live"))]
-            hx-trigger=[running.then_some("every 1s")] hx-swap="outerHTML" aria-live="polite" {
+        div #live data-state=(task.state().as_str()) {
             p { "State: " (status(task.state().as_str())) }
             progress #progress max="100" value=(progress) aria-label="progress" { (progress) " %" }
             p #progress-text { (progress) " % done: " (c.completed) " completed, " (c.failed) " failed, "
@@ -105,13 +218,13 @@ fn render_live(
                 @if c.failed > 0 {
                     form method="post" action={ "/console/tasks/" (id) "/retry" } {
                         input type="hidden" name="csrf" value=(s.session.csrf);
-                        button type="submit" { "Retry failed items" }
+                        button #retry type="submit" { "Retry failed items" }
                     }
                 }
                 @if c.waiting > 0 {
                     form method="post" action={ "/console/tasks/" (id) "/cancel" } {
                         input type="hidden" name="csrf" value=(s.session.csrf);
-                        button.secondary type="submit" { "Cancel waiting items" }
+                        button #cancel .secondary type="submit" { "Cancel waiting items" }
                     }
                 }
             }
@@ -120,7 +233,7 @@ fn render_live(
                 thead { tr { th { "URL / node" } th { "Tier" } th { "State" } th { "Attempts" } th { "HTTP" } th { "Time taken" } th { "Reason" } } }
                 tbody {
                     @for item in items {
-                        tr.item { td.url { b { (item.url) } } td { "" } td { (status(item.status.as_str())) } td {} td {}
+                        tr.item { td.url { b { (item.url) } @if item.soft { " (soft)" } } td { "" } td { (status(item.status.as_str())) } td {} td {}
                             td { (item.finished_at.map(|f| seconds(f.millis() - item.created_at.millis())).unwrap_or_default()) }
                             td { (item.reason.as_deref().unwrap_or("")) } }
                         @for r in by_item.get(&item.id).map(Vec::as_slice).unwrap_or_default() {

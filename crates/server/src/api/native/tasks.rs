@@ -247,6 +247,7 @@ pub async fn list_items(
             .map_err(|_| ApiError::invalid("status must be waiting, processing, completed or failed"))?,
         domain: domain.as_deref(),
         url: q.url.as_deref(),
+        url_contains: None,
         since: q.since.as_deref().map(|t| parse_time("since", t)).transpose()?,
         until: q.until.as_deref().map(|t| parse_time("until", t)).transpose()?,
         before_id: cursor(q.cursor.as_deref())?,
