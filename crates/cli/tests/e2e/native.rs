@@ -422,16 +422,30 @@ async fn the_openapi_document_and_docs_page_are_served() {
 
 #[tokio::test]
 async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    // The account's operations, with an account token.
+    schemathesis(TOKEN, "--exclude-tag", "Tested: 8").await;
+}
+
+#[tokio::test]
+async fn schemathesis_finds_no_server_error_in_the_admin_api() {
+    schemathesis(crate::admin::ADMIN_TOKEN, "--include-tag", "Tested: 15").await;
+}
+
+/// Runs schemathesis over the operations `tag_filter admin` selects, with `token`, and expects
+/// `tested` in its summary.
+async fn schemathesis(token: &str, tag_filter: &str, tested: &str) {
     let python = std::env::var("CACHECTL_TEST_PYTHON")
         .unwrap_or_else(|_| repo_root().join(".venv-tests/bin/python").display().to_string());
     let schemathesis = std::path::Path::new(&python).with_file_name("schemathesis");
     assert!(schemathesis.exists(), "{} is missing: run scripts/test.sh, which installs it", schemathesis.display());
     let accounts = ACCOUNTS.replace("name = \"acme\"", "name = \"acme\"\nrate_limit_per_minute = 1000000");
-    let server = Cachectl::start(&accounts).await;
+    let keys = tempfile::tempdir().unwrap();
+    let server = Cachectl::start(&format!("{accounts}{}", crate::admin::admin_section(keys.path()))).await;
     server.native_submit(json!({"urls": ["http://www.example.com/seed"]})).await;
     let output = tokio::process::Command::new(&schemathesis)
         .args(["run", &server.url("/api/v1/openapi.json")])
-        .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
+        .args([tag_filter, "admin"])
         .args([
             "--checks",
             "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance",
@@ -446,11 +460,11 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "schemathesis found problems:\n{stdout}\n{}\n{}",
+        "schemathesis ({tag_filter} admin) found problems:\n{stdout}\n{}\n{}",
         String::from_utf8_lossy(&output.stderr),
         server.log()
     );
-    assert!(stdout.contains("Tested: 8"), "every operation but the stream was tested:\n{stdout}");
+    assert!(stdout.contains(tested), "every operation but the stream was tested ({tested}):\n{stdout}");
 }
 
 #[tokio::test]
