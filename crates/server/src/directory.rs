@@ -112,6 +112,12 @@ impl Directory {
         self.tokens.get(&hash_token(token)).filter(|e| e.valid_at(now))
     }
 
+    /// The credential of the token whose SHA-256 is `hash`, if it works at `now`.
+    #[must_use]
+    pub fn token_by_hash(&self, hash: &TokenHash, now: Timestamp) -> Option<&CredentialEntry> {
+        self.tokens.get(hash).filter(|e| e.valid_at(now))
+    }
+
     /// The credential and secret key of BCE access key `ak`, if it works at `now`.
     #[must_use]
     pub fn access_key(&self, ak: &str, now: Timestamp) -> Option<(&CredentialEntry, &Secret)> {

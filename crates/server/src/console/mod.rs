@@ -184,7 +184,8 @@ async fn login(
             format!("Too many sign-in attempts from your address; try again in {} seconds.", decision.reset_secs);
         return error_page(StatusCode::TOO_MANY_REQUESTS, &message);
     }
-    let found = state.directory.current().token(form.token.trim(), now_ms()).map(|e| e.credential.clone());
+    let hash = crate::secrets::hash_token(form.token.trim());
+    let found = state.directory.current().token_by_hash(&hash, now_ms()).map(|e| e.credential.clone());
     let Some(mut credential) = found else {
         let csrf = old.map(|s| s.csrf).unwrap_or_default();
         return (StatusCode::UNAUTHORIZED, login_page(&csrf, Some("Sign-in failed: unknown token."))).into_response();
@@ -193,7 +194,7 @@ async fn login(
     if let Some(old) = old {
         sessions.remove(&old.id);
     }
-    let Some(session) = sessions.create(Some(credential)) else {
+    let Some(session) = sessions.create(Some((credential, hash))) else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, "Too many sessions; try again later.");
     };
     let mut response = Redirect::to("/console/").into_response();

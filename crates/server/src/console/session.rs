@@ -30,6 +30,9 @@ pub struct Session {
     pub id: String,
     /// The signed-in caller; `None` before sign-in.
     pub credential: Option<Credential>,
+    /// The SHA-256 of the token signed in with: every request checks that it still works
+    /// (not revoked, expired, or its account disabled).
+    token: Option<crate::secrets::TokenHash>,
     /// The token every form of this session carries in its `csrf` field.
     pub csrf: String,
     last_seen: Instant,
@@ -66,7 +69,8 @@ impl Sessions {
     }
 
     /// A new session (with a fresh id and CSRF token); `None` when the table is full.
-    pub fn create(&self, credential: Option<Credential>) -> Option<Session> {
+    pub fn create(&self, credential: Option<(Credential, crate::secrets::TokenHash)>) -> Option<Session> {
+        let (credential, token) = credential.map_or((None, None), |(c, t)| (Some(c), Some(t)));
         let now = Instant::now();
         let mut map = self.lock();
         if map.len() >= MAX_SESSIONS {
@@ -75,7 +79,7 @@ impl Sessions {
                 return None;
             }
         }
-        let session = Session { id: random_id(), credential, csrf: random_id(), last_seen: now };
+        let session = Session { id: random_id(), credential, token, csrf: random_id(), last_seen: now };
         map.insert(session.id.clone(), session.clone());
         Some(session)
     }
@@ -173,10 +177,10 @@ pub struct SignedIn {
     pub credential: Credential,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for SignedIn {
+impl FromRequestParts<crate::api::AppState> for SignedIn {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
+    async fn from_request_parts(parts: &mut Parts, state: &crate::api::AppState) -> Result<Self, Response> {
         let to_login = || {
             // The task page's script sees a fragment request redirected here and loads the page.
             Redirect::to("/console/login").into_response()
@@ -184,7 +188,16 @@ impl<S: Send + Sync> FromRequestParts<S> for SignedIn {
         let sessions = parts.extensions.get::<Arc<Sessions>>().cloned().ok_or_else(to_login)?;
         let id = cookie_id(&parts.headers).ok_or_else(to_login)?;
         let session = sessions.get(&id).ok_or_else(to_login)?;
-        let credential = session.credential.clone().ok_or_else(to_login)?;
+        let signed_in = session.credential.as_ref().zip(session.token.as_ref());
+        let (credential, token) = signed_in.ok_or_else(to_login)?;
+        // A token revoked or expired, or its account disabled, ends the session at its next
+        // request; a changed account (domains, quotas) is seen at once.
+        let directory = state.directory.current();
+        let Some(entry) = directory.token_by_hash(token, crate::clock::now_ms()) else {
+            sessions.remove(&session.id);
+            return Err(to_login());
+        };
+        let credential = Credential { address: credential.address.clone(), ..entry.credential.clone() };
         Ok(Self { session, credential })
     }
 }

@@ -14,6 +14,11 @@ const CONFIG: &str = r#"
 [store]
 url = "sqlite::memory:"
 
+[[admin.tokens]]
+name = "ops"
+# The SHA-256 of "the-admin-token".
+sha256 = "ae663fb089dd97eaa8d11c8dff2ca45b65e246361695a7587db9b932f72c41fa"
+
 [[accounts]]
 name = "acme"
 domains = ["example.com", "*.example.com"]
@@ -530,4 +535,29 @@ async fn soft_purges_of_urls_and_tags_are_submitted_and_shown() {
     let hard = post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", "http://www.example.com/b")]);
     assert_eq!(send(&app, hard).await.headers()[header::LOCATION], "/console/tasks/3");
     assert!(!text(send(&app, get("/console/tasks/3", Some(&id))).await).await.contains("(soft)"));
+}
+
+#[tokio::test]
+async fn disabling_the_account_ends_its_console_sessions_at_the_next_request() {
+    let app = app().await;
+    let (id, _) = sign_in(&app, "acme-secret-token").await;
+    assert_eq!(send(&app, get("/console/submit", Some(&id))).await.status(), StatusCode::OK);
+    let disable = Request::patch("/admin/v1/accounts/acme")
+        .header(header::AUTHORIZATION, "Bearer the-admin-token")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"disabled": true}"#))
+        .unwrap();
+    let r = send(&app, disable).await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", text(r).await);
+    let r = send(&app, get("/console/submit", Some(&id))).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "the session ended");
+    assert_eq!(r.headers()[header::LOCATION], "/console/login");
+    let enable = Request::patch("/admin/v1/accounts/acme")
+        .header(header::AUTHORIZATION, "Bearer the-admin-token")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"disabled": false}"#))
+        .unwrap();
+    assert_eq!(send(&app, enable).await.status(), StatusCode::OK);
+    let r = send(&app, get("/console/submit", Some(&id))).await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER, "a session once ended stays ended: sign in again");
 }
