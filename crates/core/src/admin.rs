@@ -197,6 +197,10 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// How the reason of an item cancelled because its account was disabled starts; the account's
+/// name and ` disabled` follow.
+pub const CANCELLED_ACCOUNT: &str = "cancelled: account ";
+
 /// A page request of the audit log, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -225,6 +229,10 @@ pub trait DirectoryStore: Send + Sync + 'static {
 
     /// Applies `change` and appends `audit`, in one transaction that also bumps the counter.
     async fn change_directory(&self, change: &DirectoryChange, audit: &AuditEntry) -> Result<(), ChangeError>;
+
+    /// Fails the account's queued items (waiting and not leased to a worker) with `reason`,
+    /// settling their tasks. Returns how many.
+    async fn cancel_queued(&self, account: &str, reason: &str, now: Timestamp) -> StoreResult<u64>;
 
     /// Appends an entry that changes nothing else (kept by the retention like the records).
     async fn append_audit(&self, audit: &AuditEntry) -> StoreResult<()>;

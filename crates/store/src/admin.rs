@@ -8,7 +8,7 @@ use cachectl_core::admin::{
     AccountRow, AuditEntry, AuditQuery, ChangeError, CredentialKind, CredentialRow, DirectoryChange, DirectoryRows,
     DirectoryStore, EdgeRow, EdgeState,
 };
-use cachectl_core::{StoreResult, TaskId};
+use cachectl_core::{StoreResult, TaskId, Timestamp};
 
 const VERSION: &str = "SELECT version FROM directory_version WHERE id = 1";
 const BUMP: &str = "UPDATE directory_version SET version = version + 1 WHERE id = 1";
@@ -36,6 +36,10 @@ const PUT_EDGE: &str = "INSERT INTO edges (name, spec, state, created_at, update
      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, \
      state = excluded.state, updated_at = excluded.updated_at";
 const REMOVE_EDGE: &str = "DELETE FROM edges WHERE name = ?1";
+
+/// Fails account `?3`'s items that wait unleased, with reason `?1` at `?2`.
+const CANCEL_QUEUED: &str = "UPDATE items SET status = 'failed', reason = ?1, finished_at = ?2 \
+     WHERE account = ?3 AND status = 'waiting' AND lease_owner IS NULL RETURNING id, task_id";
 
 const APPEND: &str = "INSERT INTO audit_log (at, actor, credential, address, action, target, detail) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
@@ -203,6 +207,28 @@ impl<DB: Db, B: Backend<Db = DB>> DirectoryStore for SqlStore<DB, B> {
         Sql::<DB>::new().sql(BUMP).execute(&mut tx).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(())
+    }
+
+    async fn cancel_queued(&self, account: &str, reason: &str, now: Timestamp) -> StoreResult<u64> {
+        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+        let rows = Sql::<DB>::new()
+            .template(CANCEL_QUEUED, &[reason.into(), now.into(), account.into()])
+            .rows(&mut tx)
+            .await?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.int("id")).collect();
+        let mut per_task: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+        for row in &rows {
+            *per_task.entry(row.int("task_id")).or_default() += 1;
+        }
+        for chunk in ids.chunks(crate::tasks::ID_CHUNK) {
+            let list = chunk.iter().map(|id| Arg::Int(*id));
+            Sql::<DB>::new().sql(crate::tasks::UNFOLLOW).list(list).sql(")").execute(&mut tx).await?;
+        }
+        for (task, n) in per_task {
+            crate::tasks::settle_task::<DB>(&mut tx, TaskId::new(task), n, now).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(ids.len() as u64)
     }
 
     async fn append_audit(&self, audit: &AuditEntry) -> StoreResult<()> {

@@ -22,7 +22,7 @@ const COALESCE_WINDOW_MS: i64 = 10 * 60 * 1000;
 const COALESCE_CHUNK: usize = 400;
 
 /// Ids per statement of the native API's reads, cancelling and retrying.
-const ID_CHUNK: usize = 500;
+pub(crate) const ID_CHUNK: usize = 500;
 
 /// The task of account `?1` with idempotency key `?2`.
 const IDEMPOTENT: &str = "SELECT id, request_hash FROM tasks WHERE account = ?1 AND idempotency_key = ?2";
@@ -59,7 +59,7 @@ const NODE_RESULTS: &str = "SELECT r.item_id, r.node, r.state, r.attempts, r.sta
 /// Fails the waiting, unclaimed items of task `?2` of account `?3` at `?1`.
 const CANCEL: &str = "UPDATE items SET status = 'failed', reason = 'cancelled', finished_at = ?1 \
      WHERE task_id = ?2 AND account = ?3 AND status = 'waiting' AND lease_owner IS NULL RETURNING id";
-const UNFOLLOW: &str = "UPDATE items SET follows = NULL WHERE follows IN (";
+pub(crate) const UNFOLLOW: &str = "UPDATE items SET follows = NULL WHERE follows IN (";
 
 /// Puts the failed items of task `?1` of account `?2` back in the queue.
 const RETRY: &str = "UPDATE items SET status = 'waiting', progress = 0, started_at = NULL, finished_at = NULL, \

@@ -161,12 +161,60 @@ async fn accounts_credentials_and_edges_change_live_across_instances_with_an_aud
     let everything = format!("{stored:?}");
     assert!(!everything.contains(&token) && !everything.contains(&sk), "no secret in clear: {everything}");
     assert!(everything.contains(&sha256_hex(&token)), "the token's hash is what is kept");
+    let dump = std::process::Command::new(pg.tool("pg_dump")).arg("--dbname").arg(&db).output().unwrap();
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains(&ak) && !dump.contains(&token) && !dump.contains(&sk), "a PostgreSQL dump holds no secret");
     let (status, listed) = admin(&b, get.clone(), "/admin/v1/accounts/beta/credentials", None).await;
     assert_eq!(status, 200);
     assert!(!listed.to_string().contains(&sk) && !listed.to_string().contains(&token), "never shown again: {listed}");
     let bce_purge = r#"{"tasks": [{"url": "http://beta.example.com/k"}]}"#;
     eventually("the new access key on instance B", || async {
         signed_as(&b, (&ak, &sk), "POST", "/v2/cache/purge", bce_purge).await.0 == 201
+    })
+    .await;
+
+    // Disabling an account: its credentials get the dialects' auth errors, its queued items
+    // (here two prefetches scheduled an hour ahead) are cancelled with that reason.
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).format("%Y-%m-%dT%H:%M:%SZ");
+    let scheduled = format!(
+        r#"{{"tasks": [{{"url": "http://beta.example.com/s1", "startTime": "{later}"}}, {{"url": "http://beta.example.com/s2", "startTime": "{later}"}}]}}"#
+    );
+    let (status, _, answer) = signed_as(&b, (&ak, &sk), "POST", "/v2/cache/prefetch", &scheduled).await;
+    assert_eq!(status, 201, "{answer}");
+    let (status, body) = admin(&a, patch.clone(), "/admin/v1/accounts/beta", Some(json!({"disabled": true}))).await;
+    assert_eq!(status, 200, "{body}");
+    let cancelled: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT status, reason FROM items WHERE url LIKE 'http://beta.example.com/s_' ORDER BY url")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        cancelled,
+        vec![("failed".to_owned(), Some("cancelled: account beta disabled".to_owned())); 2],
+        "queued items are cancelled with the reason"
+    );
+    eventually("beta refused on B", || async {
+        native_submit(&b, &token, &["http://beta.example.com/x"]).await.0 == 401
+    })
+    .await;
+    let (status, _, body) = signed_as(&b, (&ak, &sk), "POST", "/v2/cache/purge", bce_purge).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("AccessDenied")), "the BCE dialect's auth error: {body}");
+    let r = b.http.get(b.url(&format!("/v2/cache/refresh?token={TOKEN}x"))).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let baishan: Value = b
+        .http
+        .get(b.url(&format!("/v2/cache/refresh?token={ADMIN_TOKEN}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(baishan["code"], 401, "an admin token is no account token on a dialect: {baishan}");
+    admin(&a, patch.clone(), "/admin/v1/accounts/beta", Some(json!({"disabled": false}))).await;
+    eventually("beta enabled again on B", || async {
+        native_submit(&b, &token, &["http://beta.example.com/y"]).await.0 == 201
     })
     .await;
 
@@ -369,4 +417,60 @@ async fn sighup_rereads_the_file_and_keeps_the_running_configuration_when_it_is_
     eventually("the restart-only warning", || async { server.log().contains("takes effect only at a restart") }).await;
     assert!(server.log().contains("server.listen"), "{}", server.log());
     assert_eq!(native_submit(&server, TOKEN, &["http://www.example.com/still"]).await.0, 201, "still listening");
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_sqlite_file_and_a_disabled_accounts_queue_is_cancelled() {
+    let origin = Origin::start().await;
+    let varnish = Varnish::start(origin.port).await;
+    let keys = tempfile::tempdir().unwrap();
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}{}",
+        admin_section(keys.path()),
+        fast_worker("10s"),
+        edge("v1", "varnish", &varnish.address(), "edge")
+    ))
+    .await;
+    let post = reqwest::Method::POST;
+    let (status, issued) = admin(&server, post.clone(), "/admin/v1/accounts/acme/tokens", None).await;
+    assert_eq!(status, 201, "{issued}");
+    let token = issued["secret"].as_str().unwrap().to_owned();
+    let (_, key) = admin(&server, post, "/admin/v1/accounts/acme/access-keys", None).await;
+    let (ak, sk) = (key["id"].as_str().unwrap().to_owned(), key["secret"].as_str().unwrap().to_owned());
+    assert_eq!(native_submit(&server, &token, &["http://www.example.com/t"]).await.0, 201);
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).format("%Y-%m-%dT%H:%M:%SZ");
+    let scheduled = format!(r#"{{"tasks": [{{"url": "http://www.example.com/later", "startTime": "{later}"}}]}}"#);
+    let (status, _, answer) = signed_as(&server, (&ak, &sk), "POST", "/v2/cache/prefetch", &scheduled).await;
+    assert_eq!(status, 201, "{answer}");
+    // Every byte SQLite wrote (the database and its write-ahead log).
+    let mut bytes = Vec::new();
+    for suffix in ["", "-wal"] {
+        let path = format!("{}{suffix}", server.db_path().display());
+        bytes.extend(std::fs::read(&path).unwrap_or_default());
+    }
+    let find = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(find(&ak), "the access key id is there (the search works)");
+    assert!(!find(&token) && !find(&sk), "no token or secret key in the SQLite files");
+
+    let (status, _) =
+        admin(&server, reqwest::Method::PATCH, "/admin/v1/accounts/acme", Some(json!({"disabled": true}))).await;
+    assert_eq!(status, 200);
+    let db = server.db().await;
+    let (status, reason): (String, Option<String>) =
+        sqlx::query_as("SELECT status, reason FROM items WHERE url = 'http://www.example.com/later'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), reason.as_deref()), ("failed", Some("cancelled: account acme disabled")));
+    let (status, _, body) = signed_as(
+        &server,
+        (&ak, &sk),
+        "POST",
+        "/v2/cache/purge",
+        r#"{"tasks": [{"url": "http://www.example.com/u"}]}"#,
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("AccessDenied")), "{body}");
+    let (status, _, body) = server.raw(reqwest::Method::GET, &format!("/v2/cache/refresh?token={TOKEN}"), None).await;
+    assert_eq!((status, body["code"].as_i64()), (401, Some(401)), "the Baishan dialect's auth error: {body}");
 }

@@ -325,6 +325,14 @@ pub async fn change_account(
     let detail = serde_json::json!({"disabled": disabled, "spec": spec.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())});
     let row = AccountRow { name: name.clone(), spec, disabled, created_at: now, updated_at: now };
     apply(&state, DirectoryChange::PutAccount(row), admin.audit(action, &name, detail)).await?;
+    if action == "account.disable" {
+        // Its queued items go now; items already leased to a worker fail there, at their start,
+        // with the same reason (the worker follows the directory).
+        let reason = format!("{}{name} disabled", cachectl_core::admin::CANCELLED_ACCOUNT);
+        let cancelled = state.directory_store().cancel_queued(&name, &reason, now_ms()).await?;
+        let detail = serde_json::json!({"cancelled_items": cancelled});
+        state.directory_store().append_audit(&admin.audit("account.cancel_queued", &name, detail)).await?;
+    }
     account_view(&state.directory.current(), &name).map(Json).ok_or_else(|| ApiError::not_found("account"))
 }
 

@@ -62,6 +62,8 @@ struct Shared {
     client: EdgeClient,
     /// The nodes as the directory last listed them; each item takes the list of its start.
     nodes: std::sync::RwLock<Arc<Vec<Arc<NodeSlot>>>>,
+    /// Accounts disabled through the admin API: their items fail instead of running.
+    disabled: std::sync::RwLock<HashSet<String>>,
     bus: Option<Arc<Bus>>,
     config: WorkerConfig,
     updates: mpsc::UnboundedSender<Report>,
@@ -82,12 +84,20 @@ impl Shared {
         self.busy.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The reason an item of `account` must not run, if the account is disabled.
+    fn disabled_account(&self, account: &str) -> Option<String> {
+        let disabled = self.disabled.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        disabled.contains(account).then(|| format!("{}{account} disabled", cachectl_core::admin::CANCELLED_ACCOUNT))
+    }
+
     fn nodes(&self) -> Arc<Vec<Arc<NodeSlot>>> {
         self.nodes.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Rebuilds the node list from `directory`, keeping the slots of unchanged nodes.
     fn refresh(&self, directory: &Directory) {
+        let disabled = directory.accounts.iter().filter(|(_, a)| a.disabled).map(|(name, _)| name.clone()).collect();
+        *self.disabled.write().unwrap_or_else(std::sync::PoisonError::into_inner) = disabled;
         let old = self.nodes();
         let mut slots = Vec::with_capacity(directory.edges.len());
         for entry in &directory.edges {
@@ -168,6 +178,7 @@ impl Worker {
             shared: Arc::new(Shared {
                 client,
                 nodes: std::sync::RwLock::new(Arc::new(Vec::new())),
+                disabled: std::sync::RwLock::new(HashSet::new()),
                 bus,
                 config,
                 updates: tx,
@@ -357,13 +368,16 @@ struct Tally {
     waiting: BTreeMap<String, String>,
     /// Whether the item's stored reason is a waiting note.
     noted: bool,
+    /// The draining nodes that serve the item's host but were not sent it: the completed item's
+    /// reason says so.
+    skipped: Option<String>,
 }
 
 /// How a bus node's result starts while its agent is away.
 const WAITING: &str = "waiting for agent ";
 
 impl Progress {
-    fn new(item_id: i64, started_at: Timestamp, initial: &[NodeResult]) -> Self {
+    fn new(item_id: i64, started_at: Timestamp, initial: &[NodeResult], skipped: Option<String>) -> Self {
         let states: HashMap<String, NodeState> = initial.iter().map(|r| (r.node.clone(), r.state)).collect();
         let failure = initial
             .iter()
@@ -378,6 +392,7 @@ impl Progress {
                 failure,
                 waiting: BTreeMap::new(),
                 noted: false,
+                skipped,
             }),
         }
     }
@@ -422,6 +437,7 @@ impl Progress {
         let reason = match status {
             ItemStatus::Failed => tally.failure.clone(),
             _ if waiting.is_some() => waiting,
+            ItemStatus::Completed if tally.skipped.is_some() => tally.skipped.clone(),
             _ if noted => Some(String::new()),
             _ => None,
         };
@@ -445,11 +461,26 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
     let all = shared.nodes();
     // A draining node takes no new item; an item that already has a result on it finishes there.
     let started_on = |name: &str| claimed.nodes.iter().any(|r| r.node == name);
-    let nodes: Vec<&NodeSlot> = all
-        .iter()
-        .map(AsRef::as_ref)
-        .filter(|slot| slot.node.serves(&item.host) && (!slot.draining || started_on(&slot.node.name)))
+    let serving = || all.iter().map(AsRef::as_ref).filter(|slot: &&NodeSlot| slot.node.serves(&item.host));
+    let nodes: Vec<&NodeSlot> = serving().filter(|slot| !slot.draining || started_on(&slot.node.name)).collect();
+    let drained: Vec<&str> = serving()
+        .filter(|slot| slot.draining && !started_on(&slot.node.name))
+        .map(|slot| slot.node.name.as_str())
         .collect();
+    let skipped = (!drained.is_empty()).then(|| format!("not sent to draining node {}", drained.join(", ")));
+    if let Some(reason) = shared.disabled_account(&item.account) {
+        shared.metrics.item_finished(item.kind, ItemStatus::Failed);
+        shared.send(ItemUpdate {
+            item_id: item.id,
+            status: ItemStatus::Failed,
+            progress: 0,
+            started_at: Some(claimed.started_at.unwrap_or(now)),
+            finished_at: Some(now),
+            reason: Some(reason),
+            nodes: Vec::new(),
+        });
+        return;
+    }
     if nodes.is_empty() {
         shared.metrics.item_finished(item.kind, ItemStatus::Failed);
         shared.send(ItemUpdate {
@@ -480,7 +511,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
             })
         })
         .collect();
-    let progress = Progress::new(item.id, started_at, &initial);
+    let progress = Progress::new(item.id, started_at, &initial, skipped);
     if claimed.started_at.is_none() {
         let states: Vec<NodeState> = initial.iter().map(|r| r.state).collect();
         let (status, pct) = derive(&states, true);
