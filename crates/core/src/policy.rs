@@ -47,6 +47,15 @@ impl StateCounts {
         }
     }
 
+    /// One node in `state` fewer (it left the item: a drained node never sent the item).
+    pub fn remove(&mut self, state: NodeState) {
+        match state {
+            NodeState::Pending => self.pending = self.pending.saturating_sub(1),
+            NodeState::Succeeded => self.succeeded = self.succeeded.saturating_sub(1),
+            NodeState::Failed => self.failed = self.failed.saturating_sub(1),
+        }
+    }
+
     /// One node from `from` to `to`.
     pub fn change(&mut self, from: NodeState, to: NodeState) {
         match from {

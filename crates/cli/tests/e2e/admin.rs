@@ -474,3 +474,89 @@ async fn no_secret_reaches_the_sqlite_file_and_a_disabled_accounts_queue_is_canc
     let (status, _, body) = server.raw(reqwest::Method::GET, &format!("/v2/cache/refresh?token={TOKEN}"), None).await;
     assert_eq!((status, body["code"].as_i64()), (401, Some(401)), "the Baishan dialect's auth error: {body}");
 }
+
+#[tokio::test]
+async fn draining_an_edge_mid_run_sends_it_nothing_new_and_the_run_completes_on_the_others() {
+    let origin = Origin::start().await;
+    let (v1, v2) = (Varnish::start(origin.port).await, Varnish::start(origin.port).await);
+    let keys = tempfile::tempdir().unwrap();
+    // Few requests at once per node, so that the run lasts long enough to drain in its middle.
+    let server = Cachectl::start(&format!(
+        "{ACCOUNTS}{}{}per_node_concurrency = 1\npipeline_depth = 1\nmax_items_in_flight = 100\n\n{}{}",
+        admin_section(keys.path()),
+        fast_worker("60s"),
+        edge("v1", "varnish", &v1.address(), "edge"),
+        edge("v2", "varnish", &v2.address(), "edge")
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for batch in 0..5 {
+        let urls: Vec<String> = (0..1000).map(|i| format!("http://www.example.com/drain/{batch}/{i}")).collect();
+        tasks.push(server.native_submit(json!({"kind": "refresh", "type": "url", "urls": urls})).await);
+    }
+    let db = server.db().await;
+    let on_v2 = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM node_results WHERE node = 'v2'")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+    };
+    let start = Instant::now();
+    while on_v2().await < 300 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = admin(&server, reqwest::Method::POST, "/admin/v1/edges/v2/drain", None).await;
+    assert_eq!(status, 200, "{body}");
+    let drained_at = crate::now_ms();
+    let at_drain = on_v2().await;
+    for task in &tasks {
+        let detail = server.native_wait(*task).await;
+        assert_eq!(
+            detail["task"]["counts"]["completed"], 1000,
+            "task {task} completed on the other node: {}",
+            detail["task"]
+        );
+    }
+    let rows: Vec<(i64, Option<String>, i64, Option<String>)> = sqlx::query_as(
+        "SELECT i.id, i.reason, i.started_at, (SELECT state FROM node_results r WHERE r.item_id = i.id AND r.node = 'v2') \
+         FROM items i",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 5000);
+    let v1_done: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM node_results WHERE node = 'v1' AND state = 'succeeded'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(v1_done, 5000, "every item on v1");
+    let sent_to_v2: Vec<_> = rows.iter().filter(|r| r.3.is_some()).collect();
+    let skipped: Vec<_> = rows.iter().filter(|r| r.3.is_none()).collect();
+    assert!(sent_to_v2.iter().all(|r| r.3.as_deref() == Some("succeeded")), "what v2 had started finished there");
+    assert!(sent_to_v2.iter().all(|r| r.1.is_none()), "no reason on the items v2 served");
+    assert!(!skipped.is_empty(), "the drain came mid-run");
+    assert!(
+        skipped.iter().all(|r| r.1.as_deref() == Some("not sent to draining node v2")),
+        "the records say which node was drained: {:?}",
+        skipped.iter().find(|r| r.1.as_deref() != Some("not sent to draining node v2"))
+    );
+    // No command reached v2 after the drain: its last answers are those of the one request in
+    // flight then (one connection, no pipelining), within moments of it.
+    let last_on_v2: i64 =
+        sqlx::query_scalar("SELECT MAX(updated_at) FROM node_results WHERE node = 'v2'").fetch_one(&db).await.unwrap();
+    assert!(
+        last_on_v2 < drained_at + 500,
+        "no new command went to the drained node ({} ms after)",
+        last_on_v2 - drained_at
+    );
+    let last_on_v1: i64 =
+        sqlx::query_scalar("SELECT MAX(updated_at) FROM node_results WHERE node = 'v1'").fetch_one(&db).await.unwrap();
+    assert!(last_on_v1 > drained_at + 1000, "the run went on well after the drain, on v1 alone");
+    println!(
+        "v2 had {at_drain} results at the drain, {} at the end; {} items skipped it",
+        sent_to_v2.len(),
+        skipped.len()
+    );
+}

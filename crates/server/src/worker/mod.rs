@@ -39,13 +39,21 @@ struct NodeSlot {
     /// What it was built from, to keep the slot (its connections, its counters) while the
     /// directory changes around it.
     fingerprint: String,
-    /// Takes no new items; the items that already have a result on it finish there.
-    draining: bool,
+    /// Takes no new command: an item not yet sent to it leaves it out; a command already sent
+    /// (and its retries) finishes. Shared by every item holding the slot, so that a drain applies
+    /// at once to items already running.
+    draining: std::sync::atomic::AtomicBool,
     route: Route,
     permits: Semaphore,
     success: Counter,
     retry: Counter,
     fail: Counter,
+}
+
+impl NodeSlot {
+    fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// What the writer is handed, in order.
@@ -104,7 +112,8 @@ impl Shared {
             let EdgeNode { node, via_bus } = &entry.node;
             let fingerprint = format!("{node:?} {via_bus}");
             let draining = entry.state == EdgeState::Draining;
-            if let Some(kept) = old.iter().find(|s| s.fingerprint == fingerprint && s.draining == draining) {
+            if let Some(kept) = old.iter().find(|s| s.fingerprint == fingerprint) {
+                kept.draining.store(draining, std::sync::atomic::Ordering::Relaxed);
                 slots.push(kept.clone());
                 continue;
             }
@@ -132,7 +141,7 @@ impl Shared {
                 route,
                 node: node.clone(),
                 fingerprint,
-                draining,
+                draining: std::sync::atomic::AtomicBool::new(draining),
             }));
         }
         *self.nodes.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(slots);
@@ -406,6 +415,46 @@ impl Progress {
         self.lock().counts.failed > 0
     }
 
+    /// Takes `node` out of the item: it was drained before the item was sent to it. The item's
+    /// reason names it once the item completes; with no node left, the item fails saying so.
+    fn skip(&self, shared: &Shared, node: &str, item: &cachectl_core::Item) {
+        let mut tally = self.lock();
+        let (before, _) = derive_counts(tally.counts, true);
+        if let Some(old) = tally.states.remove(node) {
+            tally.counts.remove(old);
+        }
+        tally.skipped = Some(match tally.skipped.take() {
+            Some(note) => format!("{note}, {node}"),
+            None => format!("not sent to draining node {node}"),
+        });
+        let left = tally.counts;
+        let (status, progress) = if left.pending + left.succeeded + left.failed == 0 {
+            (ItemStatus::Failed, 0)
+        } else {
+            derive_counts(left, true)
+        };
+        let finished_now = status.is_final() && !before.is_final();
+        if finished_now {
+            shared.metrics.item_finished(item.kind, status);
+        }
+        let reason = match status {
+            ItemStatus::Failed if left.failed == 0 => Some(format!("every node serving {} was drained", item.host)),
+            ItemStatus::Failed => tally.failure.clone(),
+            ItemStatus::Completed => tally.skipped.clone(),
+            _ => None,
+        };
+        drop(tally);
+        shared.send(ItemUpdate {
+            item_id: self.item_id,
+            status,
+            progress,
+            started_at: self.started_at,
+            finished_at: finished_now.then(crate::api::now_ms),
+            reason,
+            nodes: Vec::new(),
+        });
+    }
+
     /// Records `result` and sends the item's derived state to the writer.
     fn report(&self, shared: &Shared, result: NodeResult, kind: cachectl_core::Kind) {
         let mut tally = self.lock();
@@ -462,9 +511,9 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
     // A draining node takes no new item; an item that already has a result on it finishes there.
     let started_on = |name: &str| claimed.nodes.iter().any(|r| r.node == name);
     let serving = || all.iter().map(AsRef::as_ref).filter(|slot: &&NodeSlot| slot.node.serves(&item.host));
-    let nodes: Vec<&NodeSlot> = serving().filter(|slot| !slot.draining || started_on(&slot.node.name)).collect();
+    let nodes: Vec<&NodeSlot> = serving().filter(|slot| !slot.is_draining() || started_on(&slot.node.name)).collect();
     let drained: Vec<&str> = serving()
-        .filter(|slot| slot.draining && !started_on(&slot.node.name))
+        .filter(|slot| slot.is_draining() && !started_on(&slot.node.name))
         .map(|slot| slot.node.name.as_str())
         .collect();
     let skipped = (!drained.is_empty()).then(|| format!("not sent to draining node {}", drained.join(", ")));
@@ -569,6 +618,11 @@ async fn run_direct(
     loop {
         let outcome = {
             let _permit = slot.permits.acquire().await;
+            if result.attempts == 0 && slot.is_draining() {
+                // Drained while this item waited for the node: never sent, so left out.
+                progress.skip(shared, &slot.node.name, item);
+                return;
+            }
             shared.client.execute_item(&slot.node, transport, item.kind, item.item_type, &item.url, item.soft).await
         };
         result.attempts += 1;
@@ -627,6 +681,10 @@ async fn run_via_bus(
     deadline: Timestamp,
 ) {
     let name = slot.node.name.as_str();
+    if result.attempts == 0 && slot.is_draining() {
+        progress.skip(shared, name, item);
+        return;
+    }
     let (id, mut answer) = bus.send(name, item.kind, item.item_type, &item.url, item.soft, deadline);
     let mut health = bus.watch(name);
     let mut health_open = true;
