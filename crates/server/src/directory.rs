@@ -320,10 +320,22 @@ impl DirectoryHandle {
     /// # Errors
     /// The store cannot be read; the view stays as it was.
     pub async fn reload(&self) -> anyhow::Result<()> {
+        self.rebuild(false).await
+    }
+
+    /// Rebuilds the view; unless `file_changed`, a view read before a newer one already in place
+    /// (two rebuilds racing: the poll's and an admin change's) is dropped.
+    async fn rebuild(&self, file_changed: bool) -> anyhow::Result<()> {
         let rows = self.store.directory().await?;
-        let directory = Directory::build(&self.file(), &rows);
+        let directory = Arc::new(Directory::build(&self.file(), &rows));
         log_warnings(&directory);
-        self.tx.send_replace(Arc::new(directory));
+        self.tx.send_if_modified(|current| {
+            let newer = file_changed || directory.version >= current.version;
+            if newer {
+                *current = directory.clone();
+            }
+            newer
+        });
         Ok(())
     }
 
@@ -333,7 +345,7 @@ impl DirectoryHandle {
     /// The store cannot be read; the file is kept for the next rebuild.
     pub async fn replace_file(&self, file: Arc<Settings>) -> anyhow::Result<()> {
         *self.file.write().unwrap_or_else(std::sync::PoisonError::into_inner) = file;
-        self.reload().await
+        self.rebuild(true).await
     }
 
     /// Reloads whenever the store's change counter moves, checking every `interval`, until
