@@ -99,6 +99,10 @@ for script in postinst prerm postrm; do
 done
 grep -q 'deb-systemd-helper enable' "$tmp/postinst" || fail "postinst does not enable cachectl.service"
 grep -q 'useradd --system' "$tmp/postinst" || fail "postinst does not create the user"
+# cargo-deb replaces every #DEBHELPER# marker: the unit snippets must come after the user exists.
+first_user=$(grep -n 'useradd --system' "$tmp/postinst" | head -1 | cut -d: -f1)
+first_unit=$(grep -n 'deb-systemd-' "$tmp/postinst" | head -1 | cut -d: -f1)
+[ "$first_user" -lt "$first_unit" ] || fail "postinst enables or starts the units before creating their user"
 check "maintainer scripts: user, key file, systemd enable (cargo-deb's snippets)"
 
 echo "==> dpkg -i"
@@ -200,8 +204,11 @@ $SUDO dpkg --purge cachectl >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; fail
 dpkg-query -W -f '${Status}' cachectl >/dev/null 2>&1 && fail "dpkg still knows cachectl"
 for f in /usr/bin/cachectl /etc/cachectl /var/lib/cachectl /usr/lib/systemd/system/cachectl.service \
     /usr/lib/systemd/system/cachectl-agent.service /etc/systemd/system/multi-user.target.wants/cachectl.service \
-    /usr/share/doc/cachectl; do
+    /usr/share/doc/cachectl /etc/systemd/system/cachectl.service /etc/systemd/system/cachectl-agent.service; do
     [ ! -e "$f" ] && [ ! -L "$f" ] || fail "$f is left after the purge"
 done
+left_state="$(find /var/lib/systemd/deb-systemd-helper-enabled /var/lib/systemd/deb-systemd-helper-masked \
+    -name '*cachectl*' 2>/dev/null; grep -rls 'cachectl' /var/lib/systemd/deb-systemd-helper-enabled 2>/dev/null || true)"
+[ -z "$left_state" ] || fail "deb-systemd-helper still records a cachectl unit: $left_state"
 check "nothing of the package is left (the cachectl user is kept by Debian practice; this test removes it if it created it)"
 echo "==> package test passed"
