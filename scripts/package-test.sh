@@ -11,15 +11,17 @@
 #   scripts/package-test.sh             package target/debug/cachectl (what the test run built)
 #   scripts/package-test.sh --release   package target/release/cachectl (cargo build --release first)
 #
-# Needs root (dpkg), cargo-deb (`cargo install --locked cargo-deb`), systemd-analyze, curl.
+# Needs root (re-runs itself with sudo otherwise), cargo-deb (`cargo install --locked cargo-deb`), systemd-analyze, curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
+# dpkg, the package's user and setpriv need root: run the whole script as root.
+if [ "$(id -u)" -ne 0 ]; then
+    exec sudo --preserve-env=PATH,HOME,CARGO_HOME,RUSTUP_HOME,CARGO_TARGET_DIR "$0" "$@"
+fi
 
 profile=dev
 [ "${1:-}" = "--release" ] && profile=release
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 command -v cargo-deb >/dev/null 2>&1 || { echo "cargo-deb is missing: cargo install --locked cargo-deb" >&2; exit 1; }
 command -v systemd-analyze >/dev/null 2>&1 || { echo "systemd-analyze is missing (Debian's systemd package)" >&2; exit 1; }
@@ -50,11 +52,11 @@ cleanup() {
         wait "$server_pid" 2>/dev/null
     fi
     if dpkg-query -W -f '${Status}' cachectl 2>/dev/null | grep -q 'installed\|config-files\|half'; then
-        $SUDO dpkg --purge cachectl >/dev/null 2>&1
+        dpkg --purge cachectl >/dev/null 2>&1
     fi
-    [ "$policy_rc" -eq 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d
-    [ "$user_existed" -eq 0 ] && getent passwd cachectl >/dev/null && $SUDO userdel cachectl 2>/dev/null
-    getent group cachectl >/dev/null && [ "$user_existed" -eq 0 ] && $SUDO groupdel cachectl 2>/dev/null
+    [ "$policy_rc" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
+    [ "$user_existed" -eq 0 ] && getent passwd cachectl >/dev/null && userdel cachectl 2>/dev/null
+    getent group cachectl >/dev/null && [ "$user_existed" -eq 0 ] && groupdel cachectl 2>/dev/null
     rm -rf "$tmp"
     if [ "$rc" -ne 0 ]; then
         [ -f "$tmp.log" ] && { echo "--- the installed server's log:"; cat "$tmp.log"; }
@@ -109,12 +111,12 @@ echo "==> dpkg -i"
 # Where systemd runs, the postinst would start cachectl.service on its configured address: deny
 # service starts for this test (policy-rc.d), as image builds do.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-    $SUDO chmod 755 /usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | tee /usr/sbin/policy-rc.d >/dev/null
+    chmod 755 /usr/sbin/policy-rc.d
     policy_rc=1
 fi
 start=$(date +%s)
-$SUDO dpkg -i "$deb" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; fail "dpkg -i"; }
+dpkg -i "$deb" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; fail "dpkg -i"; }
 echo "  installed in $(($(date +%s) - start)) s"
 [ "$(dpkg-query -W -f '${Status}' cachectl)" = "install ok installed" ] || fail "dpkg status"
 [ -x /usr/bin/cachectl ] || fail "/usr/bin/cachectl"
@@ -131,7 +133,7 @@ check "/etc/cachectl/cachectl.toml: 0640 root:cachectl, as shipped"
 [ "$(base64 -d /etc/cachectl/secret.key | wc -c)" -eq 32 ] || fail "secret.key is not 32 bytes in base64"
 check "/etc/cachectl/secret.key: 32 random bytes in base64, 0640 root:cachectl"
 key_before="$(sha256sum /etc/cachectl/secret.key)"
-$SUDO dpkg-reconfigure cachectl >/dev/null 2>&1 || $SUDO env DPKG_MAINTSCRIPT_NAME=postinst /var/lib/dpkg/info/cachectl.postinst configure >/dev/null
+dpkg-reconfigure cachectl >/dev/null 2>&1 || env DPKG_MAINTSCRIPT_NAME=postinst /var/lib/dpkg/info/cachectl.postinst configure >/dev/null
 [ "$(sha256sum /etc/cachectl/secret.key)" = "$key_before" ] || fail "postinst replaced an existing secret.key"
 check "postinst run again keeps the existing key"
 [ -L /etc/systemd/system/multi-user.target.wants/cachectl.service ] || fail "cachectl.service is not enabled"
@@ -200,7 +202,7 @@ server_pid=""
 check "stopped by SIGTERM, exit status 0"
 
 echo "==> dpkg --purge"
-$SUDO dpkg --purge cachectl >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; fail "dpkg --purge"; }
+dpkg --purge cachectl >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; fail "dpkg --purge"; }
 dpkg-query -W -f '${Status}' cachectl >/dev/null 2>&1 && fail "dpkg still knows cachectl"
 for f in /usr/bin/cachectl /etc/cachectl /var/lib/cachectl /usr/lib/systemd/system/cachectl.service \
     /usr/lib/systemd/system/cachectl-agent.service /etc/systemd/system/multi-user.target.wants/cachectl.service \
