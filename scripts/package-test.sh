@@ -207,7 +207,7 @@ dpkg-query -W -f '${Status}' cachectl >/dev/null 2>&1 && fail "dpkg still knows 
 for f in /usr/bin/cachectl /etc/cachectl /var/lib/cachectl /usr/lib/systemd/system/cachectl.service \
     /usr/lib/systemd/system/cachectl-agent.service /etc/systemd/system/multi-user.target.wants/cachectl.service \
     /usr/share/doc/cachectl /etc/systemd/system/cachectl.service /etc/systemd/system/cachectl-agent.service; do
-    [ ! -e "$f" ] && [ ! -L "$f" ] || fail "$f is left after the purge"
+    if [ -e "$f" ] || [ -L "$f" ]; then fail "$f is left after the purge"; fi
 done
 left_state="$(find /var/lib/systemd/deb-systemd-helper-enabled /var/lib/systemd/deb-systemd-helper-masked \
     -name '*cachectl*' 2>/dev/null; grep -rls 'cachectl' /var/lib/systemd/deb-systemd-helper-enabled 2>/dev/null || true)"
