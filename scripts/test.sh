@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian 12 machine with the Rust toolchain:
 # installs what the tests start when missing (Varnish with varnish-modules, nginx with the cache-purge module,
-# NATS with JetStream, PostgreSQL, Chromium and chromedriver, Baidu's bce-python-sdk and schemathesis in a virtual environment), checks
-# formatting and lints, then runs every test with cargo-nextest, then a short run of every fuzz
-# target (cargo-fuzz, installed when missing). Tests start their own caches, origin, PostgreSQL
+# NATS with JetStream, PostgreSQL, Chromium and chromedriver, Prometheus's promtool, systemd-analyze, Baidu's bce-python-sdk and schemathesis in a virtual environment,
+# cargo-deb), checks formatting and lints, then runs every test with cargo-nextest, then the Debian package's test
+# (scripts/package-test.sh: dpkg -i, run, dpkg --purge), then a short run of every fuzz target (cargo-fuzz, installed when missing). Tests start their own caches, origin, PostgreSQL
 # clusters and cachectl instances on 127.0.0.1 with free ports; no system service is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,10 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# The alert rules' and dashboard's checks (crates/cli/tests/e2e/monitoring.rs): Debian's promtool.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# The Debian package's test (scripts/package-test.sh): its units are checked offline.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
     echo "==> Installing ${need[*]} from Debian's packages"
     SUDO=""
@@ -39,6 +43,9 @@ nginx -v 2>&1
 nats-server --version
 /usr/bin/chromium --version 2>/dev/null
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+# The Debian package (docs/packaging.md): about 2 to 4 minutes to install on 2 cores.
+command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb
+promtool --version 2>&1 | head -1
 
 # Baidu's official Python SDK, which the Baidu-dialect tests drive the server with, and
 # schemathesis, which fuzzes the native API against its OpenAPI document.
@@ -62,6 +69,9 @@ before="$(list_survivors)"
 echo "==> tests"
 status=0
 cargo nextest run --workspace --locked --profile ci "$@" || status=$?
+# The Debian package, built from the binary the tests just used, installed, run and purged.
+echo "==> Debian package"
+scripts/package-test.sh || status=$?
 sleep 2
 left="$(comm -13 <(echo "$before") <(list_survivors) | grep -v '^$' || true)"
 if [ -n "$left" ]; then

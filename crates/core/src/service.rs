@@ -368,6 +368,15 @@ impl Service {
         Ok(QuotaState { limit, remaining: limit.saturating_sub(used) })
     }
 
+    /// What the queue holds at `now` (for the metrics); items first sent before `half_deadline`
+    /// count as past half their deadline.
+    ///
+    /// # Errors
+    /// The store failing.
+    pub async fn backlog(&self, now: Timestamp, half_deadline: Timestamp) -> Result<crate::store::Backlog, StoreError> {
+        self.store.backlog(now, half_deadline).await
+    }
+
     /// The items of one of the account's tasks; a task of another account reads as empty.
     ///
     /// # Errors

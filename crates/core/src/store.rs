@@ -166,6 +166,26 @@ pub trait Queue: Send + Sync + 'static {
     /// leases; the updates of items whose lease another worker took are dropped. Returns how many
     /// items' updates were dropped.
     async fn apply_updates(&self, owner: &str, updates: &[ItemUpdate]) -> StoreResult<u64>;
+
+    /// What the queue holds at `now`, for the metrics (`/metrics`): every instance sees the same.
+    /// Items first sent before `half_deadline` are counted as past half their deadline.
+    async fn backlog(&self, now: Timestamp, half_deadline: Timestamp) -> StoreResult<Backlog>;
+}
+
+/// The unfinished items of the queue (`Queue::backlog`), coalesced followers left out (their
+/// leader does the work).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Waiting and due: to be claimed.
+    pub waiting: u64,
+    /// Waiting for a later time (a scheduled prefetch).
+    pub scheduled: u64,
+    /// Sent to at least one node, not final yet.
+    pub processing: u64,
+    /// Unfinished items first sent before the half-deadline mark.
+    pub past_half_deadline: u64,
+    /// When the longest-waiting due item became due.
+    pub oldest_due: Option<Timestamp>,
 }
 
 /// The webhook outbox of finished tasks (the webhook sender).

@@ -4,7 +4,7 @@
 use crate::backend::{Backend, SqlStore};
 use crate::rows::{ITEM_COLUMNS, item_from_row, node_from_row};
 use crate::sql::{Arg, Db, Get as _, Sql, SqlWriter, unavailable};
-use cachectl_core::store::Queue;
+use cachectl_core::store::{Backlog, Queue};
 use cachectl_core::{ClaimedItem, ItemStatus, ItemUpdate, NodeResult, StoreResult, TaskId, Timestamp};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -214,7 +214,31 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
         tx.commit().await.map_err(unavailable)?;
         Ok(u64::try_from(lost).unwrap_or(u64::MAX))
     }
+
+    /// One statement over the unfinished items (the `items_runnable` index), on the reader.
+    async fn backlog(&self, now: Timestamp, half_deadline: Timestamp) -> StoreResult<Backlog> {
+        let mut conn = self.reader.acquire().await.map_err(unavailable)?;
+        let row = Sql::<DB>::new().template(BACKLOG, &[now.into(), half_deadline.into()]).row(&mut conn).await?;
+        let count = |i| row.as_ref().map_or(0, |r| u64::try_from(DB::int(r, i)).unwrap_or(0));
+        Ok(Backlog {
+            waiting: count(0),
+            scheduled: count(1),
+            processing: count(2),
+            past_half_deadline: count(3),
+            oldest_due: row.as_ref().and_then(|r| DB::opt_int(r, 4)).map(Timestamp::from_millis),
+        })
+    }
 }
+
+/// `Queue::backlog` at `?1`, with the half-deadline mark `?2`: waiting and due, scheduled,
+/// processing, past half their deadline, and when the oldest due item became due.
+const BACKLOG: &str = "SELECT \
+     COUNT(CASE WHEN status = 'waiting' AND not_before <= ?1 THEN 1 END), \
+     COUNT(CASE WHEN status = 'waiting' AND not_before > ?1 THEN 1 END), \
+     COUNT(CASE WHEN status = 'processing' THEN 1 END), \
+     COUNT(CASE WHEN started_at IS NOT NULL AND started_at < ?2 THEN 1 END), \
+     MIN(CASE WHEN status = 'waiting' AND not_before <= ?1 THEN not_before END) \
+     FROM items WHERE status IN ('waiting', 'processing') AND follows IS NULL";
 
 /// Writes `CLAIM` into `q`, returning the claimed items with when they started.
 pub(crate) fn claim_statement<'q, 'a, W: SqlWriter<'a>>(

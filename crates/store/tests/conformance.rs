@@ -398,6 +398,56 @@ async fn the_queue_hands_out_items_under_leases() {
     }
 }
 
+/// The queue's figures for `/metrics` (`Queue::backlog`): waiting and due, scheduled,
+/// processing, past half the deadline, and the oldest due item.
+#[tokio::test]
+async fn the_backlog_counts_unfinished_items_by_state() {
+    for (name, store) in backends().await.stores {
+        let empty = store.backlog(at(T0), at(T0 - 1000)).await.unwrap();
+        assert_eq!(empty, cachectl_core::store::Backlog::default(), "{name}");
+        store
+            .create_task(&task("acme", Kind::Refresh, T0, &["http://a/1", "http://a/2", "http://a/3"]), &[])
+            .await
+            .unwrap();
+        let mut later = task("acme", Kind::Prefetch, T0, &["http://a/later"]);
+        later.items[0].not_before = Some(at(T0 + H));
+        store.create_task(&later, &[]).await.unwrap();
+        let now = T0 + 10_000;
+        let b = store.backlog(at(now), at(now - 150_000)).await.unwrap();
+        assert_eq!((b.waiting, b.scheduled, b.processing, b.past_half_deadline), (3, 1, 0, 0), "{name}");
+        assert_eq!(b.oldest_due, Some(at(T0)), "{name}");
+
+        // Two started: one at T0 + 1 s, one long before the half-deadline mark; one finished.
+        let claimed = store.claim_items("A", at(now), at(now + 30_000), 3).await.unwrap();
+        let update = |id, status, started, finished: Option<i64>| ItemUpdate {
+            item_id: id,
+            status,
+            progress: 0,
+            started_at: Some(at(started)),
+            finished_at: finished.map(at),
+            reason: None,
+            nodes: vec![node("n1", NodeState::Pending, started)],
+        };
+        store
+            .apply_updates(
+                "A",
+                &[
+                    update(claimed[0].item.id, ItemStatus::Processing, T0 + 1000, None),
+                    update(claimed[1].item.id, ItemStatus::Processing, T0 - 200_000, None),
+                    update(claimed[2].item.id, ItemStatus::Completed, T0 + 1000, Some(T0 + 2000)),
+                ],
+            )
+            .await
+            .unwrap();
+        let b = store.backlog(at(now), at(now - 150_000)).await.unwrap();
+        assert_eq!((b.waiting, b.scheduled, b.processing, b.past_half_deadline), (0, 1, 2, 1), "{name}: {b:?}");
+        assert_eq!(b.oldest_due, None, "{name}: nothing due waits");
+        // At its time, the scheduled prefetch is due and waiting.
+        let b = store.backlog(at(T0 + H + 5000), at(now - 150_000)).await.unwrap();
+        assert_eq!((b.waiting, b.scheduled, b.oldest_due), (1, 0, Some(at(T0 + H))), "{name}");
+    }
+}
+
 #[tokio::test]
 async fn concurrent_claims_never_overlap() {
     for (name, store) in backends().await.stores {

@@ -14,6 +14,7 @@ mod failover;
 mod faults;
 mod hostile;
 mod misbehaving;
+mod monitoring;
 mod native;
 mod purge_kinds;
 mod soak;

@@ -6,7 +6,7 @@
 use crate::bus::{Bus, Health};
 use crate::config::{EdgeNode, WorkerConfig};
 use crate::directory::Directory;
-use crate::metrics::Metrics;
+use crate::metrics::{FailureReason, Metrics};
 use cachectl_core::admin::EdgeState;
 use cachectl_core::policy::{StateCounts, backoff, derive, derive_counts};
 use cachectl_core::store::Queue;
@@ -365,6 +365,8 @@ async fn renew_leases(store: Arc<dyn Queue>, owner: String, lease: Duration, shu
 struct Progress {
     item_id: i64,
     started_at: Option<Timestamp>,
+    /// When the item was submitted, or became due if scheduled: its latency counts from here.
+    submitted_at: Timestamp,
     tally: Mutex<Tally>,
 }
 
@@ -386,7 +388,13 @@ struct Tally {
 const WAITING: &str = "waiting for agent ";
 
 impl Progress {
-    fn new(item_id: i64, started_at: Timestamp, initial: &[NodeResult], skipped: Option<String>) -> Self {
+    fn new(
+        item_id: i64,
+        submitted_at: Timestamp,
+        started_at: Timestamp,
+        initial: &[NodeResult],
+        skipped: Option<String>,
+    ) -> Self {
         let states: HashMap<String, NodeState> = initial.iter().map(|r| (r.node.clone(), r.state)).collect();
         let failure = initial
             .iter()
@@ -395,6 +403,7 @@ impl Progress {
         Self {
             item_id,
             started_at: Some(started_at),
+            submitted_at,
             tally: Mutex::new(Tally {
                 counts: StateCounts::of(&initial.iter().map(|r| r.state).collect::<Vec<_>>()),
                 states,
@@ -435,7 +444,7 @@ impl Progress {
         };
         let finished_now = status.is_final() && !before.is_final();
         if finished_now {
-            shared.metrics.item_finished(item.kind, status);
+            shared.metrics.item_finished(item.kind, status, crate::api::now_ms().since(self.submitted_at));
         }
         let reason = match status {
             ItemStatus::Failed if left.failed == 0 => Some(format!("every node serving {} was drained", item.host)),
@@ -481,7 +490,7 @@ impl Progress {
         let noted = std::mem::replace(&mut tally.noted, waiting.is_some());
         let finished_now = status.is_final() && !before.is_final();
         if finished_now {
-            shared.metrics.item_finished(kind, status);
+            shared.metrics.item_finished(kind, status, result.updated_at.since(self.submitted_at));
         }
         let reason = match status {
             ItemStatus::Failed => tally.failure.clone(),
@@ -518,7 +527,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
         .collect();
     let skipped = (!drained.is_empty()).then(|| format!("not sent to draining node {}", drained.join(", ")));
     if let Some(reason) = shared.disabled_account(&item.account) {
-        shared.metrics.item_finished(item.kind, ItemStatus::Failed);
+        shared.metrics.item_finished(item.kind, ItemStatus::Failed, now.since(item.not_before));
         shared.send(ItemUpdate {
             item_id: item.id,
             status: ItemStatus::Failed,
@@ -531,7 +540,8 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
         return;
     }
     if nodes.is_empty() {
-        shared.metrics.item_finished(item.kind, ItemStatus::Failed);
+        shared.metrics.node_failed("", FailureReason::NoNode);
+        shared.metrics.item_finished(item.kind, ItemStatus::Failed, now.since(item.not_before));
         shared.send(ItemUpdate {
             item_id: item.id,
             status: ItemStatus::Failed,
@@ -560,7 +570,7 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
             })
         })
         .collect();
-    let progress = Progress::new(item.id, started_at, &initial, skipped);
+    let progress = Progress::new(item.id, item.not_before, started_at, &initial, skipped);
     if claimed.started_at.is_none() {
         let states: Vec<NodeState> = initial.iter().map(|r| r.state).collect();
         let (status, pct) = derive(&states, true);
@@ -639,6 +649,8 @@ async fn run_direct(
             }
             Outcome::Fail { code, error } => {
                 slot.fail.inc();
+                let reason = if code.is_some() { FailureReason::Status } else { FailureReason::Unsupported };
+                shared.metrics.node_failed(&slot.node.name, reason);
                 result.state = NodeState::Failed;
                 result.status_code = code;
                 result.error = Some(error);
@@ -651,6 +663,7 @@ async fn run_direct(
                     backoff(result.attempts, shared.config.retry_initial, shared.config.retry_max, &mut rand::rng());
                 result.status_code = code;
                 if result.updated_at.after(wait) >= deadline {
+                    shared.metrics.node_failed(&slot.node.name, FailureReason::Deadline);
                     result.state = NodeState::Failed;
                     result.error = Some(format!(
                         "gave up after {} attempts before the item's deadline; last error: {error}",
@@ -720,6 +733,7 @@ async fn run_via_bus(
                     result.error = None;
                 } else {
                     slot.fail.inc();
+                    shared.metrics.node_failed(name, FailureReason::Agent);
                     result.state = NodeState::Failed;
                     result.error = Some(answer.error.unwrap_or_else(|| "failed".to_owned()));
                 }
@@ -729,6 +743,7 @@ async fn run_via_bus(
             () = &mut expiry => {
                 bus.forget(name, &id);
                 slot.fail.inc();
+                shared.metrics.node_failed(name, FailureReason::AgentSilent);
                 result.state = NodeState::Failed;
                 result.updated_at = crate::api::now_ms();
                 result.error = Some(format!("agent {name} did not answer before the item's deadline ({})", last_seen()));
