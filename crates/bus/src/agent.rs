@@ -189,22 +189,12 @@ struct Local {
     lag: AtomicU64,
 }
 
-/// Runs the agent until `shutdown`: the command in progress is finished and acknowledged first.
-///
-/// # Errors
-/// The bus cannot be reached at start, or the streams or the consumer cannot be created.
-pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("cachectl-agent {}", config.name))
-        .retry_on_initial_connect()
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to NATS at {}: {e}", config.nats_url))?;
-    let js = jetstream::new(client.clone());
-    protocol::ensure_streams(&js, StreamSettings { replicas: config.stream_replicas, max_age: config.stream_max_age })
+/// Ensures the streams and returns this node's durable consumer of its commands.
+async fn subscribe(js: &jetstream::Context, config: &AgentConfig) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+    protocol::ensure_streams(js, StreamSettings { replicas: config.stream_replicas, max_age: config.stream_max_age })
         .await?;
     let stream = js.get_stream(protocol::COMMAND_STREAM).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let consumer: jetstream::consumer::PullConsumer = stream
+    stream
         .get_or_create_consumer(
             &config.name,
             jetstream::consumer::pull::Config {
@@ -216,7 +206,40 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             },
         )
         .await
-        .map_err(|e| anyhow::anyhow!("creating the consumer {}: {e}", config.name))?;
+        .map_err(|e| anyhow::anyhow!("creating the consumer {}: {e}", config.name))
+}
+
+/// Runs the agent until `shutdown`: the command in progress is finished and acknowledged first.
+/// While NATS cannot create the streams or the consumer, it retries (and says so in its log).
+///
+/// # Errors
+/// The NATS URL is unusable, or the HTTP client to the cache cannot be built.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("cachectl-agent {}", config.name))
+        .retry_on_initial_connect()
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to NATS at {}: {e}", config.nats_url))?;
+    let js = jetstream::new(client.clone());
+    // The streams and this node's consumer. NATS may be slow or briefly unable (a control plane
+    // creating the same streams at the same moment, a cluster electing a leader): retry until it
+    // works or the agent is stopped, instead of exiting.
+    let mut attempt = 0u32;
+    let consumer = loop {
+        match subscribe(&js, &config).await {
+            Ok(consumer) => break consumer,
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "Setting up the command stream failed; retrying.");
+                let wait = Duration::from_millis(200 * u64::from(attempt.min(25)));
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    };
     let edge = EdgeClient::new(ClientSettings {
         request_timeout: config.request_timeout,
         connect_timeout: Duration::from_secs(2),
