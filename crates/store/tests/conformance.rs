@@ -609,11 +609,11 @@ async fn lock_items(url: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
     lock
 }
 
-/// Polls until `n` sessions wait on a lock (at most 20 s: on a CI machine busy with the other
-/// tests, opening a pool's connections has taken more than 5 s), then a moment more for any
-/// beyond.
+/// Polls until `n` sessions wait on a lock (at most 60 s: on a machine busy with the other
+/// tests, opening a pool's connections has taken more than 5 s, and once more than 20 s), then a
+/// moment more for any beyond.
 async fn wait_for_lock_waiters(conn: &mut sqlx::PgConnection, n: i64) -> i64 {
-    for _ in 0..400 {
+    for _ in 0..1200 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let waiting: i64 = sqlx::query_scalar(WAITING_ON_LOCK).fetch_one(&mut *conn).await.unwrap();
         if waiting >= n {
