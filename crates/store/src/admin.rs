@@ -18,8 +18,12 @@ const CREDENTIALS: &str = "SELECT id, kind, account, name, secret_hash, sealed_s
      FROM credentials ORDER BY account, created_at, id";
 const EDGES: &str = "SELECT name, spec, state, created_at, updated_at FROM edges ORDER BY name";
 
+/// Creates account `?1`; a row without a spec (the state of a file account since removed from the
+/// file) is taken over, an API account's row is a conflict (no row changed).
 const CREATE_ACCOUNT: &str = "INSERT INTO accounts (name, spec, disabled, created_at, updated_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING";
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, \
+     disabled = excluded.disabled, created_at = excluded.created_at, updated_at = excluded.updated_at \
+     WHERE accounts.spec IS NULL";
 const PUT_ACCOUNT: &str = "INSERT INTO accounts (name, spec, disabled, created_at, updated_at) \
      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, \
      disabled = excluded.disabled, updated_at = excluded.updated_at";
@@ -30,8 +34,11 @@ const ISSUE: &str = "INSERT INTO credentials \
 const EXPIRE: &str = "UPDATE credentials SET expires_at = \
      CASE WHEN expires_at IS NULL OR expires_at > ?1 THEN ?1 ELSE expires_at END \
      WHERE id = ?2 AND account = ?3";
+/// Creates edge `?1`, taking over a row without a spec as `CREATE_ACCOUNT` does.
 const CREATE_EDGE: &str = "INSERT INTO edges (name, spec, state, created_at, updated_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING";
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, \
+     state = excluded.state, created_at = excluded.created_at, updated_at = excluded.updated_at \
+     WHERE edges.spec IS NULL";
 const PUT_EDGE: &str = "INSERT INTO edges (name, spec, state, created_at, updated_at) \
      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, \
      state = excluded.state, updated_at = excluded.updated_at";

@@ -1073,6 +1073,32 @@ async fn directory_changes_are_atomic_audited_and_versioned() {
         assert_eq!(kept.len(), 1, "{name}: the sweep takes the audit log's old entries: {kept:?}");
         assert_eq!(kept[0].action, "task.submit", "{name}");
         assert_eq!(store.directory_version().await.unwrap(), 8, "{name}");
+
+        // The state row of a file account (no spec) does not block creating that name through the
+        // API once the file no longer has it.
+        let state_only =
+            AccountRow { name: "legacy".into(), spec: None, disabled: true, created_at: at(T0), updated_at: at(T0) };
+        store
+            .change_directory(&DirectoryChange::PutAccount(state_only), &audit("account.disable", "legacy", T0))
+            .await
+            .unwrap();
+        let created = AccountRow {
+            name: "legacy".into(),
+            spec: Some("{}".into()),
+            disabled: false,
+            created_at: at(T0 + 9),
+            updated_at: at(T0 + 9),
+        };
+        store
+            .change_directory(&DirectoryChange::CreateAccount(created.clone()), &audit("account.create", "legacy", T0))
+            .await
+            .unwrap();
+        let rows = store.directory().await.unwrap();
+        assert_eq!(rows.accounts.iter().find(|a| a.name == "legacy"), Some(&created), "{name}");
+        let twice = store
+            .change_directory(&DirectoryChange::CreateAccount(created), &audit("account.create", "legacy", T0))
+            .await;
+        assert!(matches!(twice, Err(ChangeError::Conflict(_))), "{name}: an API account's row is a conflict");
     }
 }
 
