@@ -152,6 +152,8 @@ async fn measure(
     // Latency: single-URL tasks one after the other, each submitted once the one before is final
     // (the time of one purge across the fleet, not of a queue the machine cannot drain).
     let mut conn = sqlite_reader(&server.store_url).await?;
+    let pids = [Some(server.pid()), nats.and_then(Nats::pid), Some(agents_pid)];
+    let (latency_started, before) = (Instant::now(), pids.map(cpu_seconds));
     for k in 0..options.latency_tasks {
         let url = format!("http://www.acct00.test/lat/{tag}/{k}");
         submit(&client, server, std::slice::from_ref(&url)).await?;
@@ -165,10 +167,17 @@ async fn measure(
     let mut samples: Vec<u64> = rows.iter().map(|r| u64::try_from(r.get::<i64, _>(0)).unwrap_or(0) * 1000).collect();
     samples.sort_unstable();
     let mut failed = i64::try_from(rows.iter().filter(|r| r.get::<String, _>(1) == "failed").count())?;
+    let (wall, after) = (latency_started.elapsed().as_secs_f64(), pids.map(cpu_seconds));
+    eprintln!(
+        "    {}; CPU during the latency tasks, % of one core: control plane {:.0}, NATS {:.0}, agents {:.0}",
+        spread(&mut conn, &filter).await?,
+        (after[0] - before[0]) / wall * 100.0,
+        (after[1] - before[1]) / wall * 100.0,
+        (after[2] - before[2]) / wall * 100.0,
+    );
 
     // Throughput: URLs × nodes node-purges, submitted 1,000 URLs at a time.
     let urls = (options.node_purges / nodes as u64).clamp(1, options.max_urls);
-    let pids = [Some(server.pid()), nats.and_then(Nats::pid), Some(agents_pid)];
     let before = pids.map(cpu_seconds);
     let all: Vec<String> = (0..urls).map(|i| format!("http://www.acct00.test/tp/{tag}/{i}")).collect();
     for chunk in all.chunks(1000) {
@@ -203,6 +212,44 @@ async fn measure(
         cpu_nats: cpu(1),
         cpu_agents: cpu(2),
     })
+}
+
+/// Where a single URL's time goes: after its submission, when the item started and when its
+/// first, median and last node result was written (medians over the latency tasks, ms).
+async fn spread(conn: &mut sqlx::SqliteConnection, filter: &str) -> anyhow::Result<String> {
+    let rows = sqlx::query(&format!(
+        "SELECT i.id, i.started_at - i.created_at, n.updated_at - i.created_at FROM items i \
+         JOIN node_results n ON n.item_id = i.id WHERE i.{filter} ORDER BY i.id, 3"
+    ))
+    .fetch_all(conn)
+    .await?;
+    let mut items: Vec<(i64, Vec<i64>)> = Vec::new();
+    let mut last_id = None;
+    for r in &rows {
+        let id: i64 = r.get(0);
+        if last_id != Some(id) {
+            items.push((r.get::<Option<i64>, _>(1).unwrap_or(0), Vec::new()));
+            last_id = Some(id);
+        }
+        if let Some(item) = items.last_mut() {
+            item.1.push(r.get(2));
+        }
+    }
+    let median = |mut v: Vec<i64>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    let at = |f: f64| median(items.iter().map(|(_, n)| n[((n.len() - 1) as f64 * f) as usize]).collect());
+    Ok(format!(
+        "spread over {} tasks (medians, ms after submit): started {}, first node {}, 10 % {}, half {}, 90 % {}, last node {}",
+        items.len(),
+        median(items.iter().map(|i| i.0).collect()),
+        at(0.0),
+        at(0.1),
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    ))
 }
 
 async fn submit(client: &reqwest::Client, server: &Server, urls: &[String]) -> anyhow::Result<i64> {

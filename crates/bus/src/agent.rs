@@ -74,9 +74,12 @@ pub struct AgentConfig {
     /// Replicas of the streams if the agent is the first to create them.
     #[serde(default = "default_replicas")]
     pub stream_replicas: usize,
-    /// How long unconsumed commands are kept if the agent is the first to create the streams.
+    /// How long commands are kept if the agent is the first to create the streams.
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub stream_max_age: Duration,
+    /// The command stream's size at most in MiB, if the agent is the first to create it.
+    #[serde(default = "default_max_mib")]
+    pub stream_max_mib: u64,
 }
 
 fn default_nats() -> String {
@@ -99,6 +102,9 @@ fn default_retry_max() -> Duration {
 }
 fn default_replicas() -> usize {
     1
+}
+fn default_max_mib() -> u64 {
+    1024
 }
 fn default_max_age() -> Duration {
     Duration::from_secs(3600)
@@ -160,6 +166,9 @@ impl AgentConfig {
         if self.concurrency == 0 {
             return err("concurrency", "must be at least 1".into());
         }
+        if self.stream_max_mib == 0 || self.stream_max_mib > 1 << 30 {
+            return err("stream_max_mib", "must be 1 to 1073741824".into());
+        }
         if self.heartbeat_interval.is_zero() {
             return err("heartbeat_interval", "must be more than 0".into());
         }
@@ -191,15 +200,23 @@ struct Local {
 
 /// Ensures the streams and returns this node's durable consumer of its commands.
 async fn subscribe(js: &jetstream::Context, config: &AgentConfig) -> anyhow::Result<jetstream::consumer::PullConsumer> {
-    protocol::ensure_streams(js, StreamSettings { replicas: config.stream_replicas, max_age: config.stream_max_age })
-        .await?;
+    let settings = StreamSettings {
+        replicas: config.stream_replicas,
+        max_age: config.stream_max_age,
+        max_bytes: config.stream_max_mib << 20,
+    };
+    protocol::ensure_streams(js, settings).await?;
     let stream = js.get_stream(protocol::COMMAND_STREAM).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     stream
         .get_or_create_consumer(
             &config.name,
             jetstream::consumer::pull::Config {
                 durable_name: Some(config.name.clone()),
-                filter_subject: protocol::command_subject(&config.name),
+                filter_subject: protocol::COMMAND_SUBJECT.to_owned(),
+                // A new node starts from what the stream still holds: commands published for it
+                // before its agent first ran are among them (older ones are past their deadline
+                // and skipped).
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
                 ..Default::default()
@@ -289,6 +306,13 @@ async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream:
         local.lag.store(info.pending, Ordering::Relaxed);
     }
     let batch = match serde_json::from_slice::<Batch>(&message.payload) {
+        Ok(batch) if !batch.names(&local.config.name) => {
+            // For other nodes.
+            if let Err(e) = message.ack().await {
+                tracing::debug!(error = %e, "Acknowledging another node's command message failed.");
+            }
+            return;
+        }
         Ok(batch) if !batch.commands.is_empty() => batch,
         Ok(_) => return dead_letter(js, local, &message, "a batch without commands").await,
         Err(e) => return dead_letter(js, local, &message, &format!("unreadable command message: {e}")).await,

@@ -1,7 +1,11 @@
 //! What travels on the bus: subjects, the three JetStream streams, and the JSON messages.
 //!
-//! - `cachectl.cmd.<node>` (stream `CACHECTL_COMMANDS`, work queue): a [`Batch`] of commands for
-//!   one node, consumed by that node's agent through a durable consumer named after the node.
+//! - `cachectl.fan` (stream `CACHECTL_FANOUT`, limits retention): a [`Batch`] of commands and the
+//!   nodes they are for. Every agent reads every message through its own durable consumer named
+//!   after its node, and applies the commands of the messages that name it. One message carries
+//!   a batch to a whole fleet: JetStream stores it once and keeps one acknowledgement floor per
+//!   consumer, where a subject per node cost one stored message per node and, in NATS 2.9, work
+//!   for every consumer at every message (quadratic in the fleet's size; see BENCHMARKS.md).
 //! - `cachectl.res.<instance>` (stream `CACHECTL_RESULTS`, work queue): the [`Results`] of the
 //!   commands an instance published, consumed by that instance's durable consumer.
 //! - `cachectl.hb.<node>` (core NATS, not stored): a [`Heartbeat`] every few seconds.
@@ -15,19 +19,18 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// The stream of commands to agents.
-pub const COMMAND_STREAM: &str = "CACHECTL_COMMANDS";
+pub const COMMAND_STREAM: &str = "CACHECTL_FANOUT";
+/// The one subject of commands: every agent consumes it.
+pub const COMMAND_SUBJECT: &str = "cachectl.fan";
 /// The stream of agents' results to control-plane instances.
 pub const RESULT_STREAM: &str = "CACHECTL_RESULTS";
 /// The stream of unreadable command messages.
 pub const DEAD_LETTER_STREAM: &str = "CACHECTL_DEAD";
 /// Every heartbeat.
 pub const HEARTBEATS: &str = "cachectl.hb.*";
-
-/// The subject of `node`'s commands.
-#[must_use]
-pub fn command_subject(node: &str) -> String {
-    format!("cachectl.cmd.{node}")
-}
+/// Node names carried by one command message at most: a larger node set is sent as several
+/// messages with the same commands.
+pub const MAX_NODES_PER_MESSAGE: usize = 1_000;
 
 /// The subject of results for the instance whose bus name is `instance`.
 #[must_use]
@@ -65,19 +68,31 @@ pub fn bus_name(text: &str) -> String {
     if name.is_empty() { "instance".to_owned() } else { name }
 }
 
-/// One message on a node's command subject: the commands it carries are applied together.
+/// One message on the command subject: the commands it carries are for each node it names,
+/// and each of those nodes applies them together.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batch {
+    /// The nodes that apply these commands; an agent whose node is not named acknowledges the
+    /// message and does nothing.
+    pub nodes: Vec<String>,
     /// At least one command.
     pub commands: Vec<Command>,
+}
+
+impl Batch {
+    /// Whether `node` is one of the nodes this batch is for.
+    #[must_use]
+    pub fn names(&self, node: &str) -> bool {
+        self.nodes.iter().any(|n| n == node)
+    }
 }
 
 /// Do one item on the agent's cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Command {
-    /// Unique per publication; the result carries it back.
+    /// Unique per publication; each node's result carries it back.
     pub id: String,
     /// Refresh or prefetch.
     pub kind: Kind,
@@ -149,9 +164,12 @@ pub struct Heartbeat {
 pub struct StreamSettings {
     /// Copies of each stream in a clustered NATS (1 for a single server, 3 for a 3-node cluster).
     pub replicas: usize,
-    /// How long an unconsumed command or result is kept: the item deadline, after which the
+    /// How long a command or an unconsumed result is kept: the item deadline, after which the
     /// control plane has failed the item anyway.
     pub max_age: Duration,
+    /// The command stream's size at most; past it, the oldest commands are dropped (their
+    /// items fail at their deadline on the nodes that had not read them).
+    pub max_bytes: u64,
 }
 
 /// Creates the three streams when they do not exist (an existing stream is left as it is).
@@ -169,9 +187,16 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: StreamSettings) -
         max_age,
         ..Config::default()
     };
-    js.get_or_create_stream(work_queue(COMMAND_STREAM, "cachectl.cmd.*", settings.max_age))
-        .await
-        .map_err(|e| anyhow::anyhow!("creating stream {COMMAND_STREAM}: {e}"))?;
+    // Limits retention: a message is kept (for every consumer, acknowledged or not) until the
+    // item deadline. Interest retention would drop it once every consumer acknowledged it, but
+    // NATS 2.9 checks every consumer at every acknowledgement, which a fleet of 1,000 does not
+    // afford.
+    let commands = Config {
+        retention: RetentionPolicy::Limits,
+        max_bytes: i64::try_from(settings.max_bytes).unwrap_or(i64::MAX),
+        ..work_queue(COMMAND_STREAM, COMMAND_SUBJECT, settings.max_age)
+    };
+    js.get_or_create_stream(commands).await.map_err(|e| anyhow::anyhow!("creating stream {COMMAND_STREAM}: {e}"))?;
     js.get_or_create_stream(work_queue(RESULT_STREAM, "cachectl.res.*", settings.max_age))
         .await
         .map_err(|e| anyhow::anyhow!("creating stream {RESULT_STREAM}: {e}"))?;
@@ -208,6 +233,7 @@ mod tests {
     #[test]
     fn a_batch_reads_back_and_refuses_unknown_fields() {
         let batch = Batch {
+            nodes: vec!["n1".into(), "n2".into()],
             commands: vec![Command {
                 id: "1".into(),
                 kind: Kind::Refresh,
@@ -218,9 +244,11 @@ mod tests {
                 reply: result_subject("i"),
             }],
         };
+        assert!(batch.names("n2") && !batch.names("n3"));
         let text = serde_json::to_string(&batch).unwrap();
         assert_eq!(serde_json::from_str::<Batch>(&text).unwrap(), batch);
-        assert!(serde_json::from_str::<Batch>(r#"{"commands":[],"x":1}"#).is_err());
-        assert!(serde_json::from_str::<Batch>(r#"{"commands":[{"id":"1"}]}"#).is_err());
+        assert!(serde_json::from_str::<Batch>(r#"{"nodes":[],"commands":[],"x":1}"#).is_err());
+        assert!(serde_json::from_str::<Batch>(r#"{"nodes":[],"commands":[{"id":"1"}]}"#).is_err());
+        assert!(serde_json::from_str::<Batch>(r#"{"commands":[]}"#).is_err());
     }
 }

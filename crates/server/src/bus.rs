@@ -1,6 +1,7 @@
-//! The control plane's end of the bus: publishes each node's commands in batches to JetStream,
-//! hands every agent's result to the execution waiting for it, and keeps the agents' heartbeats
-//! (the node inventory). Messages and streams are `cachectl_bus::protocol`'s.
+//! The control plane's end of the bus: publishes commands in batches to JetStream, one message
+//! for every node a batch is for (the agents pick the messages that name their node), hands
+//! every agent's result to the execution waiting for it, and keeps the agents' heartbeats (the
+//! node inventory). Messages and streams are `cachectl_bus::protocol`'s.
 //!
 //! Each instance consumes its own results (`cachectl.res.<instance>`) through a durable
 //! consumer, so that results published while it was briefly cut from NATS still reach it. A
@@ -52,26 +53,33 @@ impl Health {
     }
 }
 
-/// What the bus keeps per node: the queue its publisher sends from, the commands whose answer
-/// has not come back, and its agent's health.
+/// What the bus keeps per node: the commands whose answer has not come back, and its agent's
+/// health.
 struct Lane {
-    publisher: mpsc::UnboundedSender<Command>,
     in_flight: AtomicU64,
     health: watch::Sender<Health>,
 }
+
+/// A command and the nodes it is for, on its way to the publisher.
+struct Outgoing {
+    nodes: Arc<[String]>,
+    command: Command,
+}
+
+/// Who waits for which node's answer to a command: command id → node → waiter.
+type Waiters = HashMap<String, HashMap<String, oneshot::Sender<Answer>>>;
 
 /// The bus as one instance sees it.
 pub struct Bus {
     settings: BusSettings,
     reply: String,
-    waiters: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
+    waiters: Mutex<Waiters>,
     /// Each bus node's lane; nodes added while running (admin API, SIGHUP) get theirs then.
     lanes: RwLock<HashMap<String, Arc<Lane>>>,
     seen: RwLock<HashMap<String, Seen>>,
     next: AtomicU64,
     instance: String,
-    js: jetstream::Context,
-    shutdown: CancellationToken,
+    publisher: mpsc::UnboundedSender<Outgoing>,
 }
 
 /// Heartbeats kept at most: agents nobody configured cannot grow the inventory without bound.
@@ -98,6 +106,7 @@ impl Bus {
             .await
             .map_err(|e| anyhow::anyhow!("bus.url {}: {e}", settings.url))?;
         let js = jetstream::new(client.clone());
+        let (publisher, outgoing) = mpsc::unbounded_channel();
         let bus = Arc::new(Self {
             reply: protocol::result_subject(&instance),
             settings,
@@ -106,9 +115,9 @@ impl Bus {
             seen: RwLock::new(HashMap::new()),
             next: AtomicU64::new(0),
             instance,
-            js: js.clone(),
-            shutdown: shutdown.clone(),
+            publisher,
         });
+        tokio::spawn(publish_commands(bus.settings.command_batch, js.clone(), outgoing, shutdown.clone()));
         tokio::spawn(consume_results(bus.clone(), js, shutdown.clone()));
         tokio::spawn(receive_heartbeats(bus.clone(), client, shutdown.clone()));
         tokio::spawn(watch_health(bus.clone(), shutdown));
@@ -118,35 +127,46 @@ impl Bus {
         Ok(bus)
     }
 
-    /// Opens `node`'s lane and starts its publisher, unless it has one.
-    pub fn add_node(self: &Arc<Self>, node: &str) {
+    /// Opens `node`'s lane, unless it has one.
+    pub fn add_node(&self, node: &str) {
         let mut lanes = self.lanes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if lanes.contains_key(node) {
-            return;
+        if !lanes.contains_key(node) {
+            let lane = Lane { in_flight: AtomicU64::new(0), health: watch::Sender::new(Health::Down) };
+            lanes.insert(node.to_owned(), Arc::new(lane));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let lane = Lane { publisher: tx, in_flight: AtomicU64::new(0), health: watch::Sender::new(Health::Down) };
-        lanes.insert(node.to_owned(), Arc::new(lane));
-        tokio::spawn(publish_commands(self.clone(), self.js.clone(), node.to_owned(), rx, self.shutdown.clone()));
     }
 
     fn lane(&self, node: &str) -> Option<Arc<Lane>> {
         self.lanes.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned()
     }
 
-    /// Publishes one command to `node`'s agent; the receiver gets its answer.
+    /// Publishes one command to the agents of `nodes`: the receivers, in the same order, get
+    /// each node's answer.
     pub fn send(
         &self,
-        node: &str,
+        nodes: &[&str],
         kind: Kind,
         item_type: ItemType,
         target: &str,
         soft: bool,
         deadline: Timestamp,
-    ) -> (String, oneshot::Receiver<Answer>) {
+    ) -> (String, Vec<oneshot::Receiver<Answer>>) {
         let id = format!("{}.{}", self.instance, self.next.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = oneshot::channel();
-        self.lock_waiters().insert(id.clone(), tx);
+        let mut receivers = Vec::with_capacity(nodes.len());
+        {
+            let mut waiters = self.lock_waiters();
+            let waiting = waiters.entry(id.clone()).or_default();
+            for node in nodes {
+                let (tx, rx) = oneshot::channel();
+                waiting.insert((*node).to_owned(), tx);
+                receivers.push(rx);
+            }
+        }
+        for node in nodes {
+            if let Some(lane) = self.lane(node) {
+                lane.in_flight.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let command = Command {
             id: id.clone(),
             kind,
@@ -156,16 +176,14 @@ impl Bus {
             deadline: deadline.millis(),
             reply: self.reply.clone(),
         };
-        if let Some(lane) = self.lane(node) {
-            lane.in_flight.fetch_add(1, Ordering::Relaxed);
-            let _ = lane.publisher.send(command);
-        }
-        (id, rx)
+        let nodes: Arc<[String]> = nodes.iter().map(|n| (*n).to_owned()).collect();
+        let _ = self.publisher.send(Outgoing { nodes, command });
+        (id, receivers)
     }
 
-    /// Stops waiting for command `id` of `node` (its deadline passed).
+    /// Stops waiting for `node`'s answer to command `id` (its deadline passed).
     pub fn forget(&self, node: &str, id: &str) {
-        if self.lock_waiters().remove(id).is_some() {
+        if take_waiter(&mut self.lock_waiters(), id, node).is_some() {
             self.done(node);
         }
     }
@@ -219,12 +237,12 @@ impl Bus {
         self.lane(node).map_or(0, |l| l.in_flight.load(Ordering::Relaxed))
     }
 
-    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Answer>>> {
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn answer(&self, node: &str, answer: Answer) {
-        let waiter = self.lock_waiters().remove(&answer.id);
+        let waiter = take_waiter(&mut self.lock_waiters(), &answer.id, node);
         if let Some(waiter) = waiter {
             self.done(node);
             let _ = waiter.send(answer);
@@ -232,53 +250,85 @@ impl Bus {
     }
 }
 
-/// Publishes `node`'s commands, as many as are queued (up to `command_batch`) in one message,
-/// waiting for JetStream to store each message. While NATS is away the commands wait here;
-/// those whose deadline passed meanwhile are not sent (their items have failed).
+/// Removes and returns who waits for `node`'s answer to command `id`.
+fn take_waiter(waiters: &mut Waiters, id: &str, node: &str) -> Option<oneshot::Sender<Answer>> {
+    let waiting = waiters.get_mut(id)?;
+    let waiter = waiting.remove(node);
+    if waiting.is_empty() {
+        waiters.remove(id);
+    }
+    waiter
+}
+
+/// Publishes the commands as they come, as many as are queued (up to `batch`) at a time: the
+/// commands for the same nodes (one item's tier, the items of a large task) go in one message,
+/// and JetStream stores each message before the next batch. While NATS is away the commands
+/// wait here; those whose deadline passed meanwhile are not sent (their items have failed).
 async fn publish_commands(
-    bus: Arc<Bus>,
+    batch: usize,
     js: jetstream::Context,
-    node: String,
-    mut rx: mpsc::UnboundedReceiver<Command>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shutdown: CancellationToken,
 ) {
-    let subject = protocol::command_subject(&node);
-    let mut queued = Vec::with_capacity(bus.settings.command_batch);
+    let mut queued = Vec::with_capacity(batch);
     loop {
         let received = tokio::select! {
             () = shutdown.cancelled() => return,
-            n = rx.recv_many(&mut queued, bus.settings.command_batch) => n,
+            n = rx.recv_many(&mut queued, batch) => n,
         };
         if received == 0 {
             return;
         }
-        let mut attempt = 0u32;
-        loop {
-            let now = now_ms().millis();
-            queued.retain(|c: &Command| c.deadline > now);
-            if queued.is_empty() {
-                break;
-            }
-            let batch = Batch { commands: queued.clone() };
-            let Ok(body) = serde_json::to_vec(&batch) else { break };
-            let stored = match js.publish(subject.clone(), body.into()).await {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match stored {
-                Ok(()) => break,
-                Err(e) => {
-                    attempt += 1;
-                    tracing::warn!(node = %node, error = %e, attempt, "Publishing commands failed; retrying.");
-                    let wait = Duration::from_millis(100 * u64::from(attempt.min(20)));
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
+        for message in messages(queued.drain(..)) {
+            publish(&js, message, &shutdown).await;
         }
-        queued.clear();
+    }
+}
+
+/// The messages carrying `queued`: consecutive commands for the same nodes share one, and a
+/// node set larger than a message holds is split.
+fn messages(queued: impl Iterator<Item = Outgoing>) -> Vec<Batch> {
+    let mut groups: Vec<(Arc<[String]>, Vec<Command>)> = Vec::new();
+    for Outgoing { nodes, command } in queued {
+        match groups.last_mut() {
+            Some((same, commands)) if Arc::ptr_eq(same, &nodes) || **same == *nodes => commands.push(command),
+            _ => groups.push((nodes, vec![command])),
+        }
+    }
+    let mut out = Vec::with_capacity(groups.len());
+    for (nodes, commands) in groups {
+        let parts = nodes.len().div_ceil(protocol::MAX_NODES_PER_MESSAGE);
+        let mut commands = Some(commands);
+        for (i, chunk) in nodes.chunks(protocol::MAX_NODES_PER_MESSAGE).enumerate() {
+            let commands = if i + 1 == parts { commands.take() } else { commands.clone() };
+            out.push(Batch { nodes: chunk.to_vec(), commands: commands.unwrap_or_default() });
+        }
+    }
+    out
+}
+
+/// Publishes one message until JetStream stored it, its commands' deadlines passed, or shutdown.
+async fn publish(js: &jetstream::Context, mut message: Batch, shutdown: &CancellationToken) {
+    let mut attempt = 0u32;
+    loop {
+        let now = now_ms().millis();
+        message.commands.retain(|c| c.deadline > now);
+        if message.commands.is_empty() || message.nodes.is_empty() {
+            return;
+        }
+        let Ok(body) = serde_json::to_vec(&message) else { return };
+        let stored = match js.publish(protocol::COMMAND_SUBJECT, body.into()).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let Err(e) = stored else { return };
+        attempt += 1;
+        tracing::warn!(nodes = message.nodes.len(), error = %e, attempt, "Publishing commands failed; retrying.");
+        let wait = Duration::from_millis(100 * u64::from(attempt.min(20)));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
     }
 }
 
@@ -408,5 +458,52 @@ async fn receive_heartbeats(bus: Arc<Bus>, client: async_nats::Client, shutdown:
             Ok(_) => tracing::debug!("A heartbeat with an invalid node name; ignored."),
             Err(e) => tracing::debug!(error = %e, "An unreadable heartbeat; ignored."),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outgoing(nodes: &Arc<[String]>, id: &str) -> Outgoing {
+        let command = Command {
+            id: id.to_owned(),
+            kind: Kind::Refresh,
+            item_type: ItemType::Url,
+            target: format!("http://a.example.com/{id}"),
+            soft: false,
+            deadline: i64::MAX,
+            reply: protocol::result_subject("i"),
+        };
+        Outgoing { nodes: nodes.clone(), command }
+    }
+
+    fn names(range: std::ops::Range<usize>) -> Arc<[String]> {
+        range.map(|i| format!("n{i}")).collect()
+    }
+
+    #[test]
+    fn commands_for_the_same_nodes_share_a_message_and_large_node_sets_are_split() {
+        let all = names(0..2_500);
+        let same_again = names(0..2_500);
+        let one = names(7..8);
+        let queued = vec![outgoing(&all, "1"), outgoing(&same_again, "2"), outgoing(&one, "3"), outgoing(&all, "4")];
+        let out = messages(queued.into_iter());
+        let shape: Vec<(usize, Vec<&str>)> =
+            out.iter().map(|b| (b.nodes.len(), b.commands.iter().map(|c| c.id.as_str()).collect())).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (1_000, vec!["1", "2"]),
+                (1_000, vec!["1", "2"]),
+                (500, vec!["1", "2"]),
+                (1, vec!["3"]),
+                (1_000, vec!["4"]),
+                (1_000, vec!["4"]),
+                (500, vec!["4"]),
+            ]
+        );
+        assert!(out[2].names("n2499") && !out[2].names("n0"));
+        assert!(out[3].names("n7"));
     }
 }

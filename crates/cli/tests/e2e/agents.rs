@@ -382,8 +382,14 @@ async fn an_unreadable_command_is_dead_lettered_and_the_agent_goes_on() {
     wait_node_state(&server, "v1", "up").await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    for garbage in [&b"not json"[..], br#"{"commands":[]}"#, br#"{"commands":[{"id":"x"}]}"#] {
-        js.publish("cachectl.cmd.v1", garbage.to_vec().into()).await.unwrap().await.unwrap();
+    // A well-formed command for another node first: v1 must leave it alone (no result).
+    let elsewhere = json!({"nodes": ["n9"], "commands": [{"id": "p1", "kind": "refresh", "item_type": "url",
+        "target": "http://www.example.com/after", "deadline": i64::MAX, "reply": "cachectl.res.probe"}]});
+    js.publish("cachectl.fan", elsewhere.to_string().into()).await.unwrap().await.unwrap();
+    for garbage in
+        [&b"not json"[..], br#"{"nodes":["v1"],"commands":[]}"#, br#"{"nodes":["v1"],"commands":[{"id":"x"}]}"#]
+    {
+        js.publish("cachectl.fan", garbage.to_vec().into()).await.unwrap().await.unwrap();
     }
     let stream = js.get_stream("CACHECTL_DEAD").await.unwrap();
     let start = Instant::now();
@@ -404,6 +410,9 @@ async fn an_unreadable_command_is_dead_lettered_and_the_agent_goes_on() {
     }
     assert!(reasons[0].contains("unreadable command message"), "{reasons:?}");
     assert!(reasons[1].contains("without commands"), "{reasons:?}");
+    // The agent reads in order: the other node's command came before the dead letters.
+    let results = js.get_stream("CACHECTL_RESULTS").await.unwrap();
+    assert!(results.get_last_raw_message_by_subject("cachectl.res.probe").await.is_err(), "v1 answered for n9");
     cache_status(&varnish.address(), "www.example.com", "/after").await;
     let detail = run_task(&server, json!({"urls": ["http://www.example.com/after"]}), Duration::from_secs(20)).await;
     assert_eq!(detail["task"]["state"], "completed", "{detail}");

@@ -102,7 +102,11 @@ pub struct BusConfig {
     /// How long an unconsumed command or result is kept (default: `[worker] item_deadline`).
     #[serde(default, with = "humantime_serde")]
     pub stream_max_age: Option<Duration>,
-    /// Commands carried by one message to a node at most.
+    /// The command stream's size at most, in MiB, when cachectl creates it; past it the oldest
+    /// commands are dropped.
+    #[serde(default = "default_stream_max_mib")]
+    pub stream_max_mib: u64,
+    /// Commands carried by one message at most.
     #[serde(default = "default_command_batch")]
     pub command_batch: usize,
     /// An agent not heard from for this long is `stale`; its items say they wait for it.
@@ -119,6 +123,7 @@ impl Default for BusConfig {
             url: String::new(),
             stream_replicas: default_stream_replicas(),
             stream_max_age: None,
+            stream_max_mib: default_stream_max_mib(),
             command_batch: default_command_batch(),
             stale_after: default_stale_after(),
             down_after: default_down_after(),
@@ -128,6 +133,9 @@ impl Default for BusConfig {
 
 fn default_stream_replicas() -> usize {
     1
+}
+fn default_stream_max_mib() -> u64 {
+    1024
 }
 fn default_command_batch() -> usize {
     256

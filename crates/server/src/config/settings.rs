@@ -235,6 +235,9 @@ impl Config {
         if b.stream_replicas == 0 || b.stream_replicas > 5 {
             return Err(err("bus.stream_replicas".into(), "must be 1 to 5".into()));
         }
+        if b.stream_max_mib == 0 || b.stream_max_mib > 1 << 30 {
+            return Err(err("bus.stream_max_mib".into(), "must be 1 to 1073741824".into()));
+        }
         if b.stale_after.is_zero() || b.down_after < b.stale_after {
             return Err(err(
                 "bus.down_after".into(),
@@ -246,6 +249,7 @@ impl Config {
             streams: cachectl_bus::protocol::StreamSettings {
                 replicas: b.stream_replicas,
                 max_age: b.stream_max_age.unwrap_or(self.worker.item_deadline),
+                max_bytes: b.stream_max_mib << 20,
             },
             command_batch: b.command_batch,
             stale_after: b.stale_after,

@@ -591,27 +591,40 @@ async fn execute_item(shared: &Shared, claimed: ClaimedItem) {
             .filter(|(slot, result)| slot.node.tier == tier && result.state == NodeState::Pending)
             .map(|(slot, result)| (*slot, result.clone()))
             .collect();
-        let runs = pending.into_iter().map(|(slot, result)| run_node(shared, &progress, slot, &item, result, deadline));
-        futures::future::join_all(runs).await;
+        let (via_bus, direct): (Vec<_>, Vec<_>) =
+            pending.into_iter().partition(|(slot, _)| matches!(slot.route, Route::Bus(_)));
+        let direct = direct.into_iter().filter_map(|(slot, result)| match &slot.route {
+            Route::Direct(transport) => Some(run_direct(shared, &progress, slot, transport, &item, result, deadline)),
+            Route::Bus(_) => None,
+        });
+        // The bus nodes get one command for all of them; a draining one that was never sent
+        // this item is left out.
+        let mut to_bus = Vec::with_capacity(via_bus.len());
+        for (slot, result) in via_bus {
+            if result.attempts == 0 && slot.is_draining() {
+                progress.skip(shared, &slot.node.name, &item);
+            } else {
+                to_bus.push((slot, result));
+            }
+        }
+        let bus = to_bus.iter().find_map(|(slot, _)| match &slot.route {
+            Route::Bus(bus) => Some(bus.clone()),
+            Route::Direct(_) => None,
+        });
+        let mut bus_runs = Vec::with_capacity(to_bus.len());
+        if let Some(bus) = &bus {
+            let names: Vec<&str> = to_bus.iter().map(|(slot, _)| slot.node.name.as_str()).collect();
+            let (id, answers) = bus.send(&names, item.kind, item.item_type, &item.url, item.soft, deadline);
+            for ((slot, result), answer) in to_bus.into_iter().zip(answers) {
+                let sent = Sent { id: id.clone(), answer };
+                bus_runs.push(run_via_bus(shared, &progress, slot, bus, &item, result, deadline, sent));
+            }
+        }
+        futures::future::join(futures::future::join_all(direct), futures::future::join_all(bus_runs)).await;
         if progress.failed() {
             // An edge must not refill from a parent that still holds the old copy.
             break;
         }
-    }
-}
-
-/// Drives one node until it succeeds, fails definitively, or the deadline passes.
-async fn run_node(
-    shared: &Shared,
-    progress: &Progress,
-    slot: &NodeSlot,
-    item: &cachectl_core::Item,
-    result: NodeResult,
-    deadline: Timestamp,
-) {
-    match &slot.route {
-        Route::Direct(transport) => run_direct(shared, progress, slot, transport, item, result, deadline).await,
-        Route::Bus(bus) => run_via_bus(shared, progress, slot, bus, item, result, deadline).await,
     }
 }
 
@@ -681,9 +694,17 @@ async fn run_direct(
     }
 }
 
-/// Publishes the item's command to the node's agent once, then waits for its answer until the
-/// deadline; the agent retries transient failures of its cache itself. While the agent is not
-/// heard from, the node's result says so ("waiting for agent …"), and so does the item's reason.
+/// A command published to a node's agent, and where its answer arrives.
+struct Sent {
+    id: String,
+    answer: tokio::sync::oneshot::Receiver<cachectl_bus::protocol::Answer>,
+}
+
+/// Waits for the node's answer to the item's command (published once, for all the tier's bus
+/// nodes) until the deadline; the agent retries transient failures of its cache itself. While
+/// the agent is not heard from, the node's result says so ("waiting for agent …"), and so does
+/// the item's reason.
+#[allow(clippy::too_many_arguments)]
 async fn run_via_bus(
     shared: &Shared,
     progress: &Progress,
@@ -692,13 +713,10 @@ async fn run_via_bus(
     item: &cachectl_core::Item,
     mut result: NodeResult,
     deadline: Timestamp,
+    sent: Sent,
 ) {
     let name = slot.node.name.as_str();
-    if result.attempts == 0 && slot.is_draining() {
-        progress.skip(shared, name, item);
-        return;
-    }
-    let (id, mut answer) = bus.send(name, item.kind, item.item_type, &item.url, item.soft, deadline);
+    let Sent { id, mut answer } = sent;
     let mut health = bus.watch(name);
     let mut health_open = true;
     let left = deadline.since(crate::api::now_ms());
