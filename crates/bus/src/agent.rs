@@ -9,7 +9,8 @@
 //! regex and tag purges) the agent does itself in the cache directory ([`crate::nginx_cache`]).
 
 use crate::nginx_cache::{self, Matcher};
-use crate::protocol::{self, Answer, Batch, Command, Heartbeat, Results, StreamSettings};
+use crate::protocol::{self, Addressed, Answer, Batch, Command, Heartbeat, Results, StreamSettings};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, AckKind};
 use cachectl_core::policy::{DomainPattern, backoff};
 use cachectl_core::{ItemType, Kind, Tier};
@@ -71,6 +72,12 @@ pub struct AgentConfig {
     /// Longest retry delay.
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
+    /// Keep this node's consumer state (what it was delivered and acknowledged) in NATS's memory
+    /// rather than in a file per consumer: in a fleet of hundreds, the files are written for
+    /// every command message. A NATS restart forgets such a consumer; the agent then makes it
+    /// again from the last message it handled (at least once: that message comes again).
+    #[serde(default = "default_true")]
+    pub consumer_in_memory: bool,
     /// Replicas of the streams if the agent is the first to create them.
     #[serde(default = "default_replicas")]
     pub stream_replicas: usize,
@@ -102,6 +109,9 @@ fn default_retry_max() -> Duration {
 }
 fn default_replicas() -> usize {
     1
+}
+fn default_true() -> bool {
+    true
 }
 fn default_max_mib() -> u64 {
     1024
@@ -198,8 +208,14 @@ struct Local {
     lag: AtomicU64,
 }
 
-/// Ensures the streams and returns this node's durable consumer of its commands.
-async fn subscribe(js: &jetstream::Context, config: &AgentConfig) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+/// Ensures the streams and returns this node's durable consumer of its commands, and whether it
+/// was made now. A consumer made now starts at `from`: everything the stream holds for a node's
+/// first start, the last message handled when NATS forgot the consumer.
+async fn subscribe(
+    js: &jetstream::Context,
+    config: &AgentConfig,
+    from: DeliverPolicy,
+) -> anyhow::Result<(jetstream::consumer::PullConsumer, bool)> {
     let settings = StreamSettings {
         replicas: config.stream_replicas,
         max_age: config.stream_max_age,
@@ -207,6 +223,10 @@ async fn subscribe(js: &jetstream::Context, config: &AgentConfig) -> anyhow::Res
     };
     protocol::ensure_streams(js, settings).await?;
     let stream = js.get_stream(protocol::COMMAND_STREAM).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Ok(consumer) = stream.get_consumer(&config.name).await {
+        return Ok((consumer, false));
+    }
+    tracing::info!(consumer = %config.name, from = ?from, "Creating this node's command consumer.");
     stream
         .get_or_create_consumer(
             &config.name,
@@ -216,13 +236,15 @@ async fn subscribe(js: &jetstream::Context, config: &AgentConfig) -> anyhow::Res
                 // A new node starts from what the stream still holds: commands published for it
                 // before its agent first ran are among them (older ones are past their deadline
                 // and skipped).
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                deliver_policy: from,
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
+                memory_storage: config.consumer_in_memory,
                 ..Default::default()
             },
         )
         .await
+        .map(|consumer| (consumer, true))
         .map_err(|e| anyhow::anyhow!("creating the consumer {}: {e}", config.name))
 }
 
@@ -232,30 +254,27 @@ async fn subscribe(js: &jetstream::Context, config: &AgentConfig) -> anyhow::Res
 /// # Errors
 /// The NATS URL is unusable, or the HTTP client to the cache cannot be built.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Each (re)connection is a moment to check that NATS still knows this node's consumer.
+    let connected = Arc::new(tokio::sync::Notify::new());
+    let on_event = connected.clone();
     let client = async_nats::ConnectOptions::new()
         .name(format!("cachectl-agent {}", config.name))
+        .event_callback(move |event| {
+            let on_event = on_event.clone();
+            async move {
+                tracing::info!("NATS: {event}");
+                if matches!(event, async_nats::Event::Connected) {
+                    on_event.notify_one();
+                }
+            }
+        })
         .retry_on_initial_connect()
         .connect(config.nats_url.as_str())
         .await
         .map_err(|e| anyhow::anyhow!("connecting to NATS at {}: {e}", config.nats_url))?;
     let js = jetstream::new(client.clone());
-    // The streams and this node's consumer. NATS may be slow or briefly unable (a control plane
-    // creating the same streams at the same moment, a cluster electing a leader): retry until it
-    // works or the agent is stopped, instead of exiting.
-    let mut attempt = 0u32;
-    let consumer = loop {
-        match subscribe(&js, &config).await {
-            Ok(consumer) => break consumer,
-            Err(e) => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "Setting up the command stream failed; retrying.");
-                let wait = Duration::from_millis(200 * u64::from(attempt.min(25)));
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-        }
+    let Some((consumer, _)) = consumer_until_ready(&js, &config, DeliverPolicy::All, &shutdown).await else {
+        return Ok(());
     };
     let edge = EdgeClient::new(ClientSettings {
         request_timeout: config.request_timeout,
@@ -277,20 +296,51 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(node = %local.config.name, driver = ?local.config.driver, cache = %local.config.address, "Agent started.");
     let beats = tokio::spawn(heartbeats(client.clone(), local.clone(), shutdown.clone()));
     let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("reading commands: {e}"))?;
+    // Where a consumer made again starts: the stream time of the last message handled.
+    let mut resume = DeliverPolicy::All;
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => break,
-            m = messages.next() => m,
+            () = connected.notified() => None,
+            m = messages.next() => m.map(Some),
         };
         let message = match message {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "Reading commands failed; going on.");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            Some(Some(Ok(m))) => m,
+            other => {
+                // The stream ended: open it again. A (re)connection or a reading error: NATS may
+                // have forgotten the consumer (restarted with its state in memory, or an operator
+                // deleted it); if it had to be made again (from the last message handled), read
+                // the new one. A consumer that still exists keeps being read as it is: a second
+                // reader would leave the first one's pull requests to receive messages nobody
+                // reads until their acknowledgement times out.
+                let ended = matches!(other, Some(None));
+                match other {
+                    Some(Some(Err(e))) => tracing::warn!(error = %e, "Reading commands failed; checking the consumer."),
+                    Some(None) => tracing::warn!("The command stream ended; reopening it."),
+                    _ => tracing::debug!("Connected to NATS; checking the consumer."),
+                }
+                if ended {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                let Some((consumer, created)) = consumer_until_ready(&js, &local.config, resume, &shutdown).await
+                else {
+                    break;
+                };
+                if created || ended {
+                    match consumer.messages().await {
+                        Ok(m) => messages = m,
+                        Err(e) => tracing::warn!(error = %e, "Reopening the command consumer failed; retrying."),
+                    }
+                }
                 continue;
             }
-            None => break,
         };
+        if let Ok(info) = message.info() {
+            resume = DeliverPolicy::ByStartTime { start_time: info.published };
+        }
         handle(&js, &local, message).await;
     }
     beats.abort();
@@ -299,20 +349,50 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     Ok(())
 }
 
+/// The streams and this node's consumer (`from` if it is made now). NATS may be slow or briefly
+/// unable (a control plane creating the same streams at the same moment, a cluster electing a
+/// leader, a restart): retries until it works, or `None` once the agent is stopped.
+async fn consumer_until_ready(
+    js: &jetstream::Context,
+    config: &AgentConfig,
+    from: DeliverPolicy,
+    shutdown: &CancellationToken,
+) -> Option<(jetstream::consumer::PullConsumer, bool)> {
+    let mut attempt = 0u32;
+    loop {
+        match subscribe(js, config, from).await {
+            Ok(ready) => return Some(ready),
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "Setting up the command stream failed; retrying.");
+                let wait = Duration::from_millis(200 * u64::from(attempt.min(25)));
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Applies one command message and acknowledges it once its results are stored; an unreadable
 /// one is dead-lettered and terminated (never redelivered).
 async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream::Message) {
     if let Ok(info) = message.info() {
         local.lag.store(info.pending, Ordering::Relaxed);
     }
-    let batch = match serde_json::from_slice::<Batch>(&message.payload) {
-        Ok(batch) if !batch.names(&local.config.name) => {
+    match serde_json::from_slice::<Addressed<'_>>(&message.payload) {
+        Ok(addressed) if !addressed.names(&local.config.name) => {
             // For other nodes.
             if let Err(e) = message.ack().await {
                 tracing::debug!(error = %e, "Acknowledging another node's command message failed.");
             }
             return;
         }
+        Ok(_) => {}
+        Err(e) => return dead_letter(js, local, &message, &format!("unreadable command message: {e}")).await,
+    }
+    let batch = match serde_json::from_slice::<Batch>(&message.payload) {
         Ok(batch) if !batch.commands.is_empty() => batch,
         Ok(_) => return dead_letter(js, local, &message, "a batch without commands").await,
         Err(e) => return dead_letter(js, local, &message, &format!("unreadable command message: {e}")).await,

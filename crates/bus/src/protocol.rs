@@ -88,6 +88,26 @@ impl Batch {
     }
 }
 
+/// The nodes a command message is for, read without its commands: an agent reads the commands
+/// only of the messages that name its node (in a fleet of 1,000, a message names 1,000 nodes
+/// and each agent skips it or finds itself without allocating a name).
+#[derive(Debug, Deserialize)]
+pub struct Addressed<'a> {
+    /// As [`Batch::nodes`].
+    #[serde(borrow)]
+    pub nodes: Vec<std::borrow::Cow<'a, str>>,
+    /// Not read.
+    pub commands: serde::de::IgnoredAny,
+}
+
+impl Addressed<'_> {
+    /// Whether `node` is one of the nodes the message is for.
+    #[must_use]
+    pub fn names(&self, node: &str) -> bool {
+        self.nodes.iter().any(|n| n == node)
+    }
+}
+
 /// Do one item on the agent's cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,6 +265,9 @@ mod tests {
             }],
         };
         assert!(batch.names("n2") && !batch.names("n3"));
+        let text = serde_json::to_string(&batch).unwrap();
+        let addressed: Addressed<'_> = serde_json::from_str(&text).unwrap();
+        assert!(addressed.names("n1") && !addressed.names("n"));
         let text = serde_json::to_string(&batch).unwrap();
         assert_eq!(serde_json::from_str::<Batch>(&text).unwrap(), batch);
         assert!(serde_json::from_str::<Batch>(r#"{"nodes":[],"commands":[],"x":1}"#).is_err());

@@ -299,7 +299,7 @@ async fn nats_restarted_mid_run_loses_nothing_acknowledged() {
     let origin = Origin::start().await;
     let varnish = Varnish::start(origin.port).await;
     let mut nats = Nats::start().await;
-    let _agent = Agent::start(&nats, "v1", "varnish", &varnish.address(), "").await;
+    let agent = Agent::start(&nats, "v1", "varnish", &varnish.address(), "").await;
     let server = Cachectl::start(&format!(
         "{ACCOUNTS}{}{}{}",
         fast_worker("40s"),
@@ -324,6 +324,12 @@ async fn nats_restarted_mid_run_loses_nothing_acknowledged() {
         assert_eq!(detail["task"]["state"], "completed", "{detail}\n{}\n{}", server.log(), nats.log());
         assert_eq!(detail["task"]["counts"]["completed"], 5, "{detail}");
     }
+    // The agent's consumer state was in NATS's memory (the default): the restart forgot it, and
+    // the agent made it again from the last message it had handled (once at its start, once
+    // after the restart).
+    let log = agent.log();
+    assert_eq!(log.matches("Creating this node's command consumer").count(), 2, "{log}");
+    assert!(log.contains("ByStartTime"), "{log}");
 }
 
 #[tokio::test]
