@@ -1,7 +1,8 @@
-//! `cachectl agent`: runs on a cache host beside one Varnish or nginx, takes its node's commands
-//! from JetStream (a durable consumer named after the node, so that what was published while
-//! it was away is delivered when it returns, in order), applies them to the local cache, and
-//! publishes one result per command. A command message is acknowledged only after its results
+//! `cachectl agent`: runs on a cache host beside one Varnish or nginx, reads the fleet's command
+//! messages from JetStream (a durable consumer named after the node, so that what was published
+//! while it was away is delivered when it returns, in order), applies the commands of those that
+//! name its node to the local cache (the others it acknowledges and skips), and publishes one
+//! result per command. A command message is acknowledged only after its results
 //! are stored in JetStream: delivery is at least once, and purges are idempotent.
 //!
 //! URL purges, bans, tag purges on Varnish and prefetches go through `cachectl-edge`, exactly as
@@ -9,7 +10,7 @@
 //! regex and tag purges) the agent does itself in the cache directory ([`crate::nginx_cache`]).
 
 use crate::nginx_cache::{self, Matcher};
-use crate::protocol::{self, Addressed, Answer, Batch, Command, Heartbeat, Results, StreamSettings};
+use crate::protocol::{self, Addressed, Answer, Command, Commands, Heartbeat, Results, StreamSettings};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, AckKind};
 use cachectl_core::policy::{DomainPattern, backoff};
@@ -262,7 +263,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         .event_callback(move |event| {
             let on_event = on_event.clone();
             async move {
-                tracing::info!("NATS: {event}");
                 if matches!(event, async_nats::Event::Connected) {
                     on_event.notify_one();
                 }
@@ -392,7 +392,7 @@ async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream:
         Ok(_) => {}
         Err(e) => return dead_letter(js, local, &message, &format!("unreadable command message: {e}")).await,
     }
-    let batch = match serde_json::from_slice::<Batch>(&message.payload) {
+    let batch = match serde_json::from_slice::<Commands>(&message.payload) {
         Ok(batch) if !batch.commands.is_empty() => batch,
         Ok(_) => return dead_letter(js, local, &message, "a batch without commands").await,
         Err(e) => return dead_letter(js, local, &message, &format!("unreadable command message: {e}")).await,

@@ -108,6 +108,16 @@ impl Addressed<'_> {
     }
 }
 
+/// The commands of a message that names the agent's node, read without its node list again.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Commands {
+    /// Read by [`Addressed`].
+    pub nodes: serde::de::IgnoredAny,
+    /// As [`Batch::commands`].
+    pub commands: Vec<Command>,
+}
+
 /// Do one item on the agent's cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -268,6 +278,8 @@ mod tests {
         let text = serde_json::to_string(&batch).unwrap();
         let addressed: Addressed<'_> = serde_json::from_str(&text).unwrap();
         assert!(addressed.names("n1") && !addressed.names("n"));
+        assert_eq!(serde_json::from_str::<Commands>(&text).unwrap().commands, batch.commands);
+        assert!(serde_json::from_str::<Commands>(r#"{"nodes":[],"commands":[],"x":1}"#).is_err());
         let text = serde_json::to_string(&batch).unwrap();
         assert_eq!(serde_json::from_str::<Batch>(&text).unwrap(), batch);
         assert!(serde_json::from_str::<Batch>(r#"{"nodes":[],"commands":[],"x":1}"#).is_err());
