@@ -181,7 +181,7 @@ pub struct Heartbeat {
     pub domains: Vec<String>,
     /// The agent's version.
     pub version: String,
-    /// Command messages waiting for it in the stream.
+    /// Command messages behind the last one it read in the stream (named for it or not).
     pub lag: u64,
     /// Commands it is executing.
     pub in_flight: u64,
