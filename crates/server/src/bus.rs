@@ -285,18 +285,34 @@ async fn publish_commands(
     }
 }
 
-/// The messages carrying `queued`: consecutive commands for the same nodes share one, and a
-/// node set larger than a message holds is split.
+/// Bytes of commands one message carries at most (estimated): far below NATS's default 1 MiB
+/// payload limit even with a full list of node names, so that no batch of long URLs is refused
+/// (and retried until its deadline while every other command waits behind it).
+const MAX_COMMAND_BYTES: usize = 256 * 1024;
+
+/// What a command adds to a message, about: its target and the rest of its JSON.
+fn command_bytes(command: &Command) -> usize {
+    command.target.len() + command.id.len() + command.reply.len() + 128
+}
+
+/// The messages carrying `queued`: consecutive commands for the same nodes share one (up to
+/// [`MAX_COMMAND_BYTES`]), and a node set larger than a message holds is split.
 fn messages(queued: impl Iterator<Item = Outgoing>) -> Vec<Batch> {
-    let mut groups: Vec<(Arc<[String]>, Vec<Command>)> = Vec::new();
+    let mut groups: Vec<(Arc<[String]>, Vec<Command>, usize)> = Vec::new();
     for Outgoing { nodes, command } in queued {
+        let size = command_bytes(&command);
         match groups.last_mut() {
-            Some((same, commands)) if Arc::ptr_eq(same, &nodes) || **same == *nodes => commands.push(command),
-            _ => groups.push((nodes, vec![command])),
+            Some((same, commands, bytes))
+                if (Arc::ptr_eq(same, &nodes) || **same == *nodes) && *bytes + size <= MAX_COMMAND_BYTES =>
+            {
+                commands.push(command);
+                *bytes += size;
+            }
+            _ => groups.push((nodes, vec![command], size)),
         }
     }
     let mut out = Vec::with_capacity(groups.len());
-    for (nodes, commands) in groups {
+    for (nodes, commands, _) in groups {
         let parts = nodes.len().div_ceil(protocol::MAX_NODES_PER_MESSAGE);
         let mut commands = Some(commands);
         for (i, chunk) in nodes.chunks(protocol::MAX_NODES_PER_MESSAGE).enumerate() {
@@ -505,5 +521,22 @@ mod tests {
         );
         assert!(out[2].names("n2499") && !out[2].names("n0"));
         assert!(out[3].names("n7"));
+    }
+
+    #[test]
+    fn long_urls_are_spread_over_messages_that_nats_accepts() {
+        let all = names(0..1_000);
+        let queued = (0..256).map(|i| {
+            let mut out = outgoing(&all, &i.to_string());
+            out.command.target = format!("http://a.example.com/{}", "x".repeat(4_000));
+            out
+        });
+        let out = messages(queued);
+        assert!(out.len() > 1, "{}", out.len());
+        assert_eq!(out.iter().map(|b| b.commands.len()).sum::<usize>(), 256);
+        for batch in &out {
+            let bytes = serde_json::to_vec(batch).unwrap().len();
+            assert!(bytes < 1024 * 1024 / 2, "{bytes}");
+        }
     }
 }
