@@ -656,6 +656,13 @@ async fn a_postgres_instance_holds_at_most_max_connections_per_pool() {
 async fn a_cancelled_postgres_record_query_leaves_its_connection_usable() {
     let (_pg, url, store) = postgres_store("cancel", 2).await;
     let id = store.create_task(&task("acme", Kind::Refresh, T0 + 5, &["http://a.example.com/1"]), &[]).await.unwrap();
+    // Both record connections are opened before the lock is taken: what is tested is a query
+    // cancelled on an open connection. (Once, under load, only one of two queries reached the
+    // lock within 60 s and neither ended; a connection opened while the lock was held is the one
+    // step that differs from the queries below.)
+    let query = record_query();
+    let (a, b) = tokio::join!(store.records(&query), store.records(&query));
+    assert_eq!((a.unwrap().len(), b.unwrap().len()), (1, 1));
     // Both record connections send a query that waits on the lock, and the requests are dropped
     // (a client that went away): each connection has a query in flight whose answer nobody read.
     let mut lock = lock_items(&url).await;
