@@ -299,13 +299,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     // Where a consumer made again starts: the stream time of the last message handled.
     let mut resume = DeliverPolicy::All;
     loop {
-        let message = tokio::select! {
+        let event = tokio::select! {
             () = shutdown.cancelled() => break,
-            () = connected.notified() => None,
-            m = messages.next() => m.map(Some),
+            () = connected.notified() => Reading::Connected,
+            m = messages.next() => match m {
+                Some(Ok(message)) => Reading::Message(Box::new(message)),
+                Some(Err(e)) => Reading::Failed(e.to_string()),
+                None => Reading::Ended,
+            },
         };
-        let message = match message {
-            Some(Some(Ok(m))) => m,
+        let message = match event {
+            Reading::Message(message) => *message,
             other => {
                 // The stream ended: open it again. A (re)connection or a reading error: NATS may
                 // have forgotten the consumer (restarted with its state in memory, or an operator
@@ -313,16 +317,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 // the new one. A consumer that still exists keeps being read as it is: a second
                 // reader would leave the first one's pull requests to receive messages nobody
                 // reads until their acknowledgement times out.
-                let ended = matches!(other, Some(None));
+                let ended = matches!(other, Reading::Ended);
                 match other {
-                    Some(Some(Err(e))) => tracing::warn!(error = %e, "Reading commands failed; checking the consumer."),
-                    Some(None) => tracing::warn!("The command stream ended; reopening it."),
-                    _ => tracing::debug!("Connected to NATS; checking the consumer."),
-                }
-                if ended {
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    Reading::Failed(e) => tracing::warn!(error = %e, "Reading commands failed; checking the consumer."),
+                    Reading::Ended => {
+                        tracing::warn!("The command stream ended; reopening it.");
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                    }
+                    Reading::Connected | Reading::Message(_) => {
+                        tracing::debug!("Connected to NATS; checking the consumer.");
                     }
                 }
                 let Some((consumer, created)) = consumer_until_ready(&js, &local.config, resume, &shutdown).await
@@ -347,6 +353,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let _ = client.flush().await;
     tracing::info!("Agent stopped.");
     Ok(())
+}
+
+/// What reading the command consumer gave.
+enum Reading {
+    Message(Box<jetstream::Message>),
+    Failed(String),
+    /// The message stream ended.
+    Ended,
+    /// NATS (re)connected.
+    Connected,
 }
 
 /// The streams and this node's consumer (`from` if it is made now). NATS may be slow or briefly

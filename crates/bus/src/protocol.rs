@@ -280,7 +280,6 @@ mod tests {
         assert!(addressed.names("n1") && !addressed.names("n"));
         assert_eq!(serde_json::from_str::<Commands>(&text).unwrap().commands, batch.commands);
         assert!(serde_json::from_str::<Commands>(r#"{"nodes":[],"commands":[],"x":1}"#).is_err());
-        let text = serde_json::to_string(&batch).unwrap();
         assert_eq!(serde_json::from_str::<Batch>(&text).unwrap(), batch);
         assert!(serde_json::from_str::<Batch>(r#"{"nodes":[],"commands":[],"x":1}"#).is_err());
         assert!(serde_json::from_str::<Batch>(r#"{"nodes":[],"commands":[{"id":"1"}]}"#).is_err());

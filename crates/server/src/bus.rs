@@ -130,10 +130,9 @@ impl Bus {
     /// Opens `node`'s lane, unless it has one.
     pub fn add_node(&self, node: &str) {
         let mut lanes = self.lanes.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !lanes.contains_key(node) {
-            let lane = Lane { in_flight: AtomicU64::new(0), health: watch::Sender::new(Health::Down) };
-            lanes.insert(node.to_owned(), Arc::new(lane));
-        }
+        lanes.entry(node.to_owned()).or_insert_with(|| {
+            Arc::new(Lane { in_flight: AtomicU64::new(0), health: watch::Sender::new(Health::Down) })
+        });
     }
 
     fn lane(&self, node: &str) -> Option<Arc<Lane>> {
