@@ -125,12 +125,19 @@ impl Browser {
         let path = self.downloads.path().join(name);
         let start = Instant::now();
         loop {
-            // Chromium writes `<name>.crdownload` and renames it once the download is complete.
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                return text;
-            }
+            // Chromium reserves `<name>` as an empty file, writes `<name>.crdownload` and renames
+            // it over the placeholder once the download is complete: the download is there when
+            // no `.crdownload` is left and the file has its content.
             let listing: Vec<_> =
                 std::fs::read_dir(self.downloads.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+            let in_progress = listing.iter().any(|n| n.to_string_lossy().ends_with(".crdownload"));
+            if !in_progress {
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    if !text.is_empty() {
+                        return text;
+                    }
+                }
+            }
             assert!(start.elapsed() < Duration::from_secs(10), "no {name} downloaded: {listing:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
