@@ -226,16 +226,28 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: StreamSettings) -
         max_bytes: i64::try_from(settings.max_bytes).unwrap_or(i64::MAX),
         ..work_queue(COMMAND_STREAM, COMMAND_SUBJECT, settings.max_age)
     };
-    js.get_or_create_stream(commands).await.map_err(|e| anyhow::anyhow!("creating stream {COMMAND_STREAM}: {e}"))?;
-    js.get_or_create_stream(work_queue(RESULT_STREAM, "cachectl.res.*", settings.max_age))
-        .await
-        .map_err(|e| anyhow::anyhow!("creating stream {RESULT_STREAM}: {e}"))?;
+    create_if_missing(js, commands).await?;
+    create_if_missing(js, work_queue(RESULT_STREAM, "cachectl.res.*", settings.max_age)).await?;
     let dead = Config {
         retention: RetentionPolicy::Limits,
         ..work_queue(DEAD_LETTER_STREAM, "cachectl.dead.*", Duration::from_secs(7 * 86_400))
     };
-    js.get_or_create_stream(dead).await.map_err(|e| anyhow::anyhow!("creating stream {DEAD_LETTER_STREAM}: {e}"))?;
+    create_if_missing(js, dead).await?;
     Ok(())
+}
+
+/// Creates the stream unless it exists. Two processes starting at once (a control plane and its
+/// agents, each with its own settings) may both find it missing: the one whose creation loses
+/// gets "already in use with a different configuration", and takes the stream the other made.
+async fn create_if_missing(js: &jetstream::Context, config: jetstream::stream::Config) -> anyhow::Result<()> {
+    let name = config.name.clone();
+    match js.get_or_create_stream(config).await {
+        Ok(_) => Ok(()),
+        Err(created) => match js.get_stream(&name).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(anyhow::anyhow!("creating stream {name}: {created}")),
+        },
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
