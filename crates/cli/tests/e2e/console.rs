@@ -131,12 +131,11 @@ impl Browser {
             let listing: Vec<_> =
                 std::fs::read_dir(self.downloads.path()).unwrap().flatten().map(|e| e.file_name()).collect();
             let in_progress = listing.iter().any(|n| n.to_string_lossy().ends_with(".crdownload"));
-            if !in_progress {
-                if let Ok(text) = std::fs::read_to_string(&path) {
-                    if !text.is_empty() {
-                        return text;
-                    }
-                }
+            if !in_progress
+                && let Ok(text) = std::fs::read_to_string(&path)
+                && !text.is_empty()
+            {
+                return text;
             }
             assert!(start.elapsed() < Duration::from_secs(10), "no {name} downloaded: {listing:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
