@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target under fuzz/ (cargo-fuzz, libFuzzer) for a short time over its committed
 # corpus, and fails if any of them crashes (a panic, a failed assertion, a sanitizer report, a
-# timeout or running out of memory). docs/fuzzing-results.md has the long runs and how to repeat
+# timeout or running out of memory). docs/reliability.md ("Fuzzing") has the long runs and how to repeat
 # them.
 #
 #   scripts/fuzz.sh [SECONDS]     seconds per target (default 20, or FUZZ_SECONDS)
