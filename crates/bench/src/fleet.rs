@@ -36,6 +36,8 @@ pub struct FleetOptions {
     pub max_urls: u64,
     /// `[bus] command_batch`.
     pub command_batch: usize,
+    /// `[bus] command_hold`, in milliseconds.
+    pub command_hold_ms: u64,
     /// Also run the direct HTTP path on the same node counts.
     pub direct: bool,
 }
@@ -51,6 +53,7 @@ impl FleetOptions {
             node_purges: 1_000_000,
             max_urls: 10_000,
             command_batch: 256,
+            command_hold_ms: 1_000,
             direct: true,
         }
     }
@@ -97,7 +100,7 @@ pub async fn run(options: &FleetOptions, progress: impl Fn(&str)) -> anyhow::Res
         progress(&format!("{nodes} nodes through NATS"));
         let nats = Nats::start().await;
         let agents = Agents::start(&options.exe, &nats.url(), nodes)?;
-        let edges = fleet_toml(nodes, "nats", &agents.null_cache, options.command_batch, &nats.url());
+        let edges = fleet_toml(nodes, "nats", &agents.null_cache, options, &nats.url());
         let store = tempfile::tempdir()?;
         let store_url = format!("sqlite://{}/fleet.db", store.path().display());
         let server = Server::start_toml(&options.exe, &store_url, 1, &edges, worker(nodes)).await?;
@@ -108,7 +111,7 @@ pub async fn run(options: &FleetOptions, progress: impl Fn(&str)) -> anyhow::Res
         drop(server);
         if options.direct {
             progress(&format!("{nodes} nodes over HTTP"));
-            let edges = fleet_toml(nodes, "http", &agents.null_cache, options.command_batch, &nats.url());
+            let edges = fleet_toml(nodes, "http", &agents.null_cache, options, &nats.url());
             let store_url = format!("sqlite://{}/direct.db", store.path().display());
             let server = Server::start_toml(&options.exe, &store_url, 1, &edges, worker(nodes)).await?;
             rows.push(measure(&server, options, nodes, "http", None, agents.pid()).await?);
@@ -128,8 +131,9 @@ fn worker(nodes: usize) -> WorkerSettings {
     }
 }
 
-fn fleet_toml(nodes: usize, transport: &str, null_cache: &str, batch: usize, nats: &str) -> String {
-    let mut toml = format!("[bus]\nurl = \"{nats}\"\ncommand_batch = {batch}\n\n");
+fn fleet_toml(nodes: usize, transport: &str, null_cache: &str, options: &FleetOptions, nats: &str) -> String {
+    let (batch, hold) = (options.command_batch, options.command_hold_ms);
+    let mut toml = format!("[bus]\nurl = \"{nats}\"\ncommand_batch = {batch}\ncommand_hold = \"{hold}ms\"\n\n");
     for i in 0..nodes {
         let _ = write!(
             toml,

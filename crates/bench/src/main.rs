@@ -153,6 +153,9 @@ struct RunFlags {
     /// `[bus] command_batch` of `--fleet`.
     #[arg(long, default_value_t = 256)]
     fleet_batch: usize,
+    /// `[bus] command_hold` of `--fleet`, in milliseconds (0: every command published at once).
+    #[arg(long, default_value_t = 1_000)]
+    fleet_hold_ms: u64,
     /// Varnish storage (`-s`) of the tag scenario's nodes.
     #[arg(long, default_value = "malloc,3g")]
     tag_storage: String,
@@ -305,6 +308,7 @@ async fn fleet(f: RunFlags) -> anyhow::Result<()> {
     options.sizes = f.fleet_sizes;
     options.node_purges = f.fleet_node_purges;
     options.command_batch = f.fleet_batch;
+    options.command_hold_ms = f.fleet_hold_ms;
     options.direct = !f.fleet_no_direct;
     let rows = tokio::select! {
         rows = cachectl_bench::fleet::run(&options, |step| eprintln!("==> {step}")) => rows?,

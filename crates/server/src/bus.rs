@@ -117,7 +117,7 @@ impl Bus {
             instance,
             publisher,
         });
-        tokio::spawn(publish_commands(bus.settings.command_batch, js.clone(), outgoing, shutdown.clone()));
+        tokio::spawn(publish_commands(bus.clone(), js.clone(), outgoing, shutdown.clone()));
         tokio::spawn(consume_results(bus.clone(), js, shutdown.clone()));
         tokio::spawn(receive_heartbeats(bus.clone(), client, shutdown.clone()));
         tokio::spawn(watch_health(bus.clone(), shutdown));
@@ -236,6 +236,20 @@ impl Bus {
         self.lane(node).map_or(0, |l| l.in_flight.load(Ordering::Relaxed))
     }
 
+    /// Whether an agent of `nodes` that is up still has `threshold` or more published commands
+    /// unanswered (`held` of each node's in-flight commands are not published yet). A stale or
+    /// down agent does not count: its commands wait in the stream for it.
+    fn backlogged(&self, nodes: &[String], held: usize, threshold: u64) -> bool {
+        let lanes = self.lanes.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = held as u64;
+        nodes.iter().any(|node| {
+            lanes.get(node).is_some_and(|lane| {
+                lane.in_flight.load(Ordering::Relaxed).saturating_sub(held) >= threshold
+                    && *lane.health.borrow() == Health::Up
+            })
+        })
+    }
+
     fn lock_waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -259,28 +273,78 @@ fn take_waiter(waiters: &mut Waiters, id: &str, node: &str) -> Option<oneshot::S
     waiter
 }
 
-/// Publishes the commands as they come, as many as are queued (up to `batch`) at a time: the
-/// commands for the same nodes (one item's tier, the items of a large task) go in one message,
-/// and JetStream stores each message before the next batch. While NATS is away the commands
-/// wait here; those whose deadline passed meanwhile are not sent (their items have failed).
+/// How often held commands are looked at again.
+const RECHECK: Duration = Duration::from_millis(5);
+
+/// Commands for one set of nodes, gathered while those nodes are busy.
+struct Held {
+    nodes: Arc<[String]>,
+    commands: Vec<Command>,
+    bytes: usize,
+    since: tokio::time::Instant,
+}
+
+/// Publishes the commands as they come, with flow control per set of nodes (one item's tier:
+/// the same set for every item of a large task). A set's commands go out at once while its agents
+/// keep up; while one of its agents that is up still has a quarter of
+/// `command_batch` published commands to apply, they are held and published together, as one
+/// message, once that agent is below it, `command_batch` of them gathered, or the oldest waited
+/// `command_hold` (an agent that is up but stuck holds its set's commands that long each time;
+/// its items wait for it until their deadline anyway). Without it, a fleet kept busy got one message per claim of a few items, and the
+/// agents spent their time on message overhead (BENCHMARKS.md, "10,000 URLs × 1,000 nodes").
+/// JetStream stores each message before the next. While NATS is away the commands wait here;
+/// those whose deadline passed meanwhile are not sent (their items have failed).
 async fn publish_commands(
-    batch: usize,
+    bus: Arc<Bus>,
     js: jetstream::Context,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shutdown: CancellationToken,
 ) {
+    let batch = bus.settings.command_batch;
+    let threshold = (batch as u64 / 4).max(1);
+    let linger = bus.settings.command_hold;
     let mut queued = Vec::with_capacity(batch);
-    loop {
-        let received = tokio::select! {
+    let mut held: Vec<Held> = Vec::new();
+    let mut open = true;
+    while open || !held.is_empty() {
+        tokio::select! {
             () = shutdown.cancelled() => return,
-            n = rx.recv_many(&mut queued, batch) => n,
-        };
-        if received == 0 {
-            return;
+            n = rx.recv_many(&mut queued, batch), if open => open = n > 0,
+            () = tokio::time::sleep(RECHECK), if !held.is_empty() => {}
         }
-        for message in messages(queued.drain(..)) {
-            publish(&js, message, &shutdown).await;
+        for Outgoing { nodes, command } in queued.drain(..) {
+            hold(&mut held, nodes, command);
         }
+        let now = tokio::time::Instant::now();
+        let mut i = 0;
+        while i < held.len() {
+            let set = &held[i];
+            let wait = open
+                && set.commands.len() < batch
+                && set.bytes < MAX_COMMAND_BYTES
+                && now.duration_since(set.since) < linger
+                && bus.backlogged(&set.nodes, set.commands.len(), threshold);
+            if wait {
+                i += 1;
+                continue;
+            }
+            let Held { nodes, commands, .. } = held.swap_remove(i);
+            for message in messages(&nodes, commands) {
+                publish(&js, message, &shutdown).await;
+            }
+        }
+    }
+}
+
+/// Adds `command` to the commands held for `nodes`.
+fn hold(held: &mut Vec<Held>, nodes: Arc<[String]>, command: Command) {
+    let bytes = command_bytes(&command);
+    match held.iter_mut().find(|h| Arc::ptr_eq(&h.nodes, &nodes) || *h.nodes == *nodes) {
+        Some(set) => {
+            set.commands.push(command);
+            set.bytes += bytes;
+        }
+        None => held.push(Held { nodes, commands: vec![command], bytes, since: tokio::time::Instant::now() }),
     }
 }
 
@@ -294,28 +358,30 @@ fn command_bytes(command: &Command) -> usize {
     command.target.len() + command.id.len() + command.reply.len() + 128
 }
 
-/// The messages carrying `queued`: consecutive commands for the same nodes share one (up to
-/// [`MAX_COMMAND_BYTES`]), and a node set larger than a message holds is split.
-fn messages(queued: impl Iterator<Item = Outgoing>) -> Vec<Batch> {
-    let mut groups: Vec<(Arc<[String]>, Vec<Command>, usize)> = Vec::new();
-    for Outgoing { nodes, command } in queued {
+/// The messages carrying `commands` to `nodes`, in order: up to [`MAX_COMMAND_BYTES`] of commands
+/// each, and a node set larger than a message holds split.
+fn messages(nodes: &[String], commands: Vec<Command>) -> Vec<Batch> {
+    let mut parts: Vec<Vec<Command>> = Vec::new();
+    let mut bytes = 0;
+    for command in commands {
         let size = command_bytes(&command);
-        match groups.last_mut() {
-            Some((same, commands, bytes))
-                if (Arc::ptr_eq(same, &nodes) || **same == *nodes) && *bytes + size <= MAX_COMMAND_BYTES =>
-            {
-                commands.push(command);
-                *bytes += size;
+        match parts.last_mut() {
+            Some(part) if bytes + size <= MAX_COMMAND_BYTES => {
+                part.push(command);
+                bytes += size;
             }
-            _ => groups.push((nodes, vec![command], size)),
+            _ => {
+                parts.push(vec![command]);
+                bytes = size;
+            }
         }
     }
-    let mut out = Vec::with_capacity(groups.len());
-    for (nodes, commands, _) in groups {
-        let parts = nodes.len().div_ceil(protocol::MAX_NODES_PER_MESSAGE);
+    let mut out = Vec::with_capacity(parts.len() * nodes.len().div_ceil(protocol::MAX_NODES_PER_MESSAGE));
+    let chunks = nodes.len().div_ceil(protocol::MAX_NODES_PER_MESSAGE);
+    for commands in parts {
         let mut commands = Some(commands);
         for (i, chunk) in nodes.chunks(protocol::MAX_NODES_PER_MESSAGE).enumerate() {
-            let commands = if i + 1 == parts { commands.take() } else { commands.clone() };
+            let commands = if i + 1 == chunks { commands.take() } else { commands.clone() };
             out.push(Batch { nodes: chunk.to_vec(), commands: commands.unwrap_or_default() });
         }
     }
@@ -497,29 +563,78 @@ mod tests {
         range.map(|i| format!("n{i}")).collect()
     }
 
+    /// What the publisher's holding does with `queued`: the messages of each node set.
+    fn held_messages(queued: Vec<Outgoing>) -> Vec<Batch> {
+        let mut held = Vec::new();
+        for Outgoing { nodes, command } in queued {
+            hold(&mut held, nodes, command);
+        }
+        held.into_iter().flat_map(|h| messages(&h.nodes, h.commands)).collect()
+    }
+
     #[test]
     fn commands_for_the_same_nodes_share_a_message_and_large_node_sets_are_split() {
         let all = names(0..2_500);
         let same_again = names(0..2_500);
         let one = names(7..8);
         let queued = vec![outgoing(&all, "1"), outgoing(&same_again, "2"), outgoing(&one, "3"), outgoing(&all, "4")];
-        let out = messages(queued.into_iter());
+        let out = held_messages(queued);
         let shape: Vec<(usize, Vec<&str>)> =
             out.iter().map(|b| (b.nodes.len(), b.commands.iter().map(|c| c.id.as_str()).collect())).collect();
         assert_eq!(
             shape,
             vec![
-                (1_000, vec!["1", "2"]),
-                (1_000, vec!["1", "2"]),
-                (500, vec!["1", "2"]),
+                (1_000, vec!["1", "2", "4"]),
+                (1_000, vec!["1", "2", "4"]),
+                (500, vec!["1", "2", "4"]),
                 (1, vec!["3"]),
-                (1_000, vec!["4"]),
-                (1_000, vec!["4"]),
-                (500, vec!["4"]),
             ]
         );
         assert!(out[2].names("n2499") && !out[2].names("n0"));
         assert!(out[3].names("n7"));
+    }
+
+    fn bus_with(nodes: &[&str]) -> Bus {
+        let (publisher, _) = mpsc::unbounded_channel();
+        let bus = Bus {
+            settings: BusSettings {
+                url: "nats://127.0.0.1:1".into(),
+                streams: protocol::StreamSettings { replicas: 1, max_age: Duration::from_secs(60), max_bytes: 1 << 20 },
+                command_batch: 256,
+                command_hold: Duration::from_secs(1),
+                stale_after: Duration::from_secs(10),
+                down_after: Duration::from_secs(30),
+            },
+            reply: protocol::result_subject("i"),
+            waiters: Mutex::new(HashMap::new()),
+            lanes: RwLock::new(HashMap::new()),
+            seen: RwLock::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            instance: "i".into(),
+            publisher,
+        };
+        for node in nodes {
+            bus.add_node(node);
+        }
+        bus
+    }
+
+    #[test]
+    fn a_set_is_backlogged_while_an_agent_that_is_up_has_published_commands_to_apply() {
+        let bus = bus_with(&["a", "b"]);
+        let set: Vec<String> = vec!["a".into(), "b".into()];
+        let lane = bus.lane("b").unwrap();
+        lane.in_flight.store(70, Ordering::Relaxed);
+        // Down: its commands wait in the stream, nothing is held for it.
+        assert!(!bus.backlogged(&set, 0, 64));
+        lane.health.send_replace(Health::Up);
+        assert!(bus.backlogged(&set, 0, 64));
+        // 10 of its 70 are the ones being held: 60 published, below the threshold.
+        assert!(!bus.backlogged(&set, 10, 64));
+        lane.health.send_replace(Health::Stale);
+        assert!(!bus.backlogged(&set, 0, 64));
+        // A node without a lane (not a bus node) never holds anything.
+        assert!(!bus.backlogged(&["c".to_owned()], 0, 0));
     }
 
     #[test]
@@ -530,7 +645,7 @@ mod tests {
             out.command.target = format!("http://a.example.com/{}", "x".repeat(4_000));
             out
         });
-        let out = messages(queued);
+        let out = messages(&all, queued.map(|o| o.command).collect());
         assert!(out.len() > 1, "{}", out.len());
         assert_eq!(out.iter().map(|b| b.commands.len()).sum::<usize>(), 256);
         for batch in &out {

@@ -109,6 +109,11 @@ pub struct BusConfig {
     /// Commands carried by one message at most.
     #[serde(default = "default_command_batch")]
     pub command_batch: usize,
+    /// The longest a command is held back, gathering others into its message, while an agent of
+    /// its nodes still has a quarter of `command_batch` published commands to apply; `0s`
+    /// publishes every command at once.
+    #[serde(default = "default_command_hold", with = "humantime_serde")]
+    pub command_hold: Duration,
     /// An agent not heard from for this long is `stale`; its items say they wait for it.
     #[serde(default = "default_stale_after", with = "humantime_serde")]
     pub stale_after: Duration,
@@ -125,6 +130,7 @@ impl Default for BusConfig {
             stream_max_age: None,
             stream_max_mib: default_stream_max_mib(),
             command_batch: default_command_batch(),
+            command_hold: default_command_hold(),
             stale_after: default_stale_after(),
             down_after: default_down_after(),
         }
@@ -139,6 +145,9 @@ fn default_stream_max_mib() -> u64 {
 }
 fn default_command_batch() -> usize {
     256
+}
+fn default_command_hold() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_stale_after() -> Duration {
     Duration::from_secs(6)

@@ -232,6 +232,9 @@ impl Config {
         if b.command_batch == 0 {
             return Err(err("bus.command_batch".into(), "must be at least 1".into()));
         }
+        if b.command_hold >= self.worker.item_deadline {
+            return Err(err("bus.command_hold".into(), "must be shorter than worker.item_deadline".into()));
+        }
         if b.stream_replicas == 0 || b.stream_replicas > 5 {
             return Err(err("bus.stream_replicas".into(), "must be 1 to 5".into()));
         }
@@ -252,6 +255,7 @@ impl Config {
                 max_bytes: b.stream_max_mib << 20,
             },
             command_batch: b.command_batch,
+            command_hold: b.command_hold,
             stale_after: b.stale_after,
             down_after: b.down_after,
         }))
@@ -374,6 +378,8 @@ pub struct BusSettings {
     pub streams: cachectl_bus::protocol::StreamSettings,
     /// Commands per message at most.
     pub command_batch: usize,
+    /// How long a command may be held while its nodes are busy (zero: never).
+    pub command_hold: Duration,
     /// When an agent becomes stale.
     pub stale_after: Duration,
     /// When an agent is down.
@@ -499,6 +505,19 @@ mod tests {
         let zero = MINIMAL.replace("[store]", "[store]\nmax_connections = 0");
         let e = Config::from_toml(&zero).unwrap().validate().unwrap_err().to_string();
         assert!(e.contains("store.max_connections") && e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn the_bus_command_hold_defaults_to_a_second_and_stays_below_the_item_deadline() {
+        let with_bus = format!("[bus]\nurl = \"nats://127.0.0.1:4222\"\n{MINIMAL}");
+        let settings = Config::from_toml(&with_bus).unwrap().validate().unwrap();
+        assert_eq!(settings.bus.unwrap().command_hold, Duration::from_secs(1));
+        let off = with_bus.replace("[bus]", "[bus]\ncommand_hold = \"0s\"");
+        let settings = Config::from_toml(&off).unwrap().validate().unwrap();
+        assert_eq!(settings.bus.unwrap().command_hold, Duration::ZERO);
+        let long = with_bus.replace("[bus]", "[bus]\ncommand_hold = \"10m\"");
+        let e = Config::from_toml(&long).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("bus.command_hold") && e.contains("item_deadline"), "{e}");
     }
 
     #[test]
