@@ -285,14 +285,14 @@ struct Held {
 }
 
 /// Publishes the commands as they come, with flow control per set of nodes (one item's tier:
-/// the same set for every item of a large task). A set's commands go out at once while its agents
-/// keep up; while one of its agents that is up still has a quarter of
-/// `command_batch` published commands to apply, they are held and published together, as one
-/// message, once that agent is below it, `command_batch` of them gathered, or the oldest waited
-/// `command_hold` (an agent that is up but stuck holds its set's commands that long each time;
-/// its items wait for it until their deadline anyway). Without it, a fleet kept busy got one message per claim of a few items, and the
-/// agents spent their time on message overhead (BENCHMARKS.md, "10,000 URLs × 1,000 nodes").
-/// JetStream stores each message before the next. While NATS is away the commands wait here;
+/// the same set for every item of a large task). A set's commands go out at once while its
+/// agents keep up; while one of its agents that is up still has a quarter of `command_batch`
+/// published commands to apply, they are held and published together, as one message, once that
+/// agent is below it, `command_batch` of them gathered, or the oldest waited `command_hold` (an
+/// agent that is up but stuck holds its set's commands that long each time; its items wait for
+/// it until their deadline anyway). Without it, a fleet kept busy got one message per claim of a
+/// few items, and the agents spent their time on message overhead (BENCHMARKS.md, "Fleet through
+/// the bus"). JetStream stores each message before the next. While NATS is away the commands wait here;
 /// those whose deadline passed meanwhile are not sent (their items have failed).
 async fn publish_commands(
     bus: Arc<Bus>,
@@ -329,7 +329,7 @@ async fn publish_commands(
                 continue;
             }
             let Held { nodes, commands, .. } = held.swap_remove(i);
-            for message in messages(&nodes, commands) {
+            for message in messages(&nodes, commands, batch) {
                 publish(&js, message, &shutdown).await;
             }
         }
@@ -358,15 +358,15 @@ fn command_bytes(command: &Command) -> usize {
     command.target.len() + command.id.len() + command.reply.len() + 128
 }
 
-/// The messages carrying `commands` to `nodes`, in order: up to [`MAX_COMMAND_BYTES`] of commands
-/// each, and a node set larger than a message holds split.
-fn messages(nodes: &[String], commands: Vec<Command>) -> Vec<Batch> {
+/// The messages carrying `commands` to `nodes`, in order: up to `batch` commands and
+/// [`MAX_COMMAND_BYTES`] of them each, and a node set larger than a message holds split.
+fn messages(nodes: &[String], commands: Vec<Command>, batch: usize) -> Vec<Batch> {
     let mut parts: Vec<Vec<Command>> = Vec::new();
     let mut bytes = 0;
     for command in commands {
         let size = command_bytes(&command);
         match parts.last_mut() {
-            Some(part) if bytes + size <= MAX_COMMAND_BYTES => {
+            Some(part) if part.len() < batch && bytes + size <= MAX_COMMAND_BYTES => {
                 part.push(command);
                 bytes += size;
             }
@@ -569,7 +569,7 @@ mod tests {
         for Outgoing { nodes, command } in queued {
             hold(&mut held, nodes, command);
         }
-        held.into_iter().flat_map(|h| messages(&h.nodes, h.commands)).collect()
+        held.into_iter().flat_map(|h| messages(&h.nodes, h.commands, 256)).collect()
     }
 
     #[test]
@@ -592,6 +592,14 @@ mod tests {
         );
         assert!(out[2].names("n2499") && !out[2].names("n0"));
         assert!(out[3].names("n7"));
+    }
+
+    #[test]
+    fn a_message_carries_command_batch_commands_at_most() {
+        let all = names(0..3);
+        let commands: Vec<Command> = (0..20).map(|i| outgoing(&all, &i.to_string()).command).collect();
+        let sizes: Vec<usize> = messages(&all, commands, 8).iter().map(|b| b.commands.len()).collect();
+        assert_eq!(sizes, vec![8, 8, 4]);
     }
 
     fn bus_with(nodes: &[&str]) -> Bus {
@@ -645,7 +653,7 @@ mod tests {
             out.command.target = format!("http://a.example.com/{}", "x".repeat(4_000));
             out
         });
-        let out = messages(&all, queued.map(|o| o.command).collect());
+        let out = messages(&all, queued.map(|o| o.command).collect(), 256);
         assert!(out.len() > 1, "{}", out.len());
         assert_eq!(out.iter().map(|b| b.commands.len()).sum::<usize>(), 256);
         for batch in &out {
