@@ -63,6 +63,24 @@ async fn wait_up(bus: &Bus, node: &str) {
         .unwrap();
 }
 
+/// Reads every command message, once the control plane (in the background) created the stream.
+async fn command_messages(js: &jetstream::Context) -> jetstream::consumer::pull::Stream {
+    let stream = loop {
+        if let Ok(s) = js.get_stream(protocol::COMMAND_STREAM).await {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stream.create_consumer(jetstream::consumer::pull::Config::default()).await.unwrap().messages().await.unwrap()
+}
+
+/// Asserts that every answer comes, and says the command was applied.
+async fn assert_all_ok(sent: Vec<(String, Vec<tokio::sync::oneshot::Receiver<Answer>>)>) {
+    for rx in sent.into_iter().flat_map(|(_, receivers)| receivers) {
+        assert!(tokio::time::timeout(Duration::from_secs(10), rx).await.unwrap().unwrap().ok);
+    }
+}
+
 /// The next command message, or `None` if none comes within `wait`.
 async fn next_batch(messages: &mut jetstream::consumer::pull::Stream, wait: Duration) -> Option<Batch> {
     let message = tokio::time::timeout(wait, messages.next()).await.ok()?.unwrap().unwrap();
@@ -98,21 +116,13 @@ async fn commands_for_a_busy_agent_are_held_and_leave_together_once_it_answers()
     let js = jetstream::new(client.clone());
     let beating = heartbeat(client.clone(), "a");
     wait_up(&bus, "a").await;
-    // The control plane creates the streams in the background.
-    let stream = loop {
-        if let Ok(s) = js.get_stream(protocol::COMMAND_STREAM).await {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut messages =
-        stream.create_consumer(jetstream::consumer::pull::Config::default()).await.unwrap().messages().await.unwrap();
+    let mut messages = command_messages(&js).await;
 
     let send = |i: usize| {
         bus.send(&["a"], Kind::Refresh, ItemType::Url, &format!("http://www.example.com/{i}"), false, far_deadline())
     };
     // Two commands to an idle agent leave at once.
-    let mut first = vec![send(0), send(1)];
+    let first = vec![send(0), send(1)];
     let mut published = Vec::new();
     while published.iter().map(|b: &Batch| b.commands.len()).sum::<usize>() < 2 {
         published.push(next_batch(&mut messages, Duration::from_secs(10)).await.expect("the first commands were held"));
@@ -129,11 +139,7 @@ async fn commands_for_a_busy_agent_are_held_and_leave_together_once_it_answers()
     for batch in &published {
         answer(&js, "a", batch).await;
     }
-    for (_, receivers) in first.drain(..) {
-        for rx in receivers {
-            assert!(tokio::time::timeout(Duration::from_secs(10), rx).await.unwrap().unwrap().ok);
-        }
-    }
+    assert_all_ok(first).await;
     let held = next_batch(&mut messages, Duration::from_secs(10)).await.expect("the held commands never left");
     let targets: Vec<&str> = held.commands.iter().map(|c| c.target.as_str()).collect();
     assert_eq!(
@@ -143,11 +149,7 @@ async fn commands_for_a_busy_agent_are_held_and_leave_together_once_it_answers()
     );
     assert_eq!(held.nodes, vec!["a".to_owned()]);
     answer(&js, "a", &held).await;
-    for (_, receivers) in later {
-        for rx in receivers {
-            assert!(tokio::time::timeout(Duration::from_secs(10), rx).await.unwrap().unwrap().ok);
-        }
-    }
+    assert_all_ok(later).await;
     assert_eq!(bus.in_flight("a"), 0);
     beating.cancel();
     shutdown.cancel();
@@ -163,14 +165,7 @@ async fn nothing_is_held_for_a_down_agent_and_a_stuck_one_holds_commands_only_fo
         .unwrap();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    let stream = loop {
-        if let Ok(s) = js.get_stream(protocol::COMMAND_STREAM).await {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut messages =
-        stream.create_consumer(jetstream::consumer::pull::Config::default()).await.unwrap().messages().await.unwrap();
+    let mut messages = command_messages(&js).await;
     let send = |nodes: &[&str], i: usize| {
         bus.send(nodes, Kind::Refresh, ItemType::Url, &format!("http://www.example.com/{i}"), false, far_deadline())
     };
