@@ -16,12 +16,14 @@ case "$seconds" in
     '' | *[!0-9]* | 0) echo "seconds per target must be a positive integer, not '$seconds'" >&2; exit 2 ;;
 esac
 
-command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
+# Each step with the time since this script began (minutes:seconds).
+step() { printf '==> [%d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
+command -v cargo-fuzz >/dev/null 2>&1 || { step "Installing cargo-fuzz"; cargo install --locked cargo-fuzz; }
 # cargo-fuzz passes the sanitizer and coverage flags with -Z, which the stable toolchain accepts
 # only with RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1
 
-echo "==> cargo fuzz build (all targets)"
+step "cargo fuzz build (all targets)"
 cargo fuzz build
 
 scratch="$(mktemp -d)"
@@ -30,7 +32,7 @@ failed=()
 for target in $(cargo fuzz list); do
     corpus="fuzz/corpus/$target"
     mkdir -p "$corpus" "$scratch/$target"
-    echo "==> $target: ${seconds}s over $(find "$corpus" -type f | wc -l) corpus inputs"
+    step "$target: ${seconds}s over $(find "$corpus" -type f | wc -l) corpus inputs"
     # The first directory receives new inputs; the committed corpus is only read.
     if ! cargo fuzz run "$target" "$scratch/$target" "$corpus" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
@@ -46,4 +48,4 @@ if [ ${#failed[@]} -gt 0 ]; then
     echo "fuzzing failed: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
     exit 1
 fi
-echo "==> every fuzz target ran ${seconds}s without a crash"
+step "every fuzz target ran ${seconds}s without a crash"

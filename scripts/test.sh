@@ -7,6 +7,9 @@
 # clusters and cachectl instances on 127.0.0.1 with free ports; no system service is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every step is announced with the time since the start (minutes:seconds), so that a CI log shows
+# where the time goes.
+step() { printf '==> [%d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 need=()
 command -v varnishd >/dev/null 2>&1 || need+=(varnish)
@@ -28,7 +31,7 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # The Debian package's test (scripts/package-test.sh): its units are checked offline.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
-    echo "==> Installing ${need[*]} from Debian's packages"
+    step "Installing ${need[*]} from Debian's packages"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
@@ -42,35 +45,35 @@ ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null || { echo "varnish-module
 nginx -v 2>&1
 nats-server --version
 /usr/bin/chromium --version 2>/dev/null
-command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+command -v cargo-nextest >/dev/null 2>&1 || { step "Installing cargo-nextest"; cargo install --locked cargo-nextest; }
 # The Debian package (docs/packaging.md): about 2 to 4 minutes to install on 2 cores.
-command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb
+command -v cargo-deb >/dev/null 2>&1 || { step "Installing cargo-deb"; cargo install --locked cargo-deb; }
 promtool --version 2>&1 | head -1
 
 # Baidu's official Python SDK, which the Baidu-dialect tests drive the server with, and
 # schemathesis, which fuzzes the native API against its OpenAPI document.
 VENV="$PWD/.venv-tests"
 if ! "$VENV/bin/python" -c 'import baidubce' >/dev/null 2>&1 || [ ! -x "$VENV/bin/schemathesis" ]; then
-    echo "==> Installing bce-python-sdk and schemathesis into $VENV"
+    step "Installing bce-python-sdk and schemathesis into $VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q "bce-python-sdk==0.9.79" "schemathesis==4.32.5"
 fi
 export CACHECTL_TEST_PYTHON="$VENV/bin/python"
 
-echo "==> cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --all -- --check
-echo "==> cargo clippy -D warnings"
+step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Every process the tests start (caches, PostgreSQL, the server, browsers, NATS) must be gone when
 # they end, pass or fail: note which such processes run before, and fail if new ones remain after.
 survivors_pattern='nginx|varnishd|cache-main|postgres|cachectl|cachectl-bench|chromium|chromedriver|nats-server'
 list_survivors() { ps -eo pid=,comm= | awk -v re="^($survivors_pattern)\$" '$2 ~ re { print $1 }' | sort; }
 before="$(list_survivors)"
-echo "==> tests"
+step "tests"
 status=0
 cargo nextest run --workspace --locked --profile ci "$@" || status=$?
 # The Debian package, built from the binary the tests just used, installed, run and purged.
-echo "==> Debian package"
+step "Debian package"
 scripts/package-test.sh || status=$?
 sleep 2
 left="$(comm -13 <(echo "$before") <(list_survivors) | grep -v '^$' || true)"
@@ -83,6 +86,7 @@ else
     echo "==> no process started by the tests is left running"
 fi
 # A short run of every fuzz target over its committed corpus (docs/reliability.md, "Fuzzing").
-echo "==> fuzzing (10 s per target)"
+step "fuzzing (10 s per target)"
 scripts/fuzz.sh 10 || status=$?
+step "done (status $status)"
 exit "$status"
