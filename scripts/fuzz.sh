@@ -23,12 +23,8 @@ command -v cargo-fuzz >/dev/null 2>&1 || { step "Installing cargo-fuzz"; cargo i
 # only with RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1
 
-# The short runs build without optimization (--dev: less build time, which is most of this
-# script's time, and debug assertions and overflow checks on), with the address sanitizer
-# (cargo-fuzz's default). The long runs (docs/reliability.md) use optimized builds.
-build=(--dev)
-step "cargo fuzz build ${build[*]} (all targets)"
-cargo fuzz build "${build[@]}"
+step "cargo fuzz build (all targets)"
+cargo fuzz build
 
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
@@ -38,7 +34,7 @@ for target in $(cargo fuzz list); do
     mkdir -p "$corpus" "$scratch/$target"
     step "$target: ${seconds}s over $(find "$corpus" -type f | wc -l) corpus inputs"
     # The first directory receives new inputs; the committed corpus is only read.
-    if ! cargo fuzz run "${build[@]}" "$target" "$scratch/$target" "$corpus" -- \
+    if ! cargo fuzz run "$target" "$scratch/$target" "$corpus" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         >"$scratch/$target.log" 2>&1; then
         tail -n 60 "$scratch/$target.log" >&2
