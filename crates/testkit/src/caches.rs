@@ -45,6 +45,35 @@ pub async fn wait_port(port: u16, what: &str) {
     }
 }
 
+/// Waits until a process of `group` listens on `port` (not merely something: [`crate::group_listens`]).
+///
+/// # Panics
+/// As [`try_listening`].
+pub async fn wait_listening(group: &mut Group, port: u16, what: &str) {
+    if let Err(e) = try_listening(group, port, what).await {
+        panic!("{e}");
+    }
+}
+
+/// Waits until a process of `group` listens on `port`.
+///
+/// # Errors
+/// The group's leader exited first (the port was taken, or the program failed), or it does not
+/// listen within 20 seconds.
+pub async fn try_listening(group: &mut Group, port: u16, what: &str) -> Result<(), String> {
+    let start = Instant::now();
+    while !crate::group_listens(group.id(), port) {
+        if let Some(exited) = group.try_wait().ok().flatten() {
+            return Err(format!("{what} exited ({exited}) before listening on {port}: was the port taken?"));
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(format!("{what} did not start listening on {port}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// A request the origin answered.
 #[derive(Debug, Clone)]
 pub struct OriginHit {
@@ -233,7 +262,7 @@ impl Nginx {
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         let prefix = format!("{}/", dir.path().display());
-        let group = Group::spawn(
+        let mut group = Group::spawn(
             Command::new("nginx")
                 .args([
                     "-p",
@@ -250,7 +279,7 @@ impl Nginx {
         )
         .expect("nginx must be installed (scripts/test.sh installs it)");
         for port in &ports {
-            wait_port(*port, "nginx").await;
+            wait_listening(&mut group, *port, "nginx").await;
         }
         Self { ports, dir, _group: group }
     }

@@ -97,6 +97,63 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
+/// Whether a process of process group `group` listens on TCP port `port`: the port's listening
+/// socket is among the open files of one of the group's processes. A port found free by
+/// [`free_port`] can be taken by another test's process before the one started binds it; the
+/// started one then exits, but a connection to the port succeeds all the same — to the other
+/// process (a NATS server greeting first, a Varnish CLI port). So readiness is "our process
+/// listens", not "something answers".
+#[must_use]
+pub fn group_listens(group: u32, port: u16) -> bool {
+    let inodes = listening_inodes(port);
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(processes) = std::fs::read_dir("/proc") else { return false };
+    processes.filter_map(Result::ok).any(|process| {
+        let dir = process.path();
+        let in_group = std::fs::read_to_string(dir.join("stat")).ok().and_then(|stat| {
+            // pid (comm) state ppid pgrp …: comm may hold spaces and parentheses.
+            let after = &stat[stat.rfind(')')? + 1..];
+            after.split_whitespace().nth(2)?.parse::<u32>().ok()
+        }) == Some(group);
+        in_group
+            && std::fs::read_dir(dir.join("fd")).is_ok_and(|fds| {
+                fds.filter_map(Result::ok).any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|target| {
+                        let target = target.to_string_lossy();
+                        target
+                            .strip_prefix("socket:[")
+                            .and_then(|t| t.strip_suffix(']'))
+                            .and_then(|t| t.parse::<u64>().ok())
+                            .is_some_and(|inode| inodes.contains(&inode))
+                    })
+                })
+            })
+    })
+}
+
+/// The inodes of the sockets listening on TCP `port` (IPv4 and IPv6), from `/proc/net`.
+fn listening_inodes(port: u16) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) = (fields.get(1), fields.get(3), fields.get(9)) else {
+                continue;
+            };
+            let listening = *state == "0A";
+            let on_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port);
+            if let (true, true, Ok(inode)) = (listening, on_port, inode.parse::<u64>()) {
+                inodes.push(inode);
+            }
+        }
+    }
+    inodes
+}
+
 /// Where Debian keeps PostgreSQL's server binaries (`initdb`, `pg_ctl`), newest version first.
 fn pg_bin() -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
@@ -263,7 +320,7 @@ pub struct Varnishd {
 impl Varnishd {
     /// Starts varnishd running `vcl` (its text) with the extra arguments `extra`, on a free port.
     /// A port found free can be taken by another process before varnishd binds it (varnishd
-    /// then exits): up to three tries, each on new ports.
+    /// then exits; [`group_listens`]): up to three tries, each on new ports.
     ///
     /// # Errors
     /// varnishd is missing, or did not listen in three tries (each try's log is in the error).
@@ -308,7 +365,7 @@ impl Varnishd {
         .map_err(|e| format!("varnishd must be installed (scripts/test.sh and scripts/bench.sh install it): {e}"))?;
         let mut varnishd = Self { port, child, dir };
         let start = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        while !group_listens(varnishd.child.id(), port) {
             let exited = varnishd.child.try_wait().ok().flatten();
             if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -323,5 +380,28 @@ impl Varnishd {
     #[must_use]
     pub fn workdir(&self) -> PathBuf {
         self.dir.path().join("work")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_is_ours_only_while_a_process_of_our_group_listens_on_it() {
+        let group = u32::try_from(nix::unistd::getpgrp().as_raw()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(group_listens(group, port));
+        // Another group (none has this id: process ids are below 2^22 on Linux) does not.
+        assert!(!group_listens(u32::MAX, port));
+        drop(listener);
+        assert!(!group_listens(group, port));
+        // A connected socket is not a listening one.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = listener.local_addr().unwrap().port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", other)).unwrap();
+        drop(listener);
+        assert!(!group_listens(group, other));
     }
 }

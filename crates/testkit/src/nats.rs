@@ -1,7 +1,7 @@
 //! A NATS server with JetStream (Debian's `nats-server` package) on 127.0.0.1 with a free port,
 //! storing its streams in a temporary directory, stopped (with its process group) when dropped.
 
-use crate::caches::wait_port;
+use crate::caches::try_listening;
 use crate::{Group, free_port};
 use std::process::{Command, Stdio};
 
@@ -20,8 +20,16 @@ impl Nats {
     /// nats-server is not installed or does not listen.
     pub async fn start() -> Self {
         let mut nats = Self { port: free_port(), dir: tempfile::tempdir().unwrap(), group: None };
-        nats.start_again().await;
-        nats
+        // A port found free can be taken before nats-server binds it: up to three ports.
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            match nats.try_start().await {
+                Ok(()) => return nats,
+                Err(e) => errors.push(e),
+            }
+            nats.port = free_port();
+        }
+        panic!("nats-server did not start: {}", errors.join("; "));
     }
 
     /// Starts the stopped server again on the same port and store (what JetStream stored on
@@ -30,8 +38,14 @@ impl Nats {
     /// # Panics
     /// As [`Nats::start`].
     pub async fn start_again(&mut self) {
+        if let Err(e) = self.try_start().await {
+            panic!("{e}");
+        }
+    }
+
+    async fn try_start(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("nats.log")).unwrap();
-        let group = Group::spawn(
+        let mut group = Group::spawn(
             Command::new("nats-server")
                 .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
                 .arg(self.dir.path().join("store"))
@@ -39,8 +53,11 @@ impl Nats {
                 .stderr(log),
         )
         .expect("nats-server must be installed (scripts/test.sh installs it)");
+        try_listening(&mut group, self.port, "nats-server")
+            .await
+            .map_err(|e| format!("{e}; its log: {}", self.log()))?;
         self.group = Some(group);
-        wait_port(self.port, "nats-server").await;
+        Ok(())
     }
 
     /// Stops the server (SIGTERM, as an operator's restart does).
