@@ -50,7 +50,7 @@ pub async fn wait_port(port: u16, what: &str) {
 /// # Panics
 /// As [`try_listening`].
 pub async fn wait_listening(group: &mut Group, port: u16, what: &str) {
-    if let Err(e) = try_listening(group, port, what).await {
+    if let Err(e) = try_listening(group, port, what, Duration::from_secs(20)).await {
         panic!("{e}");
     }
 }
@@ -59,15 +59,15 @@ pub async fn wait_listening(group: &mut Group, port: u16, what: &str) {
 ///
 /// # Errors
 /// The group's leader exited first (the port was taken, or the program failed), or it does not
-/// listen within 20 seconds.
-pub async fn try_listening(group: &mut Group, port: u16, what: &str) -> Result<(), String> {
+/// listen `within`.
+pub async fn try_listening(group: &mut Group, port: u16, what: &str, within: Duration) -> Result<(), String> {
     let start = Instant::now();
     while !crate::group_listens(group.id(), port) {
         if let Some(exited) = group.try_wait().ok().flatten() {
             return Err(format!("{what} exited ({exited}) before listening on {port}: was the port taken?"));
         }
-        if start.elapsed() > Duration::from_secs(20) {
-            return Err(format!("{what} did not start listening on {port}"));
+        if start.elapsed() > within {
+            return Err(format!("{what} did not start listening on {port} within {within:?}"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

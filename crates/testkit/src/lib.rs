@@ -364,14 +364,9 @@ impl Varnishd {
         )
         .map_err(|e| format!("varnishd must be installed (scripts/test.sh and scripts/bench.sh install it): {e}"))?;
         let mut varnishd = Self { port, child, dir };
-        let start = Instant::now();
-        while !group_listens(varnishd.child.id(), port) {
-            let exited = varnishd.child.try_wait().ok().flatten();
-            if exited.is_some() || start.elapsed() > Duration::from_secs(30) {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("varnishd on {port} ({exited:?} after {:?}): {}", start.elapsed(), text.trim()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(e) = caches::try_listening(&mut varnishd.child, port, "varnishd", Duration::from_secs(30)).await {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!("{e}: {}", text.trim()));
         }
         Ok(varnishd)
     }

@@ -4,6 +4,7 @@
 use crate::caches::try_listening;
 use crate::{Group, free_port};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// A running `nats-server -js`.
 pub struct Nats {
@@ -53,7 +54,7 @@ impl Nats {
                 .stderr(log),
         )
         .expect("nats-server must be installed (scripts/test.sh installs it)");
-        try_listening(&mut group, self.port, "nats-server")
+        try_listening(&mut group, self.port, "nats-server", Duration::from_secs(20))
             .await
             .map_err(|e| format!("{e}; its log: {}", self.log()))?;
         self.group = Some(group);
