@@ -13,6 +13,7 @@
 mod admin;
 mod backend;
 mod counters;
+mod migrations;
 mod outbox;
 #[cfg(any(test, feature = "plans"))]
 mod plans;

@@ -11,8 +11,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection as _, PgPool, Postgres};
 use std::str::FromStr;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
 /// The PostgreSQL store.
 pub type PgStore = SqlStore<Postgres, PgBackend>;
 
@@ -33,15 +31,16 @@ impl SqlStore<Postgres, PgBackend> {
         let options = PgConnectOptions::from_str(url).map_err(unavailable)?;
         let pool = connect_pool(options.clone(), connections).await?;
         let reads = records::connect(options, connections)?;
-        check_schema_version(&pool, &MIGRATOR, "SELECT to_regclass('_sqlx_migrations')::text").await?;
+        let migrator = crate::migrations::postgres().await?;
+        check_schema_version(&pool, &migrator, "SELECT to_regclass('_sqlx_migrations')::text").await?;
         if migrate {
-            MIGRATOR.run(&pool).await.map_err(|e| StoreError::Schema(e.to_string()))?;
+            migrator.run(&pool).await.map_err(|e| StoreError::Schema(e.to_string()))?;
         } else {
             let mut conn = pool.acquire().await.map_err(unavailable)?;
             let applied = newest_migration::<Postgres>(&mut conn).await.map_err(|_| {
                 StoreError::Schema("the database has no cachectl schema; run `cachectl migrate`".into())
             })?;
-            let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+            let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
             if applied.unwrap_or(0) < known {
                 return Err(StoreError::Schema(format!(
                     "the database schema is at version {}, this cachectl needs {known}; run `cachectl migrate`",

@@ -12,8 +12,6 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use std::str::FromStr;
 use std::time::Duration;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
 /// Read-only connections, in each of the two read pools.
 const READERS: u32 = 4;
 
@@ -76,9 +74,10 @@ impl SqlStore<Sqlite, SqliteBackend> {
             .await
             .map_err(unavailable)?;
         let migrations_table = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";
-        check_schema_version(&writer, &MIGRATOR, migrations_table).await?;
+        let migrator = crate::migrations::sqlite().await?;
+        check_schema_version(&writer, &migrator, migrations_table).await?;
         if migrate {
-            MIGRATOR.run(&writer).await.map_err(|e| StoreError::Schema(e.to_string()))?;
+            migrator.run(&writer).await.map_err(|e| StoreError::Schema(e.to_string()))?;
         }
         // One SQLite file serves one process: leases left by an earlier process (killed before it
         // could release them) are void, so its unfinished items resume at once.
