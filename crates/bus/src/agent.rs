@@ -407,7 +407,7 @@ async fn consumer_until_ready(
     }
 }
 
-/// Applies one command message and acknowledges it once its results are stored; an unreadable
+/// Applies one command message and acknowledges it once its results got their receipt; an unreadable
 /// one is dead-lettered and terminated (never redelivered).
 async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream::Message) {
     if let Ok(info) = message.info() {
@@ -444,26 +444,49 @@ async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream:
     for (command, answer) in batch.commands.iter().zip(answers) {
         by_reply.entry(command.reply.as_str()).or_default().push(answer);
     }
-    let mut stored = true;
+    let mut delivered = true;
     for (reply, answers) in by_reply {
         let results = Results { node: local.config.name.clone(), answers };
         let Ok(body) = serde_json::to_vec(&results) else { continue };
-        if let Err(e) = publish_stored(js, reply.to_owned(), body).await {
-            tracing::warn!(error = %e, subject = reply, "Publishing results failed; the commands will be delivered again.");
-            stored = false;
+        if let Err(e) = deliver(js, reply.to_owned(), body).await {
+            tracing::warn!(error = %e, subject = reply, "Delivering results failed; the commands will be applied again.");
+            delivered = false;
         }
     }
     progress.abort();
-    let ack = if stored { message.ack().await } else { message.ack_with(AckKind::Nak(None)).await };
+    // Undelivered results: the message comes again (after a second) and its commands are
+    // applied again (purges and prefetches are idempotent), until their deadline; past it the
+    // control plane has failed the items and nobody waits.
+    let give_up = batch.commands.iter().all(|c| protocol::now_ms() >= c.deadline);
+    let ack = if delivered || give_up {
+        message.ack().await
+    } else {
+        message.ack_with(AckKind::Nak(Some(RESULT_RETRY))).await
+    };
     if let Err(e) = ack {
         tracing::warn!(error = %e, "Acknowledging a command message failed; it will be delivered again.");
     }
 }
 
-async fn publish_stored(js: &jetstream::Context, subject: String, body: Vec<u8>) -> anyhow::Result<()> {
-    js.publish(subject, body.into()).await?.await?;
-    Ok(())
+/// How long a command message whose results could not be delivered waits before it comes again.
+const RESULT_RETRY: Duration = Duration::from_secs(1);
+
+/// Hands `body` to the control-plane instance listening on `subject` and waits for its receipt
+/// (a NATS request): it answers once it has the results, so a command is acknowledged only
+/// after its results reached the instance that waits for them.
+async fn deliver(js: &jetstream::Context, subject: String, body: Vec<u8>) -> anyhow::Result<()> {
+    let receipt = tokio::time::timeout(RESULT_WAIT, js.client().request(subject, body.into()))
+        .await
+        .map_err(|_| anyhow::anyhow!("no receipt within {RESULT_WAIT:?}"))??;
+    if receipt.payload.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{}", String::from_utf8_lossy(&receipt.payload)))
+    }
 }
+
+/// How long an agent waits for a control plane's receipt of its results.
+const RESULT_WAIT: Duration = Duration::from_secs(5);
 
 async fn dead_letter(js: &jetstream::Context, local: &Local, message: &jetstream::Message, why: &str) {
     tracing::warn!(node = %local.config.name, reason = why, "Dead-lettering a command message.");

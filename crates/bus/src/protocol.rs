@@ -1,4 +1,4 @@
-//! What travels on the bus: subjects, the three JetStream streams, and the JSON messages.
+//! What travels on the bus: subjects, the two JetStream streams, and the JSON messages.
 //!
 //! - `cachectl.fan` (stream `CACHECTL_FANOUT`, limits retention): a [`Batch`] of commands and the
 //!   nodes they are for. Every agent reads every message through its own durable consumer named
@@ -6,8 +6,11 @@
 //!   a batch to a whole fleet: JetStream stores it once and keeps one acknowledgement floor per
 //!   consumer, where a subject per node cost one stored message per node and, in NATS 2.9, work
 //!   for every consumer at every message (quadratic in the fleet's size; see BENCHMARKS.md).
-//! - `cachectl.res.<instance>` (stream `CACHECTL_RESULTS`, work queue): the [`Results`] of the
-//!   commands an instance published, consumed by that instance's durable consumer.
+//! - `cachectl.res.<instance>` (core NATS, not stored): the [`Results`] of the commands an
+//!   instance published, sent by each agent as a request that the instance answers once it has
+//!   them (an empty receipt); only then does the agent acknowledge the command message. Without a
+//!   receipt (the instance cut from NATS, or gone) the message comes again and its commands are
+//!   applied again, until their deadline: purges and prefetches are idempotent.
 //! - `cachectl.hb.<node>` (core NATS, not stored): a [`Heartbeat`] every few seconds.
 //! - `cachectl.dead.<node>` (stream `CACHECTL_DEAD`): a command message the agent could not
 //!   read, kept for an operator with the reason in the `Cachectl-Error` header.
@@ -22,8 +25,6 @@ use std::time::Duration;
 pub const COMMAND_STREAM: &str = "CACHECTL_FANOUT";
 /// The one subject of commands: every agent consumes it.
 pub const COMMAND_SUBJECT: &str = "cachectl.fan";
-/// The stream of agents' results to control-plane instances.
-pub const RESULT_STREAM: &str = "CACHECTL_RESULTS";
 /// The stream of unreadable command messages.
 pub const DEAD_LETTER_STREAM: &str = "CACHECTL_DEAD";
 /// Every heartbeat.
@@ -194,7 +195,7 @@ pub struct Heartbeat {
 pub struct StreamSettings {
     /// Copies of each stream in a clustered NATS (1 for a single server, 3 for a 3-node cluster).
     pub replicas: usize,
-    /// How long a command or an unconsumed result is kept: the item deadline, after which the
+    /// How long a command is kept: the item deadline, after which the
     /// control plane has failed the item anyway.
     pub max_age: Duration,
     /// The command stream's size at most; past it, the oldest commands are dropped (their
@@ -202,37 +203,31 @@ pub struct StreamSettings {
     pub max_bytes: u64,
 }
 
-/// Creates the three streams when they do not exist (an existing stream is left as it is).
+/// Creates the two streams when they do not exist (an existing stream is left as it is).
 ///
 /// # Errors
 /// JetStream is not enabled on the server, or a stream cannot be created.
 pub async fn ensure_streams(js: &jetstream::Context, settings: StreamSettings) -> anyhow::Result<()> {
     use jetstream::stream::{Config, RetentionPolicy, StorageType};
-    let work_queue = |name: &str, subjects: &str, max_age: Duration| Config {
+    // Limits retention: a message is kept (for every consumer, acknowledged or not) until its
+    // max age. Interest retention would drop a command once every consumer acknowledged it, but
+    // NATS 2.9 checks every consumer at every acknowledgement, which a fleet of 1,000 does not
+    // afford.
+    let stream = |name: &str, subjects: &str, max_age: Duration| Config {
         name: name.to_owned(),
         subjects: vec![subjects.to_owned()],
-        retention: RetentionPolicy::WorkQueue,
+        retention: RetentionPolicy::Limits,
         storage: StorageType::File,
         num_replicas: settings.replicas.max(1),
         max_age,
         ..Config::default()
     };
-    // Limits retention: a message is kept (for every consumer, acknowledged or not) until the
-    // item deadline. Interest retention would drop it once every consumer acknowledged it, but
-    // NATS 2.9 checks every consumer at every acknowledgement, which a fleet of 1,000 does not
-    // afford.
     let commands = Config {
-        retention: RetentionPolicy::Limits,
         max_bytes: i64::try_from(settings.max_bytes).unwrap_or(i64::MAX),
-        ..work_queue(COMMAND_STREAM, COMMAND_SUBJECT, settings.max_age)
+        ..stream(COMMAND_STREAM, COMMAND_SUBJECT, settings.max_age)
     };
     create_if_missing(js, commands).await?;
-    create_if_missing(js, work_queue(RESULT_STREAM, "cachectl.res.*", settings.max_age)).await?;
-    let dead = Config {
-        retention: RetentionPolicy::Limits,
-        ..work_queue(DEAD_LETTER_STREAM, "cachectl.dead.*", Duration::from_secs(7 * 86_400))
-    };
-    create_if_missing(js, dead).await?;
+    create_if_missing(js, stream(DEAD_LETTER_STREAM, "cachectl.dead.*", Duration::from_secs(7 * 86_400))).await?;
     Ok(())
 }
 

@@ -3,10 +3,11 @@
 //! every agent's result to the execution waiting for it, and keeps the agents' heartbeats (the
 //! node inventory). Messages and streams are `cachectl_bus::protocol`'s.
 //!
-//! Each instance consumes its own results (`cachectl.res.<instance>`) through a durable
-//! consumer, so that results published while it was briefly cut from NATS still reach it. A
-//! result for a command nobody waits for any more (the item's lease moved to another instance,
-//! or its deadline passed) is dropped: the item's record is written only by its lease holder.
+//! Each instance receives its own results (`cachectl.res.<instance>`) as the agents' requests and
+//! answers each with a receipt; an agent that gets none (this instance cut from NATS for a
+//! moment) has its command message delivered again and sends the results again. A result for a
+//! command nobody waits for any more (the item's lease moved to another instance, or its
+//! deadline passed) is dropped: the item's record is written only by its lease holder.
 
 use crate::clock::now_ms;
 use crate::config::BusSettings;
@@ -118,7 +119,8 @@ impl Bus {
             publisher,
         });
         tokio::spawn(publish_commands(bus.clone(), js.clone(), outgoing, shutdown.clone()));
-        tokio::spawn(consume_results(bus.clone(), js, shutdown.clone()));
+        tokio::spawn(ensure_streams(bus.clone(), js.clone(), shutdown.clone()));
+        tokio::spawn(receive_results(bus.clone(), client.clone(), shutdown.clone()));
         tokio::spawn(receive_heartbeats(bus.clone(), client, shutdown.clone()));
         tokio::spawn(watch_health(bus.clone(), shutdown));
         for node in nodes {
@@ -413,32 +415,29 @@ async fn publish(js: &jetstream::Context, mut message: Batch, shutdown: &Cancell
     }
 }
 
-/// Reads this instance's results until shutdown, then removes its consumer.
-async fn consume_results(bus: Arc<Bus>, js: jetstream::Context, shutdown: CancellationToken) {
-    let name = format!("results-{}", bus.instance);
+/// Creates the streams when missing, retrying while NATS is away or JetStream cannot yet.
+async fn ensure_streams(bus: Arc<Bus>, js: jetstream::Context, shutdown: CancellationToken) {
     let mut attempt = 0u32;
-    let consumer = loop {
-        let created = async {
-            protocol::ensure_streams(&js, bus.settings.streams).await?;
-            let stream = js.get_stream(protocol::RESULT_STREAM).await?;
-            let consumer: jetstream::consumer::PullConsumer = stream
-                .get_or_create_consumer(
-                    &name,
-                    jetstream::consumer::pull::Config {
-                        durable_name: Some(name.clone()),
-                        filter_subject: bus.reply.clone(),
-                        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            anyhow::Ok(consumer)
-        };
-        match created.await {
-            Ok(consumer) => break consumer,
+    while let Err(e) = protocol::ensure_streams(&js, bus.settings.streams).await {
+        attempt += 1;
+        tracing::warn!(error = %e, attempt, "Setting up the bus's streams failed; retrying.");
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Receives this instance's results until shutdown: each is an agent's request, answered with an
+/// empty receipt once its answers are handed to the executions waiting for them (the agent
+/// acknowledges its command message only then). An unreadable one is answered with the reason,
+/// and its commands are applied again until their deadline.
+async fn receive_results(bus: Arc<Bus>, client: async_nats::Client, shutdown: CancellationToken) {
+    let mut subscriber = loop {
+        match client.subscribe(bus.reply.clone()).await {
+            Ok(s) => break s,
             Err(e) => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "Setting up the bus's streams failed; retrying.");
+                tracing::warn!(error = %e, "Subscribing to results failed; retrying.");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -446,43 +445,32 @@ async fn consume_results(bus: Arc<Bus>, js: jetstream::Context, shutdown: Cancel
             }
         }
     };
-    tracing::info!(consumer = %name, "Bus ready.");
-    let mut messages = match consumer.messages().await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(error = %e, "Reading results failed; bus nodes will not complete.");
-            return;
-        }
-    };
+    tracing::info!(subject = %bus.reply, "Bus ready.");
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => break,
-            m = messages.next() => m,
+            m = subscriber.next() => m,
         };
-        match message {
-            Some(Ok(message)) => {
-                match serde_json::from_slice::<Results>(&message.payload) {
-                    Ok(results) => {
-                        for answer in results.answers {
-                            bus.answer(&results.node, answer);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "An unreadable result message; dropped."),
+        let Some(message) = message else { break };
+        let receipt = match serde_json::from_slice::<Results>(&message.payload) {
+            Ok(results) => {
+                for answer in results.answers {
+                    bus.answer(&results.node, answer);
                 }
-                if let Err(e) = message.ack().await {
-                    tracing::debug!(error = %e, "Acknowledging results failed.");
-                }
+                bytes::Bytes::new()
             }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "Reading results failed; going on.");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            Err(e) => {
+                tracing::warn!(error = %e, "An unreadable result message; refused.");
+                bytes::Bytes::from(format!("unreadable results: {e}"))
             }
-            None => break,
+        };
+        if let Some(reply) = message.reply
+            && let Err(e) = client.publish(reply, receipt).await
+        {
+            tracing::debug!(error = %e, "Sending a result receipt failed.");
         }
     }
-    if let Ok(stream) = js.get_stream(protocol::RESULT_STREAM).await {
-        let _ = stream.delete_consumer(&name).await;
-    }
+    let _ = subscriber.unsubscribe().await;
 }
 
 /// Re-evaluates every configured node's health four times a second; waiters see the changes.

@@ -95,11 +95,13 @@ async fn answer(js: &jetstream::Context, node: &str, batch: &Batch) {
         .map(|c| Answer { id: c.id.clone(), ok: true, code: Some(200), error: None, evicted: None, attempts: 1 })
         .collect();
     let results = Results { node: node.to_owned(), answers };
-    js.publish(batch.commands[0].reply.clone(), serde_json::to_vec(&results).unwrap().into())
-        .await
-        .unwrap()
+    // As an agent does: a request, answered with an empty receipt once the bus has the results.
+    let receipt = js
+        .client()
+        .request(batch.commands[0].reply.clone(), serde_json::to_vec(&results).unwrap().into())
         .await
         .unwrap();
+    assert!(receipt.payload.is_empty(), "{receipt:?}");
 }
 
 #[tokio::test]
@@ -193,5 +195,32 @@ async fn nothing_is_held_for_a_down_agent_and_a_stuck_one_holds_commands_only_fo
     assert!(held_at.elapsed() >= Duration::from_millis(1200), "left after {:?}", held_at.elapsed());
     assert_eq!(held.commands.len(), 3, "{held:?}");
     beating.cancel();
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn results_get_a_receipt_and_unreadable_ones_the_reason() {
+    let nats = Nats::start().await;
+    let shutdown = CancellationToken::new();
+    let bus = Bus::start(settings(nats.url(), 8, Duration::ZERO), "receipts", &["a".to_owned()], shutdown.clone())
+        .await
+        .unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let mut messages = command_messages(&js).await;
+    let (_, mut receivers) =
+        bus.send(&["a"], Kind::Refresh, ItemType::Url, "http://www.example.com/r", false, far_deadline());
+    let batch = next_batch(&mut messages, Duration::from_secs(10)).await.expect("no command published");
+    let reply = batch.commands[0].reply.clone();
+    assert_eq!(reply, protocol::result_subject("receipts"));
+    // Garbage on the instance's result subject: refused with the reason, nothing answered.
+    let refused = client.request(reply.clone(), "not json".into()).await.unwrap();
+    assert!(String::from_utf8_lossy(&refused.payload).contains("unreadable results"), "{refused:?}");
+    assert!(receivers[0].try_recv().is_err());
+    // The agent's results: an empty receipt, and the waiting execution gets the answer.
+    answer(&js, "a", &batch).await;
+    let got = tokio::time::timeout(Duration::from_secs(10), receivers.remove(0)).await.unwrap().unwrap();
+    assert!(got.ok && got.code == Some(200), "{got:?}");
+    assert_eq!(bus.in_flight("a"), 0);
     shutdown.cancel();
 }
