@@ -428,23 +428,32 @@ async fn ensure_streams(bus: Arc<Bus>, js: jetstream::Context, shutdown: Cancell
     }
 }
 
+/// Subscribes to `subject`, retrying each second until it works, or `None` at shutdown.
+async fn subscribe(
+    client: &async_nats::Client,
+    subject: String,
+    shutdown: &CancellationToken,
+) -> Option<async_nats::Subscriber> {
+    loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(s) => return Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, subject, "Subscribing failed; retrying.");
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// Receives this instance's results until shutdown: each is an agent's request, answered with an
 /// empty receipt once its answers are handed to the executions waiting for them (the agent
 /// acknowledges its command message only then). An unreadable one is answered with the reason,
 /// and its commands are applied again until their deadline.
 async fn receive_results(bus: Arc<Bus>, client: async_nats::Client, shutdown: CancellationToken) {
-    let mut subscriber = loop {
-        match client.subscribe(bus.reply.clone()).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "Subscribing to results failed; retrying.");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
+    let Some(mut subscriber) = subscribe(&client, bus.reply.clone(), &shutdown).await else { return };
     tracing::info!(subject = %bus.reply, "Bus ready.");
     loop {
         let message = tokio::select! {
@@ -498,18 +507,7 @@ async fn watch_health(bus: Arc<Bus>, shutdown: CancellationToken) {
 }
 
 async fn receive_heartbeats(bus: Arc<Bus>, client: async_nats::Client, shutdown: CancellationToken) {
-    let mut subscriber = loop {
-        match client.subscribe(protocol::HEARTBEATS).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "Subscribing to heartbeats failed; retrying.");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
+    let Some(mut subscriber) = subscribe(&client, protocol::HEARTBEATS.to_owned(), &shutdown).await else { return };
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return,
