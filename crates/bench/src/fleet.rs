@@ -1,6 +1,7 @@
 //! The fleet scenario (issue #18): N nodes reached through NATS JetStream, each with its own
 //! `cachectl agent` (all hosted as tasks in one helper process, `cachectl-bench agents`, each
-//! with its own NATS connection and durable consumer) in front of a counting null cache (an
+//! with its own durable consumer, and its own NATS connection unless
+//! `agents_per_connection` says how many share one) in front of a counting null cache (an
 //! HTTP server in the same helper process that answers 200 to everything). For N = 10, 100 and
 //! 1,000 it measures the time from submit to "completed on every node" of single-URL tasks, and
 //! the node-purges per second of a large refresh; then the same N nodes reached directly over
@@ -40,6 +41,8 @@ pub struct FleetOptions {
     pub command_hold_ms: u64,
     /// Also run the direct HTTP path on the same node counts.
     pub direct: bool,
+    /// Agents sharing one NATS connection (1: each its own, as on separate hosts).
+    pub agents_per_connection: usize,
 }
 
 impl FleetOptions {
@@ -55,6 +58,7 @@ impl FleetOptions {
             command_batch: 256,
             command_hold_ms: 1_000,
             direct: true,
+            agents_per_connection: 1,
         }
     }
 }
@@ -99,7 +103,7 @@ pub async fn run(options: &FleetOptions, progress: impl Fn(&str)) -> anyhow::Res
     for &nodes in &options.sizes {
         progress(&format!("{nodes} nodes through NATS"));
         let nats = Nats::start().await;
-        let agents = Agents::start(&options.exe, &nats.url(), nodes)?;
+        let agents = Agents::start(&options.exe, &nats.url(), nodes, options.agents_per_connection)?;
         let edges = fleet_toml(nodes, "nats", &agents.null_cache, options, &nats.url());
         let store = tempfile::tempdir()?;
         let store_url = format!("sqlite://{}/fleet.db", store.path().display());
@@ -300,9 +304,10 @@ struct Agents {
 }
 
 impl Agents {
-    fn start(exe: &PathBuf, nats: &str, count: usize) -> anyhow::Result<Self> {
+    fn start(exe: &PathBuf, nats: &str, count: usize, per_connection: usize) -> anyhow::Result<Self> {
         let mut child = Command::new(exe)
             .args(["agents", "--nats", nats, "--count", &count.to_string()])
+            .args(["--per-connection", &per_connection.to_string()])
             .env("CACHECTL_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -327,11 +332,13 @@ impl Drop for Agents {
 }
 
 /// `cachectl-bench agents`: a null cache on a free port (its address printed first), then
-/// `count` agents named `node-0` … in front of it, until SIGTERM or SIGINT.
+/// `count` agents named `node-0` … in front of it, `per_connection` of them on each NATS
+/// connection, until SIGTERM or SIGINT.
 ///
 /// # Errors
-/// The null cache cannot listen.
-pub async fn host_agents(nats: String, count: usize) -> anyhow::Result<()> {
+/// The null cache cannot listen, or the NATS URL is unusable.
+pub async fn host_agents(nats: String, count: usize, per_connection: usize) -> anyhow::Result<()> {
+    use cachectl_bus::agent::{self, Connection};
     use std::io::Write as _;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -340,14 +347,19 @@ pub async fn host_agents(nats: String, count: usize) -> anyhow::Result<()> {
     println!("null-cache {address}");
     std::io::stdout().flush()?;
     let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut connection = None;
     for i in 0..count {
+        if i % per_connection.max(1) == 0 {
+            connection = Some(Connection::open(&nats, format!("cachectl-bench agents {i}")).await?);
+        }
+        let Some(connection) = connection.clone() else { continue };
         let text = format!(
             "[agent]\nname = \"node-{i}\"\ndriver = \"varnish\"\naddress = \"{address}\"\nnats_url = \"{nats}\"\nconcurrency = 16\n"
         );
-        let config = cachectl_bus::agent::AgentConfig::from_toml(&text).map_err(|e| anyhow::anyhow!(e))?;
+        let config = agent::AgentConfig::from_toml(&text).map_err(|e| anyhow::anyhow!(e))?;
         let token = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = cachectl_bus::agent::run(config, token).await {
+            if let Err(e) = agent::run_on(connection, config, token).await {
                 eprintln!("agent node-{i}: {e:#}");
             }
         });

@@ -29,6 +29,8 @@ enum Command {
         nats: String,
         #[arg(long)]
         count: usize,
+        #[arg(long, default_value_t = 1)]
+        per_connection: usize,
     },
 }
 
@@ -156,6 +158,9 @@ struct RunFlags {
     /// `[bus] command_hold` of `--fleet`, in milliseconds (0: every command published at once).
     #[arg(long, default_value_t = 1_000)]
     fleet_hold_ms: u64,
+    /// Agents of `--fleet` sharing one NATS connection (1: each its own, as on separate hosts).
+    #[arg(long, default_value_t = 1)]
+    fleet_agents_per_connection: usize,
     /// Varnish storage (`-s`) of the tag scenario's nodes.
     #[arg(long, default_value = "malloc,3g")]
     tag_storage: String,
@@ -174,10 +179,10 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
         return cachectl_bench::serve(&config).await;
     }
-    if let Some(Command::Agents { nats, count }) = cli.command {
+    if let Some(Command::Agents { nats, count, per_connection }) = cli.command {
         let filter = tracing_subscriber::EnvFilter::try_from_env("CACHECTL_LOG").unwrap_or_else(|_| "warn".into());
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-        return cachectl_bench::fleet::host_agents(nats, count).await;
+        return cachectl_bench::fleet::host_agents(nats, count, per_connection).await;
     }
     let f = cli.run;
     if f.mixed {
@@ -310,6 +315,7 @@ async fn fleet(f: RunFlags) -> anyhow::Result<()> {
     options.command_batch = f.fleet_batch;
     options.command_hold_ms = f.fleet_hold_ms;
     options.direct = !f.fleet_no_direct;
+    options.agents_per_connection = f.fleet_agents_per_connection.max(1);
     let rows = tokio::select! {
         rows = cachectl_bench::fleet::run(&options, |step| eprintln!("==> {step}")) => rows?,
         signal = stop_signal() => anyhow::bail!("stopped by {signal}; what it started is stopped"),

@@ -1,16 +1,16 @@
 //! `cachectl agent`: runs on a cache host beside one Varnish or nginx, reads the fleet's command
 //! messages from JetStream (a durable consumer named after the node, so that what was published
 //! while it was away is delivered when it returns, in order), applies the commands of those that
-//! name its node to the local cache (the others it acknowledges and skips), and publishes one
-//! result per command. A command message is acknowledged only after its results
-//! are stored in JetStream: delivery is at least once, and purges are idempotent.
+//! name its node to the local cache (the others it acknowledges and skips), and sends one
+//! result per command to the instance that published them, which acknowledges the command
+//! message once it has them: delivery is at least once, and purges are idempotent.
 //!
 //! URL purges, bans, tag purges on Varnish and prefetches go through `cachectl-edge`, exactly as
 //! the control plane's direct path sends them; what nginx's purge module cannot do (directory,
 //! regex and tag purges) the agent does itself in the cache directory ([`crate::nginx_cache`]).
 
 use crate::nginx_cache::{self, Matcher};
-use crate::protocol::{self, Addressed, Answer, Command, Commands, Heartbeat, Results, StreamSettings};
+use crate::protocol::{self, Answer, Command, Heartbeat, Results, StreamSettings};
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, AckKind};
 use cachectl_core::policy::{DomainPattern, backoff};
@@ -20,12 +20,11 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use futures::StreamExt;
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 /// The agent's configuration file: one `[agent]` table.
@@ -249,29 +248,63 @@ async fn subscribe(
         .map_err(|e| anyhow::anyhow!("creating the consumer {}: {e}", config.name))
 }
 
-/// Runs the agent until `shutdown`: the command in progress is finished and acknowledged first.
-/// While NATS cannot create the streams or the consumer, it retries (and says so in its log).
+/// A connection to NATS for one agent, or for many hosted in one process (a benchmark), and
+/// a count of its (re)connections.
+#[derive(Clone)]
+pub struct Connection {
+    client: async_nats::Client,
+    connected: watch::Receiver<u64>,
+}
+
+impl Connection {
+    /// Connects to `url` as `name`; while NATS is away it keeps trying in the background.
+    ///
+    /// # Errors
+    /// The URL is unusable.
+    pub async fn open(url: &str, name: String) -> anyhow::Result<Self> {
+        let (count, connected) = watch::channel(0u64);
+        let count = Arc::new(count);
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .event_callback(move |event| {
+                let count = count.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        count.send_modify(|n| *n += 1);
+                    }
+                }
+            })
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to NATS at {url}: {e}"))?;
+        Ok(Self { client, connected })
+    }
+}
+
+/// Runs the agent until `shutdown`: the command in progress is finished and its results sent
+/// first. While NATS cannot create the streams or the consumer, it retries (and says so in its
+/// log).
 ///
 /// # Errors
 /// The NATS URL is unusable, or the HTTP client to the cache cannot be built.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let connection = Connection::open(&config.nats_url, format!("cachectl-agent {}", config.name)).await?;
+    let client = connection.client.clone();
+    let ran = run_on(connection, config, shutdown).await;
+    let _ = client.flush().await;
+    ran
+}
+
+/// Runs the agent of `config` on `connection`, which other agents may share (`config.nats_url`
+/// is not used), until `shutdown`.
+///
+/// # Errors
+/// The HTTP client to the cache cannot be built.
+pub async fn run_on(connection: Connection, config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Each (re)connection is a moment to check that NATS still knows this node's consumer.
-    let connected = Arc::new(tokio::sync::Notify::new());
-    let on_event = connected.clone();
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("cachectl-agent {}", config.name))
-        .event_callback(move |event| {
-            let on_event = on_event.clone();
-            async move {
-                if matches!(event, async_nats::Event::Connected) {
-                    on_event.notify_one();
-                }
-            }
-        })
-        .retry_on_initial_connect()
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to NATS at {}: {e}", config.nats_url))?;
+    let Connection { client, mut connected } = connection;
+    connected.mark_changed();
     let js = jetstream::new(client.clone());
     let Some((consumer, _)) = consumer_until_ready(&js, &config, DeliverPolicy::All, &shutdown).await else {
         return Ok(());
@@ -301,7 +334,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
-            () = connected.notified() => Reading::Connected,
+            Ok(()) = connected.changed() => Reading::Connected,
             m = messages.next() => match m {
                 Some(Ok(message)) => Reading::Message(Box::new(message)),
                 Some(Err(e)) => Reading::Failed(e.to_string()),
@@ -350,8 +383,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         handle(&js, &local, message).await;
     }
     beats.abort();
-    let _ = client.flush().await;
-    tracing::info!("Agent stopped.");
+    tracing::info!(node = %local.config.name, "Agent stopped.");
     Ok(())
 }
 
@@ -407,26 +439,26 @@ async fn consumer_until_ready(
     }
 }
 
-/// Applies one command message and acknowledges it once its results got their receipt; an unreadable
-/// one is dead-lettered and terminated (never redelivered).
+/// Applies one command message and sends its results, with the message's acknowledgement
+/// subject, to the instance that published it; that instance acknowledges the message once it
+/// has them. A message for other nodes, or whose every deadline has passed, the agent
+/// acknowledges itself; an unreadable one it dead-letters and terminates (never redelivered).
 async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream::Message) {
     if let Ok(info) = message.info() {
         local.lag.store(info.pending, Ordering::Relaxed);
     }
-    match serde_json::from_slice::<Addressed<'_>>(&message.payload) {
-        Ok(addressed) if !addressed.names(&local.config.name) => {
+    let batch = match protocol::read_batch(&message.payload, &local.config.name) {
+        Ok(None) => {
             // For other nodes.
             if let Err(e) = message.ack().await {
                 tracing::debug!(error = %e, "Acknowledging another node's command message failed.");
             }
             return;
         }
-        Ok(_) => {}
-        Err(e) => return dead_letter(js, local, &message, &format!("unreadable command message: {e}")).await,
-    }
-    let batch = match serde_json::from_slice::<Commands>(&message.payload) {
-        Ok(batch) if !batch.commands.is_empty() => batch,
-        Ok(_) => return dead_letter(js, local, &message, "a batch without commands").await,
+        Ok(Some(batch)) if batch.commands.is_empty() => {
+            return dead_letter(js, local, &message, "a batch without commands").await;
+        }
+        Ok(Some(batch)) => batch,
         Err(e) => return dead_letter(js, local, &message, &format!("unreadable command message: {e}")).await,
     };
     // Long commands (an nginx walk, retries until the deadline) keep the message ours.
@@ -440,53 +472,37 @@ async fn handle(js: &jetstream::Context, local: &Arc<Local>, message: jetstream:
         })
     };
     let answers = futures::future::join_all(batch.commands.iter().map(|c| execute(local, c))).await;
-    let mut by_reply: BTreeMap<&str, Vec<Answer>> = BTreeMap::new();
-    for (command, answer) in batch.commands.iter().zip(answers) {
-        by_reply.entry(command.reply.as_str()).or_default().push(answer);
-    }
-    let mut delivered = true;
-    for (reply, answers) in by_reply {
-        let results = Results { node: local.config.name.clone(), answers };
-        let Ok(body) = serde_json::to_vec(&results) else { continue };
-        if let Err(e) = deliver(js, reply.to_owned(), body).await {
-            tracing::warn!(error = %e, subject = reply, "Delivering results failed; the commands will be applied again.");
-            delivered = false;
-        }
-    }
     progress.abort();
-    // Undelivered results: the message comes again (after a second) and its commands are
-    // applied again (purges and prefetches are idempotent), until their deadline; past it the
-    // control plane has failed the items and nobody waits.
-    let give_up = batch.commands.iter().all(|c| protocol::now_ms() >= c.deadline);
-    let ack = if delivered || give_up {
-        message.ack().await
-    } else {
-        message.ack_with(AckKind::Nak(Some(RESULT_RETRY))).await
+    // Past every deadline (the agent was away, or the message came again): the control plane
+    // has failed these items and nobody waits for the message; the answers still go, for an
+    // instance whose clock is behind.
+    let expired = batch.commands.iter().all(|c| protocol::now_ms() >= c.deadline);
+    let results = Results { node: local.config.name.clone(), answers };
+    let sent = match (serde_json::to_vec(&results), message.reply.as_ref()) {
+        (Ok(body), Some(ack)) => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(protocol::ACK_HEADER, ack.as_str());
+            js.client().publish_with_headers(batch.reply, headers, body.into()).await.map_err(|e| e.to_string())
+        }
+        (Err(e), _) => Err(e.to_string()),
+        (_, None) => Err("the command message has no acknowledgement subject".to_owned()),
+    };
+    let ack = match sent {
+        _ if expired => message.ack().await,
+        Ok(()) => return,
+        Err(e) => {
+            // The message comes again (after a second) and its commands are applied again.
+            tracing::warn!(error = %e, "Sending results failed; the commands will be applied again.");
+            message.ack_with(AckKind::Nak(Some(RESULT_RETRY))).await
+        }
     };
     if let Err(e) = ack {
         tracing::warn!(error = %e, "Acknowledging a command message failed; it will be delivered again.");
     }
 }
 
-/// How long a command message whose results could not be delivered waits before it comes again.
+/// How long a command message whose results could not be sent waits before it comes again.
 const RESULT_RETRY: Duration = Duration::from_secs(1);
-
-/// Hands `body` to the control-plane instance listening on `subject` and waits for its receipt
-/// (a NATS request): it answers once it has the results, so a command is acknowledged only
-/// after its results reached the instance that waits for them.
-async fn deliver(js: &jetstream::Context, subject: String, body: Vec<u8>) -> anyhow::Result<()> {
-    let receipt = tokio::time::timeout(RESULT_WAIT, js.client().request(subject, body.into()))
-        .await
-        .map_err(|_| anyhow::anyhow!("no receipt within {RESULT_WAIT:?}"))??;
-    if receipt.payload.is_empty() {
-        Ok(())
-    } else {
-        Err(anyhow::anyhow!("{}", String::from_utf8_lossy(&receipt.payload)))
-    }
-}
-
-/// How long an agent waits for a control plane's receipt of its results.
-const RESULT_WAIT: Duration = Duration::from_secs(5);
 
 async fn dead_letter(js: &jetstream::Context, local: &Local, message: &jetstream::Message, why: &str) {
     tracing::warn!(node = %local.config.name, reason = why, "Dead-lettering a command message.");

@@ -7,10 +7,12 @@
 //!   consumer, where a subject per node cost one stored message per node and, in NATS 2.9, work
 //!   for every consumer at every message (quadratic in the fleet's size; see BENCHMARKS.md).
 //! - `cachectl.res.<instance>` (core NATS, not stored): the [`Results`] of the commands an
-//!   instance published, sent by each agent as a request that the instance answers once it has
-//!   them (an empty receipt); only then does the agent acknowledge the command message. Without a
-//!   receipt (the instance cut from NATS, or gone) the message comes again and its commands are
-//!   applied again, until their deadline: purges and prefetches are idempotent.
+//!   instance published, with the JetStream acknowledgement subject of the agent's command
+//!   message in the [`ACK_HEADER`]. The instance acknowledges the message on the agent's behalf
+//!   once it has handed the answers on; the agent goes on to its next message without waiting.
+//!   Results that never arrive (the instance cut from NATS, or gone) leave the message
+//!   unacknowledged: JetStream delivers it again after its acknowledgement wait and its commands
+//!   are applied again, until their deadline (purges and prefetches are idempotent).
 //! - `cachectl.hb.<node>` (core NATS, not stored): a [`Heartbeat`] every few seconds.
 //! - `cachectl.dead.<node>` (stream `CACHECTL_DEAD`): a command message the agent could not
 //!   read, kept for an operator with the reason in the `Cachectl-Error` header.
@@ -77,6 +79,8 @@ pub struct Batch {
     /// The nodes that apply these commands; an agent whose node is not named acknowledges the
     /// message and does nothing.
     pub nodes: Vec<String>,
+    /// The subject of the publishing instance's results ([`result_subject`]).
+    pub reply: String,
     /// At least one command.
     pub commands: Vec<Command>,
 }
@@ -89,34 +93,119 @@ impl Batch {
     }
 }
 
-/// The nodes a command message is for, read without its commands: an agent reads the commands
-/// only of the messages that name its node (in a fleet of 1,000, a message names 1,000 nodes
-/// and each agent skips it or finds itself without allocating a name).
-#[derive(Debug, Deserialize)]
-pub struct Addressed<'a> {
-    /// As [`Batch::nodes`].
-    #[serde(borrow)]
-    pub nodes: Vec<std::borrow::Cow<'a, str>>,
-    /// Not read.
-    pub commands: serde::de::IgnoredAny,
+/// What an agent reads of a command message that names its node.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ForNode {
+    /// As [`Batch::reply`].
+    pub reply: String,
+    /// As [`Batch::commands`].
+    pub commands: Vec<Command>,
 }
 
-impl Addressed<'_> {
-    /// Whether `node` is one of the nodes the message is for.
-    #[must_use]
-    pub fn names(&self, node: &str) -> bool {
-        self.nodes.iter().any(|n| n == node)
+/// Reads a command message (a [`Batch`]) for `node` in one pass: `None` when it does not name
+/// `node`, without allocating a name (in a fleet of 1,000 a message names 1,000 nodes, and
+/// every agent reads every message).
+///
+/// # Errors
+/// The message is not a [`Batch`].
+pub fn read_batch(payload: &[u8], node: &str) -> serde_json::Result<Option<ForNode>> {
+    use serde::de::DeserializeSeed;
+    let mut reader = serde_json::Deserializer::from_slice(payload);
+    let read = BatchFor(node).deserialize(&mut reader)?;
+    reader.end()?;
+    Ok(read)
+}
+
+/// [`read_batch`]'s reader.
+struct BatchFor<'n>(&'n str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchFor<'_> {
+    type Value = Option<ForNode>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_struct("Batch", &["nodes", "reply", "commands"], self)
     }
 }
 
-/// The commands of a message that names the agent's node, read without its node list again.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Commands {
-    /// Read by [`Addressed`].
-    pub nodes: serde::de::IgnoredAny,
-    /// As [`Batch::commands`].
-    pub commands: Vec<Command>,
+impl<'de> serde::de::Visitor<'de> for BatchFor<'_> {
+    type Value = Option<ForNode>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a command message")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let (mut named, mut reply, mut commands) = (None, None, None);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "nodes" if named.is_none() => named = Some(map.next_value_seed(Names(self.0))?),
+                "reply" if reply.is_none() => reply = Some(map.next_value::<String>()?),
+                // The commands of a message for other nodes are not read.
+                "commands" if commands.is_none() && named == Some(false) => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    commands = Some(Vec::new());
+                }
+                "commands" if commands.is_none() => commands = Some(map.next_value::<Vec<Command>>()?),
+                "nodes" | "reply" | "commands" => return Err(A::Error::custom(format!("duplicate field `{key}`"))),
+                other => return Err(A::Error::unknown_field(other, &["nodes", "reply", "commands"])),
+            }
+        }
+        let named = named.ok_or_else(|| A::Error::missing_field("nodes"))?;
+        let reply = reply.ok_or_else(|| A::Error::missing_field("reply"))?;
+        let commands = commands.ok_or_else(|| A::Error::missing_field("commands"))?;
+        Ok(named.then_some(ForNode { reply, commands }))
+    }
+}
+
+/// Reads a list of node names into whether one of them is the given name.
+struct Names<'n>(&'n str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Names<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Names<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of node names")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let mut found = false;
+        while let Some(is) = seq.next_element_seed(Name(self.0))? {
+            found |= is;
+        }
+        Ok(found)
+    }
+}
+
+/// Reads one node name into whether it is the given name.
+struct Name<'n>(&'n str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Name<'_> {
+    type Value = bool;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Name<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a node name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
 }
 
 /// Do one item on the agent's cache.
@@ -136,11 +225,11 @@ pub struct Command {
     pub soft: bool,
     /// Milliseconds since the Unix epoch after which the agent stops trying.
     pub deadline: i64,
-    /// The subject to publish the result on.
-    pub reply: String,
 }
 
-/// What an agent publishes after a batch: one answer per command for this reply subject.
+/// What an agent publishes to [`Batch::reply`] after applying a batch: one answer per command.
+/// The message carries the [`ACK_HEADER`]: the instance acknowledges the command message on
+/// the agent's behalf once it has the answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Results {
     /// The agent's node name.
@@ -188,6 +277,22 @@ pub struct Heartbeat {
     pub in_flight: u64,
     /// When it was sent, milliseconds since the Unix epoch.
     pub sent_at: i64,
+}
+
+/// The header of a [`Results`] message naming the JetStream acknowledgement subject of the
+/// command message it answers.
+pub const ACK_HEADER: &str = "Cachectl-Ack";
+
+/// Whether `subject` can be a JetStream acknowledgement subject (`$JS.ACK.…`, one subject
+/// without wildcards): a control plane acknowledges on no other.
+#[must_use]
+pub fn is_ack_subject(subject: &str) -> bool {
+    subject.len() <= 1024
+        && subject.strip_prefix("$JS.ACK.").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest.split('.').all(|t| !t.is_empty() && t != "*" && t != ">")
+                && !rest.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        })
 }
 
 /// How the streams are created when missing.
@@ -278,18 +383,39 @@ mod tests {
                 target: "http://a.example.com/d/".into(),
                 soft: false,
                 deadline: 5,
-                reply: result_subject("i"),
             }],
+            reply: result_subject("i"),
         };
         assert!(batch.names("n2") && !batch.names("n3"));
         let text = serde_json::to_string(&batch).unwrap();
-        let addressed: Addressed<'_> = serde_json::from_str(&text).unwrap();
-        assert!(addressed.names("n1") && !addressed.names("n"));
-        assert_eq!(serde_json::from_str::<Commands>(&text).unwrap().commands, batch.commands);
-        assert!(serde_json::from_str::<Commands>(r#"{"nodes":[],"commands":[],"x":1}"#).is_err());
+        let read = read_batch(text.as_bytes(), "n1").unwrap().unwrap();
+        assert_eq!((read.reply.as_str(), &read.commands), (batch.reply.as_str(), &batch.commands));
+        assert_eq!(read_batch(text.as_bytes(), "n").unwrap(), None);
+        // An escaped name is read as the name it stands for.
+        assert!(read_batch(br#"{"nodes":["n\u0031"],"reply":"r","commands":[]}"#, "n1").unwrap().is_some());
         assert_eq!(serde_json::from_str::<Batch>(&text).unwrap(), batch);
-        assert!(serde_json::from_str::<Batch>(r#"{"nodes":[],"commands":[],"x":1}"#).is_err());
-        assert!(serde_json::from_str::<Batch>(r#"{"nodes":[],"commands":[{"id":"1"}]}"#).is_err());
-        assert!(serde_json::from_str::<Batch>(r#"{"commands":[]}"#).is_err());
+        for bad in [
+            &br#"{"nodes":[],"reply":"r","commands":[],"x":1}"#[..],
+            br#"{"nodes":["n1"],"reply":"r","commands":[{"id":"1"}]}"#,
+            br#"{"nodes":["n1"],"commands":[]}"#,
+            br#"{"reply":"r","commands":[]}"#,
+            br#"{"nodes":["n1"],"nodes":["n2"],"reply":"r","commands":[]}"#,
+            br#"{"nodes":["n1"],"reply":"r","commands":[]} x"#,
+            br#"{"nodes":[1],"reply":"r","commands":[]}"#,
+            b"not json",
+        ] {
+            assert!(read_batch(bad, "n1").is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(serde_json::from_slice::<Batch>(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn only_jetstream_acknowledgement_subjects_are_acknowledged_on() {
+        assert!(is_ack_subject("$JS.ACK.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000.0"));
+        for bad in
+            ["", "$JS.ACK.", "$JS.ACK.a..b", "$JS.ACK.a.*", "$JS.ACK.>", "cachectl.fan", "$JS.ACK.a b", "$JS.API.x"]
+        {
+            assert!(!is_ack_subject(bad), "{bad}");
+        }
     }
 }

@@ -3,11 +3,12 @@
 //! every agent's result to the execution waiting for it, and keeps the agents' heartbeats (the
 //! node inventory). Messages and streams are `cachectl_bus::protocol`'s.
 //!
-//! Each instance receives its own results (`cachectl.res.<instance>`) as the agents' requests and
-//! answers each with a receipt; an agent that gets none (this instance cut from NATS for a
-//! moment) has its command message delivered again and sends the results again. A result for a
-//! command nobody waits for any more (the item's lease moved to another instance, or its
-//! deadline passed) is dropped: the item's record is written only by its lease holder.
+//! Each instance receives its own results (`cachectl.res.<instance>`) and acknowledges each
+//! agent's command message on the agent's behalf once it has handed the answers on; results
+//! that never arrive (this instance cut from NATS for a moment) leave the message unacknowledged,
+//! and JetStream delivers it to the agent again. A result for a command nobody waits for any
+//! more (the item's lease moved to another instance, or its deadline passed) is dropped, and
+//! acknowledged: the item's record is written only by its lease holder.
 
 use crate::clock::now_ms;
 use crate::config::BusSettings;
@@ -168,15 +169,8 @@ impl Bus {
                 lane.in_flight.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let command = Command {
-            id: id.clone(),
-            kind,
-            item_type,
-            target: target.to_owned(),
-            soft,
-            deadline: deadline.millis(),
-            reply: self.reply.clone(),
-        };
+        let command =
+            Command { id: id.clone(), kind, item_type, target: target.to_owned(), soft, deadline: deadline.millis() };
         let nodes: Arc<[String]> = nodes.iter().map(|n| (*n).to_owned()).collect();
         let _ = self.publisher.send(Outgoing { nodes, command });
         (id, receivers)
@@ -331,7 +325,7 @@ async fn publish_commands(
                 continue;
             }
             let Held { nodes, commands, .. } = held.swap_remove(i);
-            for message in messages(&nodes, commands, batch) {
+            for message in messages(&nodes, &bus.reply, commands, batch) {
                 publish(&js, message, &shutdown).await;
             }
         }
@@ -357,12 +351,12 @@ const MAX_COMMAND_BYTES: usize = 256 * 1024;
 
 /// What a command adds to a message, about: its target and the rest of its JSON.
 fn command_bytes(command: &Command) -> usize {
-    command.target.len() + command.id.len() + command.reply.len() + 128
+    command.target.len() + command.id.len() + 128
 }
 
 /// The messages carrying `commands` to `nodes`, in order: up to `batch` commands and
 /// [`MAX_COMMAND_BYTES`] of them each, and a node set larger than a message holds split.
-fn messages(nodes: &[String], commands: Vec<Command>, batch: usize) -> Vec<Batch> {
+fn messages(nodes: &[String], reply: &str, commands: Vec<Command>, batch: usize) -> Vec<Batch> {
     let mut parts: Vec<Vec<Command>> = Vec::new();
     let mut bytes = 0;
     for command in commands {
@@ -384,7 +378,7 @@ fn messages(nodes: &[String], commands: Vec<Command>, batch: usize) -> Vec<Batch
         let mut commands = Some(commands);
         for (i, chunk) in nodes.chunks(protocol::MAX_NODES_PER_MESSAGE).enumerate() {
             let commands = if i + 1 == chunks { commands.take() } else { commands.clone() };
-            out.push(Batch { nodes: chunk.to_vec(), commands: commands.unwrap_or_default() });
+            out.push(Batch { nodes: chunk.to_vec(), reply: reply.to_owned(), commands: commands.unwrap_or_default() });
         }
     }
     out
@@ -448,10 +442,11 @@ async fn subscribe(
     }
 }
 
-/// Receives this instance's results until shutdown: each is an agent's request, answered with an
-/// empty receipt once its answers are handed to the executions waiting for them (the agent
-/// acknowledges its command message only then). An unreadable one is answered with the reason,
-/// and its commands are applied again until their deadline.
+/// Receives this instance's results until shutdown, and acknowledges each on the agent's behalf
+/// (on the subject of its [`protocol::ACK_HEADER`]) once its answers are handed to the
+/// executions waiting for them. An unreadable one is not acknowledged but sent back (a
+/// negative acknowledgement with a second's delay): the agent applies the commands again, until
+/// their deadline.
 async fn receive_results(bus: Arc<Bus>, client: async_nats::Client, shutdown: CancellationToken) {
     let Some(mut subscriber) = subscribe(&client, bus.reply.clone(), &shutdown).await else { return };
     tracing::info!(subject = %bus.reply, "Bus ready.");
@@ -461,26 +456,35 @@ async fn receive_results(bus: Arc<Bus>, client: async_nats::Client, shutdown: Ca
             m = subscriber.next() => m,
         };
         let Some(message) = message else { break };
-        let receipt = match serde_json::from_slice::<Results>(&message.payload) {
+        let ack = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(protocol::ACK_HEADER))
+            .map(|v| v.as_str().to_owned())
+            .filter(|s| protocol::is_ack_subject(s));
+        let verdict = match serde_json::from_slice::<Results>(&message.payload) {
             Ok(results) => {
                 for answer in results.answers {
                     bus.answer(&results.node, answer);
                 }
-                bytes::Bytes::new()
+                bytes::Bytes::from_static(b"+ACK")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "An unreadable result message; refused.");
-                bytes::Bytes::from(format!("unreadable results: {e}"))
+                tracing::warn!(error = %e, "An unreadable result message; its commands will be applied again.");
+                bytes::Bytes::from_static(NAK_A_SECOND)
             }
         };
-        if let Some(reply) = message.reply
-            && let Err(e) = client.publish(reply, receipt).await
+        if let Some(ack) = ack
+            && let Err(e) = client.publish(ack, verdict).await
         {
-            tracing::debug!(error = %e, "Sending a result receipt failed.");
+            tracing::debug!(error = %e, "Acknowledging a command message failed.");
         }
     }
     let _ = subscriber.unsubscribe().await;
 }
+
+/// A negative acknowledgement: deliver the message again in a second.
+const NAK_A_SECOND: &[u8] = br#"-NAK {"delay":1000000000}"#;
 
 /// Re-evaluates every configured node's health four times a second; waiters see the changes.
 async fn watch_health(bus: Arc<Bus>, shutdown: CancellationToken) {
@@ -540,7 +544,6 @@ mod tests {
             target: format!("http://a.example.com/{id}"),
             soft: false,
             deadline: i64::MAX,
-            reply: protocol::result_subject("i"),
         };
         Outgoing { nodes: nodes.clone(), command }
     }
@@ -555,7 +558,7 @@ mod tests {
         for Outgoing { nodes, command } in queued {
             hold(&mut held, nodes, command);
         }
-        held.into_iter().flat_map(|h| messages(&h.nodes, h.commands, 256)).collect()
+        held.into_iter().flat_map(|h| messages(&h.nodes, "r", h.commands, 256)).collect()
     }
 
     #[test]
@@ -584,7 +587,7 @@ mod tests {
     fn a_message_carries_command_batch_commands_at_most() {
         let all = names(0..3);
         let commands: Vec<Command> = (0..20).map(|i| outgoing(&all, &i.to_string()).command).collect();
-        let sizes: Vec<usize> = messages(&all, commands, 8).iter().map(|b| b.commands.len()).collect();
+        let sizes: Vec<usize> = messages(&all, "r", commands, 8).iter().map(|b| b.commands.len()).collect();
         assert_eq!(sizes, vec![8, 8, 4]);
     }
 
@@ -639,7 +642,7 @@ mod tests {
             out.command.target = format!("http://a.example.com/{}", "x".repeat(4_000));
             out
         });
-        let out = messages(&all, queued.map(|o| o.command).collect(), 256);
+        let out = messages(&all, "r", queued.map(|o| o.command).collect(), 256);
         assert!(out.len() > 1, "{}", out.len());
         assert_eq!(out.iter().map(|b| b.commands.len()).sum::<usize>(), 256);
         for batch in &out {

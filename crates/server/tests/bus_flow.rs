@@ -88,20 +88,20 @@ async fn next_batch(messages: &mut jetstream::consumer::pull::Stream, wait: Dura
     Some(serde_json::from_slice(&message.payload).unwrap())
 }
 
-async fn answer(js: &jetstream::Context, node: &str, batch: &Batch) {
+/// `node`'s results for every command of `batch` (each applied), as its agent sends them;
+/// `ack` is the acknowledgement subject of the command message they answer, if any.
+fn results(node: &str, batch: &Batch) -> Vec<u8> {
     let answers = batch
         .commands
         .iter()
         .map(|c| Answer { id: c.id.clone(), ok: true, code: Some(200), error: None, evicted: None, attempts: 1 })
         .collect();
-    let results = Results { node: node.to_owned(), answers };
-    // As an agent does: a request, answered with an empty receipt once the bus has the results.
-    let receipt = js
-        .client()
-        .request(batch.commands[0].reply.clone(), serde_json::to_vec(&results).unwrap().into())
-        .await
-        .unwrap();
-    assert!(receipt.payload.is_empty(), "{receipt:?}");
+    serde_json::to_vec(&Results { node: node.to_owned(), answers }).unwrap()
+}
+
+/// Sends `node`'s results for `batch` (whose message the test's consumer acknowledged itself).
+async fn answer(js: &jetstream::Context, node: &str, batch: &Batch) {
+    js.client().publish(batch.reply.clone(), results(node, batch).into()).await.unwrap();
 }
 
 #[tokio::test]
@@ -198,8 +198,11 @@ async fn nothing_is_held_for_a_down_agent_and_a_stuck_one_holds_commands_only_fo
     shutdown.cancel();
 }
 
+/// Results acknowledge the command message they answer (the instance does it on the agent's
+/// behalf, on the subject the agent names); unreadable ones bring the message back a second
+/// later; an acknowledgement subject that is not JetStream's is never published to.
 #[tokio::test]
-async fn results_get_a_receipt_and_unreadable_ones_the_reason() {
+async fn results_acknowledge_their_command_message_and_unreadable_ones_bring_it_back() {
     let nats = Nats::start().await;
     let shutdown = CancellationToken::new();
     let bus = Bus::start(settings(nats.url(), 8, Duration::ZERO), "receipts", &["a".to_owned()], shutdown.clone())
@@ -207,20 +210,70 @@ async fn results_get_a_receipt_and_unreadable_ones_the_reason() {
         .unwrap();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    let mut messages = command_messages(&js).await;
+    let stream = loop {
+        if let Ok(s) = js.get_stream(protocol::COMMAND_STREAM).await {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // As an agent's consumer, with an acknowledgement wait far longer than the test.
+    let mut consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("a".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut next =
+        async || tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap().unwrap();
     let (_, mut receivers) =
         bus.send(&["a"], Kind::Refresh, ItemType::Url, "http://www.example.com/r", false, far_deadline());
-    let batch = next_batch(&mut messages, Duration::from_secs(10)).await.expect("no command published");
-    let reply = batch.commands[0].reply.clone();
-    assert_eq!(reply, protocol::result_subject("receipts"));
-    // Garbage on the instance's result subject: refused with the reason, nothing answered.
-    let refused = client.request(reply.clone(), "not json".into()).await.unwrap();
-    assert!(String::from_utf8_lossy(&refused.payload).contains("unreadable results"), "{refused:?}");
+    let first = next().await;
+    let batch: Batch = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(batch.reply, protocol::result_subject("receipts"));
+    let ack_subject = first.reply.clone().unwrap().to_string();
+    let with_ack = |subject: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(protocol::ACK_HEADER, subject);
+        headers
+    };
+
+    // Unreadable results: nothing answered, and the message comes again about a second later.
+    let sent_at = std::time::Instant::now();
+    client.publish_with_headers(batch.reply.clone(), with_ack(&ack_subject), "not json".into()).await.unwrap();
+    let again = next().await;
+    assert!(sent_at.elapsed() >= Duration::from_millis(800), "back after {:?}", sent_at.elapsed());
+    let (info, first_info) = (again.info().unwrap(), first.info().unwrap());
+    assert_eq!((info.stream_sequence, info.delivered), (first_info.stream_sequence, 2));
     assert!(receivers[0].try_recv().is_err());
-    // The agent's results: an empty receipt, and the waiting execution gets the answer.
-    answer(&js, "a", &batch).await;
+
+    // Results naming a subject that is not an acknowledgement: answered, nothing published there.
+    let mut elsewhere = client.subscribe("cachectl.elsewhere").await.unwrap();
+    client.flush().await.unwrap();
+    client
+        .publish_with_headers(batch.reply.clone(), with_ack("cachectl.elsewhere"), results("a", &batch).into())
+        .await
+        .unwrap();
     let got = tokio::time::timeout(Duration::from_secs(10), receivers.remove(0)).await.unwrap().unwrap();
     assert!(got.ok && got.code == Some(200), "{got:?}");
     assert_eq!(bus.in_flight("a"), 0);
+    assert!(tokio::time::timeout(Duration::from_millis(300), elsewhere.next()).await.is_err());
+
+    // The agent's results, naming the message's acknowledgement subject: the message is
+    // acknowledged (the answer itself is dropped: nobody waits for it any more).
+    let ack_again = again.reply.clone().unwrap().to_string();
+    client.publish_with_headers(batch.reply.clone(), with_ack(&ack_again), results("a", &batch).into()).await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let info = consumer.info().await.unwrap();
+        if info.num_ack_pending == 0 && info.ack_floor.stream_sequence == first_info.stream_sequence {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never acknowledged: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     shutdown.cancel();
 }

@@ -391,12 +391,14 @@ async fn an_unreadable_command_is_dead_lettered_and_the_agent_goes_on() {
     client.flush().await.unwrap();
     let js = async_nats::jetstream::new(client);
     // A well-formed command for another node first: v1 must leave it alone (no result).
-    let elsewhere = json!({"nodes": ["n9"], "commands": [{"id": "p1", "kind": "refresh", "item_type": "url",
-        "target": "http://www.example.com/after", "deadline": i64::MAX, "reply": "cachectl.res.probe"}]});
+    let elsewhere = json!({"nodes": ["n9"], "reply": "cachectl.res.probe", "commands": [{"id": "p1",
+        "kind": "refresh", "item_type": "url", "target": "http://www.example.com/after", "deadline": i64::MAX}]});
     js.publish("cachectl.fan", elsewhere.to_string().into()).await.unwrap().await.unwrap();
-    for garbage in
-        [&b"not json"[..], br#"{"nodes":["v1"],"commands":[]}"#, br#"{"nodes":["v1"],"commands":[{"id":"x"}]}"#]
-    {
+    for garbage in [
+        &b"not json"[..],
+        br#"{"nodes":["v1"],"reply":"r","commands":[]}"#,
+        br#"{"nodes":["v1"],"reply":"r","commands":[{"id":"x"}]}"#,
+    ] {
         js.publish("cachectl.fan", garbage.to_vec().into()).await.unwrap().await.unwrap();
     }
     let stream = js.get_stream("CACHECTL_DEAD").await.unwrap();
