@@ -2,7 +2,8 @@
 //! `cachectl agent` (all hosted as tasks in one helper process, `cachectl-bench agents`, each
 //! with its own durable consumer, and its own NATS connection unless
 //! `agents_per_connection` says how many share one) in front of a counting null cache (an
-//! HTTP server in the same helper process that answers 200 to everything). For N = 10, 100 and
+//! HTTP server in the same helper process that answers 200 to everything, the answers to
+//! pipelined requests written together). For N = 10, 100 and
 //! 1,000 it measures the time from submit to "completed on every node" of single-URL tasks, and
 //! the node-purges per second of a large refresh; then the same N nodes reached directly over
 //! HTTP (all at the null cache's address). CPU seconds of the control plane, NATS and the
@@ -342,8 +343,24 @@ pub async fn host_agents(nats: String, count: usize, per_connection: usize) -> a
     use std::io::Write as _;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let app = axum::Router::new().fallback(|| async { "" });
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    // hyper's server writes each answer as it is ready, one write per pipelined request; the
+    // null cache flushes the answers to the requests it read together (`pipeline_flush`), so
+    // that its own CPU, which is not cachectl's, weighs less beside the agents in this process
+    // (BENCHMARKS.md, "Fleet through the bus").
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(axum::body::Body::empty()))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .pipeline_flush(true)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
     println!("null-cache {address}");
     std::io::stdout().flush()?;
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -60,6 +60,11 @@ pub struct AgentConfig {
     /// Commands applied at once at most.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Purges and bans written on one connection to the local cache before the first is
+    /// answered (HTTP/1.1 pipelining), over `ceil(concurrency / pipeline_depth)` connections;
+    /// `1` turns pipelining off.
+    #[serde(default = "default_pipeline_depth")]
+    pub pipeline_depth: usize,
     /// How often the agent says it is alive.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -94,6 +99,9 @@ fn default_nats() -> String {
 }
 fn default_concurrency() -> usize {
     64
+}
+fn default_pipeline_depth() -> usize {
+    32
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(2)
@@ -175,6 +183,9 @@ impl AgentConfig {
         }
         if self.concurrency == 0 {
             return err("concurrency", "must be at least 1".into());
+        }
+        if !(1..=1024).contains(&self.pipeline_depth) {
+            return err("pipeline_depth", "must be 1 to 1024".into());
         }
         if self.stream_max_mib == 0 || self.stream_max_mib > 1 << 30 {
             return err("stream_max_mib", "must be 1 to 1073741824".into());
@@ -313,7 +324,7 @@ pub async fn run_on(connection: Connection, config: AgentConfig, shutdown: Cance
         request_timeout: config.request_timeout,
         connect_timeout: Duration::from_secs(2),
         per_node: config.concurrency,
-        pipeline_depth: 8,
+        pipeline_depth: config.pipeline_depth,
         transport: TransportKind::Pipelined,
     })?;
     let node = config.node();
@@ -651,6 +662,8 @@ mod tests {
         let e = AgentConfig::from_toml("[agent]\nname = \"a.b\"\ndriver = \"varnish\"\naddress = \"127.0.0.1:1\"\n")
             .unwrap_err();
         assert!(e.contains("agent.name"), "{e}");
+        let e = AgentConfig::from_toml(&format!("{base}driver = \"varnish\"\npipeline_depth = 0\n")).unwrap_err();
+        assert!(e.contains("agent.pipeline_depth"), "{e}");
         let e = AgentConfig::from_toml(&format!("{base}driver = \"varnish\"\nthreads = 3\n")).unwrap_err();
         assert!(e.contains("threads"), "{e}");
     }
