@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// An agent's last heartbeat and when this instance received it.
@@ -68,8 +68,15 @@ struct Outgoing {
     command: Command,
 }
 
-/// Who waits for which node's answer to a command: command id → node → waiter.
-type Waiters = HashMap<String, HashMap<String, oneshot::Sender<Answer>>>;
+/// Who waits for a command's answers: the nodes that have not answered (name → their index in
+/// the command's node list) and where the answers go.
+struct Waiting {
+    nodes: HashMap<Box<str>, usize>,
+    answers: mpsc::UnboundedSender<(usize, Answer)>,
+}
+
+/// Command id → who waits for its answers.
+type Waiters = HashMap<String, Waiting>;
 
 /// The bus as one instance sees it.
 pub struct Bus {
@@ -79,6 +86,9 @@ pub struct Bus {
     /// Each bus node's lane; nodes added while running (admin API, SIGHUP) get theirs then.
     lanes: RwLock<HashMap<String, Arc<Lane>>>,
     seen: RwLock<HashMap<String, Seen>>,
+    /// Counts the changes of any lane's health: an execution waiting for many nodes looks at
+    /// their health again when it moves.
+    changes: watch::Sender<u64>,
     next: AtomicU64,
     instance: String,
     publisher: mpsc::UnboundedSender<Outgoing>,
@@ -115,6 +125,7 @@ impl Bus {
             waiters: Mutex::new(HashMap::new()),
             lanes: RwLock::new(HashMap::new()),
             seen: RwLock::new(HashMap::new()),
+            changes: watch::Sender::new(0),
             next: AtomicU64::new(0),
             instance,
             publisher,
@@ -142,8 +153,8 @@ impl Bus {
         self.lanes.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(node).cloned()
     }
 
-    /// Publishes one command to the agents of `nodes`: the receivers, in the same order, get
-    /// each node's answer.
+    /// Publishes one command to the agents of `nodes`: the receiver gets each node's answer
+    /// with the node's index in `nodes`, as it comes.
     pub fn send(
         &self,
         nodes: &[&str],
@@ -152,18 +163,11 @@ impl Bus {
         target: &str,
         soft: bool,
         deadline: Timestamp,
-    ) -> (String, Vec<oneshot::Receiver<Answer>>) {
+    ) -> (String, mpsc::UnboundedReceiver<(usize, Answer)>) {
         let id = format!("{}.{}", self.instance, self.next.fetch_add(1, Ordering::Relaxed));
-        let mut receivers = Vec::with_capacity(nodes.len());
-        {
-            let mut waiters = self.lock_waiters();
-            let waiting = waiters.entry(id.clone()).or_default();
-            for node in nodes {
-                let (tx, rx) = oneshot::channel();
-                waiting.insert((*node).to_owned(), tx);
-                receivers.push(rx);
-            }
-        }
+        let (answers, receiver) = mpsc::unbounded_channel();
+        let waiting = nodes.iter().enumerate().map(|(i, node)| (Box::from(*node), i)).collect();
+        self.lock_waiters().insert(id.clone(), Waiting { nodes: waiting, answers });
         for node in nodes {
             if let Some(lane) = self.lane(node) {
                 lane.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -173,7 +177,7 @@ impl Bus {
             Command { id: id.clone(), kind, item_type, target: target.to_owned(), soft, deadline: deadline.millis() };
         let nodes: Arc<[String]> = nodes.iter().map(|n| (*n).to_owned()).collect();
         let _ = self.publisher.send(Outgoing { nodes, command });
-        (id, receivers)
+        (id, receiver)
     }
 
     /// Stops waiting for `node`'s answer to command `id` (its deadline passed).
@@ -213,9 +217,15 @@ impl Bus {
         }
     }
 
-    /// Follows the health of bus node `node` (always `down` for a name without a lane).
-    pub fn watch(&self, node: &str) -> watch::Receiver<Health> {
-        self.lane(node).map_or_else(|| watch::Sender::new(Health::Down).subscribe(), |l| l.health.subscribe())
+    /// Whether bus node `node`'s agent is up (never for a name without a lane), as of the last
+    /// health evaluation.
+    pub fn is_up(&self, node: &str) -> bool {
+        self.lane(node).is_some_and(|l| *l.health.borrow() == Health::Up)
+    }
+
+    /// Changes when the health of any bus node changes.
+    pub fn health_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Every agent heard from: its last heartbeat and health.
@@ -252,21 +262,21 @@ impl Bus {
 
     fn answer(&self, node: &str, answer: Answer) {
         let waiter = take_waiter(&mut self.lock_waiters(), &answer.id, node);
-        if let Some(waiter) = waiter {
+        if let Some((index, answers)) = waiter {
             self.done(node);
-            let _ = waiter.send(answer);
+            let _ = answers.send((index, answer));
         }
     }
 }
 
-/// Removes and returns who waits for `node`'s answer to command `id`.
-fn take_waiter(waiters: &mut Waiters, id: &str, node: &str) -> Option<oneshot::Sender<Answer>> {
+/// Removes who waits for `node`'s answer to command `id`: the node's index and where its answer
+/// goes.
+fn take_waiter(waiters: &mut Waiters, id: &str, node: &str) -> Option<(usize, mpsc::UnboundedSender<(usize, Answer)>)> {
     let waiting = waiters.get_mut(id)?;
-    let waiter = waiting.remove(node);
-    if waiting.is_empty() {
-        waiters.remove(id);
-    }
-    waiter
+    let index = waiting.nodes.remove(node)?;
+    let answers =
+        if waiting.nodes.is_empty() { waiters.remove(id).map(|w| w.answers)? } else { waiting.answers.clone() };
+    Some((index, answers))
 }
 
 /// How often held commands are looked at again.
@@ -503,9 +513,14 @@ async fn watch_health(bus: Arc<Bus>, shutdown: CancellationToken) {
             .map(|(n, l)| (n.clone(), l.clone()))
             .collect();
         let seen = bus.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut changed = false;
         for (node, lane) in &lanes {
             let health = seen.get(node).map_or(Health::Down, |s| bus.health_of(s, now));
-            lane.health.send_if_modified(|h| std::mem::replace(h, health) != health);
+            changed |= lane.health.send_if_modified(|h| std::mem::replace(h, health) != health);
+        }
+        drop(seen);
+        if changed {
+            bus.changes.send_modify(|n| *n += 1);
         }
     }
 }
@@ -606,6 +621,7 @@ mod tests {
             waiters: Mutex::new(HashMap::new()),
             lanes: RwLock::new(HashMap::new()),
             seen: RwLock::new(HashMap::new()),
+            changes: watch::Sender::new(0),
             next: AtomicU64::new(0),
             instance: "i".into(),
             publisher,

@@ -7,7 +7,7 @@
 use async_nats::jetstream;
 use cachectl_bus::protocol::{self, Answer, Batch, Heartbeat, Results};
 use cachectl_core::{ItemType, Kind, Tier, Timestamp};
-use cachectl_server::bus::{Bus, Health};
+use cachectl_server::bus::Bus;
 use cachectl_server::config::BusSettings;
 use cachectl_testkit::nats::Nats;
 use futures::StreamExt;
@@ -56,11 +56,11 @@ fn heartbeat(client: async_nats::Client, node: &'static str) -> CancellationToke
 }
 
 async fn wait_up(bus: &Bus, node: &str) {
-    let mut health = bus.watch(node);
-    tokio::time::timeout(Duration::from_secs(10), health.wait_for(|h| *h == Health::Up))
-        .await
-        .expect("the agent never came up")
-        .unwrap();
+    let start = std::time::Instant::now();
+    while !bus.is_up(node) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the agent never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Reads every command message, once the control plane (in the background) created the stream.
@@ -74,10 +74,15 @@ async fn command_messages(js: &jetstream::Context) -> jetstream::consumer::pull:
     stream.create_consumer(jetstream::consumer::pull::Config::default()).await.unwrap().messages().await.unwrap()
 }
 
-/// Asserts that every answer comes, and says the command was applied.
-async fn assert_all_ok(sent: Vec<(String, Vec<tokio::sync::oneshot::Receiver<Answer>>)>) {
-    for rx in sent.into_iter().flat_map(|(_, receivers)| receivers) {
-        assert!(tokio::time::timeout(Duration::from_secs(10), rx).await.unwrap().unwrap().ok);
+/// Where the answers of one command sent to one node arrive.
+type Answers = tokio::sync::mpsc::UnboundedReceiver<(usize, Answer)>;
+
+/// Asserts that the answer of each command (each sent to one node) comes, and says the command
+/// was applied.
+async fn assert_all_ok(sent: Vec<(String, Answers)>) {
+    for (_, mut answers) in sent {
+        let (index, answer) = tokio::time::timeout(Duration::from_secs(10), answers.recv()).await.unwrap().unwrap();
+        assert!(index == 0 && answer.ok, "{answer:?}");
     }
 }
 
@@ -229,7 +234,7 @@ async fn results_acknowledge_their_command_message_and_unreadable_ones_bring_it_
     let mut messages = consumer.messages().await.unwrap();
     let mut next =
         async || tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap().unwrap();
-    let (_, mut receivers) =
+    let (_, mut answers) =
         bus.send(&["a"], Kind::Refresh, ItemType::Url, "http://www.example.com/r", false, far_deadline());
     let first = next().await;
     let batch: Batch = serde_json::from_slice(&first.payload).unwrap();
@@ -248,7 +253,7 @@ async fn results_acknowledge_their_command_message_and_unreadable_ones_bring_it_
     assert!(sent_at.elapsed() >= Duration::from_millis(800), "back after {:?}", sent_at.elapsed());
     let (info, first_info) = (again.info().unwrap(), first.info().unwrap());
     assert_eq!((info.stream_sequence, info.delivered), (first_info.stream_sequence, 2));
-    assert!(receivers[0].try_recv().is_err());
+    assert!(answers.try_recv().is_err());
 
     // Results naming a subject that is not an acknowledgement: answered, nothing published there.
     let mut elsewhere = client.subscribe("cachectl.elsewhere").await.unwrap();
@@ -257,8 +262,8 @@ async fn results_acknowledge_their_command_message_and_unreadable_ones_bring_it_
         .publish_with_headers(batch.reply.clone(), with_ack("cachectl.elsewhere"), results("a", &batch).into())
         .await
         .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), receivers.remove(0)).await.unwrap().unwrap();
-    assert!(got.ok && got.code == Some(200), "{got:?}");
+    let (index, got) = tokio::time::timeout(Duration::from_secs(10), answers.recv()).await.unwrap().unwrap();
+    assert!(index == 0 && got.ok && got.code == Some(200), "{got:?}");
     assert_eq!(bus.in_flight("a"), 0);
     assert!(tokio::time::timeout(Duration::from_millis(300), elsewhere.next()).await.is_err());
 
