@@ -349,7 +349,14 @@ pub async fn host_agents(nats: String, count: usize, per_connection: usize) -> a
     // (BENCHMARKS.md, "Fleet through the bus").
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors, say: wait for some to close rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(|_request| async {
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(axum::body::Body::empty()))

@@ -106,14 +106,27 @@ pub struct ForNode {
 /// `node`, without allocating a name (in a fleet of 1,000 a message names 1,000 nodes, and
 /// every agent reads every message).
 ///
+/// A message that does not name `node` is not this agent's to judge: only its `nodes` must be
+/// readable, so a message some agents cannot read is dead-lettered by the nodes it names, not
+/// by the whole fleet. (Its `commands`, when they come before its `nodes`, must be readable
+/// too: they are read before the agent knows whether they are its own. [`Batch`] is written
+/// with `nodes` first.)
+///
 /// # Errors
-/// The message is not a [`Batch`].
+/// The message is not a [`Batch`], or names `node` and is not a valid one: an unknown field, a
+/// missing one, or a `reply` that is not a results subject ([`result_subject`] of a valid name).
 pub fn read_batch(payload: &[u8], node: &str) -> serde_json::Result<Option<ForNode>> {
     use serde::de::DeserializeSeed;
     let mut reader = serde_json::Deserializer::from_slice(payload);
     let read = BatchFor(node).deserialize(&mut reader)?;
     reader.end()?;
     Ok(read)
+}
+
+/// Whether `subject` is the results subject of a valid instance name.
+#[must_use]
+pub fn is_result_subject(subject: &str) -> bool {
+    subject.strip_prefix("cachectl.res.").is_some_and(valid_name)
 }
 
 /// [`read_batch`]'s reader.
@@ -123,8 +136,19 @@ impl<'de> serde::de::DeserializeSeed<'de> for BatchFor<'_> {
     type Value = Option<ForNode>;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_struct("Batch", &["nodes", "reply", "commands"], self)
+        d.deserialize_struct("Batch", FIELDS, self)
     }
+}
+
+/// The fields of a [`Batch`].
+const FIELDS: &[&str] = &["nodes", "reply", "commands"];
+
+/// A field's value read without failing on its type, for messages that may not be this agent's.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Loose {
+    Text(String),
+    Other(serde::de::IgnoredAny),
 }
 
 impl<'de> serde::de::Visitor<'de> for BatchFor<'_> {
@@ -137,10 +161,12 @@ impl<'de> serde::de::Visitor<'de> for BatchFor<'_> {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         use serde::de::Error;
         let (mut named, mut reply, mut commands) = (None, None, None);
+        // Judged once it is known whether the message is this node's.
+        let mut unknown = None;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match key.as_ref() {
                 "nodes" if named.is_none() => named = Some(map.next_value_seed(Names(self.0))?),
-                "reply" if reply.is_none() => reply = Some(map.next_value::<String>()?),
+                "reply" if reply.is_none() => reply = Some(map.next_value::<Loose>()?),
                 // The commands of a message for other nodes are not read.
                 "commands" if commands.is_none() && named == Some(false) => {
                     map.next_value::<serde::de::IgnoredAny>()?;
@@ -148,13 +174,26 @@ impl<'de> serde::de::Visitor<'de> for BatchFor<'_> {
                 }
                 "commands" if commands.is_none() => commands = Some(map.next_value::<Vec<Command>>()?),
                 "nodes" | "reply" | "commands" => return Err(A::Error::custom(format!("duplicate field `{key}`"))),
-                other => return Err(A::Error::unknown_field(other, &["nodes", "reply", "commands"])),
+                other => {
+                    unknown.get_or_insert_with(|| other.to_owned());
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
             }
         }
         let named = named.ok_or_else(|| A::Error::missing_field("nodes"))?;
-        let reply = reply.ok_or_else(|| A::Error::missing_field("reply"))?;
+        if !named {
+            return Ok(None);
+        }
+        if let Some(unknown) = unknown {
+            return Err(A::Error::unknown_field(&unknown, FIELDS));
+        }
+        let reply = match reply.ok_or_else(|| A::Error::missing_field("reply"))? {
+            Loose::Text(reply) if is_result_subject(&reply) => reply,
+            Loose::Text(reply) => return Err(A::Error::custom(format!("`reply` {reply:?} is not a results subject"))),
+            Loose::Other(_) => return Err(A::Error::custom("`reply` is not a string")),
+        };
         let commands = commands.ok_or_else(|| A::Error::missing_field("commands"))?;
-        Ok(named.then_some(ForNode { reply, commands }))
+        Ok(Some(ForNode { reply, commands }))
     }
 }
 
@@ -283,16 +322,30 @@ pub struct Heartbeat {
 /// command message it answers.
 pub const ACK_HEADER: &str = "Cachectl-Ack";
 
-/// Whether `subject` can be a JetStream acknowledgement subject (`$JS.ACK.…`, one subject
-/// without wildcards): a control plane acknowledges on no other.
+/// The node whose command message `subject` acknowledges, when it is a JetStream
+/// acknowledgement subject of the command stream: `$JS.ACK.CACHECTL_FANOUT.<node>.` and five
+/// numbers, or with the domain and account hash before the stream (`$JS.ACK.<domain>.<hash>.…`,
+/// and a last token, as newer servers write it). A control plane acknowledges on no other
+/// subject, and only for the node whose results carried it.
 #[must_use]
-pub fn is_ack_subject(subject: &str) -> bool {
-    subject.len() <= 1024
-        && subject.strip_prefix("$JS.ACK.").is_some_and(|rest| {
-            !rest.is_empty()
-                && rest.split('.').all(|t| !t.is_empty() && t != "*" && t != ">")
-                && !rest.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        })
+pub fn acknowledged_node(subject: &str) -> Option<&str> {
+    let rest = subject.strip_prefix("$JS.ACK.")?;
+    if subject.len() > 1024 || rest.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return None;
+    }
+    let tokens: Vec<&str> = rest.split('.').collect();
+    let (stream, numbers) = match tokens.len() {
+        7 => (0, 2..7),
+        9 | 10 => (2, 4..9),
+        _ => return None,
+    };
+    let numeric = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let node = tokens[stream + 1];
+    let sound = tokens[stream] == COMMAND_STREAM
+        && valid_name(node)
+        && tokens[numbers].iter().all(|t| numeric(t))
+        && tokens.iter().all(|t| !t.is_empty() && *t != "*" && *t != ">");
+    sound.then_some(node)
 }
 
 /// How the streams are created when missing.
@@ -392,30 +445,59 @@ mod tests {
         assert_eq!((read.reply.as_str(), &read.commands), (batch.reply.as_str(), &batch.commands));
         assert_eq!(read_batch(text.as_bytes(), "n").unwrap(), None);
         // An escaped name is read as the name it stands for.
-        assert!(read_batch(br#"{"nodes":["n\u0031"],"reply":"r","commands":[]}"#, "n1").unwrap().is_some());
+        assert!(
+            read_batch(br#"{"nodes":["n\u0031"],"reply":"cachectl.res.i","commands":[]}"#, "n1").unwrap().is_some()
+        );
+        // A message for other nodes is theirs to judge: only its node list must be readable.
+        for theirs in [
+            &br#"{"nodes":["n2"],"reply":"r","commands":[],"x":1}"#[..],
+            br#"{"x":{"y":[1]},"nodes":["n2"],"reply":7}"#,
+            br#"{"nodes":["n2"],"commands":[{"id":"1"}]}"#,
+        ] {
+            assert_eq!(read_batch(theirs, "n1").unwrap(), None, "{}", String::from_utf8_lossy(theirs));
+        }
         assert_eq!(serde_json::from_str::<Batch>(&text).unwrap(), batch);
         for bad in [
-            &br#"{"nodes":[],"reply":"r","commands":[],"x":1}"#[..],
-            br#"{"nodes":["n1"],"reply":"r","commands":[{"id":"1"}]}"#,
+            &br#"{"nodes":["n1"],"reply":"cachectl.res.i","commands":[],"x":1}"#[..],
+            br#"{"x":1,"nodes":["n1"],"reply":"cachectl.res.i","commands":[]}"#,
+            br#"{"nodes":["n1"],"reply":"cachectl.res.i","commands":[{"id":"1"}]}"#,
             br#"{"nodes":["n1"],"commands":[]}"#,
-            br#"{"reply":"r","commands":[]}"#,
-            br#"{"nodes":["n1"],"nodes":["n2"],"reply":"r","commands":[]}"#,
-            br#"{"nodes":["n1"],"reply":"r","commands":[]} x"#,
-            br#"{"nodes":[1],"reply":"r","commands":[]}"#,
+            br#"{"reply":"cachectl.res.i","commands":[]}"#,
+            br#"{"nodes":["n1"],"nodes":["n2"],"reply":"cachectl.res.i","commands":[]}"#,
+            br#"{"nodes":["n1"],"reply":"cachectl.res.i","commands":[]} x"#,
+            br#"{"nodes":[1],"reply":"cachectl.res.i","commands":[]}"#,
+            br#"{"nodes":["n1"],"reply":"r","commands":[]}"#,
+            br#"{"nodes":["n1"],"reply":"cachectl.res.*","commands":[]}"#,
+            br#"{"nodes":["n1"],"reply":"cachectl.res.a.b","commands":[]}"#,
+            br#"{"nodes":["n1"],"reply":7,"commands":[]}"#,
             b"not json",
         ] {
             assert!(read_batch(bad, "n1").is_err(), "{}", String::from_utf8_lossy(bad));
-            assert!(serde_json::from_slice::<Batch>(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+        assert!(serde_json::from_slice::<Batch>(br#"{"nodes":[],"reply":"r","commands":[],"x":1}"#).is_err());
     }
 
     #[test]
-    fn only_jetstream_acknowledgement_subjects_are_acknowledged_on() {
-        assert!(is_ack_subject("$JS.ACK.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000.0"));
-        for bad in
-            ["", "$JS.ACK.", "$JS.ACK.a..b", "$JS.ACK.a.*", "$JS.ACK.>", "cachectl.fan", "$JS.ACK.a b", "$JS.API.x"]
-        {
-            assert!(!is_ack_subject(bad), "{bad}");
+    fn only_acknowledgement_subjects_of_the_command_stream_are_acknowledged_on() {
+        let v1 = "$JS.ACK.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000.0";
+        assert_eq!(acknowledged_node(v1), Some("node-1"));
+        let v2 = "$JS.ACK.hub.ACCHASH.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000.0.rnd";
+        assert_eq!(acknowledged_node(v2), Some("node-1"));
+        for bad in [
+            "",
+            "$JS.ACK.",
+            "$JS.ACK.a..b",
+            "$JS.ACK.a.*",
+            "$JS.ACK.>",
+            "cachectl.fan",
+            "$JS.ACK.a b",
+            "$JS.API.x",
+            "$JS.ACK.OTHER.node-1.1.42.42.1733100000000000000.0",
+            "$JS.ACK.CACHECTL_FANOUT.node-1.1.x.42.1733100000000000000.0",
+            "$JS.ACK.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000",
+            "$JS.ACK.CACHECTL_FANOUT.*.1.42.42.1733100000000000000.0",
+        ] {
+            assert_eq!(acknowledged_node(bad), None, "{bad}");
         }
     }
 }

@@ -453,7 +453,8 @@ async fn subscribe(
 }
 
 /// Receives this instance's results until shutdown, and acknowledges each on the agent's behalf
-/// (on the subject of its [`protocol::ACK_HEADER`]) once its answers are handed to the
+/// (on the subject of its [`protocol::ACK_HEADER`], when that is the acknowledgement of a
+/// command message delivered to the node that answers) once its answers are handed to the
 /// executions waiting for them. An unreadable one is not acknowledged but sent back (a
 /// negative acknowledgement with a second's delay): the agent applies the commands again, until
 /// their deadline.
@@ -471,20 +472,22 @@ async fn receive_results(bus: Arc<Bus>, client: async_nats::Client, shutdown: Ca
             .as_ref()
             .and_then(|h| h.get(protocol::ACK_HEADER))
             .map(|v| v.as_str().to_owned())
-            .filter(|s| protocol::is_ack_subject(s));
-        let verdict = match serde_json::from_slice::<Results>(&message.payload) {
+            .filter(|s| protocol::acknowledged_node(s).is_some());
+        let (verdict, acknowledged) = match serde_json::from_slice::<Results>(&message.payload) {
             Ok(results) => {
+                // Only the node's own command message: an agent cannot acknowledge another's.
+                let own = ack.filter(|s| protocol::acknowledged_node(s) == Some(results.node.as_str()));
                 for answer in results.answers {
                     bus.answer(&results.node, answer);
                 }
-                bytes::Bytes::from_static(b"+ACK")
+                (bytes::Bytes::from_static(b"+ACK"), own)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "An unreadable result message; its commands will be applied again.");
-                bytes::Bytes::from_static(NAK_A_SECOND)
+                (bytes::Bytes::from_static(NAK_A_SECOND), ack)
             }
         };
-        if let Some(ack) = ack
+        if let Some(ack) = acknowledged
             && let Err(e) = client.publish(ack, verdict).await
         {
             tracing::debug!(error = %e, "Acknowledging a command message failed.");

@@ -205,7 +205,8 @@ async fn nothing_is_held_for_a_down_agent_and_a_stuck_one_holds_commands_only_fo
 
 /// Results acknowledge the command message they answer (the instance does it on the agent's
 /// behalf, on the subject the agent names); unreadable ones bring the message back a second
-/// later; an acknowledgement subject that is not JetStream's is never published to.
+/// later; an acknowledgement subject that is not JetStream's, or not the answering node's, is
+/// never published to.
 #[tokio::test]
 async fn results_acknowledge_their_command_message_and_unreadable_ones_bring_it_back() {
     let nats = Nats::start().await;
@@ -270,6 +271,11 @@ async fn results_acknowledge_their_command_message_and_unreadable_ones_bring_it_
     // The agent's results, naming the message's acknowledgement subject: the message is
     // acknowledged (the answer itself is dropped: nobody waits for it any more).
     let ack_again = again.reply.clone().unwrap().to_string();
+    // Another node's results naming a's acknowledgement subject acknowledge nothing.
+    client.publish_with_headers(batch.reply.clone(), with_ack(&ack_again), results("b", &batch).into()).await.unwrap();
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(consumer.info().await.unwrap().num_ack_pending, 1, "acknowledged by another node's results");
     client.publish_with_headers(batch.reply.clone(), with_ack(&ack_again), results("a", &batch).into()).await.unwrap();
     let start = std::time::Instant::now();
     loop {

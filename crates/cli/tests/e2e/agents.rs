@@ -395,9 +395,12 @@ async fn an_unreadable_command_is_dead_lettered_and_the_agent_goes_on() {
         "kind": "refresh", "item_type": "url", "target": "http://www.example.com/after", "deadline": i64::MAX}]});
     js.publish("cachectl.fan", elsewhere.to_string().into()).await.unwrap().await.unwrap();
     for garbage in [
-        &b"not json"[..],
-        br#"{"nodes":["v1"],"reply":"r","commands":[]}"#,
-        br#"{"nodes":["v1"],"reply":"r","commands":[{"id":"x"}]}"#,
+        // Not v1's to judge: a message for another node with a field v1 does not know.
+        &br#"{"nodes":["n9"],"reply":"cachectl.res.probe","commands":[],"later":1}"#[..],
+        b"not json",
+        br#"{"nodes":["v1"],"reply":"cachectl.res.probe","commands":[]}"#,
+        br#"{"nodes":["v1"],"reply":"cachectl.res.probe","commands":[{"id":"x"}]}"#,
+        br#"{"nodes":["v1"],"reply":"elsewhere","commands":[]}"#,
     ] {
         js.publish("cachectl.fan", garbage.to_vec().into()).await.unwrap().await.unwrap();
     }
@@ -411,15 +414,17 @@ async fn an_unreadable_command_is_dead_lettered_and_the_agent_goes_on() {
         .await
         .unwrap();
     let mut reasons = Vec::new();
-    while reasons.len() < 3 {
+    while reasons.len() < 4 {
         let message = tokio::time::timeout(Duration::from_secs(10), dead.next()).await;
         let message =
             message.unwrap_or_else(|_| panic!("dead letters: {reasons:?}\n{}", agent.log())).unwrap().unwrap();
         reasons.push(message.headers.as_ref().and_then(|h| h.get("Cachectl-Error")).unwrap().to_string());
         assert!(start.elapsed() < Duration::from_secs(15));
     }
-    assert!(reasons[0].contains("unreadable command message"), "{reasons:?}");
+    assert!(reasons[0].contains("unreadable command message: expected"), "{reasons:?}");
     assert!(reasons[1].contains("without commands"), "{reasons:?}");
+    assert!(reasons[2].contains("missing field `kind`"), "{reasons:?}");
+    assert!(reasons[3].contains("is not a results subject"), "{reasons:?}");
     // The agent reads in order: the other node's command came before the dead letters.
     let answered = tokio::time::timeout(Duration::from_millis(300), probe.next()).await;
     assert!(answered.is_err(), "v1 answered for n9: {answered:?}");

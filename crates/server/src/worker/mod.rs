@@ -746,31 +746,20 @@ async fn run_via_bus(
             }
         }
         tokio::select! {
+            // Answers first: one that came in with the deadline still counts.
+            biased;
             answered = answers.recv() => {
                 let Some((index, answer)) = answered else { return };
-                let Some((slot, mut result)) = pending.get_mut(index).and_then(Option::take) else { continue };
+                let Some((slot, result)) = pending.get_mut(index).and_then(Option::take) else { continue };
                 left -= 1;
-                let name = slot.node.name.as_str();
-                result.attempts += answer.attempts.max(1);
-                result.updated_at = crate::api::now_ms();
-                result.instance.clone_from(&shared.owner);
-                result.status_code = answer.code;
-                if answer.ok {
-                    slot.success.inc();
-                    if let Some(evicted) = answer.evicted {
-                        tracing::debug!(node = name, item = item.id, evicted, "The agent removed cached objects.");
-                    }
-                    result.state = NodeState::Succeeded;
-                    result.error = None;
-                } else {
-                    slot.fail.inc();
-                    shared.metrics.node_failed(name, FailureReason::Agent);
-                    result.state = NodeState::Failed;
-                    result.error = Some(answer.error.unwrap_or_else(|| "failed".to_owned()));
-                }
-                progress.report(shared, result, item.kind);
+                record_answer(shared, progress, item, slot, result, answer);
             }
             () = &mut expiry => {
+                while let Ok((index, answer)) = answers.try_recv() {
+                    if let Some((slot, result)) = pending.get_mut(index).and_then(Option::take) {
+                        record_answer(shared, progress, item, slot, result, answer);
+                    }
+                }
                 for (slot, mut result) in pending.iter_mut().filter_map(Option::take) {
                     let name = slot.node.name.as_str();
                     bus.forget(name, &id);
@@ -790,4 +779,34 @@ async fn run_via_bus(
             }
         }
     }
+}
+
+/// Records a node's answer to an item's command.
+fn record_answer(
+    shared: &Shared,
+    progress: &Progress,
+    item: &cachectl_core::Item,
+    slot: &NodeSlot,
+    mut result: NodeResult,
+    answer: cachectl_bus::protocol::Answer,
+) {
+    let name = slot.node.name.as_str();
+    result.attempts += answer.attempts.max(1);
+    result.updated_at = crate::api::now_ms();
+    result.instance.clone_from(&shared.owner);
+    result.status_code = answer.code;
+    if answer.ok {
+        slot.success.inc();
+        if let Some(evicted) = answer.evicted {
+            tracing::debug!(node = name, item = item.id, evicted, "The agent removed cached objects.");
+        }
+        result.state = NodeState::Succeeded;
+        result.error = None;
+    } else {
+        slot.fail.inc();
+        shared.metrics.node_failed(name, FailureReason::Agent);
+        result.state = NodeState::Failed;
+        result.error = Some(answer.error.unwrap_or_else(|| "failed".to_owned()));
+    }
+    progress.report(shared, result, item.kind);
 }
