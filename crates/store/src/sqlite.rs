@@ -48,6 +48,17 @@ async fn writer_is_sound(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx
     Ok(true)
 }
 
+/// The writer's page cache, as SQLite's `cache_size` (negative: KiB): 64 MiB. SQLite's 2 MiB
+/// default is smaller than what the node results of a busy fleet touch between two commits: the
+/// writer spilled dirty pages into the WAL in the middle of its transactions and read the
+/// B-trees' upper pages back from the file over and over (BENCHMARKS.md, "Fleet through the
+/// bus").
+const WRITER_CACHE_KIB: i64 = -65_536;
+/// Pages in the WAL after which a commit copies them into the database file (SQLite's default
+/// is 1,000, 4 MiB): pages rewritten by many commits (the items being updated, the upper pages
+/// of the B-trees) are copied once per checkpoint, so fewer checkpoints copy fewer pages.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+
 impl SqlStore<Sqlite, SqliteBackend> {
     /// Opens (creating if needed) the database at `url` (`sqlite://path` or `sqlite::memory:`)
     /// and, with `migrate`, applies the migrations. Refuses a schema newer than this binary knows.
@@ -67,10 +78,14 @@ impl SqlStore<Sqlite, SqliteBackend> {
         {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(format!("{}: {e}", dir.display())))?;
         }
+        let writer_options = options
+            .clone()
+            .pragma("cache_size", WRITER_CACHE_KIB.to_string())
+            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .after_release(|conn, _| Box::pin(writer_is_sound(conn)))
-            .connect_with(options.clone())
+            .connect_with(writer_options)
             .await
             .map_err(unavailable)?;
         let migrations_table = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";
