@@ -89,6 +89,10 @@ pub struct Bus {
     /// Counts the changes of any lane's health: an execution waiting for many nodes looks at
     /// their health again when it moves.
     changes: watch::Sender<u64>,
+    /// The nodes whose health changed, with the count it took: an execution looks again at the
+    /// nodes that changed only, not at all it waits for (1,000 executions waiting for 1,000
+    /// nodes each would otherwise look at a million at every change while agents come and go).
+    changed: Mutex<std::collections::VecDeque<(u64, Arc<str>)>>,
     next: AtomicU64,
     instance: String,
     publisher: mpsc::UnboundedSender<Outgoing>,
@@ -96,6 +100,9 @@ pub struct Bus {
 
 /// Heartbeats kept at most: agents nobody configured cannot grow the inventory without bound.
 const MAX_AGENTS: usize = 100_000;
+/// Health changes remembered for the executions waiting for them: an execution that missed
+/// more looks at all its nodes again.
+const CHANGES_KEPT: usize = 4_096;
 
 impl Bus {
     /// Connects to NATS (in the background: a control plane starts even while NATS is away, and
@@ -126,6 +133,7 @@ impl Bus {
             lanes: RwLock::new(HashMap::new()),
             seen: RwLock::new(HashMap::new()),
             changes: watch::Sender::new(0),
+            changed: Mutex::new(std::collections::VecDeque::new()),
             next: AtomicU64::new(0),
             instance,
             publisher,
@@ -226,6 +234,34 @@ impl Bus {
     /// Changes when the health of any bus node changes.
     pub fn health_changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// The nodes whose health changed after the change count `seen`, or `None` when the record
+    /// no longer reaches back that far (then every node must be looked at).
+    pub fn health_changed_since(&self, seen: u64) -> Option<Vec<Arc<str>>> {
+        let changed = self.changed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = *self.changes.borrow();
+        if seen >= current {
+            return Some(Vec::new());
+        }
+        let oldest = changed.front().map(|(count, _)| *count)?;
+        (oldest <= seen + 1)
+            .then(|| changed.iter().filter(|(count, _)| *count > seen).map(|(_, node)| node.clone()).collect())
+    }
+
+    /// Records that the health of `nodes` changed, then tells the waiting executions.
+    fn note_health_changes(&self, nodes: Vec<Arc<str>>) {
+        if nodes.is_empty() {
+            return;
+        }
+        let mut changed = self.changed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = *self.changes.borrow() + 1;
+        changed.extend(nodes.into_iter().map(|node| (count, node)));
+        while changed.len() > CHANGES_KEPT {
+            changed.pop_front();
+        }
+        // Under the lock: a reader that sees the new count finds its changes recorded.
+        self.changes.send_replace(count);
     }
 
     /// Every agent heard from: its last heartbeat and health.
@@ -516,15 +552,15 @@ async fn watch_health(bus: Arc<Bus>, shutdown: CancellationToken) {
             .map(|(n, l)| (n.clone(), l.clone()))
             .collect();
         let seen = bus.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut changed = false;
+        let mut changed = Vec::new();
         for (node, lane) in &lanes {
             let health = seen.get(node).map_or(Health::Down, |s| bus.health_of(s, now));
-            changed |= lane.health.send_if_modified(|h| std::mem::replace(h, health) != health);
+            if lane.health.send_if_modified(|h| std::mem::replace(h, health) != health) {
+                changed.push(Arc::from(node.as_str()));
+            }
         }
         drop(seen);
-        if changed {
-            bus.changes.send_modify(|n| *n += 1);
-        }
+        bus.note_health_changes(changed);
     }
 }
 
@@ -625,6 +661,7 @@ mod tests {
             lanes: RwLock::new(HashMap::new()),
             seen: RwLock::new(HashMap::new()),
             changes: watch::Sender::new(0),
+            changed: Mutex::new(std::collections::VecDeque::new()),
             next: AtomicU64::new(0),
             instance: "i".into(),
             publisher,
@@ -633,6 +670,32 @@ mod tests {
             bus.add_node(node);
         }
         bus
+    }
+
+    #[test]
+    fn a_waiting_execution_learns_which_nodes_changed_or_that_it_must_look_at_all() {
+        let bus = bus_with(&["a", "b", "c"]);
+        let names = |v: Option<Vec<Arc<str>>>| v.map(|v| v.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+        assert_eq!(names(bus.health_changed_since(0)), Some(vec![]));
+        bus.note_health_changes(vec![]);
+        assert_eq!(*bus.changes.borrow(), 0, "no change, no count");
+        bus.note_health_changes(vec![Arc::from("a"), Arc::from("b")]);
+        bus.note_health_changes(vec![Arc::from("c")]);
+        assert_eq!(*bus.changes.borrow(), 2);
+        assert_eq!(names(bus.health_changed_since(0)), Some(vec!["a".into(), "b".into(), "c".into()]));
+        assert_eq!(names(bus.health_changed_since(1)), Some(vec!["c".into()]));
+        assert_eq!(names(bus.health_changed_since(2)), Some(vec![]));
+        // As many changes as are kept: all of them still reach back to count 2.
+        for _ in 0..CHANGES_KEPT {
+            bus.note_health_changes(vec![Arc::from("a")]);
+        }
+        assert_eq!(bus.health_changed_since(2).map(|v| v.len()), Some(CHANGES_KEPT));
+        // One more: an execution that last looked at count 2 must look at all its nodes.
+        bus.note_health_changes(vec![Arc::from("b")]);
+        assert_eq!(bus.health_changed_since(2), None);
+        assert_eq!(bus.health_changed_since(3).map(|v| v.len()), Some(CHANGES_KEPT));
+        let last = *bus.changes.borrow();
+        assert_eq!(names(bus.health_changed_since(last - 1)), Some(vec!["b".into()]));
     }
 
     #[test]

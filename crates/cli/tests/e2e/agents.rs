@@ -252,6 +252,29 @@ async fn an_agent_away_catches_up_and_one_away_past_the_deadline_fails_the_item(
         Cachectl::start(&format!("{ACCOUNTS}{}{}{}", fast_worker("8s"), bus(&nats), bus_edge("v1", "varnish", "edge")))
             .await;
     wait_node_state(&server, "v1", "up").await;
+
+    // An agent that falls silent while an item waits for it: the item starts while the agent is
+    // up, says whom it waits for once the agent is stale, and completes when it is back.
+    cache_status(&varnish.address(), "www.example.com", "/quiet").await;
+    agent.proc.as_ref().unwrap().signal(cachectl_testkit::Signal::SIGSTOP);
+    let quiet = submit(&server, json!({"urls": ["http://www.example.com/quiet"]})).await;
+    let start = Instant::now();
+    loop {
+        let detail = task(&server, quiet).await;
+        let item = &detail["items"][0];
+        if item["reason"].as_str().is_some_and(|r| r.starts_with("waiting for agent v1 (last seen ")) {
+            assert_eq!(item["status"], "processing", "{detail}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no waiting reason: {detail}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.proc.as_ref().unwrap().signal(cachectl_testkit::Signal::SIGCONT);
+    let detail = wait_task(&server, quiet, Duration::from_secs(15)).await;
+    assert_eq!(detail["task"]["state"], "completed", "{detail}\n{}", agent.log());
+    assert!(detail["items"][0]["reason"].is_null(), "the waiting note is cleared: {detail}");
+    assert_eq!(cache_status(&varnish.address(), "www.example.com", "/quiet").await, "MISS");
+
     agent.stop();
     wait_node_state(&server, "v1", "stale").await;
 

@@ -724,6 +724,10 @@ async fn run_via_bus(
     let mut health = bus.health_changes();
     let mut health_open = true;
     let mut look = true;
+    // The health change count last looked at; `None` until the first look, at every node.
+    let mut looked: Option<u64> = None;
+    // Pending nodes by name, made the first time only some of them need a look.
+    let mut by_name: Option<HashMap<&str, usize>> = None;
     let expiry = tokio::time::sleep(deadline.since(crate::api::now_ms()));
     tokio::pin!(expiry);
     let last_seen = |name: &str| match bus.last_seen(name) {
@@ -732,13 +736,33 @@ async fn run_via_bus(
     };
     while left > 0 {
         if std::mem::take(&mut look) {
-            health.borrow_and_update();
-            for (entry, noted) in pending.iter_mut().zip(noted.iter_mut()) {
-                let Some((slot, result)) = entry else { continue };
+            let count = *health.borrow_and_update();
+            let changed = looked.and_then(|seen| bus.health_changed_since(seen));
+            looked = Some(count);
+            let indices: Vec<usize> = match changed {
+                // Only the nodes whose health changed since the last look.
+                Some(names) => {
+                    let by_name = by_name.get_or_insert_with(|| {
+                        pending
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(i, p)| {
+                                let (slot, _) = p.as_ref()?;
+                                let slot: &NodeSlot = slot;
+                                Some((slot.node.name.as_str(), i))
+                            })
+                            .collect()
+                    });
+                    names.iter().filter_map(|name| by_name.get(&**name).copied()).collect()
+                }
+                None => (0..pending.len()).collect(),
+            };
+            for index in indices {
+                let Some((slot, result)) = &mut pending[index] else { continue };
                 let name = slot.node.name.as_str();
                 let waiting = !bus.is_up(name);
-                if waiting != *noted {
-                    *noted = waiting;
+                if waiting != noted[index] {
+                    noted[index] = waiting;
                     result.updated_at = crate::api::now_ms();
                     result.error = waiting.then(|| format!("{WAITING}{name} ({})", last_seen(name)));
                     progress.report(shared, result.clone(), item.kind);
