@@ -68,6 +68,23 @@ fn bus(nats: &Nats) -> String {
     format!("[bus]\nurl = \"{}\"\nstale_after = \"1s\"\ndown_after = \"3s\"\n\n", nats.url())
 }
 
+/// Waits (5 s at most) until task `id`'s first item, still processing, says it waits for the
+/// agent of `node`.
+async fn wait_waiting_note(server: &Cachectl, id: i64, node: &str) {
+    let start = Instant::now();
+    let note = format!("waiting for agent {node} (last seen ");
+    loop {
+        let detail = task(server, id).await;
+        let item = &detail["items"][0];
+        if item["reason"].as_str().is_some_and(|r| r.starts_with(&note)) {
+            assert_eq!(item["status"], "processing", "{detail}");
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no waiting reason: {detail}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Submits a native task and waits until it is final.
 async fn run_task(server: &Cachectl, body: Value, timeout: Duration) -> Value {
     let id = submit(server, body).await;
@@ -258,17 +275,7 @@ async fn an_agent_away_catches_up_and_one_away_past_the_deadline_fails_the_item(
     cache_status(&varnish.address(), "www.example.com", "/quiet").await;
     agent.proc.as_ref().unwrap().signal(cachectl_testkit::Signal::SIGSTOP);
     let quiet = submit(&server, json!({"urls": ["http://www.example.com/quiet"]})).await;
-    let start = Instant::now();
-    loop {
-        let detail = task(&server, quiet).await;
-        let item = &detail["items"][0];
-        if item["reason"].as_str().is_some_and(|r| r.starts_with("waiting for agent v1 (last seen ")) {
-            assert_eq!(item["status"], "processing", "{detail}");
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "no waiting reason: {detail}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_waiting_note(&server, quiet, "v1").await;
     agent.proc.as_ref().unwrap().signal(cachectl_testkit::Signal::SIGCONT);
     let detail = wait_task(&server, quiet, Duration::from_secs(15)).await;
     assert_eq!(detail["task"]["state"], "completed", "{detail}\n{}", agent.log());
@@ -287,17 +294,7 @@ async fn an_agent_away_catches_up_and_one_away_past_the_deadline_fails_the_item(
     )
     .await;
     // While the agent is away, the item says whom it waits for.
-    let start = Instant::now();
-    loop {
-        let detail = task(&server, ids[0]).await;
-        let item = &detail["items"][0];
-        if item["reason"].as_str().is_some_and(|r| r.starts_with("waiting for agent v1 (last seen ")) {
-            assert_eq!(item["status"], "processing", "{detail}");
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "no waiting reason: {detail}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_waiting_note(&server, ids[0], "v1").await;
     agent.restart();
     for id in &ids {
         let detail = wait_task(&server, *id, Duration::from_secs(15)).await;
