@@ -249,6 +249,18 @@ impl Bus {
             .then(|| changed.iter().filter(|(count, _)| *count > seen).map(|(_, node)| node.clone()).collect())
     }
 
+    /// The indices, in command `id`'s node list, of its unanswered nodes whose health changed
+    /// after the change count `seen`, or `None` when every node must be looked at again.
+    pub fn changed_waiting(&self, id: &str, seen: u64) -> Option<Vec<usize>> {
+        let names = self.health_changed_since(seen)?;
+        if names.is_empty() {
+            return Some(Vec::new());
+        }
+        let waiters = self.lock_waiters();
+        let waiting = waiters.get(id).map(|w| &w.nodes);
+        Some(names.iter().filter_map(|name| waiting?.get(&**name).copied()).collect())
+    }
+
     /// Records that the health of `nodes` changed, then tells the waiting executions.
     fn note_health_changes(&self, nodes: Vec<Arc<str>>) {
         if nodes.is_empty() {
@@ -503,16 +515,12 @@ async fn receive_results(bus: Arc<Bus>, client: async_nats::Client, shutdown: Ca
             m = subscriber.next() => m,
         };
         let Some(message) = message else { break };
-        let ack = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(protocol::ACK_HEADER))
-            .map(|v| v.as_str().to_owned())
-            .filter(|s| protocol::acknowledged_node(s).is_some());
+        let ack = message.headers.as_ref().and_then(|h| h.get(protocol::ACK_HEADER)).map(|v| v.as_str().to_owned());
+        let acked = ack.as_deref().and_then(protocol::acknowledged_node);
         let (verdict, acknowledged) = match serde_json::from_slice::<Results>(&message.payload) {
             Ok(results) => {
                 // Only the node's own command message: an agent cannot acknowledge another's.
-                let own = ack.filter(|s| protocol::acknowledged_node(s) == Some(results.node.as_str()));
+                let own = acked == Some(results.node.as_str());
                 for answer in results.answers {
                     bus.answer(&results.node, answer);
                 }
@@ -520,9 +528,10 @@ async fn receive_results(bus: Arc<Bus>, client: async_nats::Client, shutdown: Ca
             }
             Err(e) => {
                 tracing::warn!(error = %e, "An unreadable result message; its commands will be applied again.");
-                (bytes::Bytes::from_static(NAK_A_SECOND), ack)
+                (bytes::Bytes::from_static(NAK_A_SECOND), acked.is_some())
             }
         };
+        let acknowledged = ack.filter(|_| acknowledged);
         if let Some(ack) = acknowledged
             && let Err(e) = client.publish(ack, verdict).await
         {

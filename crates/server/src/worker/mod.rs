@@ -726,8 +726,6 @@ async fn run_via_bus(
     let mut look = true;
     // The health change count last looked at; `None` until the first look, at every node.
     let mut looked: Option<u64> = None;
-    // Pending nodes by name, made the first time only some of them need a look.
-    let mut by_name: Option<HashMap<&str, usize>> = None;
     let expiry = tokio::time::sleep(deadline.since(crate::api::now_ms()));
     tokio::pin!(expiry);
     let last_seen = |name: &str| match bus.last_seen(name) {
@@ -737,28 +735,12 @@ async fn run_via_bus(
     while left > 0 {
         if std::mem::take(&mut look) {
             let count = *health.borrow_and_update();
-            let changed = looked.and_then(|seen| bus.health_changed_since(seen));
+            // Only the unanswered nodes whose health changed since the last look, if known.
+            let indices =
+                looked.and_then(|seen| bus.changed_waiting(&id, seen)).unwrap_or_else(|| (0..pending.len()).collect());
             looked = Some(count);
-            let indices: Vec<usize> = match changed {
-                // Only the nodes whose health changed since the last look.
-                Some(names) => {
-                    let by_name = by_name.get_or_insert_with(|| {
-                        pending
-                            .iter()
-                            .enumerate()
-                            .filter_map(|(i, p)| {
-                                let (slot, _) = p.as_ref()?;
-                                let slot: &NodeSlot = slot;
-                                Some((slot.node.name.as_str(), i))
-                            })
-                            .collect()
-                    });
-                    names.iter().filter_map(|name| by_name.get(&**name).copied()).collect()
-                }
-                None => (0..pending.len()).collect(),
-            };
             for index in indices {
-                let Some((slot, result)) = &mut pending[index] else { continue };
+                let Some(Some((slot, result))) = pending.get_mut(index) else { continue };
                 let name = slot.node.name.as_str();
                 let waiting = !bus.is_up(name);
                 if waiting != noted[index] {
