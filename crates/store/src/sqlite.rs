@@ -53,11 +53,14 @@ async fn writer_is_sound(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx
 /// writer spilled dirty pages into the WAL in the middle of its transactions and read the
 /// B-trees' upper pages back from the file over and over (BENCHMARKS.md, "Fleet through the
 /// bus").
+///
+/// The WAL keeps SQLite's checkpoint every 1,000 pages (4 MiB). Checkpointing every 10,000 pages
+/// copied fewer pages but let the WAL itself grow to 40 MiB: on a disk with less free space than
+/// that, the WAL filled the disk before its first checkpoint, and a checkpoint then had no room
+/// to grow the database file, so the store stayed full after the operator freed space (the WAL
+/// grew into it again). The disk full test (`crates/cli/tests/e2e/diskfull.rs`, 16 MiB) failed
+/// that way; a checkpoint forced on `SQLITE_FULL` failed for the same lack of room.
 const WRITER_CACHE_KIB: i64 = -65_536;
-/// Pages in the WAL after which a commit copies them into the database file (SQLite's default
-/// is 1,000, 4 MiB): pages rewritten by many commits (the items being updated, the upper pages
-/// of the B-trees) are copied once per checkpoint, so fewer checkpoints copy fewer pages.
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 impl SqlStore<Sqlite, SqliteBackend> {
     /// Opens (creating if needed) the database at `url` (`sqlite://path` or `sqlite::memory:`)
@@ -78,10 +81,7 @@ impl SqlStore<Sqlite, SqliteBackend> {
         {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(format!("{}: {e}", dir.display())))?;
         }
-        let writer_options = options
-            .clone()
-            .pragma("cache_size", WRITER_CACHE_KIB.to_string())
-            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
+        let writer_options = options.clone().pragma("cache_size", WRITER_CACHE_KIB.to_string());
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .after_release(|conn, _| Box::pin(writer_is_sound(conn)))
