@@ -235,7 +235,9 @@ mod spaced {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-        let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        // Only tests read a whole `Batch`; agents read the names in place
+        // (`Names`), so an owned string is enough here.
+        let text = String::deserialize(d)?;
         if text.is_empty() {
             return Ok(Vec::new());
         }
