@@ -1,7 +1,8 @@
 //! Pipelined HTTP/1.1 for the short requests of a refresh (PURGE, BAN), the default
 //! [`Transport`] (`[worker] edge_transport = "pipelined"`): a few kept-alive connections per node,
 //! each owned by one task that writes every queued request in one write and reads the answers in
-//! order (RFC 9112 §9.3.2). hyper's client, which the other transport
+//! order (RFC 9112 §9.3.2). Requests that come while answers are awaited wait for the next answer
+//! read and leave together with it, not in a write each. hyper's client, which the other transport
 //! ([`Plain`](crate::transport::Plain)) uses, sends one request per connection at a time; at tens
 //! of thousands of purges a second its per-request dispatch, pool and timer cost more CPU than the
 //! caches spend answering (BENCHMARKS.md). Answers are parsed by `httparse`, hyper's own parser.
@@ -161,6 +162,10 @@ async fn run_connection(
     // connection, moved on only by a final answer (not by new requests, interim answers or bytes
     // trickling in). A lost connection leaves nothing in flight, so the next write sets it anew.
     let mut deadline: Option<Instant> = None;
+    // True once a request arrived while answers were awaited: it is written with the next answer
+    // read (or once nothing is in flight), together with those that come meanwhile, instead of in
+    // a write of its own as it came — on loopback a write also pays the receiving side of TCP.
+    let mut held = false;
     loop {
         if waiting.is_empty() && in_flight.is_empty() {
             if !open {
@@ -208,7 +213,7 @@ async fn run_connection(
             stream = None;
             continue;
         }
-        if writable && !waiting.is_empty() && in_flight.len() < depth {
+        if writable && !waiting.is_empty() && in_flight.len() < depth && (!held || in_flight.is_empty()) {
             if in_flight.is_empty() {
                 deadline = Some(Instant::now() + settings.request_timeout);
             }
@@ -233,8 +238,14 @@ async fn run_connection(
             job = incoming.recv(), if open && waiting.len() + in_flight.len() < depth => Event::Job(job),
             () = tokio::time::sleep_until(until) => Event::Timeout,
         };
+        if !matches!(event, Event::Job(_)) {
+            held = false;
+        }
         match event {
-            Event::Job(Some(job)) => waiting.push_back(job),
+            Event::Job(Some(job)) => {
+                waiting.push_back(job);
+                held = true;
+            }
             Event::Job(None) => open = false,
             Event::Timeout => {
                 stream = None;

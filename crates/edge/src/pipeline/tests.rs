@@ -235,3 +235,68 @@ async fn interim_answers_do_not_extend_the_timeout() {
         .unwrap_err();
     assert!(error.starts_with("timeout:"), "{error}");
 }
+
+/// Requests that arrive while an answer is awaited are not written one by one as they come: they
+/// leave together once the answer is read. The node holds its first answer until five more
+/// requests were sent, checks that none of them reached it meanwhile, then answers; the five
+/// arrive in one piece.
+#[tokio::test]
+async fn requests_arriving_while_an_answer_is_awaited_leave_together_after_it() {
+    let (first_read, first_seen) = oneshot::channel::<()>();
+    let (release, released) = oneshot::channel::<()>();
+    let (report, reported) = oneshot::channel::<(usize, usize)>();
+    let parts = Arc::new(std::sync::Mutex::new(Some((first_read, released, report))));
+    let (address, _) = node(move |mut stream| {
+        let parts = parts.lock().unwrap().take();
+        async move {
+            let Some((first_read, released, report)) = parts else { return };
+            let request_count = |bytes: &[u8]| bytes.windows(4).filter(|w| w == b"\r\n\r\n").count();
+            let mut buf = vec![0_u8; 64 * 1024];
+            let n = stream.read(&mut buf).await.unwrap();
+            assert_eq!(request_count(&buf[..n]), 1, "the first request alone");
+            first_read.send(()).unwrap();
+            released.await.unwrap();
+            // Whatever the lane wrote while the first answer was held is readable now.
+            let early = match stream.try_read(&mut buf) {
+                Ok(n) => request_count(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => panic!("{e}"),
+            };
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+            stream.write_all(answer).await.unwrap();
+            let mut later = 0;
+            let mut pieces = 0;
+            while early + later < 5 {
+                let n = stream.read(&mut buf).await.unwrap();
+                later += request_count(&buf[..n]);
+                pieces += 1;
+            }
+            stream.write_all(&answer.repeat(5)).await.unwrap();
+            report.send((early, pieces)).unwrap();
+            let _ = stream.read(&mut buf).await;
+        }
+    })
+    .await;
+    let lane = Lane::spawn(&address, settings(1, 16));
+    let request = request_bytes("PURGE", "/x", "h", &[]).unwrap();
+    let first = tokio::spawn({
+        let (lane, request) = (lane.clone(), request.clone());
+        async move { lane.send_bytes(request).await }
+    });
+    first_seen.await.unwrap();
+    let mut rest = Vec::new();
+    for _ in 0..5 {
+        let (lane, request) = (lane.clone(), request.clone());
+        rest.push(tokio::spawn(async move { lane.send_bytes(request).await }));
+        // Each arrives on its own, as an item's request does.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    release.send(()).unwrap();
+    assert_eq!(first.await.unwrap(), Ok(200));
+    for answer in rest {
+        assert_eq!(answer.await.unwrap(), Ok(200));
+    }
+    let (early, pieces) = reported.await.unwrap();
+    assert_eq!(early, 0, "no request was written while the first answer was awaited");
+    assert_eq!(pieces, 1, "the five left in one write");
+}
