@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod reload;
 pub mod retention;
 pub mod secrets;
+pub mod streams;
 pub mod webhooks;
 pub mod wire;
 pub mod worker;
@@ -85,7 +86,9 @@ impl Application {
             metrics.clone(),
         )?;
         let admin_store: Arc<dyn cachectl_core::admin::DirectoryStore> = store.clone();
-        let state = api::AppState { service, settings: settings.clone(), metrics, bus, directory, admin_store };
+        let streams = streams::StreamSlots::new(settings.max_streams_per_account);
+        let state =
+            api::AppState { service, settings: settings.clone(), metrics, bus, directory, admin_store, streams };
         let listener =
             TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
         let wanted = settings.http.max_connections as u64 + 256;

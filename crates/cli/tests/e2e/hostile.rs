@@ -147,6 +147,66 @@ async fn a_progress_stream_outlives_the_keepalive_timeout() {
     assert!(last.contains("\"failed\""), "with the final state (the node is unreachable): {last}");
 }
 
+/// An account holds at most `[server] max_streams_per_account` progress streams open at once:
+/// one more is refused with 429 in the native API's format (`too_many_streams`, `Retry-After`),
+/// and the slot comes back once the client of an open stream goes away.
+#[tokio::test]
+async fn progress_streams_per_account_are_capped() {
+    let closed_port = free_port();
+    let server = Cachectl::start_with_server(
+        "max_streams_per_account = 2",
+        &format!(
+            "{ACCOUNTS}{}{}",
+            fast_worker("120s"),
+            edge("gone", "varnish", &format!("127.0.0.1:{closed_port}"), "edge")
+        ),
+    )
+    .await;
+    let response = server
+        .http
+        .post(server.url("/api/v1/tasks"))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "urls": ["http://www.example.com/streams"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let task = response.json::<Value>().await.unwrap()["task"]["id"].as_i64().unwrap();
+    let events = server.url(&format!("/api/v1/tasks/{task}/events"));
+    // Each stream on a connection of its own, as separate clients hold them.
+    let open = || async {
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        client.get(&events).bearer_auth(TOKEN).send().await.unwrap()
+    };
+    let first = open().await;
+    assert_eq!(first.status(), 200);
+    let second = open().await;
+    assert_eq!(second.status(), 200);
+    let third = open().await;
+    assert_eq!(third.status(), 429);
+    assert_eq!(third.headers()["retry-after"], "1");
+    let body = third.json::<Value>().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("2 progress streams"), "{body}");
+    // Other requests of the account are not affected.
+    let page = server.http.get(server.url(&format!("/api/v1/tasks/{task}"))).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    drop(first);
+    // The server notices the client gone at its next write to the stream (the keep-alive
+    // comment comes every 15 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let again = open().await;
+        if again.status() == 200 {
+            break;
+        }
+        assert_eq!(again.status(), 429);
+        assert!(tokio::time::Instant::now() < deadline, "the slot of a closed stream came back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(second);
+}
+
 /// At `max_connections`, a new connection waits in the backlog and is served as soon as one of
 /// the others closes.
 #[tokio::test]

@@ -43,6 +43,8 @@ pub struct AppState {
     pub directory: Arc<crate::directory::DirectoryHandle>,
     /// The store's admin part (the admin API writes it; the service reads tasks through `service`).
     pub admin_store: Arc<dyn cachectl_core::admin::DirectoryStore>,
+    /// The progress streams each account holds open (`[server] max_streams_per_account`).
+    pub streams: Arc<crate::streams::StreamSlots>,
 }
 
 impl AppState {

@@ -192,6 +192,10 @@ pub struct ServerConfig {
     /// below the process's open-file limit (`ulimit -n`), with room for the store and the edges.
     #[serde(default = "default_max_connections_http")]
     pub max_connections: usize,
+    /// Progress streams (Server-Sent Events) one account may hold open at once; one more is
+    /// refused with 429 until one of them ends.
+    #[serde(default = "default_max_streams_per_account")]
+    pub max_streams_per_account: usize,
 }
 
 impl Default for ServerConfig {
@@ -203,6 +207,7 @@ impl Default for ServerConfig {
             keepalive_timeout: default_keepalive_timeout(),
             body_timeout: default_body_timeout(),
             max_connections: default_max_connections_http(),
+            max_streams_per_account: default_max_streams_per_account(),
         }
     }
 }
@@ -218,6 +223,9 @@ fn default_body_timeout() -> Duration {
 }
 fn default_max_connections_http() -> usize {
     4096
+}
+fn default_max_streams_per_account() -> usize {
+    16
 }
 
 fn default_listen() -> String {

@@ -44,6 +44,7 @@ impl Config {
             },
             shutdown_grace: self.server.shutdown_grace,
             http,
+            max_streams_per_account: self.server.max_streams_per_account,
             worker: self.worker.clone(),
             retention: self.retention.clone(),
             timezone,
@@ -103,6 +104,9 @@ impl Config {
         }
         if http.max_connections == 0 {
             return Err(err("server.max_connections".into(), "must be at least 1".into()));
+        }
+        if self.server.max_streams_per_account == 0 {
+            return Err(err("server.max_streams_per_account".into(), "must be at least 1".into()));
         }
         Ok(http)
     }
@@ -401,6 +405,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// The listener's timeouts and connection cap.
     pub http: crate::http::Limits,
+    /// `[server] max_streams_per_account`.
+    pub max_streams_per_account: usize,
     /// Worker settings.
     pub worker: WorkerConfig,
     /// Retention settings.

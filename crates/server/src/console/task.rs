@@ -133,10 +133,20 @@ pub async fn events(
         Ok(t) => t,
         Err(r) => return r,
     };
+    let Some(slot) = state.streams.try_open(s.credential.account.name.as_str()) else {
+        // The page's script then fetches the live part every 2 seconds instead.
+        let message = format!(
+            "this account already follows {} tasks live; this page is updated every 2 seconds instead",
+            state.streams.limit()
+        );
+        return error_page(StatusCode::TOO_MANY_REQUESTS, &message);
+    };
     let task_id = task.id;
     let ends_at = Instant::now() + state.settings.shutdown_grace.max(Duration::from_secs(1));
     let start = (Some(task), Sent { counts: None, html: String::new(), read_at: None, done: false });
     let stream = futures::stream::unfold(start, move |(mut current, mut sent)| {
+        // Held as long as the stream is (given back when it ends or its client goes away).
+        let _slot = &slot;
         let (state, s, sessions) = (state.clone(), s.clone(), sessions.clone());
         async move {
             if sent.done {

@@ -48,7 +48,9 @@ async fn app_with(server: &str) -> App {
     let store = cachectl_store::open(&settings.store_url, true).await.unwrap();
     let service = Service::new(store.clone(), settings.timezone, Arc::new(|| {}));
     let directory = crate::directory::DirectoryHandle::start(store.clone(), settings.clone()).await.unwrap();
-    let state = AppState { service, settings, metrics: Arc::default(), bus: None, directory, admin_store: store };
+    let streams = crate::streams::StreamSlots::new(settings.max_streams_per_account);
+    let state =
+        AppState { service, settings, metrics: Arc::default(), bus: None, directory, admin_store: store, streams };
     App { router: router(state), _dir: dir }
 }
 
@@ -358,6 +360,27 @@ async fn the_task_stream_of_a_running_task_ends_after_the_shutdown_grace_and_sta
         let took = started.elapsed();
         assert!(took >= std::time::Duration::from_secs(1) && took < std::time::Duration::from_secs(3), "{took:?}");
     }
+}
+
+/// The console's streams count against `[server] max_streams_per_account` like the API's: one
+/// more is a 429 page (the page's script then fetches the live part every 2 seconds), and a
+/// stream that ends gives its slot back.
+#[tokio::test]
+async fn the_task_streams_of_an_account_are_capped() {
+    let app = app_with("max_streams_per_account = 1").await;
+    let (id, csrf) = sign_in(&app, "acme-secret-token").await;
+    send(&app, post("/console/submit", Some(&id), &[("csrf", &csrf), ("urls", "http://www.example.com/1")])).await;
+    let mut body = send(&app, get("/console/tasks/1/events", Some(&id))).await.into_body().into_data_stream();
+    let mut buffer = String::new();
+    assert_eq!(next_event(&mut body, &mut buffer).await.unwrap().0, "live");
+    let r = send(&app, get("/console/tasks/1/events", Some(&id))).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(text(r).await.contains("updated every 2 seconds instead"));
+    // The live part itself is still served.
+    assert_eq!(send(&app, get("/console/tasks/1/live", Some(&id))).await.status(), StatusCode::OK);
+    drop(body);
+    let r = send(&app, get("/console/tasks/1/events", Some(&id))).await;
+    assert_eq!(r.status(), StatusCode::OK, "the slot came back when the stream ended");
 }
 
 #[tokio::test]

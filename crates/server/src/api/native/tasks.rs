@@ -374,13 +374,14 @@ pub async fn deliveries(
 }
 
 /// A live progress stream (Server-Sent Events): a `progress` event with the task whenever its
-/// counts change, then one `done` event with the final state, then the stream ends.
+/// counts change, then one `done` event with the final state, then the stream ends. An account
+/// holds at most `[server] max_streams_per_account` streams open at once (429 `too_many_streams`).
 #[utoipa::path(
     get,
     path = "/api/v1/tasks/{id}/events",
     params(("id" = i64, Path, description = "Task id")),
     responses(
-        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 429, description = "Rate limited, or the account already holds `[server] max_streams_per_account` streams open (`too_many_streams`); see Retry-After", body = ErrorBody),
         (status = 503, description = "The store is unavailable", body = ErrorBody),
         (status = 400, description = "Invalid parameter", body = ErrorBody),
         (status = 200, description = "text/event-stream of `progress` events and a last `done` event, each carrying a TaskView", content_type = "text/event-stream", body = TaskView),
@@ -393,8 +394,22 @@ pub async fn events(
     State(state): State<AppState>,
     OwnedTask { credential, task: first }: OwnedTask,
 ) -> Result<Response, ApiError> {
+    let Some(slot) = state.streams.try_open(credential.account.name.as_str()) else {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!(
+                "this account already has {} progress streams open; close one or poll the task",
+                state.streams.limit()
+            ),
+        );
+        e.retry_after = Some(1);
+        return Err(e);
+    };
     let id = first.id;
     let stream = futures::stream::unfold((Some(first), None::<StatusCounts>, false), move |(next, last, ended)| {
+        // Held as long as the stream is (given back when it ends or its client goes away).
+        let _slot = &slot;
         let state = state.clone();
         let credential = credential.clone();
         async move {
