@@ -114,16 +114,15 @@ async fn stalled_headers_idle_connections_and_slow_bodies_are_closed() {
     assert_eq!(status, 200, "the server goes on serving");
 }
 
-/// A progress stream is a response still being sent, not an idle connection: it outlives the
-/// keep-alive timeout and ends with the task's final state.
-#[tokio::test]
-async fn a_progress_stream_outlives_the_keepalive_timeout() {
+/// A server with the `[server]` settings `server` and one edge nobody listens on, and the id of a
+/// one-URL task submitted to it: the task runs until the item `deadline`, then fails.
+async fn with_a_task_on_an_unreachable_node(server: &str, deadline: &str) -> (Cachectl, i64) {
     let closed_port = free_port();
     let server = Cachectl::start_with_server(
-        "keepalive_timeout = \"1s\"\nheader_timeout = \"1s\"",
+        server,
         &format!(
             "{ACCOUNTS}{}{}",
-            fast_worker("4s"),
+            fast_worker(deadline),
             edge("gone", "varnish", &format!("127.0.0.1:{closed_port}"), "edge")
         ),
     )
@@ -138,6 +137,15 @@ async fn a_progress_stream_outlives_the_keepalive_timeout() {
         .unwrap();
     assert_eq!(response.status(), 201);
     let task = response.json::<Value>().await.unwrap()["task"]["id"].as_i64().unwrap();
+    (server, task)
+}
+
+/// A progress stream is a response still being sent, not an idle connection: it outlives the
+/// keep-alive timeout and ends with the task's final state.
+#[tokio::test]
+async fn a_progress_stream_outlives_the_keepalive_timeout() {
+    let (server, task) =
+        with_a_task_on_an_unreachable_node("keepalive_timeout = \"1s\"\nheader_timeout = \"1s\"", "4s").await;
     let response =
         server.http.get(server.url(&format!("/api/v1/tasks/{task}/events"))).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -152,26 +160,7 @@ async fn a_progress_stream_outlives_the_keepalive_timeout() {
 /// and the slot comes back once the client of an open stream goes away.
 #[tokio::test]
 async fn progress_streams_per_account_are_capped() {
-    let closed_port = free_port();
-    let server = Cachectl::start_with_server(
-        "max_streams_per_account = 2",
-        &format!(
-            "{ACCOUNTS}{}{}",
-            fast_worker("120s"),
-            edge("gone", "varnish", &format!("127.0.0.1:{closed_port}"), "edge")
-        ),
-    )
-    .await;
-    let response = server
-        .http
-        .post(server.url("/api/v1/tasks"))
-        .bearer_auth(TOKEN)
-        .json(&json!({ "urls": ["http://www.example.com/streams"] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let task = response.json::<Value>().await.unwrap()["task"]["id"].as_i64().unwrap();
+    let (server, task) = with_a_task_on_an_unreachable_node("max_streams_per_account = 2", "120s").await;
     let events = server.url(&format!("/api/v1/tasks/{task}/events"));
     // Each stream on a connection of its own, as separate clients hold them.
     let open = || async {

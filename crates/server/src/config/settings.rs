@@ -26,6 +26,9 @@ impl Config {
             return Err(err("store.url".into(), "supported schemes are sqlite:// and postgres://".into()));
         }
         let http = self.http_limits()?;
+        if self.server.max_streams_per_account == 0 {
+            return Err(err("server.max_streams_per_account".into(), "must be at least 1".into()));
+        }
         let timezone = parse_offset(&self.baishan.timezone).ok_or_else(|| {
             err("baishan.timezone".into(), format!("{:?} is not an offset like +08:00", self.baishan.timezone))
         })?;
@@ -104,9 +107,6 @@ impl Config {
         }
         if http.max_connections == 0 {
             return Err(err("server.max_connections".into(), "must be at least 1".into()));
-        }
-        if self.server.max_streams_per_account == 0 {
-            return Err(err("server.max_streams_per_account".into(), "must be at least 1".into()));
         }
         Ok(http)
     }
