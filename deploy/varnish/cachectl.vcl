@@ -7,6 +7,12 @@ vcl 4.1;
 #                       X-Cachectl-Ban: <regex>          evict every object of <host> whose URL
 #                                                        matches ^<regex> (a regex-escaped path prefix)
 #   PURGE <path?query>  Host: <host>
+#                       X-Cachectl-Next: <p2> <p3> ...   batched purge: evict that URL, then <host><p2>,
+#                                                        <host><p3>, ... in turn (one restart each; the
+#                                                        answer's X-Cachectl-Purged says how many were
+#                                                        evicted, from the first: varnishd's max_restarts
+#                                                        bounds a batch to max_restarts + 1 paths)
+#   PURGE <path?query>  Host: <host>
 #                       X-Cachectl-Soft: 1               soft purge: mark that URL stale, keep it for grace
 #   PURGE /             Host: <host>
 #                       X-Cachectl-Tag: <tag>            evict every object of <host> tagged <tag> by the origin
@@ -91,6 +97,33 @@ sub vcl_recv {
             return (synth(200, "Banned"));
         }
         return (synth(400, std.ban_error()));
+    }
+    # --- end cachectl ------------------------------------------------------------------------
+}
+
+sub vcl_purge {
+    # --- cachectl: batched purge ---------------------------------------------------------------
+    # The URL of this pass is gone; the next path of X-Cachectl-Next (same host) is purged by a
+    # restart. The count goes back in the answer (vcl_synth), also when varnishd stops the
+    # restarts at max_restarts (a 503): cachectl sends the rest again.
+    set req.http.X-Cachectl-Purged = std.integer(req.http.X-Cachectl-Purged, 0) + 1;
+    if (req.http.X-Cachectl-Next) {
+        set req.url = regsub(req.http.X-Cachectl-Next, " .*$", "");
+        if (req.http.X-Cachectl-Next ~ " ") {
+            set req.http.X-Cachectl-Next = regsub(req.http.X-Cachectl-Next, "^[^ ]+ +", "");
+        } else {
+            unset req.http.X-Cachectl-Next;
+        }
+        return (restart);
+    }
+    return (synth(200, "Purged"));
+    # --- end cachectl ------------------------------------------------------------------------
+}
+
+sub vcl_synth {
+    # --- cachectl: how many paths a (batched) purge evicted -------------------------------------
+    if (req.method == "PURGE" && req.http.X-Cachectl-Purged) {
+        set resp.http.X-Cachectl-Purged = req.http.X-Cachectl-Purged;
     }
     # --- end cachectl ------------------------------------------------------------------------
 }

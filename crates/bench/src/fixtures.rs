@@ -122,7 +122,9 @@ impl Varnish {
         if !vcl.contains(&format!(".port = \"{origin_port}\";")) {
             bail!("the shipped VCL's backend port changed; update crates/bench/src/fixtures.rs");
         }
-        let varnishd = cachectl_testkit::Varnishd::start(&vcl, &["-s", storage]).await.map_err(anyhow::Error::msg)?;
+        // Restarts enough for batched purges of any `--purge-batch` (docs/edges.md).
+        let args = ["-s", storage, "-p", "max_restarts=64"];
+        let varnishd = cachectl_testkit::Varnishd::start(&vcl, &args).await.map_err(anyhow::Error::msg)?;
         Ok(Self { port: varnishd.port, varnishd })
     }
 
@@ -189,6 +191,8 @@ pub struct WorkerSettings {
     pub per_node_concurrency: usize,
     /// `[worker] pipeline_depth`.
     pub pipeline_depth: usize,
+    /// `[worker] purge_batch`.
+    pub purge_batch: usize,
     /// `[worker] max_items_in_flight`.
     pub max_items_in_flight: usize,
     /// `[worker] enabled`: `false` for an API-only server.
@@ -244,13 +248,14 @@ impl Server {
         let port = free_port();
         let mut config = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n\n[store]\nurl = \"{store_url}\"\nmax_connections = {}\n\n\
-             [worker]\nenabled = {}\nper_node_concurrency = {}\npipeline_depth = {}\nmax_items_in_flight = {}\npoll_interval = \"50ms\"\n\
+             [worker]\nenabled = {}\nper_node_concurrency = {}\npipeline_depth = {}\npurge_batch = {}\nmax_items_in_flight = {}\npoll_interval = \"50ms\"\n\
              item_deadline = \"60s\"\nrequest_timeout = \"5s\"\nretry_initial = \"50ms\"\nretry_max = \"1s\"\n\n\
              [retention]\ndays = 40\n\n[baishan]\nrate_limit_per_minute = 100000000\n\n",
             worker.max_connections,
             worker.enabled,
             worker.per_node_concurrency,
             worker.pipeline_depth,
+            worker.purge_batch,
             worker.max_items_in_flight
         );
         config.push_str(&accounts_toml(accounts));

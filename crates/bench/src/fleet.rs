@@ -130,6 +130,7 @@ fn worker(nodes: usize) -> WorkerSettings {
     WorkerSettings {
         per_node_concurrency: 8,
         pipeline_depth: 8,
+        purge_batch: 8,
         max_items_in_flight: (262_144 / nodes.max(1)).clamp(64, 4096),
         enabled: true,
         max_connections: cachectl_store::DEFAULT_MAX_CONNECTIONS,
@@ -287,7 +288,7 @@ async fn wait_agents_up(server: &Server, nodes: usize) -> anyhow::Result<()> {
 }
 
 /// utime + stime of a process, in seconds (0 when unknown).
-fn cpu_seconds(pid: Option<u32>) -> f64 {
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // Fields after the command name, which is in parentheses and may hold spaces.
@@ -358,8 +359,15 @@ pub async fn host_agents(nats: String, count: usize, per_connection: usize) -> a
                 }
             };
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_request| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(axum::body::Body::empty()))
+                // As the shipped VCL answers a batched purge: how many paths it purged.
+                let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
+                    let mut response = hyper::Response::new(axum::body::Body::empty());
+                    if request.method().as_str() == "PURGE" {
+                        let next = request.headers().get("x-cachectl-next").and_then(|v| v.to_str().ok());
+                        let paths = 1 + next.map_or(0, |n| n.split(' ').count());
+                        response.headers_mut().insert("x-cachectl-purged", hyper::header::HeaderValue::from(paths));
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .pipeline_flush(true)

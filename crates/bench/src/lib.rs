@@ -94,6 +94,7 @@ impl Options {
             worker: WorkerSettings {
                 per_node_concurrency: 32,
                 pipeline_depth: 8,
+                purge_batch: 8,
                 max_items_in_flight: 4096,
                 enabled: true,
                 max_connections: cachectl_store::DEFAULT_MAX_CONNECTIONS,

@@ -83,6 +83,9 @@ struct RunFlags {
     /// `[worker] pipeline_depth` of the servers (1: no pipelining).
     #[arg(long, default_value_t = 8)]
     pipeline_depth: usize,
+    /// `[worker] purge_batch` of the servers (1: one purge a request).
+    #[arg(long, default_value_t = 8)]
+    purge_batch: usize,
     /// `[worker] max_items_in_flight` of the servers.
     #[arg(long, default_value_t = 4096)]
     max_items_in_flight: usize,
@@ -216,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
     options.worker.per_node_concurrency = f.per_node_concurrency;
     options.worker.max_items_in_flight = f.max_items_in_flight;
     options.worker.pipeline_depth = f.pipeline_depth;
+    options.worker.purge_batch = f.purge_batch;
     options.worker.max_connections = f.store_max_connections;
     options.postgres = !f.no_postgres;
     options.pg_shared_buffers = f.pg_shared_buffers;
@@ -249,6 +253,7 @@ async fn mixed(f: RunFlags) -> anyhow::Result<()> {
     let worker = cachectl_bench::fixtures::WorkerSettings {
         per_node_concurrency: f.per_node_concurrency,
         pipeline_depth: f.pipeline_depth,
+        purge_batch: f.purge_batch,
         max_items_in_flight: f.max_items_in_flight,
         enabled: true,
         max_connections: f.store_max_connections,
@@ -281,6 +286,7 @@ async fn tags(f: RunFlags) -> anyhow::Result<()> {
     let worker = cachectl_bench::fixtures::WorkerSettings {
         per_node_concurrency: f.per_node_concurrency,
         pipeline_depth: f.pipeline_depth,
+        purge_batch: f.purge_batch,
         max_items_in_flight: f.max_items_in_flight,
         enabled: true,
         max_connections: f.store_max_connections,

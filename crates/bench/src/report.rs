@@ -88,6 +88,15 @@ pub fn targets(r: &Results) -> Vec<Target> {
             ratio >= 0.7,
         ));
     }
+    if let (Some(d), Some(ratio)) = (&f.direct_batched, f.ratio_direct_batched) {
+        out.push(target(
+            "1 fan-out",
+            "cachectl ÷ direct PURGE pipelined and batched alike (information)",
+            format!("{:.0}/s ÷ {:.0}/s = {:.0}%", f.cachectl_rate, d.rps, ratio * 100.0),
+            "—",
+            true,
+        ));
+    }
     out.push(target(
         "1 fan-out",
         "cachectl ÷ shell loop",
@@ -140,13 +149,16 @@ pub fn table(r: &Results) -> String {
     let f = &r.fanout;
     let _ = writeln!(
         s,
-        "fan-out: {} purges in {} ms ({} failed items); direct {} {:.0}/s{}; shell loop {} purges {:.0}/s",
+        "fan-out: {} purges in {} ms ({} failed items; CPU s cachectl {:.1}, Varnish {:.1}); direct {} {:.0}/s{}{}; shell loop {} purges {:.0}/s",
         f.purges,
         f.cachectl_ms,
         f.failed,
+        f.cpu_cachectl_s,
+        f.cpu_varnish_s,
         f.direct.client,
         f.direct.rps,
         f.direct_pipelined.as_ref().map(|d| format!(", pipelined {:.0}/s", d.rps)).unwrap_or_default(),
+        f.direct_batched.as_ref().map(|d| format!(", pipelined and batched {:.0} purges/s", d.rps)).unwrap_or_default(),
         f.shell_purges,
         f.shell_rate
     );

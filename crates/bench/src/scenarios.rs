@@ -75,6 +75,10 @@ pub struct FanoutFigures {
     pub cachectl_ms: i64,
     /// cachectl's purges per second.
     pub cachectl_rate: f64,
+    /// CPU seconds of the server from the task's insertion until its last item was final.
+    pub cpu_cachectl_s: f64,
+    /// CPU seconds of every Varnish child process (`cache-main`) meanwhile.
+    pub cpu_varnish_s: f64,
     /// wrk (or the Rust client) sending PURGE straight to the nodes, one request at a time per
     /// connection, `per_node_concurrency` connections per node: the target's baseline.
     pub direct: LoadFigures,
@@ -82,6 +86,10 @@ pub struct FanoutFigures {
     /// deep on `ceil(per_node_concurrency / pipeline_depth)` connections per node); `None`
     /// without wrk or with pipelining off.
     pub direct_pipelined: Option<LoadFigures>,
+    /// The same, each request also naming `purge_batch − 1` more paths in `X-Cachectl-Next`, as
+    /// cachectl batches them (rates and counts in purges); `None` without wrk, pipelining or
+    /// batching.
+    pub direct_batched: Option<LoadFigures>,
     /// Purges the shell loop sent.
     pub shell_purges: u64,
     /// The shell loop's purges per second (`xargs -P 32 curl -X PURGE`).
@@ -90,6 +98,8 @@ pub struct FanoutFigures {
     pub ratio_direct: f64,
     /// cachectl ÷ direct pipelined.
     pub ratio_direct_pipelined: Option<f64>,
+    /// cachectl ÷ direct pipelined and batched.
+    pub ratio_direct_batched: Option<f64>,
     /// cachectl ÷ shell loop.
     pub ratio_shell: f64,
 }
@@ -105,14 +115,19 @@ pub async fn fanout(
     scratch: &Path,
 ) -> anyhow::Result<FanoutFigures> {
     let urls = options.fanout_urls;
+    let cpu = || (crate::fleet::cpu_seconds(Some(server.pid())), caches_cpu_seconds());
+    let cpu_before = cpu();
     let created_at = now_ms();
     let task_id = insert_task(&server.store_url, urls, created_at).await?;
     // The worker polls every 50 ms; a submission through the API wakes it at once, as every
     // real submission would.
     submit(&http()?, server, &["http://www.acct00.test/fanout-wake.css".to_owned()]).await?;
     let count = i64::try_from(urls)?;
-    let sql = format!("SELECT COUNT(*) FROM items WHERE task_id = {task_id} AND status IN ('completed', 'failed')");
+    // The task's count of unfinished items, one row: counting the final items themselves every
+    // 100 ms took this process a third of a core at 150,000 URLs, beside cachectl and Varnish.
+    let sql = format!("SELECT {count} - pending FROM tasks WHERE id = {task_id}");
     wait_final(&server.store_url, &sql, count, Duration::from_secs(600)).await?;
+    let cpu_after = cpu();
     let mut conn = sqlite_reader(&server.store_url).await?;
     let row = sqlx::query("SELECT MAX(finished_at), SUM(status = 'failed') FROM items WHERE task_id = ?")
         .bind(task_id)
@@ -125,15 +140,24 @@ pub async fn fanout(
     let cachectl_rate = purges as f64 / (cachectl_ms as f64 / 1000.0);
 
     let per_node = options.worker.per_node_concurrency;
-    let direct = direct_purges(nodes, options.direct_seconds, per_node, 1, options.use_wrk, scratch).await?;
+    let direct = direct_purges(nodes, options.direct_seconds, per_node, 1, 1, options.use_wrk, scratch).await?;
     let depth = options.worker.pipeline_depth;
     let direct_pipelined = if options.use_wrk && depth > 1 {
-        Some(direct_purges(nodes, options.direct_seconds, per_node.div_ceil(depth), depth, true, scratch).await?)
+        Some(direct_purges(nodes, options.direct_seconds, per_node.div_ceil(depth), depth, 1, true, scratch).await?)
+    } else {
+        None
+    };
+    let batch = options.worker.purge_batch;
+    let direct_batched = if options.use_wrk && depth > 1 && batch > 1 {
+        let connections = per_node.div_ceil(depth);
+        Some(direct_purges(nodes, options.direct_seconds, connections, depth, batch, true, scratch).await?)
     } else {
         None
     };
     let (shell_purges, shell_rate) = shell_loop(nodes, options.shell_purges, scratch)?;
     Ok(FanoutFigures {
+        cpu_cachectl_s: cpu_after.0 - cpu_before.0,
+        cpu_varnish_s: cpu_after.1 - cpu_before.1,
         urls,
         nodes: nodes.len(),
         purges,
@@ -143,11 +167,23 @@ pub async fn fanout(
         ratio_direct: cachectl_rate / direct.rps,
         ratio_direct_pipelined: direct_pipelined.as_ref().map(|d| cachectl_rate / d.rps),
         direct_pipelined,
+        ratio_direct_batched: direct_batched.as_ref().map(|d| cachectl_rate / d.rps),
+        direct_batched,
         ratio_shell: cachectl_rate / shell_rate,
         direct,
         shell_purges,
         shell_rate,
     })
+}
+
+/// utime + stime of every `cache-main` process (Varnish's children), in seconds.
+fn caches_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0.0 };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "cache-main"))
+        .map(|pid| crate::fleet::cpu_seconds(Some(pid)))
+        .sum()
 }
 
 /// Writes one refresh task of `urls` URLs of account 0 into the running server's SQLite store,
@@ -194,23 +230,30 @@ async fn insert_task(store_url: &str, urls: u64, created_at: Timestamp) -> anyho
 }
 
 /// The physical limit: PURGE sent straight to every node at once, `per_node` connections each,
-/// `depth` requests written at a time on each connection (wrk counts every answer).
+/// `depth` requests written at a time on each connection (wrk counts every answer), each request
+/// naming `batch − 1` more paths in `X-Cachectl-Next` (the figures then count purges).
 async fn direct_purges(
     nodes: &[Varnish],
     seconds: u64,
     per_node: usize,
     depth: usize,
+    batch: usize,
     use_wrk: bool,
     scratch: &Path,
 ) -> anyhow::Result<LoadFigures> {
     if use_wrk {
-        let script = scratch.join(format!("purge-{depth}.lua"));
+        let script = scratch.join(format!("purge-{depth}-{batch}.lua"));
+        // Each request's path, then the batch's others (none when batch is 1).
         std::fs::write(
             &script,
             format!(
                 "local counter = 0\nrequest = function()\n  local batch = {{}}\n  for i = 1, {depth} do\n    \
-                 counter = counter + 1\n    batch[i] = wrk.format(\"PURGE\", \"/direct/\" .. counter .. \".css\", \
-                 {{ [\"Host\"] = \"www.acct00.test\" }})\n  end\n  return table.concat(batch)\nend\n"
+                 local first = counter + 1\n    local more = {{}}\n    for j = 2, {batch} do\n      \
+                 more[j - 1] = \"/direct/\" .. (counter + j) .. \".css\"\n    end\n    counter = counter + {batch}\n    \
+                 local headers = {{ [\"Host\"] = \"www.acct00.test\" }}\n    \
+                 if #more > 0 then headers[\"X-Cachectl-Next\"] = table.concat(more, \" \") end\n    \
+                 batch[i] = wrk.format(\"PURGE\", \"/direct/\" .. first .. \".css\", headers)\n  end\n  \
+                 return table.concat(batch)\nend\n"
             ),
         )?;
         let runs: Vec<_> = nodes
@@ -234,6 +277,11 @@ async fn direct_purges(
             sum.p99_ms = sum.p99_ms.max(f.p99_ms);
         }
         sum.connections = per_node * nodes.len();
+        #[allow(clippy::cast_precision_loss)]
+        {
+            sum.requests *= batch as u64;
+            sum.rps *= batch as f64;
+        }
         return Ok(sum);
     }
     let addresses: Arc<Vec<String>> = Arc::new(nodes.iter().map(Varnish::address).collect());

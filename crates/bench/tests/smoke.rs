@@ -35,6 +35,7 @@ async fn every_scenario_produces_figures_at_tiny_sizes() {
         worker: WorkerSettings {
             per_node_concurrency: 8,
             pipeline_depth: 4,
+            purge_batch: 8,
             max_items_in_flight: 256,
             enabled: true,
             max_connections: 4,
@@ -99,6 +100,7 @@ async fn the_mixed_load_runs_at_tiny_sizes() {
     let worker = WorkerSettings {
         per_node_concurrency: 8,
         pipeline_depth: 4,
+        purge_batch: 8,
         max_items_in_flight: 256,
         enabled: true,
         max_connections: 4,
@@ -135,6 +137,7 @@ async fn the_tag_purges_run_at_tiny_sizes() {
     let worker = WorkerSettings {
         per_node_concurrency: 8,
         pipeline_depth: 4,
+        purge_batch: 8,
         max_items_in_flight: 256,
         enabled: true,
         max_connections: 4,

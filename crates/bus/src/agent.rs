@@ -65,6 +65,11 @@ pub struct AgentConfig {
     /// `1` turns pipelining off.
     #[serde(default = "default_pipeline_depth")]
     pub pipeline_depth: usize,
+    /// Varnish: plain URL purges of one host sent in one request at most (the shipped VCL
+    /// purges them in turn; varnishd's `max_restarts` must be at least this minus one); `1`
+    /// sends one a request.
+    #[serde(default = "default_purge_batch")]
+    pub purge_batch: usize,
     /// How often the agent says it is alive.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -102,6 +107,9 @@ fn default_concurrency() -> usize {
 }
 fn default_pipeline_depth() -> usize {
     32
+}
+fn default_purge_batch() -> usize {
+    8
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(2)
@@ -186,6 +194,9 @@ impl AgentConfig {
         }
         if !(1..=1024).contains(&self.pipeline_depth) {
             return err("pipeline_depth", "must be 1 to 1024".into());
+        }
+        if !(1..=cachectl_edge::MAX_PURGE_BATCH).contains(&self.purge_batch) {
+            return err("purge_batch", format!("must be 1 to {}", cachectl_edge::MAX_PURGE_BATCH));
         }
         if self.stream_max_mib == 0 || self.stream_max_mib > 1 << 30 {
             return err("stream_max_mib", "must be 1 to 1073741824".into());
@@ -325,6 +336,7 @@ pub async fn run_on(connection: Connection, config: AgentConfig, shutdown: Cance
         connect_timeout: Duration::from_secs(2),
         per_node: config.concurrency,
         pipeline_depth: config.pipeline_depth,
+        purge_batch: config.purge_batch,
         transport: TransportKind::Pipelined,
     })?;
     let node = config.node();

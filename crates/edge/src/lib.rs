@@ -17,6 +17,9 @@ pub use transport::{NodeTransport, Plain, Request, Transport, TransportError, Tr
 
 use transport::describe;
 
+/// The most plain URL purges one request may carry ([`ClientSettings::purge_batch`]).
+pub const MAX_PURGE_BATCH: usize = 64;
+
 /// The kinds of cache cachectl drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -242,6 +245,9 @@ pub struct ClientSettings {
     pub pipeline_depth: usize,
     /// What carries purges and bans: the pipelined lane or reqwest's pool.
     pub transport: TransportKind,
+    /// Plain URL purges of one host sent to a Varnish node in one pipelined request at most
+    /// (1: one a request; see [`pipeline`], batched purges). nginx nodes always get one a request.
+    pub purge_batch: usize,
 }
 
 /// Sends driver requests to nodes over kept-alive connections.
@@ -285,6 +291,7 @@ impl EdgeClient {
                         depth,
                         connect_timeout: self.settings.connect_timeout,
                         request_timeout: self.settings.request_timeout,
+                        batch: if node.driver == Driver::Varnish { self.settings.purge_batch.max(1) } else { 1 },
                     },
                 ))
             }

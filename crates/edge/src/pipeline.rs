@@ -8,6 +8,16 @@
 //! caches spend answering (BENCHMARKS.md). Answers are parsed by `httparse`, hyper's own parser.
 //! Prefetches (GET, bodies of any size) stay on reqwest.
 //!
+//! Batched purges ([`LaneSettings::batch`], Varnish only): plain URL purges of one host that wait
+//! together leave as one request, `PURGE <first path>` with the paths after it in
+//! `X-Cachectl-Next` (blank-separated). The shipped VCL purges each in turn (a restart per path)
+//! and says in `X-Cachectl-Purged` how many it purged, from the first. The paths it confirms are
+//! answered 200; the others wait again and leave in later requests. A node that confirms fewer
+//! (varnishd's `max_restarts` below the batch) is sent batches of that many from then on; one
+//! that answers a batch without the header (a VCL without cachectl's `vcl_purge`: it purged the
+//! first path, which is all an unaware cache does) is sent one path a request for
+//! [`UNBATCHED_FOR`], then tried again.
+//!
 //! A connection the node closes (keep-alive limit, idle timeout, restart) costs nothing: the
 //! requests it had not answered are written again on a new connection, at most [`MAX_RESENDS`]
 //! times each (purges and bans are idempotent); after that, and for every other failure, the
@@ -35,6 +45,11 @@ pub const MAX_RESENDS: u8 = 2;
 const MAX_ANSWER: usize = 1 << 20;
 /// Header lines parsed in an answer at most.
 const MAX_HEADERS: usize = 64;
+/// Bytes of the paths in one batched request's `X-Cachectl-Next` at most (Varnish refuses a
+/// header line over `http_req_hdr_len`, 8 KiB by default).
+const MAX_NEXT: usize = 6 * 1024;
+/// How long a connection whose node did not confirm a batch sends one path a request.
+pub const UNBATCHED_FOR: Duration = Duration::from_secs(300);
 
 /// How a lane connects and how much it pipelines.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +62,9 @@ pub struct LaneSettings {
     pub connect_timeout: Duration,
     /// Longest wait for the next answer while requests are outstanding.
     pub request_timeout: Duration,
+    /// Plain URL purges of one host sent in one request at most (1: one a request). Only for a
+    /// node whose VCL purges the paths of `X-Cachectl-Next` (module documentation).
+    pub batch: usize,
 }
 
 pub use crate::transport::TransportError;
@@ -55,6 +73,41 @@ struct Job {
     request: Vec<u8>,
     reply: oneshot::Sender<Result<u16, TransportError>>,
     resends: u8,
+    /// A plain URL purge (no header) that may share a request: the length of its path, which
+    /// starts after `PURGE ` in `request`; its host follows the path and [`HOST_AFTER_TARGET`].
+    target_len: Option<usize>,
+    /// The purges written in this job's request after it (a batch), in order.
+    more: Vec<Job>,
+}
+
+/// What separates a request's target from its host in [`crate::transport::Request::to_bytes`].
+const HOST_AFTER_TARGET: &[u8] = b" HTTP/1.1\r\nhost: ";
+/// What starts a plain purge's bytes.
+const PURGE_PREFIX: &[u8] = b"PURGE ";
+
+impl Job {
+    /// The path of a plain purge.
+    fn target(&self) -> &[u8] {
+        let len = self.target_len.unwrap_or(0);
+        &self.request[PURGE_PREFIX.len()..PURGE_PREFIX.len() + len]
+    }
+
+    /// The host of a plain purge.
+    fn host(&self) -> &[u8] {
+        let start = PURGE_PREFIX.len() + self.target_len.unwrap_or(0) + HOST_AFTER_TARGET.len();
+        self.request.get(start..self.request.len().saturating_sub(4)).unwrap_or_default()
+    }
+
+    /// Requests carried, this one's and its batch's.
+    fn count(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    /// This job and those of its batch, each alone again.
+    fn split(mut self) -> impl Iterator<Item = Job> {
+        let more = std::mem::take(&mut self.more);
+        std::iter::once(self).chain(more)
+    }
 }
 
 struct Connection {
@@ -101,6 +154,12 @@ impl Lane {
     /// The node could not be reached, closed the connection too often, timed out, or answered
     /// something that is not HTTP/1.x.
     pub async fn send_bytes(&self, request: Vec<u8>) -> Result<u16, TransportError> {
+        self.queue(request, None).await
+    }
+
+    /// Queues `request`; `target_len`: it is a plain purge with a path of that length, which may
+    /// share a request with others.
+    async fn queue(&self, request: Vec<u8>, target_len: Option<usize>) -> Result<u16, TransportError> {
         let connection = self
             .connections
             .iter()
@@ -109,7 +168,7 @@ impl Lane {
         let (reply, answer) = oneshot::channel();
         connection.outstanding.fetch_add(1, Ordering::Relaxed);
         let stopped = || format!("request error: {}: the connection task has stopped", self.address);
-        if connection.jobs.send(Job { request, reply, resends: 0 }).is_err() {
+        if connection.jobs.send(Job { request, reply, resends: 0, target_len, more: Vec::new() }).is_err() {
             connection.outstanding.fetch_sub(1, Ordering::Relaxed);
             return Err(stopped());
         }
@@ -120,7 +179,8 @@ impl Lane {
 /// The pipelined implementation of the node transport.
 impl Transport for Lane {
     async fn send(&self, request: Request) -> Result<u16, TransportError> {
-        self.send_bytes(request.to_bytes()).await
+        let target_len = request.plain_purge_target().map(str::len);
+        self.queue(request.to_bytes(), target_len).await
     }
 }
 
@@ -166,6 +226,7 @@ async fn run_connection(
     // read (or once nothing is in flight), together with those that come meanwhile, instead of in
     // a write of its own as it came — on loopback a write also pays the receiving side of TCP.
     let mut held = false;
+    let mut batching = Batching { size: settings.batch.max(1), configured: settings.batch.max(1), retry_at: None };
     loop {
         if waiting.is_empty() && in_flight.is_empty() {
             if !open {
@@ -176,7 +237,7 @@ async fn run_connection(
                 None => return,
             }
         }
-        while open && waiting.len() + in_flight.len() < depth {
+        while open && waiting.len() + jobs(&in_flight) < depth * batching.size {
             match incoming.try_recv() {
                 Ok(job) => waiting.push_back(job),
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -219,9 +280,13 @@ async fn run_connection(
             }
             fresh = false;
             write.clear();
+            batching.resume();
             while in_flight.len() < depth {
-                let Some(job) = waiting.pop_front() else { break };
-                write.extend_from_slice(&job.request);
+                let Some(mut job) = waiting.pop_front() else { break };
+                if batching.size > 1 && job.target_len.is_some() {
+                    gather(&mut job, &mut waiting, batching.size);
+                }
+                write_job(&mut write, &job);
                 in_flight.push_back(job);
             }
             let written = tokio::time::timeout(settings.request_timeout, conn.write_all(&write)).await;
@@ -235,7 +300,7 @@ async fn run_connection(
         let until = *deadline.get_or_insert_with(|| Instant::now() + settings.request_timeout);
         let event = tokio::select! {
             r = conn.read_buf(&mut read) => Event::Read(r),
-            job = incoming.recv(), if open && waiting.len() + in_flight.len() < depth => Event::Job(job),
+            job = incoming.recv(), if open && waiting.len() + jobs(&in_flight) < depth * batching.size => Event::Job(job),
             () = tokio::time::sleep_until(until) => Event::Timeout,
         };
         if !matches!(event, Event::Job(_)) {
@@ -257,7 +322,14 @@ async fn run_connection(
                 requeue(&mut in_flight, &mut waiting, &format!("request error: {address}: {e}"), &answer);
             }
             Event::Read(Ok(n)) => {
-                let (answered, mut closing) = take_answers(&mut read, n == 0, &mut in_flight, &address, &answer);
+                let (answered, mut closing) = take_answers(
+                    &mut read,
+                    n == 0,
+                    &mut in_flight,
+                    Followed { waiting: &mut waiting, batching: &mut batching },
+                    &address,
+                    &answer,
+                );
                 if answered {
                     deadline = None;
                 }
@@ -275,6 +347,143 @@ async fn run_connection(
     }
 }
 
+/// How many paths a connection puts in one purge request, as its node showed it can take.
+struct Batching {
+    /// Now.
+    size: usize,
+    /// As configured.
+    configured: usize,
+    /// When batches of `configured` are tried again after the node did not confirm one.
+    retry_at: Option<Instant>,
+}
+
+impl Batching {
+    /// Tries the configured size again once the node had [`UNBATCHED_FOR`] to change its VCL.
+    fn resume(&mut self) {
+        if self.retry_at.is_some_and(|at| Instant::now() >= at) {
+            self.retry_at = None;
+            self.size = self.configured;
+        }
+    }
+
+    /// The node purged `confirmed` paths of a larger batch (its `max_restarts` + 1).
+    fn confirmed(&mut self, confirmed: usize, address: &str) {
+        if confirmed < self.size {
+            tracing::warn!(
+                node = %address,
+                confirmed,
+                batch = self.size,
+                "The node purged only the first {confirmed} paths of a batched purge (varnishd's max_restarts \
+                 is {}); the others are sent again, and batches are of {confirmed} paths from now on.",
+                confirmed - 1
+            );
+            self.size = confirmed.max(1);
+        }
+    }
+
+    /// The node answered a batch without saying how many paths it purged.
+    fn refused(&mut self, address: &str) {
+        if self.size > 1 {
+            tracing::warn!(
+                node = %address,
+                "The node did not confirm a batched purge (its VCL lacks cachectl's vcl_purge): sending one \
+                 path a request for {UNBATCHED_FOR:?}, then trying batches again."
+            );
+        }
+        self.size = 1;
+        self.retry_at = Some(Instant::now() + UNBATCHED_FOR);
+    }
+}
+
+/// Where the paths of a batch its node did not purge go, and what the connection learns.
+struct Followed<'a> {
+    waiting: &'a mut VecDeque<Job>,
+    batching: &'a mut Batching,
+}
+
+/// The requests (paths) that the jobs of `queue` carry.
+fn jobs(queue: &VecDeque<Job>) -> usize {
+    queue.iter().map(Job::count).sum()
+}
+
+/// Moves into `job`'s batch the plain purges of its host that wait right after it, up to `size`
+/// paths and [`MAX_NEXT`] bytes of them after the first.
+fn gather(job: &mut Job, waiting: &mut VecDeque<Job>, size: usize) {
+    let mut next_bytes = 0;
+    while job.count() < size {
+        let Some(next) = waiting.front() else { break };
+        let length = next.target().len() + 1;
+        if next.target_len.is_none() || next.host() != job.host() || next_bytes + length > MAX_NEXT {
+            break;
+        }
+        next_bytes += length;
+        if let Some(next) = waiting.pop_front() {
+            job.more.push(next);
+        }
+    }
+}
+
+/// Writes `job`'s request: its own bytes, or for a batch `PURGE <first path>` with the others
+/// in `X-Cachectl-Next`.
+fn write_job(write: &mut Vec<u8>, job: &Job) {
+    if job.more.is_empty() {
+        write.extend_from_slice(&job.request);
+        return;
+    }
+    for part in [PURGE_PREFIX, job.target(), HOST_AFTER_TARGET, job.host(), b"\r\nx-cachectl-next: "] {
+        write.extend_from_slice(part);
+    }
+    for (i, next) in job.more.iter().enumerate() {
+        if i > 0 {
+            write.push(b' ');
+        }
+        write.extend_from_slice(next.target());
+    }
+    write.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Answers the requests of `job` with the node's answer `status`. A batch is answered as far as
+/// the node confirmed it (`purged`): the status for a whole batch, 200 for the confirmed paths
+/// of a part (the node's status is then its refusal of the rest); without a confirmation the
+/// first path has the status, which is all an unaware cache answers for. The paths left wait
+/// again, in front.
+fn settle(
+    job: Job,
+    status: u16,
+    purged: Option<usize>,
+    followed: &mut Followed<'_>,
+    address: &str,
+    answer: &impl Fn(Job, Result<u16, TransportError>),
+) {
+    if job.more.is_empty() {
+        answer(job, Ok(status));
+        return;
+    }
+    let size = job.count();
+    let confirmed = purged.unwrap_or(0).min(size);
+    let mut all = job.split();
+    if confirmed == size {
+        all.for_each(|j| answer(j, Ok(status)));
+        return;
+    }
+    if confirmed == 0 {
+        if let Some(first) = all.next() {
+            answer(first, Ok(status));
+        }
+        if (200..300).contains(&status) {
+            followed.batching.refused(address);
+        }
+    } else {
+        let ok = if (200..300).contains(&status) { status } else { 200 };
+        all.by_ref().take(confirmed).for_each(|j| answer(j, Ok(ok)));
+        followed.batching.confirmed(confirmed, address);
+    }
+    let left: Vec<Job> = all.collect();
+    for j in left.into_iter().rev() {
+        followed.waiting.push_front(j);
+    }
+}
+
 /// Answers, in order, the requests in flight whose answers `read` holds (`eof`: the node closed
 /// the connection after them). Returns whether a final answer was taken (the oldest request's
 /// deadline then moves on) and whether the connection must be closed: the node asked for it,
@@ -283,6 +492,7 @@ fn take_answers(
     read: &mut BytesMut,
     eof: bool,
     in_flight: &mut VecDeque<Job>,
+    mut followed: Followed<'_>,
     address: &str,
     answer: &impl Fn(Job, Result<u16, TransportError>),
 ) -> (bool, bool) {
@@ -298,7 +508,7 @@ fn take_answers(
                     // An answer to nothing asked: the framing is lost.
                     return (answered, true);
                 };
-                answer(job, Ok(parsed.status));
+                settle(job, parsed.status, parsed.purged, &mut followed, address, answer);
                 answered = true;
                 if parsed.close {
                     return (answered, true);
@@ -335,7 +545,7 @@ enum Event {
 
 /// Answers `error` to every request of `queue`.
 fn fail(queue: &mut VecDeque<Job>, error: &str, answer: &impl Fn(Job, Result<u16, TransportError>)) {
-    for job in queue.drain(..) {
+    for job in queue.drain(..).flat_map(Job::split) {
         answer(job, Err(error.to_owned()));
     }
 }
@@ -348,12 +558,15 @@ fn requeue(
     error: &str,
     answer: &impl Fn(Job, Result<u16, TransportError>),
 ) {
-    while let Some(mut job) = in_flight.pop_back() {
-        if job.resends >= MAX_RESENDS {
-            answer(job, Err(error.to_owned()));
-        } else {
-            job.resends += 1;
-            waiting.push_front(job);
+    while let Some(batch) = in_flight.pop_back() {
+        let jobs: Vec<Job> = batch.split().collect();
+        for mut job in jobs.into_iter().rev() {
+            if job.resends >= MAX_RESENDS {
+                answer(job, Err(error.to_owned()));
+            } else {
+                job.resends += 1;
+                waiting.push_front(job);
+            }
         }
     }
 }
@@ -381,6 +594,8 @@ pub struct Parsed {
     pub close: bool,
     /// A 1xx answer, followed by the real one.
     pub interim: bool,
+    /// `X-Cachectl-Purged`: how many paths of a batched purge the node purged.
+    pub purged: Option<usize>,
 }
 
 /// Parses the answer at the start of `buf`: `None` until it is complete. `eof`: the node closed
@@ -401,6 +616,7 @@ pub fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
     let mut length: Option<usize> = None;
     // Transfer-Encoding: None without one; Some(true) when chunked comes last.
     let mut encoding: Option<bool> = None;
+    let mut purged = None;
     for header in response.headers.iter() {
         let value = String::from_utf8_lossy(header.value);
         if header.name.eq_ignore_ascii_case("connection") {
@@ -420,6 +636,8 @@ pub fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
                 return Err("two different Content-Lengths".to_owned());
             }
             length = Some(n);
+        } else if header.name.eq_ignore_ascii_case("x-cachectl-purged") {
+            purged = value.trim().parse::<usize>().ok();
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             let last = value.rsplit(',').next().map(str::trim).unwrap_or_default();
             encoding = Some(last.eq_ignore_ascii_case("chunked"));
@@ -451,9 +669,9 @@ pub fn parse_answer(buf: &[u8], eof: bool) -> Result<Option<Parsed>, String> {
     if body.is_none() && eof {
         // The node closed in the middle of the body: the status came, so the request was
         // handled; it is answered with that status instead of being sent again.
-        return Ok(Some(Parsed { status, length: buf.len(), close: true, interim }));
+        return Ok(Some(Parsed { status, length: buf.len(), close: true, interim, purged }));
     }
-    Ok(body.map(|body| Parsed { status, length: head + body, close, interim }))
+    Ok(body.map(|body| Parsed { status, length: head + body, close, interim, purged }))
 }
 
 /// The length of a chunked body (chunks, last chunk, trailers) at the start of `buf`, or `None`

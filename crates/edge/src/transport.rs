@@ -68,6 +68,13 @@ impl Request {
         Ok(Self { method: plan.method, target: plan.path_and_query, host: plan.host, headers: plan.headers })
     }
 
+    /// The path of a plain URL purge (PURGE without any header), which a node's VCL can purge
+    /// together with others of its host (`pipeline`, batched purges).
+    #[must_use]
+    pub fn plain_purge_target(&self) -> Option<&str> {
+        (self.method.as_str() == "PURGE" && self.headers.is_empty()).then_some(self.target.as_str())
+    }
+
     /// The request's bytes on the wire, HTTP/1.1.
     #[must_use]
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -36,6 +36,7 @@ fn node(kind: TransportKind, driver: Driver, address: &str) -> (EdgeClient, Node
         per_node: PER_NODE,
         pipeline_depth: 4,
         transport: kind,
+        purge_batch: 8,
     })
     .unwrap();
     let node = Node { name: "n1".into(), driver, address: address.into(), tier: Tier::Edge, domains: vec![] };
@@ -172,4 +173,87 @@ async fn an_unreachable_node_is_retried_with_an_error_naming_its_address(kind: T
         Outcome::Retry { code: None, error } => assert!(error.contains(&address), "{error}"),
         other => panic!("a purge on a stopped node: {other:?}"),
     }
+}
+
+/// Purges `paths` on `edge` all at once (pipelined: they wait together and leave in batches)
+/// and returns their outcomes.
+async fn purge_at_once(edge: &Arc<(EdgeClient, Node, NodeTransport)>, paths: &[String]) -> Vec<Outcome> {
+    let sends: Vec<_> = paths
+        .iter()
+        .map(|path| {
+            let (edge, path) = (edge.clone(), path.clone());
+            tokio::spawn(async move { refresh(&edge, ItemType::Url, &path).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for send in sends {
+        outcomes.push(send.await.unwrap());
+    }
+    outcomes
+}
+
+/// Caches `purged` and `kept` paths on `varnish`, purges `purged` at once through the lane, and
+/// checks that exactly those were evicted; returns how many requests Varnish received for them.
+async fn batched_purge_evicts_exactly(varnish: &Varnish, origin: &Origin, purged: usize) -> u64 {
+    let address = varnish.address();
+    let paths: Vec<String> = (0..purged).map(|i| format!("/batch/{i}.css?v=1")).collect();
+    let kept = [(HOST, "/batch/kept.css"), ("img.example.com", "/batch/0.css?v=1")];
+    for path in &paths {
+        cached(&address, HOST, path).await;
+    }
+    for (host, path) in kept {
+        cached(&address, host, path).await;
+    }
+    let edge = Arc::new(node(TransportKind::Pipelined, Driver::Varnish, &address));
+    // A worker thread adds its counters to varnishstat's once its connection is idle.
+    let settled = || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        varnish.counter("MAIN.client_req")
+    };
+    let before = settled().await;
+    let outcomes = purge_at_once(&edge, &paths).await;
+    let requests = settled().await - before;
+    assert!(outcomes.iter().all(|o| *o == Outcome::Success { code: 200 }), "{outcomes:?}");
+    for path in &paths {
+        assert_eq!(cache_status(&address, HOST, path).await, "MISS", "{path} was purged");
+        assert_eq!(origin.count(HOST, path), 2, "the GET after the purge of {path} went to the origin");
+    }
+    for (host, path) in kept {
+        assert_eq!(cache_status(&address, host, path).await, "HIT", "{host}{path} stays");
+    }
+    requests
+}
+
+/// The shipped VCL purges every path of a batched request (`X-Cachectl-Next`), and only those:
+/// 40 purges sent at once reach Varnish in far fewer requests.
+#[tokio::test]
+async fn batched_purges_evict_exactly_their_urls_on_varnish() {
+    let origin = Origin::start().await;
+    let varnish = Varnish::start(origin.port).await;
+    let requests = batched_purge_evicts_exactly(&varnish, &origin, 40).await;
+    assert!(requests <= 20, "40 purges came in {requests} requests: batched");
+}
+
+/// varnishd with `max_restarts` below the batch stops a batch with a 503 that says how many
+/// paths it purged; the lane sends the others again, in batches that fit.
+#[tokio::test]
+async fn a_varnish_allowing_fewer_restarts_than_the_batch_still_gets_every_purge() {
+    let origin = Origin::start().await;
+    let varnish = Varnish::start_custom(&Varnish::shipped_vcl(origin.port), &["max_restarts=2"]).await;
+    let requests = batched_purge_evicts_exactly(&varnish, &origin, 30).await;
+    assert!(requests < 30, "30 purges came in {requests} requests: batched by three at most");
+}
+
+/// A VCL without cachectl's `vcl_purge` purges a batched request's own path and ignores the
+/// others: the lane sends those again one a request, and every purge is done.
+#[tokio::test]
+async fn a_varnish_without_the_batch_vcl_still_gets_every_purge() {
+    let origin = Origin::start().await;
+    let shipped = Varnish::shipped_vcl(origin.port);
+    let start = shipped.find("sub vcl_purge {").expect("the shipped VCL has a vcl_purge");
+    let end = start + shipped[start..].find("\n}\n").expect("its end") + 3;
+    let without = format!("{}{}", &shipped[..start], &shipped[end..]);
+    let varnish = Varnish::start_custom(&without, &[]).await;
+    let requests = batched_purge_evicts_exactly(&varnish, &origin, 30).await;
+    assert!(requests >= 30, "every path had a request of its own ({requests})");
 }

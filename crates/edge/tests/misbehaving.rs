@@ -186,7 +186,7 @@ fn answer(status: u16, extra_headers: &str) -> Vec<u8> {
 }
 
 fn settings(connections: usize, depth: usize, request_timeout: Duration) -> LaneSettings {
-    LaneSettings { connections, depth, connect_timeout: Duration::from_secs(2), request_timeout }
+    LaneSettings { connections, depth, connect_timeout: Duration::from_secs(2), request_timeout, batch: 1 }
 }
 
 /// How often a transport writes a request whose connection is lost before it gives up: the lane
@@ -209,6 +209,7 @@ fn client(kind: TransportKind, per_node: usize, depth: usize, request_timeout: D
         per_node,
         pipeline_depth: depth,
         transport: kind,
+        purge_batch: 1,
     })
     .unwrap()
 }

@@ -165,11 +165,12 @@ async fn origin_handler(State(hits): State<Arc<Mutex<Vec<OriginHit>>>>, headers:
     response
 }
 
-/// A Varnish 7.1 cache running the project's `deploy/varnish/cachectl.vcl`.
+/// A Varnish 7.1 cache running the project's `deploy/varnish/cachectl.vcl`, with the
+/// parameters docs/edges.md asks for (`max_restarts = 8`, for batched purges).
 pub struct Varnish {
     /// Its HTTP port on 127.0.0.1.
     pub port: u16,
-    _varnishd: crate::Varnishd,
+    varnishd: crate::Varnishd,
 }
 
 impl Varnish {
@@ -191,7 +192,48 @@ impl Varnish {
         Self::wrap(varnishd.unwrap_or_else(|e| panic!("{e}")))
     }
 
-    const ARGS: &[&str] = &["-s", "malloc,64m", "-p", "ban_lurker_sleep=0.01"];
+    /// Varnish running `vcl` (the shipped VCL with the origin's port, [`Varnish::shipped_vcl`],
+    /// or a variant of it) with `params` (`name=value`) after the usual arguments.
+    ///
+    /// # Panics
+    /// varnishd does not start.
+    pub async fn start_custom(vcl: &str, params: &[&str]) -> Self {
+        let mut args: Vec<&str> = Self::ARGS.to_vec();
+        for param in params {
+            args.extend(["-p", param]);
+        }
+        let varnishd = crate::Varnishd::start(vcl, &args).await;
+        Self::wrap(varnishd.unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    /// The shipped VCL with `origin_port` as its backend's port.
+    #[must_use]
+    pub fn shipped_vcl(origin_port: u16) -> String {
+        Self::vcl(origin_port)
+    }
+
+    /// `varnishstat -1` counter `name` (such as `MAIN.client_req`).
+    ///
+    /// # Panics
+    /// varnishstat fails or has no such counter.
+    #[must_use]
+    pub fn counter(&self, name: &str) -> u64 {
+        let out = std::process::Command::new("varnishstat")
+            .arg("-n")
+            .arg(self.varnishd.workdir())
+            .args(["-1", "-f", name])
+            .output()
+            .expect("varnishstat runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| {
+                let mut parts = l.split_whitespace();
+                (parts.next() == Some(name)).then(|| parts.next()?.parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("no counter {name} in {text}"))
+    }
+
+    const ARGS: &[&str] = &["-s", "malloc,64m", "-p", "ban_lurker_sleep=0.01", "-p", "max_restarts=8"];
 
     /// The shipped VCL with the origin as its backend.
     fn vcl(origin_port: u16) -> String {
@@ -202,7 +244,7 @@ impl Varnish {
     }
 
     fn wrap(varnishd: crate::Varnishd) -> Self {
-        Self { port: varnishd.port, _varnishd: varnishd }
+        Self { port: varnishd.port, varnishd }
     }
 
     /// `127.0.0.1:PORT`, a node's address.

@@ -5,10 +5,13 @@
 //! **How an execution is observed.** Each Varnish node is configured in cachectl by the address of
 //! an [`ExecProxy`]: a TCP proxy in this test process that forwards every byte to the real varnishd
 //! unchanged (cachectl's pipelined requests included) while framing the HTTP/1.1 messages of both
-//! directions. For every request it records the method, `Host`, target and the wall-clock
+//! directions. For every request (every path of a batched purge, `X-Cachectl-Next`, as one of its
+//! own) it records the method, `Host`, target and the wall-clock
 //! millisecond at which the request was complete in the proxy, *before* forwarding its last bytes;
 //! for every answer (matched to its request in order, as HTTP/1.1 requires) the status and the
-//! millisecond at which it was complete, *before* forwarding it to cachectl. Varnish executes a
+//! millisecond at which it was complete, *before* forwarding it to cachectl (for a batch, the paths
+//! its `X-Cachectl-Purged` count confirms; the others stay unanswered, as cachectl sends them
+//! again). Varnish executes a
 //! purge between those two instants. The proxy also holds each answer until its request is
 //! `latency` old (a node a few milliseconds away, as real edges are), so that items stay in flight
 //! long enough for a kill to land on them; Varnish on the loopback answers in microseconds.
@@ -326,8 +329,9 @@ async fn proxy_connection(
     let _ = server.set_nodelay(true);
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
-    // Indexes into `log` of the requests on this connection still waiting for their answer.
-    let pending: Arc<Mutex<VecDeque<usize>>> = Arc::default();
+    // Indexes into `log` of the requests on this connection still waiting for their answer: one
+    // per path of each request, in order.
+    let pending: Arc<Mutex<VecDeque<Vec<usize>>>> = Arc::default();
     let (requests_log, requests_pending, requests_unframed) = (log.clone(), pending.clone(), unframed.clone());
     let requests = async move {
         let mut buf: Vec<u8> = Vec::new();
@@ -355,14 +359,25 @@ async fn proxy_connection(
                         (parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned());
                     let host = header(&headers, "host").unwrap_or("").to_owned();
                     let sent_ms = crate::now_ms();
-                    let url = format!("http://{host}{target}");
-                    let repeated = !watch.seen.lock().unwrap().insert(url.clone());
-                    // A repeated request waits here, not yet forwarded, while the store is asked.
-                    let final_when_sent = if repeated { Some(watch.is_final(&url).await) } else { None };
-                    let mut log = requests_log.lock().unwrap();
-                    log.push(Exec { method, host, target, sent_ms, answered: None, final_when_sent });
-                    requests_pending.lock().unwrap().push_back(log.len() - 1);
-                    drop(log);
+                    let targets: Vec<String> = std::iter::once(target)
+                        .chain(
+                            header(&headers, "x-cachectl-next")
+                                .into_iter()
+                                .flat_map(|n| n.split(' ').map(str::to_owned)),
+                        )
+                        .collect();
+                    let mut indexes = Vec::new();
+                    for target in targets {
+                        let url = format!("http://{host}{target}");
+                        let repeated = !watch.seen.lock().unwrap().insert(url.clone());
+                        // A repeated request waits here, not yet forwarded, while the store is asked.
+                        let final_when_sent = if repeated { Some(watch.is_final(&url).await) } else { None };
+                        let mut log = requests_log.lock().unwrap();
+                        let method = method.clone();
+                        log.push(Exec { method, host: host.clone(), target, sent_ms, answered: None, final_when_sent });
+                        indexes.push(log.len() - 1);
+                    }
+                    requests_pending.lock().unwrap().push_back(indexes);
                     buf.drain(..total);
                 }
             }
@@ -377,6 +392,8 @@ async fn proxy_connection(
         let mut chunk = vec![0u8; 64 * 1024];
         let mut framing = true;
         let mut answered: Vec<(usize, u16)> = Vec::new();
+        // The last request index answered, for the latency hold.
+        let mut last_sent: Option<usize> = None;
         loop {
             let n = match server_read.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
@@ -400,17 +417,30 @@ async fn proxy_connection(
                     if status < 200 {
                         continue;
                     }
-                    let Some(index) = pending.lock().unwrap().pop_front() else {
+                    let Some(indexes) = pending.lock().unwrap().pop_front() else {
                         unframed.lock().unwrap().push(format!("answer {first:?} to no request"));
                         framing = false;
                         break;
                     };
-                    answered.push((index, status));
+                    // A batch: the paths the node says it purged, from the first; one path alone,
+                    // or a batch without the count: the request's own path.
+                    let purged = header(&headers, "x-cachectl-purged").and_then(|n| n.parse::<usize>().ok());
+                    let done = if indexes.len() == 1 { 1 } else { purged.unwrap_or(1).min(indexes.len()) };
+                    let whole = done == indexes.len();
+                    for (i, index) in indexes.iter().take(done).enumerate() {
+                        let ok = if whole || (200..300).contains(&status) || (i == 0 && purged.is_none()) {
+                            status
+                        } else {
+                            200
+                        };
+                        answered.push((*index, ok));
+                    }
+                    last_sent = indexes.first().copied().or(last_sent);
                 }
             }
             // The answers go on once their requests are `latency` old; they are stamped then.
-            if let Some((last, _)) = answered.last() {
-                let sent = log.lock().unwrap()[*last].sent_ms;
+            if let Some(last) = last_sent.take() {
+                let sent = log.lock().unwrap()[last].sent_ms;
                 let due = sent + i64::try_from(latency.as_millis()).unwrap();
                 let wait = due - crate::now_ms();
                 if wait > 0 {
@@ -888,6 +918,7 @@ pub struct Figures {
     /// Items stored from submissions whose answer never reached the client.
     pub stored_unacked: usize,
     pub items: usize,
+    /// Purges the nodes received (each path of a batched request counted).
     pub requests_to_nodes: usize,
     /// Items a node was sent more than once (after a kill, a takeover, a lost answer).
     pub items_sent_again: usize,

@@ -8,13 +8,13 @@ fn parses_answers() {
     let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
     assert_eq!(
         parse_answer(ok, false).unwrap(),
-        Some(Parsed { status: 200, length: ok.len(), close: false, interim: false })
+        Some(Parsed { status: 200, length: ok.len(), close: false, interim: false, purged: None })
     );
     assert_eq!(parse_answer(&ok[..ok.len() - 1], false).unwrap(), None);
     // Closed in the middle of the body: the status stands, and the connection ends.
     assert_eq!(
         parse_answer(&ok[..ok.len() - 1], true).unwrap(),
-        Some(Parsed { status: 200, length: ok.len() - 1, close: true, interim: false })
+        Some(Parsed { status: 200, length: ok.len() - 1, close: true, interim: false, purged: None })
     );
     let two = [&ok[..], b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"].concat();
     assert_eq!(parse_answer(&two, false).unwrap().unwrap().length, ok.len());
@@ -29,7 +29,7 @@ fn parses_answers() {
     assert_eq!(parse_answer(until_eof, false).unwrap(), None);
     assert_eq!(
         parse_answer(until_eof, true).unwrap(),
-        Some(Parsed { status: 200, length: until_eof.len(), close: true, interim: false })
+        Some(Parsed { status: 200, length: until_eof.len(), close: true, interim: false, purged: None })
     );
     assert!(parse_answer(b"HTTP/1.1 100 Continue\r\n\r\n", false).unwrap().unwrap().interim);
     assert!(parse_answer(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
@@ -46,7 +46,7 @@ fn parses_answers() {
     let both = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
     assert_eq!(
         parse_answer(both, false).unwrap(),
-        Some(Parsed { status: 200, length: both.len(), close: true, interim: false })
+        Some(Parsed { status: 200, length: both.len(), close: true, interim: false, purged: None })
     );
     // Another transfer coding last: the body ends with the connection.
     let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz";
@@ -56,6 +56,8 @@ fn parses_answers() {
     assert!(parse_answer(mixed, false).unwrap().unwrap().close, "close wins");
     let old_keep = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n";
     assert!(!parse_answer(old_keep, false).unwrap().unwrap().close);
+    let batch = b"HTTP/1.1 503 Busy\r\nX-Cachectl-Purged: 5\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(parse_answer(batch, false).unwrap().unwrap().purged, Some(5));
 }
 
 /// A node on a free port that runs `serve` on every connection it accepts; returns its
@@ -109,6 +111,7 @@ fn settings(connections: usize, depth: usize) -> LaneSettings {
         depth,
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(5),
+        batch: 1,
     }
 }
 
@@ -299,4 +302,182 @@ async fn requests_arriving_while_an_answer_is_awaited_leave_together_after_it() 
     let (early, pieces) = reported.await.unwrap();
     assert_eq!(early, 0, "no request was written while the first answer was awaited");
     assert_eq!(pieces, 1, "the five left in one write");
+}
+
+/// What a batching node saw of one request: its path and its `X-Cachectl-Next`.
+type Seen = Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+/// A node that reads pipelined PURGEs, records each, and answers each with
+/// `confirm(paths in the request)`: a status and the `X-Cachectl-Purged` to send, if any. Its
+/// first answer waits 200 ms, so that the requests sent meanwhile wait together in the lane.
+async fn batch_node(confirm: fn(usize) -> (u16, Option<usize>)) -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    let (address, _) = node(move |mut stream| {
+        let seen = record.clone();
+        async move {
+            let mut buf = BytesMut::new();
+            let mut first = true;
+            loop {
+                let mut headers = [httparse::EMPTY_HEADER; 16];
+                let mut request = httparse::Request::new(&mut headers);
+                let Ok(httparse::Status::Complete(n)) = request.parse(&buf) else {
+                    if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    continue;
+                };
+                let path = request.path.unwrap_or_default().to_owned();
+                let next = request
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("x-cachectl-next"))
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned());
+                let paths = 1 + next.as_deref().map_or(0, |n| n.split(' ').count());
+                seen.lock().unwrap().push((path, next));
+                buf.advance(n);
+                if std::mem::take(&mut first) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let (status, purged) = confirm(paths);
+                let header = purged.map(|p| format!("x-cachectl-purged: {p}\r\n")).unwrap_or_default();
+                let answer = format!("HTTP/1.1 {status} X\r\n{header}content-length: 0\r\n\r\n");
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (address, seen)
+}
+
+/// Sends a plain PURGE of each of `paths` (host `h`) on `lane`, the first alone and the others
+/// 20 ms later at once, and their answers.
+async fn purge_all(lane: &Lane, paths: &[&str]) -> Vec<Result<u16, TransportError>> {
+    let sends = paths.iter().enumerate().map(|(i, path)| {
+        let lane = lane.clone();
+        let request = crate::transport::Request::new(
+            crate::plan(
+                crate::Driver::Varnish,
+                cachectl_core::Kind::Refresh,
+                cachectl_core::ItemType::Url,
+                &format!("http://h{path}"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        tokio::spawn(async move {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            lane.send(request).await
+        })
+    });
+    let mut answers = Vec::new();
+    for send in sends.collect::<Vec<_>>() {
+        answers.push(send.await.unwrap());
+    }
+    answers
+}
+
+fn batched(depth: usize, batch: usize) -> LaneSettings {
+    LaneSettings { batch, ..settings(1, depth) }
+}
+
+/// Every path of `paths` was requested: as a request's path or in its `X-Cachectl-Next`.
+fn requested(seen: &Seen) -> Vec<String> {
+    let mut all: Vec<String> = Vec::new();
+    for (path, next) in seen.lock().unwrap().iter() {
+        all.push(path.clone());
+        all.extend(next.iter().flat_map(|n| n.split(' ').map(str::to_owned)));
+    }
+    all.sort();
+    all
+}
+
+#[tokio::test]
+async fn plain_purges_waiting_together_leave_in_one_request_the_node_confirms() {
+    let (address, seen) = batch_node(|paths| (200, Some(paths))).await;
+    let lane = Lane::spawn(&address, batched(1, 8));
+    let paths = ["/0", "/1", "/2", "/3", "/4", "/5"];
+    assert!(purge_all(&lane, &paths).await.iter().all(|a| *a == Ok(200)));
+    let seen_now = seen.lock().unwrap().clone();
+    assert_eq!(seen_now.len(), 2, "the first alone, the five that waited in one request: {seen_now:?}");
+    assert_eq!(seen_now[1].1.as_deref().map(|n| n.split(' ').count()), Some(4));
+    assert_eq!(requested(&seen), paths);
+}
+
+#[tokio::test]
+async fn a_batch_confirmed_in_part_is_finished_in_batches_of_what_the_node_took() {
+    // As varnishd with max_restarts = 1: two paths, then a 503 that says so.
+    let (address, seen) = batch_node(|paths| if paths <= 2 { (200, Some(paths)) } else { (503, Some(2)) }).await;
+    let lane = Lane::spawn(&address, batched(1, 8));
+    let paths = ["/0", "/1", "/2", "/3", "/4", "/5", "/6"];
+    assert!(purge_all(&lane, &paths).await.iter().all(|a| *a == Ok(200)));
+    let seen_now = seen.lock().unwrap().clone();
+    let sizes: Vec<usize> =
+        seen_now.iter().map(|(_, n)| 1 + n.as_deref().map_or(0, |n| n.split(' ').count())).collect();
+    // The first alone; six in one request, of which two were purged; then the four left in twos.
+    assert_eq!(sizes, [1, 6, 2, 2], "{seen_now:?}");
+    let mut all = requested(&seen);
+    all.dedup();
+    assert_eq!(all, paths);
+}
+
+#[tokio::test]
+async fn a_node_that_does_not_confirm_a_batch_gets_one_path_a_request() {
+    // A VCL without cachectl's vcl_purge: the request's own path is purged, the header ignored.
+    let (address, seen) = batch_node(|_| (200, None)).await;
+    let lane = Lane::spawn(&address, batched(1, 8));
+    let paths = ["/0", "/1", "/2", "/3", "/4"];
+    assert!(purge_all(&lane, &paths).await.iter().all(|a| *a == Ok(200)));
+    let seen_now = seen.lock().unwrap().clone();
+    let own: Vec<&str> = seen_now.iter().map(|(p, _)| p.as_str()).collect();
+    // The first alone, a batch of four whose first path alone counts, then the three left alone.
+    assert_eq!(seen_now.iter().filter(|(_, n)| n.is_some()).count(), 1, "{seen_now:?}");
+    assert_eq!(own.len(), 5);
+    let mut own_sorted = own.clone();
+    own_sorted.sort_unstable();
+    assert_eq!(own_sorted, paths, "every path was a request's own path once");
+    // Later purges are not batched.
+    let more = ["/a", "/b", "/c"];
+    assert!(purge_all(&lane, &more).await.iter().all(|a| *a == Ok(200)));
+    assert!(seen.lock().unwrap()[5..].iter().all(|(_, n)| n.is_none()));
+}
+
+#[tokio::test]
+async fn only_plain_purges_of_one_host_share_a_request() {
+    let (address, seen) = batch_node(|paths| (200, Some(paths))).await;
+    let lane = Lane::spawn(&address, batched(1, 8));
+    let request = |url: &str, soft: bool| {
+        let plan = crate::plan_item(
+            crate::Driver::Varnish,
+            cachectl_core::Kind::Refresh,
+            cachectl_core::ItemType::Url,
+            url,
+            soft,
+        );
+        Request::new(plan.unwrap()).unwrap()
+    };
+    // The first waits for its answer; the others queue behind it in this order.
+    let mut sends = Vec::new();
+    for (url, soft) in [
+        ("http://h/first", false),
+        ("http://h/soft", true),
+        ("http://other/x", false),
+        ("http://h/y", false),
+        ("http://h/z", false),
+    ] {
+        let (lane, request) = (lane.clone(), request(url, soft));
+        sends.push(tokio::spawn(async move { lane.send(request).await }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for send in sends {
+        assert_eq!(send.await.unwrap(), Ok(200));
+    }
+    let seen_now = seen.lock().unwrap().clone();
+    let own: Vec<&str> = seen_now.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(own, ["/first", "/soft", "/x", "/y"], "{seen_now:?}");
+    assert_eq!(seen_now[3].1.as_deref(), Some("/z"), "only the two plain purges of h shared a request");
 }

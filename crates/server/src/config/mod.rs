@@ -316,6 +316,11 @@ pub struct WorkerConfig {
     /// connections.
     #[serde(default = "d_pipeline_depth")]
     pub pipeline_depth: usize,
+    /// Plain URL purges of one host that a Varnish node gets in one pipelined request at most
+    /// (its VCL purges the paths in turn, a restart each: varnishd's `max_restarts` must be at
+    /// least this minus one, or the node's connections learn its limit); 1 sends one a request.
+    #[serde(default = "d_purge_batch")]
+    pub purge_batch: usize,
     /// What carries purges and bans to the nodes: `pipelined` (default), the pipelined lane
     /// above, or `plain`, reqwest's keep-alive pool like prefetches (one request per connection
     /// at a time, up to `per_node_concurrency` connections; `pipeline_depth` is then unused).
@@ -343,6 +348,7 @@ impl Default for WorkerConfig {
             retry_max: d_retry_max(),
             per_node_concurrency: d_per_node(),
             pipeline_depth: d_pipeline_depth(),
+            purge_batch: d_purge_batch(),
             edge_transport: TransportKind::default(),
             max_items_in_flight: d_in_flight(),
             lease: d_lease(),
@@ -373,6 +379,9 @@ fn d_per_node() -> usize {
     32
 }
 fn d_pipeline_depth() -> usize {
+    8
+}
+fn d_purge_batch() -> usize {
     8
 }
 fn d_in_flight() -> usize {

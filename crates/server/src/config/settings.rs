@@ -6,7 +6,7 @@ use crate::auth::{Credential, Secret};
 use cachectl_core::AccountName;
 use cachectl_core::policy::DomainPattern;
 use cachectl_core::service::{Account, Quotas};
-use cachectl_edge::Node;
+use cachectl_edge::{MAX_PURGE_BATCH, Node};
 use chrono::FixedOffset;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -117,11 +117,15 @@ impl Config {
         for (key, value) in [
             ("per_node_concurrency", w.per_node_concurrency),
             ("pipeline_depth", w.pipeline_depth),
+            ("purge_batch", w.purge_batch),
             ("max_items_in_flight", w.max_items_in_flight),
         ] {
             if value == 0 {
                 return Err(err(format!("worker.{key}"), "must be at least 1".into()));
             }
+        }
+        if w.purge_batch > MAX_PURGE_BATCH {
+            return Err(err("worker.purge_batch".into(), format!("must be at most {MAX_PURGE_BATCH}")));
         }
         if w.retry_initial.is_zero() || w.retry_max < w.retry_initial {
             return Err(err(
