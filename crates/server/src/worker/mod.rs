@@ -24,8 +24,6 @@ use tokio_util::sync::CancellationToken;
 const WRITE_BATCH: usize = 2048;
 /// Items claimed per store round trip at most.
 const CLAIM_BATCH: usize = 1024;
-/// How long a nearly full worker waits for an eighth of its capacity before it claims what is free.
-const CLAIM_GATHER: Duration = Duration::from_millis(20);
 
 /// How the worker reaches a node.
 enum Route {
@@ -227,23 +225,11 @@ impl Worker {
             tokio::spawn(write_updates(store.clone(), owner.clone(), updates, wake.clone(), Arc::downgrade(&shared)));
         let renewer = tokio::spawn(renew_leases(store.clone(), owner.clone(), shared.config.lease, shutdown.clone()));
         let capacity = Arc::new(Semaphore::new(shared.config.max_items_in_flight));
-        // A claim reads past the items in flight (processing, leased) to reach the waiting ones:
-        // a nearly full worker claims once an eighth of its capacity is free (or after
-        // CLAIM_GATHER), not at every item that ends, which read the whole in-flight set of the
-        // queue's index for each one (BENCHMARKS.md, "Claims gathered").
-        let claim_floor = (shared.config.max_items_in_flight / 8).clamp(1, CLAIM_BATCH);
         let mut running = JoinSet::new();
         tracing::info!(owner = %owner, nodes = shared.nodes().len(), "Worker started.");
         while !shutdown.is_cancelled() {
             while running.try_join_next().is_some() {}
             shared.metrics.set_in_flight(running.len());
-            if (1..claim_floor).contains(&capacity.available_permits()) {
-                tokio::select! {
-                    () = shutdown.cancelled() => {}
-                    Ok(p) = capacity.acquire_many(u32::try_from(claim_floor).unwrap_or(u32::MAX)) => drop(p),
-                    () = tokio::time::sleep(CLAIM_GATHER) => {}
-                }
-            }
             let free = capacity.available_permits().min(CLAIM_BATCH);
             let mut claimed_full_batch = false;
             if free > 0 {
