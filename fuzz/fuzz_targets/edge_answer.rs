@@ -46,5 +46,11 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn parsed_copy(p: &cachectl_edge::pipeline::Parsed) -> cachectl_edge::pipeline::Parsed {
-    cachectl_edge::pipeline::Parsed { status: p.status, length: p.length, close: p.close, interim: p.interim }
+    cachectl_edge::pipeline::Parsed {
+        status: p.status,
+        length: p.length,
+        close: p.close,
+        interim: p.interim,
+        purged: p.purged,
+    }
 }
