@@ -244,7 +244,8 @@ async fn subscribe(
         max_bytes: config.stream_max_mib << 20,
     };
     protocol::ensure_streams(js, settings).await?;
-    let stream = js.get_stream(protocol::COMMAND_STREAM).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let shard = protocol::command_shard(&config.name);
+    let stream = js.get_stream(protocol::command_stream(shard)).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Ok(consumer) = stream.get_consumer(&config.name).await {
         return Ok((consumer, false));
     }
@@ -254,7 +255,7 @@ async fn subscribe(
             &config.name,
             jetstream::consumer::pull::Config {
                 durable_name: Some(config.name.clone()),
-                filter_subject: protocol::COMMAND_SUBJECT.to_owned(),
+                filter_subject: protocol::command_subject(shard),
                 // A new node starts from what the stream still holds: commands published for it
                 // before its agent first ran are among them (older ones are past their deadline
                 // and skipped).

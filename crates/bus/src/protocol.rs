@@ -1,11 +1,15 @@
 //! What travels on the bus: subjects, the two JetStream streams, and the JSON messages.
 //!
-//! - `cachectl.fan` (stream `CACHECTL_FANOUT`, limits retention): a [`Batch`] of commands and the
-//!   nodes they are for. Every agent reads every message through its own durable consumer named
-//!   after its node, and applies the commands of the messages that name it. One message carries
-//!   a batch to a whole fleet: JetStream stores it once and keeps one acknowledgement floor per
-//!   consumer, where a subject per node cost one stored message per node and, in NATS 2.9, work
-//!   for every consumer at every message (quadratic in the fleet's size; see BENCHMARKS.md).
+//! - `cachectl.fan.<shard>` (stream `CACHECTL_FANOUT_<shard>`, limits retention; [`COMMAND_SHARDS`]
+//!   of them, a node's shard fixed by its name, [`command_shard`]): a [`Batch`] of commands and
+//!   the nodes of that shard they are for. Every agent reads every message of its shard through
+//!   its own durable consumer named after its node, and applies the commands of the messages
+//!   that name it. One message carries a batch to a whole shard of the fleet: JetStream stores it
+//!   once and keeps one acknowledgement floor per consumer, where a subject per node cost one
+//!   stored message per node and, in NATS 2.9, work for every consumer at every message
+//!   (quadratic in the fleet's size; see BENCHMARKS.md). The shards exist because NATS hands a
+//!   stream's deliveries to its consumers through one goroutine per stream: four streams let a
+//!   fleet's deliveries proceed on four, and each agent reads a quarter of the names.
 //! - `cachectl.res.<instance>` (core NATS, not stored): the [`Results`] of the commands an
 //!   instance published, with the JetStream acknowledgement subject of the agent's command
 //!   message in the [`ACK_HEADER`]. The instance acknowledges the message on the agent's behalf
@@ -23,10 +27,44 @@ use cachectl_edge::Driver;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// The stream of commands to agents.
+/// The streams of commands to agents: `CACHECTL_FANOUT_0` to `CACHECTL_FANOUT_3`
+/// ([`command_stream`]).
 pub const COMMAND_STREAM: &str = "CACHECTL_FANOUT";
-/// The one subject of commands: every agent consumes it.
+/// The subjects of commands, `cachectl.fan.0` to `cachectl.fan.3` ([`command_subject`]): every
+/// agent consumes its shard's.
 pub const COMMAND_SUBJECT: &str = "cachectl.fan";
+/// Command streams: the fleet's nodes are spread over them by name ([`command_shard`]). Part of
+/// the protocol: control planes and agents must agree on it.
+pub const COMMAND_SHARDS: usize = 4;
+
+/// The command shard of `node`: FNV-1a of its name, modulo [`COMMAND_SHARDS`]. Fixed by the name,
+/// so a node's durable consumer stays on one stream and its commands in one order.
+#[must_use]
+pub fn command_shard(node: &str) -> usize {
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    // The remainder is below COMMAND_SHARDS.
+    usize::try_from(hash % COMMAND_SHARDS as u64).unwrap_or(0)
+}
+
+/// The name of command stream `shard`.
+#[must_use]
+pub fn command_stream(shard: usize) -> String {
+    format!("{COMMAND_STREAM}_{shard}")
+}
+
+/// The subject of command stream `shard`.
+#[must_use]
+pub fn command_subject(shard: usize) -> String {
+    format!("{COMMAND_SUBJECT}.{shard}")
+}
+
+/// The command shard whose stream is named `name`.
+#[must_use]
+pub fn shard_of_stream(name: &str) -> Option<usize> {
+    let shard = name.strip_prefix(COMMAND_STREAM)?.strip_prefix('_')?;
+    let valid = !shard.is_empty() && shard.len() <= 3 && shard.bytes().all(|b| b.is_ascii_digit());
+    shard.parse().ok().filter(|&n| valid && n < COMMAND_SHARDS && command_stream(n) == name)
+}
 /// The stream of unreadable command messages.
 pub const DEAD_LETTER_STREAM: &str = "CACHECTL_DEAD";
 /// Every heartbeat.
@@ -325,7 +363,7 @@ pub struct Heartbeat {
 pub const ACK_HEADER: &str = "Cachectl-Ack";
 
 /// The node whose command message `subject` acknowledges, when it is a JetStream
-/// acknowledgement subject of the command stream: `$JS.ACK.CACHECTL_FANOUT.<node>.` and five
+/// acknowledgement subject of the node's command stream: `$JS.ACK.CACHECTL_FANOUT_<shard>.<node>.` and five
 /// numbers, or with the domain and account hash before the stream (`$JS.ACK.<domain>.<hash>.…`,
 /// and a last token, as newer servers write it). A control plane acknowledges on no other
 /// subject, and only for the node whose results carried it.
@@ -343,7 +381,7 @@ pub fn acknowledged_node(subject: &str) -> Option<&str> {
     };
     let numeric = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
     let node = tokens[stream + 1];
-    let sound = tokens[stream] == COMMAND_STREAM
+    let sound = shard_of_stream(tokens[stream]).is_some_and(|shard| shard == command_shard(node))
         && valid_name(node)
         && tokens[numbers].iter().all(|t| numeric(t))
         && tokens.iter().all(|t| !t.is_empty() && *t != "*" && *t != ">");
@@ -358,12 +396,14 @@ pub struct StreamSettings {
     /// How long a command is kept: the item deadline, after which the
     /// control plane has failed the item anyway.
     pub max_age: Duration,
-    /// The command stream's size at most; past it, the oldest commands are dropped (their
-    /// items fail at their deadline on the nodes that had not read them).
+    /// The command streams' size at most, all together (each stream is given its share); past
+    /// it, the oldest commands are dropped (their items fail at their deadline on the nodes that
+    /// had not read them). Each stream gets a [`COMMAND_SHARDS`]th, at least 1 MiB.
     pub max_bytes: u64,
 }
 
-/// Creates the two streams when they do not exist (an existing stream is left as it is).
+/// Creates the command streams and the dead-letter stream when they do not exist (an existing
+/// stream is left as it is).
 ///
 /// # Errors
 /// JetStream is not enabled on the server, or a stream cannot be created.
@@ -382,11 +422,14 @@ pub async fn ensure_streams(js: &jetstream::Context, settings: StreamSettings) -
         max_age,
         ..Config::default()
     };
-    let commands = Config {
-        max_bytes: i64::try_from(settings.max_bytes).unwrap_or(i64::MAX),
-        ..stream(COMMAND_STREAM, COMMAND_SUBJECT, settings.max_age)
-    };
-    create_if_missing(js, commands).await?;
+    let share = (settings.max_bytes / COMMAND_SHARDS as u64).max(1 << 20);
+    for shard in 0..COMMAND_SHARDS {
+        let commands = Config {
+            max_bytes: i64::try_from(share).unwrap_or(i64::MAX),
+            ..stream(&command_stream(shard), &command_subject(shard), settings.max_age)
+        };
+        create_if_missing(js, commands).await?;
+    }
     create_if_missing(js, stream(DEAD_LETTER_STREAM, "cachectl.dead.*", Duration::from_secs(7 * 86_400))).await?;
     Ok(())
 }
@@ -490,11 +533,34 @@ mod tests {
     }
 
     #[test]
+    fn nodes_spread_over_the_command_shards_by_name() {
+        let mut counts = [0usize; COMMAND_SHARDS];
+        for i in 0..1_000 {
+            counts[command_shard(&format!("edge-{i:04}"))] += 1;
+        }
+        assert!(counts.iter().all(|&c| (200..=300).contains(&c)), "{counts:?}");
+        // Fixed by the name, the same on every host and every version: FNV-1a 64 modulo 4.
+        let shards: Vec<usize> = ["edge-0001", "edge-0002", "node-1", "n7"].iter().map(|n| command_shard(n)).collect();
+        assert_eq!(shards, vec![0, 1, 3, 2]);
+        for shard in 0..COMMAND_SHARDS {
+            assert_eq!(shard_of_stream(&command_stream(shard)), Some(shard));
+        }
+        for bad in ["CACHECTL_FANOUT", "CACHECTL_FANOUT_", "CACHECTL_FANOUT_4", "CACHECTL_FANOUT_x", "X_0"] {
+            assert_eq!(shard_of_stream(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn only_acknowledgement_subjects_of_the_command_stream_are_acknowledged_on() {
-        let v1 = "$JS.ACK.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000.0";
-        assert_eq!(acknowledged_node(v1), Some("node-1"));
-        let v2 = "$JS.ACK.hub.ACCHASH.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000.0.rnd";
-        assert_eq!(acknowledged_node(v2), Some("node-1"));
+        let shard = command_shard("node-1");
+        let v1 = format!("$JS.ACK.CACHECTL_FANOUT_{shard}.node-1.1.42.42.1733100000000000000.0");
+        assert_eq!(acknowledged_node(&v1), Some("node-1"));
+        let v2 = format!("$JS.ACK.hub.ACCHASH.CACHECTL_FANOUT_{shard}.node-1.1.42.42.1733100000000000000.0.rnd");
+        assert_eq!(acknowledged_node(&v2), Some("node-1"));
+        // Another shard's stream is not node-1's.
+        let other = (shard + 1) % COMMAND_SHARDS;
+        let elsewhere = format!("$JS.ACK.CACHECTL_FANOUT_{other}.node-1.1.42.42.1733100000000000000.0");
+        assert_eq!(acknowledged_node(&elsewhere), None);
         for bad in [
             "",
             "$JS.ACK.",
@@ -505,9 +571,12 @@ mod tests {
             "$JS.ACK.a b",
             "$JS.API.x",
             "$JS.ACK.OTHER.node-1.1.42.42.1733100000000000000.0",
-            "$JS.ACK.CACHECTL_FANOUT.node-1.1.x.42.1733100000000000000.0",
-            "$JS.ACK.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000",
-            "$JS.ACK.CACHECTL_FANOUT.*.1.42.42.1733100000000000000.0",
+            "$JS.ACK.CACHECTL_FANOUT.node-1.1.42.42.1733100000000000000.0",
+            "$JS.ACK.CACHECTL_FANOUT_9.node-1.1.42.42.1733100000000000000.0",
+            "$JS.ACK.CACHECTL_FANOUT_01.node-1.1.42.42.1733100000000000000.0",
+            "$JS.ACK.CACHECTL_FANOUT_3.node-1.1.x.42.1733100000000000000.0",
+            "$JS.ACK.CACHECTL_FANOUT_3.node-1.1.42.42.1733100000000000000",
+            "$JS.ACK.CACHECTL_FANOUT_3.*.1.42.42.1733100000000000000.0",
         ] {
             assert_eq!(acknowledged_node(bad), None, "{bad}");
         }

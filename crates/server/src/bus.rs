@@ -383,8 +383,8 @@ async fn publish_commands(
                 continue;
             }
             let Held { nodes, commands, .. } = held.swap_remove(i);
-            for message in messages(&nodes, &bus.reply, commands, batch) {
-                publish(&js, message, &shutdown).await;
+            for (shard, message) in messages(&nodes, &bus.reply, commands, batch) {
+                publish(&js, shard, message, &shutdown).await;
             }
         }
     }
@@ -412,9 +412,10 @@ fn command_bytes(command: &Command) -> usize {
     command.target.len() + command.id.len() + 128
 }
 
-/// The messages carrying `commands` to `nodes`, in order: up to `batch` commands and
-/// [`MAX_COMMAND_BYTES`] of them each, and a node set larger than a message holds split.
-fn messages(nodes: &[String], reply: &str, commands: Vec<Command>, batch: usize) -> Vec<Batch> {
+/// The messages carrying `commands` to `nodes`, in order, each with its command shard: up to
+/// `batch` commands and [`MAX_COMMAND_BYTES`] of them each, the nodes grouped by shard
+/// ([`protocol::command_shard`]), and a shard's node set larger than a message holds split.
+fn messages(nodes: &[String], reply: &str, commands: Vec<Command>, batch: usize) -> Vec<(usize, Batch)> {
     let mut parts: Vec<Vec<Command>> = Vec::new();
     let mut bytes = 0;
     for command in commands {
@@ -430,20 +431,32 @@ fn messages(nodes: &[String], reply: &str, commands: Vec<Command>, batch: usize)
             }
         }
     }
-    let mut out = Vec::with_capacity(parts.len() * nodes.len().div_ceil(protocol::MAX_NODES_PER_MESSAGE));
-    let chunks = nodes.len().div_ceil(protocol::MAX_NODES_PER_MESSAGE);
+    let mut shards: Vec<Vec<String>> = vec![Vec::new(); protocol::COMMAND_SHARDS];
+    for node in nodes {
+        shards[protocol::command_shard(node)].push(node.clone());
+    }
+    let sets: Vec<(usize, &[String])> = shards
+        .iter()
+        .enumerate()
+        .flat_map(|(shard, names)| names.chunks(protocol::MAX_NODES_PER_MESSAGE).map(move |chunk| (shard, chunk)))
+        .collect();
+    let mut out = Vec::with_capacity(parts.len() * sets.len());
     for commands in parts {
         let mut commands = Some(commands);
-        for (i, chunk) in nodes.chunks(protocol::MAX_NODES_PER_MESSAGE).enumerate() {
-            let commands = if i + 1 == chunks { commands.take() } else { commands.clone() };
-            out.push(Batch { nodes: chunk.to_vec(), reply: reply.to_owned(), commands: commands.unwrap_or_default() });
+        for (i, (shard, chunk)) in sets.iter().enumerate() {
+            let commands = if i + 1 == sets.len() { commands.take() } else { commands.clone() };
+            let message =
+                Batch { nodes: chunk.to_vec(), reply: reply.to_owned(), commands: commands.unwrap_or_default() };
+            out.push((*shard, message));
         }
     }
     out
 }
 
-/// Publishes one message until JetStream stored it, its commands' deadlines passed, or shutdown.
-async fn publish(js: &jetstream::Context, mut message: Batch, shutdown: &CancellationToken) {
+/// Publishes one message to command stream `shard` until JetStream stored it, its commands'
+/// deadlines passed, or shutdown.
+async fn publish(js: &jetstream::Context, shard: usize, mut message: Batch, shutdown: &CancellationToken) {
+    let subject = protocol::command_subject(shard);
     let mut attempt = 0u32;
     loop {
         let now = now_ms().millis();
@@ -452,7 +465,7 @@ async fn publish(js: &jetstream::Context, mut message: Batch, shutdown: &Cancell
             return;
         }
         let Ok(body) = serde_json::to_vec(&message) else { return };
-        let stored = match js.publish(protocol::COMMAND_SUBJECT, body.into()).await {
+        let stored = match js.publish(subject.clone(), body.into()).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -616,7 +629,7 @@ mod tests {
     }
 
     /// What the publisher's holding does with `queued`: the messages of each node set.
-    fn held_messages(queued: Vec<Outgoing>) -> Vec<Batch> {
+    fn held_messages(queued: Vec<Outgoing>) -> Vec<(usize, Batch)> {
         let mut held = Vec::new();
         for Outgoing { nodes, command } in queued {
             hold(&mut held, nodes, command);
@@ -625,33 +638,43 @@ mod tests {
     }
 
     #[test]
-    fn commands_for_the_same_nodes_share_a_message_and_large_node_sets_are_split() {
-        let all = names(0..2_500);
-        let same_again = names(0..2_500);
+    fn commands_for_the_same_nodes_share_a_message_per_shard_and_large_node_sets_are_split() {
+        let all = names(0..6_000);
+        let same_again = names(0..6_000);
         let one = names(7..8);
         let queued = vec![outgoing(&all, "1"), outgoing(&same_again, "2"), outgoing(&one, "3"), outgoing(&all, "4")];
         let out = held_messages(queued);
-        let shape: Vec<(usize, Vec<&str>)> =
-            out.iter().map(|b| (b.nodes.len(), b.commands.iter().map(|c| c.id.as_str()).collect())).collect();
-        assert_eq!(
-            shape,
-            vec![
-                (1_000, vec!["1", "2", "4"]),
-                (1_000, vec!["1", "2", "4"]),
-                (500, vec!["1", "2", "4"]),
-                (1, vec!["3"]),
-            ]
-        );
-        assert!(out[2].names("n2499") && !out[2].names("n0"));
-        assert!(out[3].names("n7"));
+        // Every message names nodes of its own shard only, 1,000 at most.
+        for (shard, batch) in &out {
+            assert!(batch.nodes.len() <= protocol::MAX_NODES_PER_MESSAGE);
+            assert!(batch.nodes.iter().all(|n| protocol::command_shard(n) == *shard));
+        }
+        // The 6,000 nodes' commands share messages, and every node is named once.
+        let shared: Vec<&(usize, Batch)> = out.iter().filter(|(_, b)| b.commands.len() == 3).collect();
+        assert!(shared.iter().all(|(_, b)| b.commands.iter().map(|c| c.id.as_str()).eq(["1", "2", "4"])));
+        let mut named: Vec<&str> = shared.iter().flat_map(|(_, b)| b.nodes.iter().map(String::as_str)).collect();
+        named.sort_unstable();
+        let mut expected: Vec<String> = all.to_vec();
+        expected.sort_unstable();
+        assert_eq!(named, expected);
+        // Each shard holds about a quarter of them: more than 1,000, so split in two.
+        let per_shard: Vec<usize> =
+            (0..protocol::COMMAND_SHARDS).map(|s| shared.iter().filter(|(shard, _)| *shard == s).count()).collect();
+        assert_eq!(per_shard, vec![2; protocol::COMMAND_SHARDS]);
+        let last = out.last().unwrap();
+        assert_eq!((last.0, last.1.nodes.clone()), (protocol::command_shard("n7"), vec!["n7".to_owned()]));
+        assert_eq!(out.len(), 2 * protocol::COMMAND_SHARDS + 1);
     }
 
     #[test]
     fn a_message_carries_command_batch_commands_at_most() {
         let all = names(0..3);
         let commands: Vec<Command> = (0..20).map(|i| outgoing(&all, &i.to_string()).command).collect();
-        let sizes: Vec<usize> = messages(&all, "r", commands, 8).iter().map(|b| b.commands.len()).collect();
-        assert_eq!(sizes, vec![8, 8, 4]);
+        let mut sizes: Vec<usize> = messages(&all, "r", commands, 8).iter().map(|(_, b)| b.commands.len()).collect();
+        sizes.sort_unstable();
+        // 8, 8 and 4 commands, in one message for each shard the three nodes fall in.
+        let n = all.iter().map(|n| protocol::command_shard(n)).collect::<std::collections::HashSet<_>>().len();
+        assert_eq!(sizes, [vec![4; n], vec![8; 2 * n]].concat());
     }
 
     fn bus_with(nodes: &[&str]) -> Bus {
@@ -734,9 +757,12 @@ mod tests {
             out
         });
         let out = messages(&all, "r", queued.map(|o| o.command).collect(), 256);
-        assert!(out.len() > 1, "{}", out.len());
-        assert_eq!(out.iter().map(|b| b.commands.len()).sum::<usize>(), 256);
-        for batch in &out {
+        assert!(out.len() > protocol::COMMAND_SHARDS, "{}", out.len());
+        for shard in 0..protocol::COMMAND_SHARDS {
+            let carried: usize = out.iter().filter(|(s, _)| *s == shard).map(|(_, b)| b.commands.len()).sum();
+            assert_eq!(carried, 256, "shard {shard}");
+        }
+        for (_, batch) in &out {
             let bytes = serde_json::to_vec(batch).unwrap().len();
             assert!(bytes < 1024 * 1024 / 2, "{bytes}");
         }

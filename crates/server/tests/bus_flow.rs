@@ -63,15 +63,31 @@ async fn wait_up(bus: &Bus, node: &str) {
     }
 }
 
-/// Reads every command message, once the control plane (in the background) created the stream.
-async fn command_messages(js: &jetstream::Context) -> jetstream::consumer::pull::Stream {
-    let stream = loop {
-        if let Ok(s) = js.get_stream(protocol::COMMAND_STREAM).await {
+/// Command stream `shard`, once the control plane (in the background) created it.
+async fn command_stream(js: &jetstream::Context, shard: usize) -> jetstream::stream::Stream {
+    loop {
+        if let Ok(s) = js.get_stream(protocol::command_stream(shard)).await {
             break s;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    stream.create_consumer(jetstream::consumer::pull::Config::default()).await.unwrap().messages().await.unwrap()
+    }
+}
+
+/// Every command message, of every shard.
+type Messages = futures::stream::SelectAll<jetstream::consumer::pull::Stream>;
+
+/// Reads every command message of every shard.
+async fn command_messages(js: &jetstream::Context) -> Messages {
+    let mut all = Vec::new();
+    for shard in 0..protocol::COMMAND_SHARDS {
+        let consumer = command_stream(js, shard)
+            .await
+            .create_consumer(jetstream::consumer::pull::Config::default())
+            .await
+            .unwrap();
+        all.push(consumer.messages().await.unwrap());
+    }
+    futures::stream::select_all(all)
 }
 
 /// Where the answers of one command sent to one node arrive.
@@ -87,7 +103,7 @@ async fn assert_all_ok(sent: Vec<(String, Answers)>) {
 }
 
 /// The next command message, or `None` if none comes within `wait`.
-async fn next_batch(messages: &mut jetstream::consumer::pull::Stream, wait: Duration) -> Option<Batch> {
+async fn next_batch(messages: &mut Messages, wait: Duration) -> Option<Batch> {
     let message = tokio::time::timeout(wait, messages.next()).await.ok()?.unwrap().unwrap();
     message.ack().await.unwrap();
     Some(serde_json::from_slice(&message.payload).unwrap())
@@ -216,12 +232,7 @@ async fn results_acknowledge_their_command_message_and_unreadable_ones_bring_it_
         .unwrap();
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    let stream = loop {
-        if let Ok(s) = js.get_stream(protocol::COMMAND_STREAM).await {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let stream = command_stream(&js, protocol::command_shard("a")).await;
     // As an agent's consumer, with an acknowledgement wait far longer than the test.
     let mut consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {

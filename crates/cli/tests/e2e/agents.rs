@@ -410,10 +410,12 @@ async fn an_unreadable_command_is_dead_lettered_and_the_agent_goes_on() {
     let mut probe = client.subscribe("cachectl.res.probe").await.unwrap();
     client.flush().await.unwrap();
     let js = async_nats::jetstream::new(client);
+    // v1's command subject: the messages below are for its shard.
+    let subject = cachectl_bus::protocol::command_subject(cachectl_bus::protocol::command_shard("v1"));
     // A well-formed command for another node first: v1 must leave it alone (no result).
     let elsewhere = json!({"nodes": "n9", "reply": "cachectl.res.probe", "commands": [{"id": "p1",
         "kind": "refresh", "item_type": "url", "target": "http://www.example.com/after", "deadline": i64::MAX}]});
-    js.publish("cachectl.fan", elsewhere.to_string().into()).await.unwrap().await.unwrap();
+    js.publish(subject.clone(), elsewhere.to_string().into()).await.unwrap().await.unwrap();
     for garbage in [
         // Not v1's to judge: a message for another node with a field v1 does not know.
         &br#"{"nodes":"n9","reply":"cachectl.res.probe","commands":[],"later":1}"#[..],
@@ -422,7 +424,7 @@ async fn an_unreadable_command_is_dead_lettered_and_the_agent_goes_on() {
         br#"{"nodes":"v1","reply":"cachectl.res.probe","commands":[{"id":"x"}]}"#,
         br#"{"nodes":"v1","reply":"elsewhere","commands":[]}"#,
     ] {
-        js.publish("cachectl.fan", garbage.to_vec().into()).await.unwrap().await.unwrap();
+        js.publish(subject.clone(), garbage.to_vec().into()).await.unwrap().await.unwrap();
     }
     let stream = js.get_stream("CACHECTL_DEAD").await.unwrap();
     let start = Instant::now();
