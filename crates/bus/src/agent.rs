@@ -94,7 +94,7 @@ pub struct AgentConfig {
     /// How long commands are kept if the agent is the first to create the streams.
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub stream_max_age: Duration,
-    /// The command stream's size at most in MiB, if the agent is the first to create it.
+    /// The command streams' size at most in MiB, together, if the agent is the first to create them.
     #[serde(default = "default_max_mib")]
     pub stream_max_mib: u64,
 }

@@ -1,4 +1,5 @@
-//! What travels on the bus: subjects, the two JetStream streams, and the JSON messages.
+//! What travels on the bus: subjects, the JetStream streams (four of commands, one of dead
+//! letters), and the JSON messages.
 //!
 //! - `cachectl.fan.<shard>` (stream `CACHECTL_FANOUT_<shard>`, limits retention; [`COMMAND_SHARDS`]
 //!   of them, a node's shard fixed by its name, [`command_shard`]): a [`Batch`] of commands and
@@ -65,6 +66,7 @@ pub fn shard_of_stream(name: &str) -> Option<usize> {
     let valid = !shard.is_empty() && shard.len() <= 3 && shard.bytes().all(|b| b.is_ascii_digit());
     shard.parse().ok().filter(|&n| valid && n < COMMAND_SHARDS && command_stream(n) == name)
 }
+
 /// The stream of unreadable command messages.
 pub const DEAD_LETTER_STREAM: &str = "CACHECTL_DEAD";
 /// Every heartbeat.

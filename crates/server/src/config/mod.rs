@@ -102,8 +102,8 @@ pub struct BusConfig {
     /// How long an unconsumed command or result is kept (default: `[worker] item_deadline`).
     #[serde(default, with = "humantime_serde")]
     pub stream_max_age: Option<Duration>,
-    /// The command stream's size at most, in MiB, when cachectl creates it; past it the oldest
-    /// commands are dropped.
+    /// The four command streams' size at most, together, in MiB, when cachectl creates them
+    /// (each a quarter, at least 1 MiB); past it the oldest commands are dropped.
     #[serde(default = "default_stream_max_mib")]
     pub stream_max_mib: u64,
     /// Commands carried by one message at most.
