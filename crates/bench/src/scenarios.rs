@@ -75,6 +75,14 @@ pub struct FanoutFigures {
     pub cachectl_ms: i64,
     /// cachectl's purges per second.
     pub cachectl_rate: f64,
+    /// How long the harness took to write the task's rows (from `created_at` until they were
+    /// committed and cachectl could see them), ms: part of `cachectl_ms`, none of it cachectl's.
+    pub insert_ms: i64,
+    /// Purges per second from the moment the rows were committed to the last final item: the
+    /// purging alone, as `wrk` is measured.
+    pub purging_rate: f64,
+    /// `purging_rate` ÷ `direct_pipelined`.
+    pub ratio_purging_pipelined: Option<f64>,
     /// CPU seconds of the server from the task's insertion until its last item was final.
     pub cpu_cachectl_s: f64,
     /// CPU seconds of every Varnish child process (`cache-main`) meanwhile.
@@ -119,6 +127,7 @@ pub async fn fanout(
     let cpu_before = cpu();
     let created_at = now_ms();
     let task_id = insert_task(&server.store_url, urls, created_at).await?;
+    let committed = now_ms();
     // The worker polls every 50 ms; a submission through the API wakes it at once, as every
     // real submission would.
     submit(&http()?, server, &["http://www.acct00.test/fanout-wake.css".to_owned()]).await?;
@@ -138,6 +147,9 @@ pub async fn fanout(
     let purges = urls * nodes.len() as u64;
     #[allow(clippy::cast_precision_loss)]
     let cachectl_rate = purges as f64 / (cachectl_ms as f64 / 1000.0);
+    let insert_ms = committed - created_at;
+    #[allow(clippy::cast_precision_loss)]
+    let purging_rate = purges as f64 / ((last - committed).max(1) as f64 / 1000.0);
 
     let per_node = options.worker.per_node_concurrency;
     let direct = direct_purges(nodes, options.direct_seconds, per_node, 1, 1, options.use_wrk, scratch).await?;
@@ -166,6 +178,9 @@ pub async fn fanout(
         cachectl_rate,
         ratio_direct: cachectl_rate / direct.rps,
         ratio_direct_pipelined: direct_pipelined.as_ref().map(|d| cachectl_rate / d.rps),
+        insert_ms,
+        purging_rate,
+        ratio_purging_pipelined: direct_pipelined.as_ref().map(|d| purging_rate / d.rps),
         direct_pipelined,
         ratio_direct_batched: direct_batched.as_ref().map(|d| cachectl_rate / d.rps),
         direct_batched,
