@@ -93,7 +93,7 @@ impl Options {
             use_wrk: fixtures::have("wrk"),
             worker: WorkerSettings {
                 per_node_concurrency: 32,
-                pipeline_depth: 8,
+                pipeline_depth: 32,
                 purge_batch: 8,
                 max_items_in_flight: 4096,
                 enabled: true,

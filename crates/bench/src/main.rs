@@ -81,7 +81,7 @@ struct RunFlags {
     #[arg(long, default_value_t = 32)]
     per_node_concurrency: usize,
     /// `[worker] pipeline_depth` of the servers (1: no pipelining).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 32)]
     pipeline_depth: usize,
     /// `[worker] purge_batch` of the servers (1: one purge a request).
     #[arg(long, default_value_t = 8)]

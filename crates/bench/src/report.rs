@@ -82,7 +82,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
     if let (Some(d), Some(ratio)) = (&f.direct_pipelined, f.ratio_direct_pipelined) {
         out.push(target(
             "1 fan-out",
-            "cachectl ÷ direct PURGE pipelined alike (information)",
+            "cachectl ÷ direct PURGE pipelined (higher of alike and 4 × 8 a node; information)",
             format!("{:.0}/s ÷ {:.0}/s = {:.0}%", f.cachectl_rate, d.rps, ratio * 100.0),
             "≥ 70%",
             ratio >= 0.7,
@@ -91,7 +91,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
     if let (Some(d), Some(ratio)) = (&f.direct_pipelined, f.ratio_purging_pipelined) {
         out.push(target(
             "1 fan-out",
-            "cachectl purging alone (rows committed → last final) ÷ direct PURGE pipelined alike",
+            "cachectl purging alone (rows committed → last final) ÷ direct PURGE pipelined (higher of alike and 4 × 8 a node)",
             format!("{:.0}/s ÷ {:.0}/s = {:.0}%", f.purging_rate, d.rps, ratio * 100.0),
             "≥ 70%",
             ratio >= 0.7,
@@ -148,6 +148,19 @@ pub fn targets(r: &Results) -> Vec<Target> {
     out
 }
 
+/// The pipelined baselines of the fan-out line: cachectl's shape, and the reference shape when
+/// it was measured too.
+fn pipelined_detail(f: &crate::scenarios::FanoutFigures) -> String {
+    let shape = |d: &crate::load::LoadFigures| format!("{:.0}/s on {} connections", d.rps, d.connections);
+    match (&f.direct_pipelined_alike, &f.direct_pipelined_reference) {
+        (Some(alike), Some(reference)) => {
+            format!(", pipelined alike {}, pipelined 4 × 8 a node {}", shape(alike), shape(reference))
+        }
+        (Some(alike), None) => format!(", pipelined alike {}", shape(alike)),
+        _ => String::new(),
+    }
+}
+
 /// The table printed at the end of a run.
 ///
 /// Longer than the house limit on purpose: one `writeln!` per printed row, in the table's order.
@@ -168,7 +181,7 @@ pub fn table(r: &Results) -> String {
         f.cpu_varnish_s,
         f.direct.client,
         f.direct.rps,
-        f.direct_pipelined.as_ref().map(|d| format!(", pipelined {:.0}/s", d.rps)).unwrap_or_default(),
+        pipelined_detail(f),
         f.direct_batched.as_ref().map(|d| format!(", pipelined and batched {:.0} purges/s", d.rps)).unwrap_or_default(),
         f.shell_purges,
         f.shell_rate

@@ -379,7 +379,7 @@ fn d_per_node() -> usize {
     32
 }
 fn d_pipeline_depth() -> usize {
-    8
+    32
 }
 fn d_purge_batch() -> usize {
     8
