@@ -230,14 +230,17 @@ impl<DB: Db, B: Backend<Db = DB>> Queue for SqlStore<DB, B> {
     }
 }
 
-/// `Queue::backlog` at `?1`, with the half-deadline mark `?2`: waiting and due, scheduled,
-/// processing, past half their deadline, and when the oldest due item became due.
+/// `Queue::backlog` at `?1`, with the half-deadline mark `?2`: waiting and due (and not under
+/// a live lease), scheduled, processing (or claimed: the worker writes an item's first state
+/// with its next, up to a second later), past half their deadline, and when the oldest due
+/// unclaimed item became due.
 const BACKLOG: &str = "SELECT \
-     COUNT(CASE WHEN status = 'waiting' AND not_before <= ?1 THEN 1 END), \
+     COUNT(CASE WHEN status = 'waiting' AND not_before <= ?1 AND (lease_until IS NULL OR lease_until < ?1) THEN 1 END), \
      COUNT(CASE WHEN status = 'waiting' AND not_before > ?1 THEN 1 END), \
-     COUNT(CASE WHEN status = 'processing' THEN 1 END), \
+     COUNT(CASE WHEN status = 'processing' OR lease_until >= ?1 THEN 1 END), \
      COUNT(CASE WHEN started_at IS NOT NULL AND started_at < ?2 THEN 1 END), \
-     MIN(CASE WHEN status = 'waiting' AND not_before <= ?1 THEN not_before END) \
+     MIN(CASE WHEN status = 'waiting' AND not_before <= ?1 AND (lease_until IS NULL OR lease_until < ?1) \
+     THEN not_before END) \
      FROM items WHERE status IN ('waiting', 'processing') AND follows IS NULL";
 
 /// Writes `CLAIM` into `q`, returning the claimed items with when they started.

@@ -419,6 +419,12 @@ async fn the_backlog_counts_unfinished_items_by_state() {
 
         // Two started: one at T0 + 1 s, one long before the half-deadline mark; one finished.
         let claimed = store.claim_items("A", at(now), at(now + 30_000), 3).await.unwrap();
+        // Claimed, their first state not written yet (the worker holds it briefly): under a live
+        // lease they are processing, not waiting; once the lease lapsed, waiting again.
+        let b = store.backlog(at(now), at(now - 150_000)).await.unwrap();
+        assert_eq!((b.waiting, b.processing, b.oldest_due), (0, 3, None), "{name}: {b:?}");
+        let b = store.backlog(at(now + 30_001), at(now - 150_000)).await.unwrap();
+        assert_eq!((b.waiting, b.processing, b.oldest_due), (3, 0, Some(at(T0))), "{name}: {b:?}");
         let update = |id, status, started, finished: Option<i64>| ItemUpdate {
             item_id: id,
             status,

@@ -305,12 +305,31 @@ async fn write_updates(
     let mut received = Vec::with_capacity(WRITE_BATCH);
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     let mut done = Vec::new();
-    while reports.recv_many(&mut received, WRITE_BATCH).await > 0 {
+    let mut held = Held::new(HOLD_UNFINISHED);
+    loop {
+        let got = match held.due() {
+            Some(due) => match tokio::time::timeout_at(due, reports.recv_many(&mut received, WRITE_BATCH)).await {
+                Ok(n) => n,
+                Err(_) => usize::MAX,
+            },
+            None => reports.recv_many(&mut received, WRITE_BATCH).await,
+        };
+        let closed = got == 0;
         for report in received.drain(..) {
             match report {
-                Report::Update(update) => batch.push(update),
-                Report::Done(id) => done.push(id),
+                Report::Update(update) => held.take(update, &mut batch),
+                Report::Done(id) => {
+                    held.release(id, &mut batch);
+                    done.push(id);
+                }
             }
+        }
+        held.release_due(closed, &mut batch);
+        if batch.is_empty() && done.is_empty() {
+            if closed {
+                return;
+            }
+            continue;
         }
         // A completed refresh may release the prefetch that waits for it: claim again at once.
         let completed = batch.iter().any(|u| u.status == ItemStatus::Completed && u.finished_at.is_some());
@@ -344,6 +363,88 @@ async fn write_updates(
         if completed {
             wake.notify_one();
         }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// How long the writer holds an item's reports of progress alone (its start, a node's success
+/// while others are pending) before writing them. An item's later reports
+/// replace them in the same row, and its final report takes them along at once: under load an
+/// item was written two to three times (claimed, then its nodes answering a few hundred
+/// milliseconds apart, in different transactions), now about once. A reader sees an unfinished
+/// item's progress up to this late; a finished item is written as soon as it finishes.
+const HOLD_UNFINISHED: Duration = Duration::from_millis(1000);
+
+/// The reports the writer holds, by item, with when each item's are due.
+struct Held {
+    /// How long an item's first held report waits at most.
+    hold: Duration,
+    items: HashMap<i64, (tokio::time::Instant, Vec<ItemUpdate>)>,
+    /// Items in the order they were first held (an item may have been taken out since).
+    order: std::collections::VecDeque<(tokio::time::Instant, i64)>,
+}
+
+impl Held {
+    fn new(hold: Duration) -> Self {
+        Self { hold, items: HashMap::new(), order: std::collections::VecDeque::new() }
+    }
+
+    /// Holds `update` if it only tells of progress (the item's start, nodes that succeeded, no
+    /// reason); otherwise — the item finished, a node failed an attempt, an agent is away —
+    /// moves it, after what was held of its item, into `batch`: news that readers wait for is
+    /// not held.
+    fn take(&mut self, update: ItemUpdate, batch: &mut Vec<ItemUpdate>) {
+        let progress_only = !update.status.is_final()
+            && update.reason.is_none()
+            && update.nodes.iter().all(|n| n.state == NodeState::Succeeded);
+        if !progress_only {
+            self.release(update.item_id, batch);
+            batch.push(update);
+            return;
+        }
+        let id = update.item_id;
+        match self.items.get_mut(&id) {
+            Some((_, updates)) => updates.push(update),
+            None => {
+                let due = tokio::time::Instant::now() + self.hold;
+                self.items.insert(id, (due, vec![update]));
+                self.order.push_back((due, id));
+            }
+        }
+    }
+
+    /// Moves what is held of item `id` into `batch`.
+    fn release(&mut self, id: i64, batch: &mut Vec<ItemUpdate>) {
+        if let Some((_, updates)) = self.items.remove(&id) {
+            batch.extend(updates);
+        }
+    }
+
+    /// Moves the reports that are due (all of them if `all`) into `batch`.
+    fn release_due(&mut self, all: bool, batch: &mut Vec<ItemUpdate>) {
+        let now = tokio::time::Instant::now();
+        while let Some(&(due, id)) = self.order.front() {
+            if !all && due > now {
+                break;
+            }
+            self.order.pop_front();
+            if self.items.get(&id).is_some_and(|(held_due, _)| *held_due == due) {
+                self.release(id, batch);
+            }
+        }
+    }
+
+    /// When the oldest held reports are due (forgetting the items released before theirs were).
+    fn due(&mut self) -> Option<tokio::time::Instant> {
+        while let Some(&(due, id)) = self.order.front() {
+            if self.items.get(&id).is_some_and(|(held_due, _)| *held_due == due) {
+                return Some(due);
+            }
+            self.order.pop_front();
+        }
+        None
     }
 }
 
@@ -816,4 +917,89 @@ fn record_answer(
         result.error = Some(answer.error.unwrap_or_else(|| "failed".to_owned()));
     }
     progress.report(shared, result, item.kind);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(item_id: i64, status: ItemStatus, nodes: &[(&str, NodeState)]) -> ItemUpdate {
+        ItemUpdate {
+            item_id,
+            status,
+            progress: 0,
+            started_at: Some(Timestamp::EPOCH),
+            finished_at: status.is_final().then_some(Timestamp::EPOCH),
+            reason: None,
+            nodes: nodes
+                .iter()
+                .map(|(node, state)| NodeResult {
+                    node: (*node).to_owned(),
+                    state: *state,
+                    attempts: 1,
+                    status_code: None,
+                    error: None,
+                    updated_at: Timestamp::EPOCH,
+                    instance: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn ids(batch: &[ItemUpdate]) -> Vec<(i64, ItemStatus, usize)> {
+        batch.iter().map(|u| (u.item_id, u.status, u.nodes.len())).collect()
+    }
+
+    #[test]
+    fn progress_is_held_until_the_item_finishes_and_then_written_before_its_end() {
+        let mut held = Held::new(Duration::from_secs(60));
+        let mut batch = Vec::new();
+        held.take(update(1, ItemStatus::Processing, &[]), &mut batch);
+        held.take(update(1, ItemStatus::Processing, &[("a", NodeState::Succeeded)]), &mut batch);
+        held.take(update(2, ItemStatus::Processing, &[]), &mut batch);
+        assert!(batch.is_empty(), "progress alone is held: {:?}", ids(&batch));
+        held.take(update(1, ItemStatus::Completed, &[("b", NodeState::Succeeded)]), &mut batch);
+        assert_eq!(
+            ids(&batch),
+            vec![(1, ItemStatus::Processing, 0), (1, ItemStatus::Processing, 1), (1, ItemStatus::Completed, 1)],
+            "the final report takes its item's held reports along, in order, and no other item's"
+        );
+        batch.clear();
+        held.release_due(false, &mut batch);
+        assert!(batch.is_empty(), "item 2 is not due yet");
+        held.release_due(true, &mut batch);
+        assert_eq!(ids(&batch), vec![(2, ItemStatus::Processing, 0)], "everything goes at the end");
+        assert_eq!(held.due(), None);
+    }
+
+    #[test]
+    fn a_failed_attempt_or_a_reason_is_written_at_once() {
+        let mut held = Held::new(Duration::from_secs(60));
+        let mut batch = Vec::new();
+        held.take(update(1, ItemStatus::Processing, &[]), &mut batch);
+        held.take(update(1, ItemStatus::Processing, &[("a", NodeState::Pending)]), &mut batch);
+        assert_eq!(ids(&batch), vec![(1, ItemStatus::Processing, 0), (1, ItemStatus::Processing, 1)]);
+        batch.clear();
+        let mut noted = update(2, ItemStatus::Processing, &[]);
+        noted.reason = Some("waiting for agent a (never seen)".to_owned());
+        held.take(noted, &mut batch);
+        assert_eq!(ids(&batch), vec![(2, ItemStatus::Processing, 0)]);
+        assert_eq!(held.due(), None, "nothing is left held");
+    }
+
+    #[tokio::test]
+    async fn held_progress_is_written_once_due_and_an_ended_execution_releases_its_item() {
+        let mut held = Held::new(Duration::from_millis(20));
+        let mut batch = Vec::new();
+        held.take(update(1, ItemStatus::Processing, &[]), &mut batch);
+        held.take(update(2, ItemStatus::Processing, &[]), &mut batch);
+        held.release(2, &mut batch);
+        assert_eq!(ids(&batch), vec![(2, ItemStatus::Processing, 0)], "an ended execution releases its item");
+        batch.clear();
+        let due = held.due().expect("item 1 is held");
+        tokio::time::sleep_until(due).await;
+        held.release_due(false, &mut batch);
+        assert_eq!(ids(&batch), vec![(1, ItemStatus::Processing, 0)]);
+        assert_eq!(held.due(), None);
+    }
 }
