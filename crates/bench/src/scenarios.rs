@@ -168,13 +168,10 @@ pub async fn fanout(
     } else {
         None
     };
-    let (reference_connections, reference_depth) = REFERENCE_PIPELINE;
+    let (connections, reference_depth) = REFERENCE_PIPELINE;
     let direct_pipelined_reference =
         if options.use_wrk && depth > 1 && (per_node.div_ceil(depth), depth) != REFERENCE_PIPELINE {
-            let figures =
-                direct_purges(nodes, options.direct_seconds, reference_connections, reference_depth, 1, true, scratch)
-                    .await?;
-            Some(figures)
+            Some(direct_purges(nodes, options.direct_seconds, connections, reference_depth, 1, true, scratch).await?)
         } else {
             None
         };

@@ -307,14 +307,14 @@ async fn write_updates(
     let mut done = Vec::new();
     let mut held = Held::new(HOLD_UNFINISHED);
     loop {
-        let got = match held.due() {
-            Some(due) => match tokio::time::timeout_at(due, reports.recv_many(&mut received, WRITE_BATCH)).await {
-                Ok(n) => n,
-                Err(_) => usize::MAX,
-            },
-            None => reports.recv_many(&mut received, WRITE_BATCH).await,
+        // Closed once the channel is (no report comes in, and none will); a held report's
+        // due time passing is not.
+        let closed = match held.due() {
+            Some(due) => {
+                tokio::time::timeout_at(due, reports.recv_many(&mut received, WRITE_BATCH)).await.is_ok_and(|n| n == 0)
+            }
+            None => reports.recv_many(&mut received, WRITE_BATCH).await == 0,
         };
-        let closed = got == 0;
         for report in received.drain(..) {
             match report {
                 Report::Update(update) => held.take(update, &mut batch),
@@ -425,12 +425,11 @@ impl Held {
     /// Moves the reports that are due (all of them if `all`) into `batch`.
     fn release_due(&mut self, all: bool, batch: &mut Vec<ItemUpdate>) {
         let now = tokio::time::Instant::now();
-        while let Some(&(due, id)) = self.order.front() {
+        while let Some(due) = self.due() {
             if !all && due > now {
                 break;
             }
-            self.order.pop_front();
-            if self.items.get(&id).is_some_and(|(held_due, _)| *held_due == due) {
+            if let Some((_, id)) = self.order.pop_front() {
                 self.release(id, batch);
             }
         }
